@@ -1,0 +1,102 @@
+"""EPConfig: the shape of one expert-parallel layer, and the worst-case buffer sizes derived from it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import EPInputError
+from .formats import BLOCK, FORMATS
+
+MODES = ("ht", "ll")  # high-throughput (a token crosses once per destination rank) / low-latency (per-expert slots)
+
+
+@dataclass(frozen=True)
+class EPConfig:
+    """One MoE layer's communication shape.
+
+    hidden: channels per token (multiple of 128). topk: experts per token. num_experts: routed experts in the world,
+    divisible by world_size. max_tokens_per_rank: the most tokens one rank may dispatch at once; every buffer is sized
+    from it, so output shapes never depend on routing. token_format: "bf16" or "fp8" (blockwise, quantised in dispatch).
+    mode: "ht" or "ll". fused_shared_expert: group 0 of the output holds the rank's own tokens for the shared expert.
+    skip_a2a: tokens go only to experts that live on their own rank (experts replicated; an outside all-reduce
+    finishes the sum). allreduce_world_size: ranks that share that all-reduce (shared-expert rows are split among them).
+    timeout_s: deadline of every wait for a peer.
+    """
+
+    hidden: int
+    topk: int
+    num_experts: int
+    max_tokens_per_rank: int
+    world_size: int
+    token_format: str = "bf16"
+    mode: str = "ht"
+    fused_shared_expert: bool = False
+    skip_a2a: bool = False
+    allreduce_world_size: int = 1
+    timeout_s: float = 30.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, why: str):
+            if not ok:
+                raise EPInputError(f"EPConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for name in ("hidden", "topk", "num_experts", "max_tokens_per_rank", "world_size", "allreduce_world_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), name, "must be an int")
+        need(self.hidden > 0 and self.hidden % BLOCK == 0, "hidden", f"must be a positive multiple of {BLOCK}")
+        need(self.world_size >= 1, "world_size", "must be >= 1")
+        need(self.num_experts >= 1, "num_experts", "must be >= 1")
+        need(self.num_experts % self.world_size == 0, "num_experts",
+             f"must be divisible by world_size={self.world_size}")
+        need(1 <= self.topk <= self.num_experts, "topk", f"must be in 1..num_experts={self.num_experts}")
+        need(self.max_tokens_per_rank >= 1, "max_tokens_per_rank", "must be >= 1")
+        need(self.token_format in FORMATS, "token_format", f"must be one of {FORMATS}")
+        need(self.mode in MODES, "mode", f"must be one of {MODES}")
+        need(self.allreduce_world_size >= 1, "allreduce_world_size", "must be >= 1")
+        need(self.allreduce_world_size == 1 or self.skip_a2a, "allreduce_world_size",
+             "only means something with skip_a2a=True")
+        need(isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0, "timeout_s", "must be > 0 seconds")
+
+    def replace(self, **changes) -> "EPConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def n_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def num_groups(self) -> int:
+        """Output groups per rank: one per local expert, plus the shared expert when fused."""
+        return self.n_local_experts + int(self.fused_shared_expert)
+
+    @property
+    def scale_cols(self) -> int:
+        return self.hidden // BLOCK
+
+    @property
+    def max_recv_rows(self) -> int:
+        """Worst-case rows of expert_x on one rank: every slot of every source rank lands here, plus shared rows."""
+        sources = 1 if self.skip_a2a else self.world_size
+        return sources * self.max_tokens_per_rank * self.topk + (self.max_tokens_per_rank if self.fused_shared_expert else 0)
+
+    def expert_rank(self, expert: int) -> int:
+        return expert // self.n_local_experts
+
+    def token_bytes(self) -> int:
+        """Bytes of one token on the wire in this format (data + fp8 scales)."""
+        if self.token_format == "fp8":
+            return self.hidden + 4 * self.scale_cols
+        return 2 * self.hidden
+
+    def shared_share(self, rank: int, num_tokens: int) -> range:
+        """Tokens of `rank` whose shared-expert row this rank computes (all of them unless skip_a2a splits them)."""
+        if not self.skip_a2a or self.allreduce_world_size == 1:
+            return range(num_tokens)
+        w = self.allreduce_world_size
+        i = rank % w
+        base, extra = divmod(num_tokens, w)
+        start = i * base + min(i, extra)
+        return range(start, start + base + (1 if i < extra else 0))

@@ -1,0 +1,165 @@
+"""The executable spec: world-level dispatch and combine in numpy.
+
+Every backend and every test is checked against these functions. They take the inputs of ALL ranks (lists indexed by
+rank) and return every rank's outputs, so one process can state what the whole world must produce.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import EPConfig
+from .formats import BF16, FP8, quantize_fp8
+from .results import DispatchResult
+
+
+def _routed_rows(cfg: EPConfig, dest: int, topk_ids: list[np.ndarray]):
+    """(source rank, token, slot) of every row of each routed group of `dest`, in the spec's order."""
+    sources = [dest] if cfg.skip_a2a else range(cfg.world_size)
+    groups = []
+    for local in range(cfg.n_local_experts):
+        expert = dest * cfg.n_local_experts + local
+        parts = []
+        for src in sources:
+            t, k = np.nonzero(np.asarray(topk_ids[src]) == expert)  # row-major: ordered by token, then slot
+            parts.append(np.stack([np.full_like(t, src), t, k], axis=1))
+        groups.append(np.concatenate(parts).astype(np.int32) if parts else np.zeros((0, 3), np.int32))
+    return groups
+
+
+def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray]) -> list[DispatchResult]:
+    """Every rank's dispatch outputs. xs[r]: bf16 [T_r, H]; topk_ids[r]: int32 [T_r, K], -1 = no expert."""
+    r_count = cfg.world_size
+    if len(xs) != r_count or len(topk_ids) != r_count:
+        raise ValueError(f"need inputs of all {r_count} ranks")
+    if cfg.token_format == "fp8":
+        quant = [quantize_fp8(x) for x in xs]
+    results = []
+    for dest in range(r_count):
+        groups = []
+        if cfg.fused_shared_expert:
+            own = np.array(list(cfg.shared_share(dest, len(xs[dest]))), dtype=np.int32)
+            groups.append(np.stack([np.full_like(own, dest), own, np.full_like(own, -1)], axis=1).reshape(-1, 3))
+        groups += _routed_rows(cfg, dest, topk_ids)
+        counts = np.array([len(g) for g in groups], dtype=np.int64)
+        row_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+        n_rows = int(row_offsets[-1])
+        rows = np.concatenate(groups).astype(np.int32) if groups else np.zeros((0, 3), np.int32)
+
+        src_info = np.full((cfg.max_recv_rows, 3), -1, dtype=np.int32)
+        src_info[:n_rows] = rows
+        scales = None
+        if cfg.token_format == "fp8":
+            expert_x = np.zeros((cfg.max_recv_rows, cfg.hidden), dtype=FP8)
+            scales = np.zeros((cfg.max_recv_rows, cfg.scale_cols), dtype=np.float32)
+            for i, (src, tok, _k) in enumerate(rows):
+                expert_x[i] = quant[src][0][tok]
+                scales[i] = quant[src][1][tok]
+        else:
+            expert_x = np.zeros((cfg.max_recv_rows, cfg.hidden), dtype=BF16)
+            for i, (src, tok, _k) in enumerate(rows):
+                expert_x[i] = xs[src][tok]
+        first_routed = int(cfg.fused_shared_expert)
+        expert_ids = np.array(([-1] if cfg.fused_shared_expert else [])
+                              + [dest * cfg.n_local_experts + l for l in range(cfg.n_local_experts)], dtype=np.int32)
+        results.append(DispatchResult(
+            expert_x=expert_x, expert_scales=scales, row_offsets=row_offsets, expert_ids=expert_ids,
+            src_info=src_info, tokens_per_expert=counts[first_routed:].astype(np.int32),
+            handle={"num_tokens": [len(x) for x in xs]}))
+    return results
+
+
+def combine_exact(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchResult],
+                  topk_weights: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Combine in float64: (y[r] float64 [T_r, H], magnitude[r] = sum of |w * row|) for error bounds."""
+    ys = [np.zeros((len(w), cfg.hidden), np.float64) for w in topk_weights]
+    mags = [np.zeros_like(y) for y in ys]
+    for dest, res in enumerate(results):
+        n_rows = int(res.row_offsets[-1])
+        info = np.asarray(res.src_info[:n_rows])
+        rows = np.asarray(expert_ys[dest][:n_rows]).astype(np.float64)
+        for src in np.unique(info[:, 0]) if n_rows else []:
+            sel = info[:, 0] == src
+            tok, slot = info[sel, 1], info[sel, 2]
+            weight = np.where(slot >= 0, np.asarray(topk_weights[src], np.float64)[tok, np.maximum(slot, 0)], 1.0)
+            contrib = rows[sel] * weight[:, None]
+            np.add.at(ys[src], tok, contrib)
+            np.add.at(mags[src], tok, np.abs(contrib))
+    return ys, mags
+
+
+def combine(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchResult],
+            topk_weights: list[np.ndarray]) -> list[np.ndarray]:
+    """Every rank's combine output, bf16 [T_r, H]: y[t] = sum_k w[t,k] * expert_y[row(t,k)] (+ shared row)."""
+    ys, _ = combine_exact(cfg, expert_ys, results, topk_weights)
+    return [y.astype(np.float32).astype(BF16) for y in ys]
+
+
+# ---------------------------------------------------------------- checking helpers shared by tests, smoke and demo
+
+def to_numpy(a):
+    """numpy view of a numpy / torch / cupy array (copies device arrays to host; for tests and checks only)."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        import torch
+        t = a.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(BF16)
+        if t.dtype == torch.float8_e4m3fn:
+            return t.view(torch.uint8).numpy().view(FP8)
+        if t.dtype == torch.uint32:
+            return t.view(torch.int32).numpy().view(np.uint32)
+        return t.numpy()
+    if mod.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+def compare_dispatch(cfg: EPConfig, actual: DispatchResult, expected: DispatchResult) -> list[str]:
+    """Mismatches between one rank's dispatch output and the reference (empty list = equal). bf16 and fp8 bit-exact."""
+    problems = []
+    ro_a = to_numpy(actual.row_offsets).astype(np.int64)
+    ro_e = expected.row_offsets.astype(np.int64)
+    if not np.array_equal(ro_a, ro_e):
+        return [f"row_offsets {ro_a.tolist()} != expected {ro_e.tolist()}"]
+    n = int(ro_e[-1])
+    for name in ("expert_ids", "tokens_per_expert"):
+        a, e = to_numpy(getattr(actual, name)), getattr(expected, name)
+        if not np.array_equal(np.asarray(a).astype(np.int64), e.astype(np.int64)):
+            problems.append(f"{name} {np.asarray(a).tolist()} != expected {e.tolist()}")
+    info_a = to_numpy(actual.src_info)
+    bad = np.nonzero((info_a[:n] != expected.src_info[:n]).any(axis=1))[0]
+    if len(bad):
+        i = bad[0]
+        problems.append(f"src_info differs in {len(bad)} rows, first row {i}: {info_a[i].tolist()} != "
+                        f"{expected.src_info[i].tolist()}")
+    if (info_a[n:] != -1).any():
+        problems.append("src_info rows past row_offsets[-1] are not -1")
+    xa = to_numpy(actual.expert_x)[:n].view(np.uint8)
+    xe = expected.expert_x[:n].view(np.uint8)
+    bad = np.nonzero((xa != xe).any(axis=1))[0]
+    if len(bad):
+        problems.append(f"expert_x differs in {len(bad)} of {n} rows, first row {bad[0]} "
+                        f"(src {expected.src_info[bad[0]].tolist()})")
+    if cfg.token_format == "fp8":
+        sa = to_numpy(actual.expert_scales)[:n]
+        if not np.array_equal(sa.view(np.uint32), expected.expert_scales[:n].view(np.uint32)):
+            problems.append("expert_scales differ")
+    return problems
+
+
+def compare_combine(y_actual, y_exact: np.ndarray, magnitude: np.ndarray) -> list[str]:
+    """Combine output vs the float64 truth, within bf16 rounding of the result and of per-rank partial sums."""
+    ya = to_numpy(y_actual).astype(np.float64)
+    if ya.shape != y_exact.shape:
+        return [f"combine shape {ya.shape} != expected {y_exact.shape}"]
+    if not np.isfinite(ya).all():
+        return ["combine output has NaN/inf"]
+    tol = 2.0 ** -8 * np.abs(y_exact) + 2.0 ** -7 * magnitude + 1e-6
+    err = np.abs(ya - y_exact)
+    bad = np.argwhere(err > tol)
+    if len(bad):
+        t, h = bad[0]
+        return [f"combine differs in {len(bad)} elements, first y[{t},{h}]={ya[t, h]!r} expected {y_exact[t, h]!r}"]
+    return []
