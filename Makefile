@@ -1,0 +1,42 @@
+# epcomm: make demo | test | bench | smoke | clean
+# The venv (.venv) is created only when missing; the project is installed into it once (stamp file),
+# again only when pyproject.toml changes.
+
+PYTHON3 ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.epcomm-installed
+EXTRAS  ?= test
+
+# >= 2 GPUs: the local GPU config; otherwise the 2-node host-backend config.
+NGPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+CONFIG  ?= $(if $(filter-out 0 1,$(or $(NGPUS),0)),configs/local-2gpu.yaml,configs/cpu-2x4.yaml)
+TIMEOUT ?= 600
+ARGS    ?=
+
+.PHONY: demo test bench smoke clean venv
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launch run -t $(CONFIG) --timeout $(TIMEOUT) -- python -m epcomm.demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m launch bench -t $(CONFIG) --timeout $(TIMEOUT) -- $(ARGS)
+
+smoke: $(STAMP)
+	$(PY) -m launch smoke -t $(CONFIG) --timeout $(TIMEOUT) -- $(ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis out $(STAMP)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

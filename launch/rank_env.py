@@ -1,0 +1,119 @@
+"""Per-rank wrapper: ``python -m launch.rank_env [-t TOPOLOGY] -- CMD ...``.
+
+Runs under mpirun, once per rank. Reads the rank the MPI launcher gave this process, computes its node,
+local rank, GPU and NIC from the topology, exports them, and execs CMD. All GPUs stay visible
+(peer access needs them); the rank's GPU is named by EPCOMM_DEVICE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from epcomm.topology import Topology
+
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def topology_ref(topo: Topology) -> str:
+    """What EPCOMM_TOPOLOGY holds: the absolute YAML path, or inline JSON for a topology with no file."""
+    return topo.source if topo.source else topo.to_json()
+
+
+def global_environment(topo: Topology) -> dict[str, str]:
+    """Variables identical on every rank (exported with -x / -genv and again by the wrapper)."""
+    env: dict[str, str] = {"EPCOMM_TOPOLOGY": topology_ref(topo)}
+    nv = topo.nvshmem
+    if nv.get("disable_nvls", True):
+        env.update({"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+    else:
+        env.update({"NVSHMEM_DISABLE_NVLS": "0"})
+    if nv.get("symmetric_size"):
+        env["NVSHMEM_SYMMETRIC_SIZE"] = str(nv["symmetric_size"])
+    if nv.get("remote_transport"):
+        env["NVSHMEM_REMOTE_TRANSPORT"] = str(nv["remote_transport"])
+    env.update(topo.env)  # the YAML's own env wins over the defaults above
+    return env
+
+
+def rank_environment(topo: Topology, rank: int) -> dict[str, str]:
+    """Every epcomm variable of one rank (global ones included)."""
+    env = global_environment(topo)
+    node, local = topo.rank_to_node(rank)
+    env.update({
+        "EPCOMM_RANK": str(rank),
+        "EPCOMM_WORLD_SIZE": str(topo.world_size),
+        "EPCOMM_NODE": str(node),
+        "EPCOMM_NUM_NODES": str(topo.num_nodes),
+        "EPCOMM_LOCAL_RANK": str(local),
+        "EPCOMM_LOCAL_SIZE": str(topo.ranks_per_node),
+    })
+    dev = topo.device(rank)
+    if dev is not None:
+        env["EPCOMM_DEVICE"] = str(dev)
+    nic = topo.nic(rank)
+    if nic is not None:
+        env["EPCOMM_NIC"] = nic
+        env["NVSHMEM_HCA_LIST"] = nic
+    return env
+
+
+def mpi_rank_and_size(environ: dict[str, str] | os._Environ) -> tuple[int | None, int | None]:
+    rank = next((int(environ[v]) for v in RANK_VARS if environ.get(v, "").isdigit()), None)
+    size = next((int(environ[v]) for v in SIZE_VARS if environ.get(v, "").isdigit()), None)
+    return rank, size
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the MPI daemon that started it dies (no orphaned ranks)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG survives exec
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    topo_arg = None
+    if argv[:1] in (["-t"], ["--topology"]) and len(argv) >= 2:
+        topo_arg, argv = argv[1], argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("usage: python -m launch.rank_env [-t TOPOLOGY] -- CMD ...", file=sys.stderr)
+        return 2
+    try:
+        topo = Topology.load(topo_arg) if topo_arg else Topology.from_env()
+    except Exception as e:  # EPInputError: one line is enough
+        print(f"launch.rank_env: {e}", file=sys.stderr)
+        return 2
+    if topo is None:
+        print("launch.rank_env: no topology (-t or EPCOMM_TOPOLOGY)", file=sys.stderr)
+        return 2
+    rank, size = mpi_rank_and_size(os.environ)
+    if rank is None:
+        print(f"launch.rank_env: not started by mpirun (none of {', '.join(RANK_VARS)} set)", file=sys.stderr)
+        return 2
+    if size is not None and size != topo.world_size:
+        print(f"launch.rank_env: mpirun started {size} ranks but topology {topo.name} has {topo.world_size}",
+              file=sys.stderr)
+        return 2
+    os.environ.update(rank_environment(topo, rank))
+    _die_with_parent()
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        print(f"launch.rank_env: rank {rank}: cannot run {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
