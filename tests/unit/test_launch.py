@@ -236,3 +236,11 @@ def test_signal_stops_every_rank(tmp_path, sig):
             p.kill()
     assert rc == 128 + sig
     assert not [q for q in pids if _alive(q)]
+
+
+@needs_mpi
+@pytest.mark.skipif(__import__("importlib").util.find_spec("epcomm.buffer") is None, reason="EPBuffer not there yet")
+def test_demo_two_nodes_host_backend():
+    r = run_launched("cpu-2x4", ["python", "-m", "epcomm.demo", "--hidden", "256", "--tokens", "16"], timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "match the reference" in r.stdout
