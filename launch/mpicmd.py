@@ -130,7 +130,7 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
             argv.append("--oversubscribe")
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             argv.append("--allow-run-as-root")
-        if not topo.has_gpus or topo.backend == "host":
+        if topo.resolved_backend() == "host":
             argv += ["--mca", "osc", "^ucx"]
         for k, v in env.items():
             argv += ["-x", f"{k}={v}"]

@@ -65,6 +65,21 @@ def mpi_rank_and_size(environ: dict[str, str] | os._Environ) -> tuple[int | None
     return rank, size
 
 
+def _check_host(topo: Topology, rank: int) -> None:
+    """Warn when mpirun placed this rank on another host than the topology says (mapping mismatch)."""
+    import socket
+
+    from epcomm.topology import is_local_host
+
+    want = topo.host_of(rank)
+    if is_local_host(want):
+        return
+    here = socket.gethostname()
+    if want.split(".")[0] != here.split(".")[0]:
+        print(f"launch.rank_env: warning: rank {rank} runs on {here!r} but topology {topo.name} puts it on "
+              f"{want!r} (node {topo.node_of(rank)})", file=sys.stderr)
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when the MPI daemon that started it dies (no orphaned ranks)."""
     if not sys.platform.startswith("linux"):
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.rank_env: mpirun started {size} ranks but topology {topo.name} has {topo.world_size}",
               file=sys.stderr)
         return 2
+    _check_host(topo, rank)
     os.environ.update(rank_environment(topo, rank))
     _die_with_parent()
     sys.stdout.flush()
