@@ -1,0 +1,74 @@
+"""Fault injection for tests and smoke runs: EPCOMM_FAULT (or HostBackend(..., fault=...)).
+
+Syntax: one or more faults separated by ';', each ``KIND:key=value,key=value``:
+
+    skip_dispatch:rank=1[,round=N]   rank 1 sends nothing to its peers in dispatch round N (default: every round);
+                                     the peers then time out naming rank 1 (EPTimeoutError).
+    corrupt:rank=1[,round=N]         rank 1 flips bits in the token bytes it sends in dispatch (the receivers'
+                                     outputs then differ from epcomm.reference).
+    slow:rank=1,ms=50[,round=N]      rank 1 sleeps 50 ms before each send phase (dispatch and combine).
+
+rank=* means every rank. Rounds count dispatches of one EPBuffer from 0.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ...errors import EPInputError
+
+KINDS = ("skip_dispatch", "corrupt", "slow")
+ENV = "EPCOMM_FAULT"
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int | None          # None = every rank
+    round: int | None = None  # None = every round
+    ms: float = 0.0
+
+    def hits(self, kind: str, rank: int, round_: int) -> bool:
+        return (self.kind == kind and (self.rank is None or self.rank == rank)
+                and (self.round is None or self.round == round_))
+
+
+def parse(spec: str | None) -> list[Fault]:
+    faults = []
+    for part in (spec or "").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        kind, _, args = part.partition(":")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise EPInputError(f"{ENV}: unknown fault {kind!r} in {spec!r} (expected one of {KINDS})")
+        kw: dict = {}
+        for item in filter(None, (a.strip() for a in args.split(","))):
+            k, sep, v = item.partition("=")
+            if not sep or k not in ("rank", "round", "ms"):
+                raise EPInputError(f"{ENV}: bad argument {item!r} in {part!r} (expected rank=, round=, ms=)")
+            try:
+                kw[k] = None if (k == "rank" and v == "*") else (float(v) if k == "ms" else int(v))
+            except ValueError:
+                raise EPInputError(f"{ENV}: bad value {item!r} in {part!r}") from None
+        if "rank" not in kw:
+            raise EPInputError(f"{ENV}: fault {part!r} needs rank=N (or rank=*)")
+        faults.append(Fault(kind, kw["rank"], kw.get("round"), kw.get("ms", 0.0)))
+    return faults
+
+
+def from_env() -> list[Fault]:
+    return parse(os.environ.get(ENV))
+
+
+class FaultSet:
+    def __init__(self, faults: list[Fault], rank: int):
+        self.faults = faults
+        self.rank = rank
+
+    def hit(self, kind: str, round_: int) -> Fault | None:
+        for f in self.faults:
+            if f.hits(kind, self.rank, round_):
+                return f
+        return None

@@ -1,0 +1,239 @@
+"""EPBuffer: the front end. Checks inputs with host-only information, forwards to a backend, keeps round bookkeeping.
+
+    with epcomm.EPBuffer(cfg, ctx) as buf:             # collective: every rank creates it (and closes it)
+        out = buf.dispatch(x, topk_ids)                # DispatchResult
+        y = buf.combine(expert_y, out.handle, topk_weights)
+
+Rules:
+* Every check runs before anything is sent; a failure raises a one-line EPInputError saying what was expected and
+  what came. Any failure on one rank (bad input included) first writes an abort word into every peer's window, so
+  the peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
+  After a failure the buffer is unusable (on every rank); create a new one.
+* Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
+  bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
+  raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
+  syncs the device).
+* A handle is valid for one combine: it must come from this buffer's latest dispatch, and that round must not have
+  been combined already.
+* Operations are issued in order; starting a new one completes earlier outstanding ones (their results are kept
+  for their *_wait). All ranks must issue the same sequence of operations.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .arrays import describe, is_bf16
+from .config import EPConfig
+from .errors import EPError, EPInputError, EPTimeoutError
+from .results import DispatchResult
+
+_serials = itertools.count()
+
+
+@dataclass(eq=False)
+class Handle:
+    """What DispatchResult.handle holds: which buffer and round it belongs to, and the backend's own handle."""
+    buffer_serial: int
+    round: int
+    num_tokens: int
+    backend_handle: Any
+
+
+@dataclass(eq=False)
+class Pending:
+    kind: str
+    round: int
+    buffer_serial: int
+    inner: Any
+    num_tokens: int
+    waited: bool = False
+
+
+def _fail(msg: str):
+    raise EPInputError(msg)
+
+
+class EPBuffer:
+    def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False):
+        if not isinstance(cfg, EPConfig):
+            _fail(f"EPBuffer: cfg must be an EPConfig, got {type(cfg).__name__}")
+        if ctx is None:
+            from .context import init
+            ctx = init()
+        if cfg.world_size != ctx.world_size:
+            _fail(f"EPConfig.world_size={cfg.world_size} but the context has {ctx.world_size} ranks")
+        self.cfg, self.ctx, self.check_ids = cfg, ctx, check_ids
+        self._serial = next(_serials)
+        self._round = 0                 # dispatches issued
+        self._combined: set[int] = set()
+        self._closed = False
+        self._failed: str | None = None
+        from .backends import make_backend
+        self._backend = make_backend(cfg, ctx)
+        ctx._buffers.add(self)
+
+    # ------------------------------------------------------------------ checks
+    def _check_tokens(self, x, topk_ids) -> int:
+        cfg = self.cfg
+        xi, ii = describe(x), describe(topk_ids)
+        if xi is None:
+            _fail(f"dispatch: x must be a numpy / torch / cupy array, got {type(x).__name__}")
+        if ii is None:
+            _fail(f"dispatch: topk_ids must be a numpy / torch / cupy array, got {type(topk_ids).__name__}")
+        if len(xi.shape) != 2 or xi.shape[1] != cfg.hidden:
+            _fail(f"dispatch: x must be 2-D [T, hidden={cfg.hidden}], got shape {list(xi.shape)}")
+        if not is_bf16(xi):
+            _fail(f"dispatch: x must be bfloat16, got {xi.dtype} ({xi.kind})")
+        t = xi.shape[0]
+        if t > cfg.max_tokens_per_rank:
+            _fail(f"dispatch: x has T={t} tokens > max_tokens_per_rank={cfg.max_tokens_per_rank}")
+        if ii.shape != (t, cfg.topk):
+            _fail(f"dispatch: topk_ids must be [T={t}, topk={cfg.topk}], got shape {list(ii.shape)}")
+        if ii.dtype != "int32":
+            _fail(f"dispatch: topk_ids must be int32, got {ii.dtype}")
+        if xi.kind != ii.kind or xi.device != ii.device:
+            _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
+        self._check_kind(xi, "dispatch")
+        if t and (ii.on_host or self.check_ids):
+            ids = topk_ids if ii.kind == "numpy" else (topk_ids.cpu().numpy() if ii.kind == "torch"
+                                                         else topk_ids.get())
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= cfg.num_experts:
+                bad = lo if lo < -1 else hi
+                _fail(f"dispatch: topk_ids must be in [-1, num_experts={cfg.num_experts}), got {bad}")
+        return t
+
+    def _check_kind(self, info, where: str):
+        if self.ctx.backend == "host" and info.kind != "numpy":
+            _fail(f"{where}: the host backend takes numpy arrays, got {info}")
+
+    def _check_combine(self, expert_y, handle, topk_weights) -> None:
+        cfg = self.cfg
+        if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
+            _fail("combine: handle must be DispatchResult.handle of a dispatch on this EPBuffer, "
+                  f"got {type(handle).__name__}" + (" from another buffer" if isinstance(handle, Handle) else ""))
+        if handle.round != self._round - 1:
+            _fail(f"combine: handle is from dispatch round {handle.round}, but the latest dispatch of this buffer "
+                  f"is round {self._round - 1} (only the latest dispatch can be combined)")
+        if handle.round in self._combined:
+            _fail(f"combine: dispatch round {handle.round} was already combined (a handle is good for one combine)")
+        yi, wi = describe(expert_y), describe(topk_weights)
+        if yi is None:
+            _fail(f"combine: expert_y must be a numpy / torch / cupy array, got {type(expert_y).__name__}")
+        if wi is None:
+            _fail(f"combine: topk_weights must be a numpy / torch / cupy array, got {type(topk_weights).__name__}")
+        if yi.shape != (cfg.max_recv_rows, cfg.hidden):
+            _fail(f"combine: expert_y must be [max_recv_rows={cfg.max_recv_rows}, hidden={cfg.hidden}], "
+                  f"got shape {list(yi.shape)}")
+        if not is_bf16(yi):
+            _fail(f"combine: expert_y must be bfloat16, got {yi.dtype} ({yi.kind})")
+        t = handle.num_tokens
+        if wi.shape != (t, cfg.topk):
+            _fail(f"combine: topk_weights must be [T={t} (the dispatch's T), topk={cfg.topk}], "
+                  f"got shape {list(wi.shape)}")
+        if wi.dtype != "float32":
+            _fail(f"combine: topk_weights must be float32, got {wi.dtype}")
+        self._check_kind(yi, "combine")
+        self._check_kind(wi, "combine")
+
+    # ------------------------------------------------------------------ forwarding
+    def _usable(self):
+        if self._closed:
+            raise EPError("EPBuffer is closed")
+        if self._failed is not None:
+            raise EPError(f"EPBuffer unusable after an earlier failure: {self._failed}")
+
+    def _call(self, fn, *args):
+        """Run a check or backend call; on failure tell the peers (abort word) before raising."""
+        try:
+            return fn(*args)
+        except EPTimeoutError as e:
+            self._failed = str(e)
+            raise
+        except BaseException as e:
+            self._failed = str(e) or type(e).__name__
+            already = isinstance(e, EPError) and " aborted: " in str(e)
+            if not already:
+                try:
+                    self._backend.abort(f"{type(e).__name__}: {e}")
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+
+    def dispatch(self, x, topk_ids) -> DispatchResult:
+        return self.dispatch_wait(self.dispatch_async(x, topk_ids))
+
+    def dispatch_async(self, x, topk_ids) -> Pending:
+        self._usable()
+        t = self._call(self._check_tokens, x, topk_ids)
+        inner = self._call(self._backend.dispatch_async, x, topk_ids)
+        p = Pending("dispatch", self._round, self._serial, inner, t)
+        self._round += 1
+        return p
+
+    def _check_pending(self, p, kind: str):
+        if not isinstance(p, Pending) or p.buffer_serial != self._serial or p.kind != kind:
+            _fail(f"{kind}_wait: expects the object {kind}_async of this EPBuffer returned, got {type(p).__name__}")
+        if p.waited:
+            _fail(f"{kind}_wait: round {p.round} was already waited for")
+
+    def dispatch_wait(self, pending: Pending) -> DispatchResult:
+        self._usable()
+        self._call(self._check_pending, pending, "dispatch")
+        res = self._call(self._backend.dispatch_wait, pending.inner)
+        pending.waited = True
+        res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
+        return res
+
+    def combine(self, expert_y, handle, topk_weights):
+        return self.combine_wait(self.combine_async(expert_y, handle, topk_weights))
+
+    def combine_async(self, expert_y, handle, topk_weights) -> Pending:
+        self._usable()
+        self._call(self._check_combine, expert_y, handle, topk_weights)
+        inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights)
+        self._combined.add(handle.round)
+        self._combined.discard(handle.round - 2)
+        return Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
+
+    def combine_wait(self, pending: Pending):
+        self._usable()
+        self._call(self._check_pending, pending, "combine")
+        y = self._call(self._backend.combine_wait, pending.inner)
+        pending.waited = True
+        return y
+
+    def synchronize(self) -> None:
+        self._usable()
+        self._call(self._backend.synchronize)
+
+    def close(self) -> None:
+        """Collective when the buffer is healthy (frees shared memory on every rank); local after a failure."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._failed is not None and getattr(self._backend, "broken", "") is None:
+            self._backend.broken = self._failed   # peers may be gone: skip the collective free
+        self._backend.close()
+
+    @property
+    def round(self) -> int:
+        """Dispatches issued so far."""
+        return self._round
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._failed is None:
+            self._failed = f"{exc_type.__name__}: {exc}"
+            try:
+                self._backend.abort(self._failed)
+            except Exception:  # noqa: BLE001
+                pass
+        self.close()
+        return False
