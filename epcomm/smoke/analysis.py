@@ -1,0 +1,277 @@
+"""Pure decision logic of the smoke test (no MPI, no GPU): outlier flags, inventory checks, failures, verdict.
+
+Everything here takes plain Python / numpy data, so it is unit-tested without launching ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+STAGES = ("inventory", "links", "ep", "speed")
+
+# default thresholds (options of `python -m epcomm.smoke` override them)
+BW_FACTOR = 0.5        # a pair below BW_FACTOR x median bandwidth of its class is flagged
+LAT_FACTOR = 3.0       # a pair above LAT_FACTOR x median latency of its class is flagged
+SLOW_FACTOR = 2.0      # a rank whose EP time is above SLOW_FACTOR x median is flagged
+
+
+@dataclass
+class Failure:
+    """One named problem. `stage` + `what` classify it; the rest says where (any may be None)."""
+    stage: str
+    what: str                      # timeout | missing_gpu | gpu_count | version_skew | host_mismatch | link_data |
+    message: str                   # link_slow_bw | link_slow_latency | link_error | ep_mismatch | ep_error | slow_rank
+    rank: int | None = None        # the rank blamed (source rank for link / EP data problems)
+    node: int | None = None
+    host: str | None = None
+    device: int | None = None
+    src: int | None = None         # link problems: the pair
+    dst: int | None = None
+    severity: str = "fail"         # fail | warn
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Place:
+    """Where a rank runs, as the report names it."""
+    rank: int
+    node: int
+    host: str
+    device: int | None = None
+
+    def name(self) -> str:
+        gpu = f" GPU {self.device}" if self.device is not None else ""
+        return f"rank {self.rank} node{self.node} ({self.host}){gpu}"
+
+
+def place_table(topology_ranks: list[dict[str, Any]], hostnames: dict[int, str] | None = None) -> list[Place]:
+    """Places from Topology.rank_table() rows; `hostnames` (rank -> reported hostname) wins over the YAML's."""
+    out = []
+    for row in topology_ranks:
+        r = int(row["rank"])
+        host = (hostnames or {}).get(r) or row.get("host") or "?"
+        out.append(Place(r, int(row["node"]), str(host), row.get("device")))
+    return out
+
+
+def median(values: Iterable[float]) -> float | None:
+    v = sorted(x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x)))
+    if not v:
+        return None
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+# ------------------------------------------------------------------------------------------------- links
+
+def flag_links(pairs: list[dict[str, Any]], bw_factor: float = BW_FACTOR, lat_factor: float = LAT_FACTOR,
+               lat_slack_us: float = 0.0) -> dict[str, dict[str, float | None]]:
+    """Mark outlier pairs in place and return the medians per class.
+
+    pairs: dicts with src, dst, cls ("same_node" | "other_node"), bw_gbps, lat_us (None when not measured).
+    A pair gets flags "slow_bw" when bw < bw_factor x median bw of its class, "slow_latency" when
+    lat > lat_factor x median latency and lat - median > lat_slack_us (an absolute floor for noisy hosts).
+    Medians are per class so NVLink pairs are not compared with network pairs.
+    """
+    medians: dict[str, dict[str, float | None]] = {}
+    for cls in sorted({p["cls"] for p in pairs}):
+        members = [p for p in pairs if p["cls"] == cls]
+        mb = median(p.get("bw_gbps") for p in members)
+        ml = median(p.get("lat_us") for p in members)
+        medians[cls] = {"bw_gbps": mb, "lat_us": ml, "pairs": len(members)}
+        for p in members:
+            flags = p.setdefault("flags", [])
+            bw, lat = p.get("bw_gbps"), p.get("lat_us")
+            if bw is not None and mb and bw < bw_factor * mb:
+                flags.append("slow_bw")
+            if lat is not None and ml is not None and lat > lat_factor * ml and lat - ml > lat_slack_us:
+                flags.append("slow_latency")
+    return medians
+
+
+def blame_pairs(bad: list[tuple[int, int]], world: int) -> tuple[str, int | None]:
+    """Who is to blame for a set of bad (src, dst) pairs: ("src", r) when every bad pair leaves rank r and r's
+    pairs are all bad (at least 2 of them), ("dst", r) likewise for receivers, else ("pair", None)."""
+    if not bad:
+        return "pair", None
+    srcs = {s for s, _ in bad}
+    dsts = {d for _, d in bad}
+    if len(srcs) == 1 and world > 2:
+        s = next(iter(srcs))
+        if len({d for x, d in bad if x == s}) >= max(2, world - 1):
+            return "src", s
+    if len(dsts) == 1 and world > 2:
+        d = next(iter(dsts))
+        if len({s for s, x in bad if x == d}) >= max(2, world - 1):
+            return "dst", d
+    return "pair", None
+
+
+def link_failures(pairs: list[dict[str, Any]], places: list[Place], medians: dict) -> list[Failure]:
+    """Failures for pairs with a data error, a transfer error/timeout, or a performance flag."""
+    world = len(places)
+    out: list[Failure] = []
+    data_bad = [(p["src"], p["dst"]) for p in pairs if p.get("data_ok") is False]
+    if data_bad:
+        who, r = blame_pairs(data_bad, world)
+        if who in ("src", "dst"):
+            pl = places[r]
+            role = "sends" if who == "src" else "receives"
+            others = sorted({d if who == "src" else s for s, d in data_bad})
+            out.append(Failure("links", "link_data", f"{pl.name()} {role} corrupt data "
+                               f"({'to' if who == 'src' else 'from'} ranks {_ranges(others)})",
+                               rank=r, node=pl.node, host=pl.host, device=pl.device))
+        for s, d in data_bad if who == "pair" else []:
+            out.append(_pair_failure("link_data", f"data check failed", places, s, d))
+    for p in pairs:
+        if p.get("error"):
+            out.append(_pair_failure("link_error", p["error"], places, p["src"], p["dst"]))
+    for p in pairs:
+        m = medians.get(p["cls"], {})
+        if "slow_bw" in p.get("flags", ()):
+            out.append(_pair_failure("link_slow_bw", f"{_gb(p['bw_gbps'])} vs median {_gb(m.get('bw_gbps'))}",
+                                     places, p["src"], p["dst"]))
+        elif "slow_latency" in p.get("flags", ()):
+            out.append(_pair_failure("link_slow_latency",
+                                     f"latency {p['lat_us']:.1f} us vs median {m.get('lat_us') or 0:.1f} us",
+                                     places, p["src"], p["dst"]))
+    return out
+
+
+def _pair_failure(what: str, detail: str, places: list[Place], s: int, d: int) -> Failure:
+    ps, pd = places[s], places[d]
+    return Failure("links", what, f"{ps.name()} -> {pd.name()}: {detail}", rank=s, node=ps.node, host=ps.host,
+                   device=ps.device, src=s, dst=d)
+
+
+def _gb(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g} GB/s"
+
+
+def _ranges(ranks: Iterable[int]) -> str:
+    rs = sorted(set(ranks))
+    parts, i = [], 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        parts.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------- inventory
+
+VERSION_KEYS = ("python", "numpy", "mpi4py", "mpi_library", "torch", "cuda", "driver", "nvshmem", "nvshmem4py",
+                "gpu_name")
+
+
+def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], gpu: bool) -> list[Failure]:
+    """Named failures of the inventory stage. per_rank[r]: what rank r reported (None = nothing arrived).
+
+    Checks: hostname consistent within a topology node; on GPU topologies: the rank's GPU present, the GPUs
+    visible on a host at least those the topology uses there, no GPU (UUID) shared by two ranks of a host;
+    versions (VERSION_KEYS) identical on every rank that reports them.
+    """
+    out: list[Failure] = []
+    by_node: dict[int, set[str]] = {}
+    for pl, info in zip(places, per_rank):
+        if info is None:
+            continue
+        by_node.setdefault(pl.node, set()).add(info.get("hostname", "?"))
+    for node, hosts in sorted(by_node.items()):
+        if len(hosts) > 1:
+            out.append(Failure("inventory", "host_mismatch",
+                               f"node{node}: its ranks run on different hosts {sorted(hosts)}", node=node))
+    if gpu:
+        host_used: dict[str, set[int]] = {}
+        host_visible: dict[str, int] = {}
+        uuids: dict[tuple[str, str], list[int]] = {}
+        for pl, info in zip(places, per_rank):
+            if info is None:
+                continue
+            host = info.get("hostname", pl.host)
+            g = info.get("gpu") or {}
+            count = g.get("device_count")
+            if pl.device is not None:
+                host_used.setdefault(host, set()).add(pl.device)
+            if count is not None:
+                host_visible[host] = max(host_visible.get(host, 0), int(count))
+            if not g.get("present"):
+                why = g.get("error") or (f"{count} GPU(s) visible" if count is not None else "no GPU found")
+                out.append(Failure("inventory", "missing_gpu", f"{pl.name()}: GPU missing ({why})",
+                                   rank=pl.rank, node=pl.node, host=pl.host, device=pl.device))
+            if g.get("uuid"):
+                uuids.setdefault((host, g["uuid"]), []).append(pl.rank)
+        for host, used in sorted(host_used.items()):
+            vis = host_visible.get(host)
+            if vis is not None and vis < len(used):
+                out.append(Failure("inventory", "gpu_count", f"host {host}: topology uses {len(used)} GPU(s) "
+                                   f"{sorted(used)} but {vis} are visible", host=host))
+        for (host, uuid), ranks in sorted(uuids.items()):
+            if len(ranks) > 1:
+                pl = places[ranks[1]]
+                out.append(Failure("inventory", "gpu_shared", f"host {host}: ranks {_ranges(ranks)} all use GPU "
+                                   f"{uuid}", rank=pl.rank, node=pl.node, host=host, device=pl.device))
+    for key in VERSION_KEYS:
+        values: dict[str, list[int]] = {}
+        for pl, info in zip(places, per_rank):
+            if info is None:
+                continue
+            v = (info.get("versions") or {}).get(key)
+            if v is not None:
+                values.setdefault(str(v), []).append(pl.rank)
+        if len(values) > 1:
+            ordered = sorted(values.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            major, odd = ordered[0], ordered[1:]
+            odd_ranks = sorted(r for _, rs in odd for r in rs)
+            pl = places[odd_ranks[0]]
+            desc = "; ".join(f"{v} on ranks {_ranges(rs)}" for v, rs in ordered)
+            out.append(Failure("inventory", "version_skew",
+                               f"{key} version skew: {desc} (odd one: {pl.name()})",
+                               rank=pl.rank, node=pl.node, host=pl.host, device=pl.device))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- speed
+
+def flag_slow_ranks(times_us: list[float | None], places: list[Place], factor: float = SLOW_FACTOR,
+                    slack_us: float = 0.0) -> tuple[float | None, list[Failure]]:
+    """(median, failures) for ranks whose EP time is above factor x median (and median + slack_us)."""
+    med = median(times_us)
+    out = []
+    if med is None:
+        return None, out
+    for pl, t in zip(places, times_us):
+        if t is not None and t > factor * med and t - med > slack_us:
+            out.append(Failure("speed", "slow_rank", f"{pl.name()}: dispatch+combine {t:.0f} us vs median "
+                               f"{med:.0f} us", rank=pl.rank, node=pl.node, host=pl.host, device=pl.device))
+    return med, out
+
+
+# ------------------------------------------------------------------------------------------------- verdict
+
+def verdict(failures: list[Failure], stages_run: list[str], world: int, nodes: int) -> str:
+    """The one-line verdict: 'OK ...' or 'FAIL <stage>: <first failure>' (+ how many more)."""
+    fails = [f for f in failures if f.severity == "fail"]
+    if not fails:
+        return f"OK: {world} ranks on {nodes} node(s); stages {','.join(stages_run) or 'none'} passed"
+    order = {s: i for i, s in enumerate(STAGES)}
+    # a timeout names the stuck rank: most useful first; then stage order
+    first = sorted(fails, key=lambda f: (f.what != "timeout", order.get(f.stage, 99)))[0]
+    more = len(fails) - 1
+    tail = f" (+{more} more failure{'s' if more > 1 else ''}, see report)" if more else ""
+    return f"FAIL {first.stage}: {first.message}{tail}"
+
+
+def exit_code(failures: list[Failure]) -> int:
+    """0 healthy, 3 when a rank timed out (hung), 1 for any other failure."""
+    fails = [f for f in failures if f.severity == "fail"]
+    if not fails:
+        return 0
+    return 3 if any(f.what == "timeout" for f in fails) else 1

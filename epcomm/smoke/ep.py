@@ -1,0 +1,221 @@
+"""EP stages: dispatch + combine through EPBuffer checked against epcomm.reference, then a short benchmark.
+
+Every rank rebuilds the whole world's inputs from one seed (epcomm.workload.make_world), so it can compute the
+reference outputs of its own rank without any gather. A wrong output is described by the source ranks whose rows
+differ (from the reference src_info), so the report can name who sent bad data.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    c = [
+        {"name": "uniform/bf16", "routing": "uniform", "token_format": "bf16", "num_tokens": None},
+        {"name": "skewed/fp8/ragged", "routing": "skewed", "token_format": "fp8", "num_tokens": "ragged"},
+        {"name": "empty_rank/bf16", "routing": "empty_rank", "token_format": "bf16", "num_tokens": None},
+    ]
+    if not quick:
+        c += [
+            {"name": "minus1/fp8", "routing": "minus1", "token_format": "fp8", "num_tokens": None},
+            {"name": "hot/bf16/shared", "routing": "hot", "token_format": "bf16", "num_tokens": "ragged",
+             "fused_shared_expert": True},
+            {"name": "uniform/fp8/ll", "routing": "uniform", "token_format": "fp8", "num_tokens": None,
+             "mode": "ll"},
+        ]
+    return c
+
+
+def num_experts(topo, world: int, per_rank: int) -> int:
+    e = getattr(topo, "num_experts", None)
+    if isinstance(e, int) and e > 0 and e % world == 0:
+        return e
+    return per_rank * world
+
+
+class Arrays:
+    """numpy in/out for the host backend; torch tensors on the rank's GPU for the gpu backend."""
+
+    def __init__(self, backend: str, device: int | None):
+        self.gpu = backend == "gpu"
+        self.device = device
+        if self.gpu:
+            import torch
+            self.torch = torch
+            torch.cuda.set_device(device)
+
+    def put(self, a: np.ndarray):
+        if not self.gpu or a is None:
+            return a
+        torch = self.torch
+        from ..formats import BF16, FP8
+        if a.dtype == BF16:
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        elif a.dtype == FP8:
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(f"cuda:{self.device}")
+
+    def sync(self):
+        if self.gpu:
+            self.torch.cuda.synchronize(self.device)
+
+
+def _ctx():
+    import epcomm
+    return epcomm.init()
+
+
+def bad_sources(cfg, actual, expected) -> list[int]:
+    """Source ranks whose rows (tokens or scales) differ from the reference (rows after row_offsets match)."""
+    from ..reference import to_numpy
+    ro_a = np.asarray(to_numpy(actual.row_offsets)).astype(np.int64)
+    if not np.array_equal(ro_a, expected.row_offsets.astype(np.int64)):
+        return []
+    n = int(expected.row_offsets[-1])
+    xa = np.ascontiguousarray(to_numpy(actual.expert_x)[:n]).view(np.uint8).reshape(n, -1)
+    xe = np.ascontiguousarray(expected.expert_x[:n]).view(np.uint8).reshape(n, -1)
+    bad = (xa != xe).any(axis=1)
+    if cfg.token_format == "fp8" and actual.expert_scales is not None:
+        sa = np.ascontiguousarray(to_numpy(actual.expert_scales)[:n]).view(np.uint32)
+        bad |= (sa != expected.expert_scales[:n].view(np.uint32)).any(axis=1)
+    info_a = np.asarray(to_numpy(actual.src_info))[:n]
+    bad |= (info_a != expected.src_info[:n]).any(axis=1)
+    return sorted({int(s) for s in expected.src_info[:n][bad, 0]})
+
+
+def _corrupt(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    if x.size:
+        v = x.view(np.uint16)
+        v[::3, ::17] ^= np.uint16(0x4040)
+    return x
+
+
+def run_correctness(env) -> dict[str, Any]:
+    """Each case: dispatch + combine on this rank, compared with the reference. Stops at the first exception
+    (the peers' next collective would not match)."""
+    from .. import reference
+    from ..buffer import EPBuffer
+    from ..config import EPConfig
+    from ..errors import EPInputError, EPTimeoutError
+    from ..workload import identity_experts, make_world
+
+    ctx = _ctx()
+    arr = Arrays(ctx.backend, ctx.device)
+    R, me = env.world, env.rank
+    quick = env.opts.quick
+    out: list[dict[str, Any]] = []
+    timeout = max(2.0, min(15.0, env.opts.stage_timeout / 4))
+    for k, case in enumerate(cases(quick)):
+        rec: dict[str, Any] = {"name": case["name"]}
+        out.append(rec)
+        try:
+            cfg = EPConfig(hidden=256, topk=min(4, num_experts(env.topo, R, 4)),
+                           num_experts=num_experts(env.topo, R, 4), max_tokens_per_rank=16 if quick else 48,
+                           world_size=R, token_format=case["token_format"], mode=case.get("mode", "ht"),
+                           fused_shared_expert=case.get("fused_shared_expert", False), timeout_s=timeout)
+        except EPInputError as e:
+            rec.update(status="skipped", error=str(e))
+            continue
+        rec["shape"] = {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
+                        "max_tokens_per_rank": cfg.max_tokens_per_rank, "mode": cfg.mode,
+                        "token_format": cfg.token_format, "fused_shared_expert": cfg.fused_shared_expert}
+        world = make_world(cfg, seed=1000 + k, routing_kind=case["routing"], num_tokens=case["num_tokens"])
+        refs = reference.dispatch(cfg, world.xs, world.topk_ids)
+        exp = refs[me]
+        rec["tokens"] = len(world.xs[me])
+        rec["rows_expected"] = int(exp.row_offsets[-1])
+        x = world.xs[me]
+        if env.faults.corrupts(me, "ep"):
+            x = _corrupt(x)
+        try:
+            try:
+                buf = EPBuffer(cfg, ctx)
+            except (NotImplementedError, EPInputError) as e:
+                rec.update(status="skipped", error=f"{type(e).__name__}: {e}")
+                continue
+            try:
+                res = buf.dispatch(arr.put(x), arr.put(world.topk_ids[me]))
+                arr.sync()
+                problems = reference.compare_dispatch(cfg, res, exp)
+                rec["dispatch_problems"] = problems
+                rec["bad_sources"] = bad_sources(cfg, res, exp) if problems else []
+                ys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+                y = buf.combine(arr.put(ys[me]), res.handle, arr.put(world.topk_weights[me]))
+                arr.sync()
+                exact, mag = reference.combine_exact(cfg, ys, refs, world.topk_weights)
+                cprob = reference.compare_combine(y, exact[me], mag[me])
+                rec["combine_problems"] = cprob
+                if cprob:
+                    # the ranks holding the experts of the wrong tokens
+                    from ..reference import to_numpy
+                    ya = np.asarray(to_numpy(y)).astype(np.float64)
+                    tol = 2.0 ** -8 * np.abs(exact[me]) + 2.0 ** -7 * mag[me] + 1e-6
+                    bad_t = np.nonzero((np.abs(ya - exact[me]) > tol).any(axis=1))[0] if ya.shape == exact[me].shape \
+                        else np.arange(len(exact[me]))
+                    ids = world.topk_ids[me][bad_t]
+                    holders = sorted({int(cfg.expert_rank(int(e))) for e in ids.ravel() if e >= 0})
+                    rec["combine_bad_tokens"] = int(len(bad_t))
+                    rec["combine_expert_ranks"] = holders
+                rec["status"] = "ok" if not problems and not cprob else "mismatch"
+            finally:
+                try:
+                    buf.close()
+                except Exception:
+                    pass
+        except EPTimeoutError as e:
+            rec.update(status="error", error=f"EPTimeoutError: {e}", timeout_rank=e.rank, timeout_node=e.node)
+            break
+        except Exception as e:
+            rec.update(status="error", error=f"{type(e).__name__}: {e}")
+            break
+    return {"backend": ctx.backend, "cases": out}
+
+
+def run_speed(env) -> dict[str, Any]:
+    """Median time of dispatch + combine on this rank (bf16, uniform routing, identity experts)."""
+    from ..buffer import EPBuffer
+    from ..config import EPConfig
+    from ..workload import make_world
+
+    ctx = _ctx()
+    arr = Arrays(ctx.backend, ctx.device)
+    R, me = env.world, env.rank
+    quick = env.opts.quick
+    if ctx.backend == "gpu":
+        hidden, topk, tokens, per_rank_e = 7168, 8, (512 if quick else 2048), 32
+    else:
+        hidden, topk, tokens, per_rank_e = 512, 4, (32 if quick else 128), 4
+    e = num_experts(env.topo, R, per_rank_e)
+    cfg = EPConfig(hidden=hidden, topk=min(topk, e), num_experts=e, max_tokens_per_rank=tokens, world_size=R,
+                   timeout_s=max(2.0, min(30.0, env.opts.stage_timeout / 3)))
+    world = make_world(cfg, seed=77, routing_kind="uniform")
+    x, ids, w = arr.put(world.xs[me]), arr.put(world.topk_ids[me]), arr.put(world.topk_weights[me])
+    iters, warm = (5, 2) if quick else (20, 3)
+    times = []
+    buf = EPBuffer(cfg, ctx)
+    try:
+        for it in range(warm + iters):
+            arr.sync()
+            t0 = time.perf_counter()
+            res = buf.dispatch(x, ids)
+            buf.combine(res.expert_x, res.handle, w)
+            arr.sync()
+            if it >= warm:
+                times.append(time.perf_counter() - t0)
+            if env.deadline.expired():
+                break
+    finally:
+        try:
+            buf.close()
+        except Exception:
+            pass
+    return {"backend": ctx.backend, "shape": {"hidden": hidden, "topk": cfg.topk, "num_experts": e,
+                                               "tokens": tokens},
+            "iters": len(times), "median_us": float(np.median(times)) * 1e6 if times else None,
+            "min_us": float(np.min(times)) * 1e6 if times else None}
