@@ -1,0 +1,183 @@
+"""Rank 0's outputs: the human table, the JSON document, the PNG plot.
+
+JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in the table):
+  schema, date (UTC ISO 8601), command (argv), backend ("gpu" | "host"), topology, world_size, nodes, devices
+  (per rank: name, SMs), torch (version or null), timer ("cuda_events" | "perf_counter"),
+  settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
+            sweep_tokens, sms_requested, sms_supported, cases},
+  links {status ("ok" | "partial" | "n/a" | "error" | "skipped"), reason?, one_way_gbps[rank],
+         concurrent_gbps[rank], concurrent_total_gbps, local_copy_gbps[rank], p2p[rank], peer_rank[rank], ...},
+  floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
+  results [record], errors [str], notes [str] (e.g. --sms not supported, graph fallback), ok (bool: every record verified and no error).
+record:
+  case ("ht" | "ll" | "sweep" | "baseline"), impl ("epcomm" | "nccl"), op ("dispatch" | "combine" | "roundtrip"),
+  mode, format, tokens, hidden, topk, num_experts, world_size, graph (bool), status ("ok" | "wrong" | "error" |
+  "n/a"), verified (bool: first iteration of this shape matched epcomm.reference before timing), error (str|null),
+  iters, warmup, input_sets, time_us {median, p10, p90, min, max, mean, n} (slowest rank per iteration) | null,
+  per_rank_median_us [rank], host_call_us (median host time of the call), wall_us (median host time to completion),
+  bytes {link_send[rank], link_recv[rank], local[rank]}, link_bytes_max, local_bytes_max,
+  link_gbps, local_gbps (bytes max / median time), floor {link_us, local_us, floor_us, binds} | null,
+  ratio_to_floor (median / floor), ratio_to_nccl (median / NCCL median of the same op and tokens), sms (int|null).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+SCHEMA = "epcomm.bench/1"
+RECORD_KEYS = ("case", "impl", "op", "mode", "format", "tokens", "hidden", "topk", "num_experts", "world_size",
+               "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
+               "per_rank_median_us", "host_call_us", "wall_us", "bytes", "link_bytes_max", "local_bytes_max",
+               "link_gbps", "local_gbps", "floor", "ratio_to_floor", "ratio_to_nccl", "sms")
+TOP_KEYS = ("schema", "date", "command", "backend", "topology", "world_size", "nodes", "devices", "torch", "timer",
+            "settings", "links", "floor_bandwidth", "results", "errors", "notes", "ok")
+
+
+def fmt_num(v, spec: str = ".1f", na: str = "n/a") -> str:
+    if v is None:
+        return na
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def link_ratios(results: list[dict]) -> None:
+    """Fill ratio_to_floor and ratio_to_nccl of every record in place."""
+    nccl = {(r["op"], r["tokens"]): r for r in results
+            if r.get("impl") == "nccl" and r.get("status") == "ok" and r.get("time_us")}
+    for r in results:
+        t = (r.get("time_us") or {}).get("median")
+        fl = (r.get("floor") or {}).get("floor_us")
+        r["ratio_to_floor"] = t / fl if (t and fl) else None
+        base = nccl.get((r["op"], r["tokens"]))
+        if r.get("impl") == "epcomm" and t and base:
+            r["ratio_to_nccl"] = t / base["time_us"]["median"]
+        else:
+            r.setdefault("ratio_to_nccl", None)
+
+
+COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("fmt", 4), ("tokens", 6), ("graph", 5), ("median", 9),
+           ("p10", 9), ("p90", 9), ("floor", 9), ("link", 9), ("local", 9), ("binds", 6), ("x floor", 7),
+           ("x nccl", 7), ("link GB/s", 9), ("sms", 4), ("status", 6))
+
+
+def table(doc: dict) -> str:
+    """The human table: one line per record, times in microseconds."""
+    lines = []
+    head = "  ".join(f"{name:>{w}}" for name, w in COLUMNS)
+    lines.append(f"epcomm bench: {doc.get('world_size')} ranks, topology {doc.get('topology')}, backend "
+                 f"{doc.get('backend')}, timer {doc.get('timer')}; times in us (median, p10, p90 over iterations, "
+                 f"slowest rank each); 'x floor' = median/floor, 'x nccl' = median/NCCL median")
+    links = doc.get("links") or {}
+    if links.get("status") in ("ok", "partial"):
+        lines.append("links: one-way " + ", ".join(fmt_num(v, ".0f") for v in links.get("one_way_gbps", []))
+                     + " GB/s; all at once " + ", ".join(fmt_num(v, ".0f") for v in links.get("concurrent_gbps", []))
+                     + f" GB/s (total {fmt_num(links.get('concurrent_total_gbps'), '.0f')}); device copy "
+                     + ", ".join(fmt_num(v, ".0f") for v in links.get("local_copy_gbps", [])) + " GB/s (per rank)")
+    else:
+        lines.append(f"links: n/a ({links.get('reason', links.get('status', 'not measured'))})")
+    fb = doc.get("floor_bandwidth") or {}
+    lines.append(f"floor bandwidths: link {fb.get('link_gbps') or 'n/a'} GB/s, local {fb.get('local_gbps') or 'n/a'}"
+                 f" GB/s ({fb.get('source', 'n/a')})")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in doc.get("results", []):
+        t = r.get("time_us") or {}
+        fl = r.get("floor") or {}
+        cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("format") or "-", r.get("tokens", "-"),
+                 "yes" if r.get("graph") else "no", fmt_num(t.get("median")), fmt_num(t.get("p10")),
+                 fmt_num(t.get("p90")), fmt_num(fl.get("floor_us")), fmt_num(fl.get("link_us")),
+                 fmt_num(fl.get("local_us")), fl.get("binds") or "n/a", fmt_num(r.get("ratio_to_floor"), ".2f"),
+                 fmt_num(r.get("ratio_to_nccl"), ".2f"), fmt_num(r.get("link_gbps"), ".3g"),
+                 fmt_num(r.get("sms"), "d"), r.get("status"))
+        binds = cells[12]
+        if binds and binds.startswith("dispatch:"):
+            cells = cells[:12] + ("sum",) + cells[13:]
+        lines.append("  ".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, COLUMNS)))
+        if r.get("error"):
+            lines.append(f"{'':>10}^ {r['error']}")
+    for e in doc.get("notes", []):
+        lines.append(f"note: {e}")
+    for e in doc.get("errors", []):
+        lines.append(f"error: {e}")
+    lines.append(f"result: {'OK' if doc.get('ok') else 'NOT OK (see status / errors above)'}")
+    return "\n".join(lines)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # numpy scalars
+        return v.item()
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    return v
+
+
+def write_json(doc: dict, path: str) -> None:
+    """Atomic write (tmp + rename), so a crash mid-run leaves the last complete document."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(doc), f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_series(doc: dict) -> dict:
+    """{label: [(tokens, median_us)]} for the latency-vs-tokens plot: epcomm sweep, NCCL baseline, dispatch floor."""
+    series: dict[str, list] = {}
+    sweep_tokens = set((doc.get("settings") or {}).get("sweep_tokens") or [])
+    for r in doc.get("results", []):
+        t = (r.get("time_us") or {}).get("median")
+        if r.get("status") != "ok" or t is None or r.get("op") not in ("dispatch", "combine"):
+            continue
+        if r.get("case") == "sweep" and r.get("impl") == "epcomm":
+            series.setdefault(f"epcomm {r['op']} ({r.get('format')})", []).append((r["tokens"], t))
+            fl = (r.get("floor") or {}).get("floor_us")
+            if fl:
+                series.setdefault(f"floor {r['op']}", []).append((r["tokens"], fl))
+        elif r.get("impl") == "nccl" and r.get("tokens") in sweep_tokens:
+            series.setdefault(f"NCCL all_to_all {r['op']} (bf16)", []).append((r["tokens"], t))
+    return {k: sorted(set(v)) for k, v in series.items()}
+
+
+def write_png(doc: dict, path: str) -> str | None:
+    """Latency vs tokens (log-log). Returns None on success, else why nothing was written."""
+    series = plot_series(doc)
+    if not series:
+        return "no sweep results to plot"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"matplotlib not available ({e})"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, pts in series.items():
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, "--" if label.startswith("floor") else "-o", label=label, markersize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("latency (us, median)")
+    s = doc.get("settings") or {}
+    ax.set_title(f"epcomm {doc.get('topology')} ({doc.get('world_size')} ranks), hidden {s.get('hidden')}, "
+                 f"top-{s.get('topk')} of {s.get('num_experts')}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
