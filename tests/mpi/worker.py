@@ -23,7 +23,15 @@ from epcomm import reference as ref  # noqa: E402
 from epcomm.workload import identity_experts, make_world  # noqa: E402
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
-                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0)
+                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0)
+
+
+def add_duplicates(world):
+    """Every other token picks its first expert twice (slots 0 and 1): the spec delivers both slots."""
+    for ids in world.topk_ids:
+        if ids.shape[1] > 1 and len(ids):
+            ids[::2, 1] = ids[::2, 0]
+    return world
 
 
 def parse_case(spec: str) -> dict:
@@ -78,6 +86,8 @@ def cmd_cases(args, ctx) -> int:
             for rnd in range(c["rounds"]):
                 seed = args.seed + 1000 * i + rnd
                 world = make_world(cfg, seed, c["routing"], tokens_arg(c))
+                if c["dup"]:
+                    add_duplicates(world)
                 problems = check_round(cfg, ctx, buf, world, bool(c.get("async", 0)) or (rnd % 3 == 2))
                 for p in problems:
                     print(f"FAIL rank {ctx.rank} case [{spec}] seed {seed} round {rnd}: {p}", flush=True)
@@ -115,9 +125,97 @@ def cmd_fault(args, ctx) -> int:
     return 0
 
 
+def expect_input_error(what: str, fn, needle: str) -> list[str]:
+    try:
+        fn()
+    except epcomm.EPInputError as e:
+        msg = str(e)
+        if needle not in msg or "\n" in msg:
+            return [f"{what}: message {msg!r} lacks {needle!r} or is not one line"]
+        return []
+    except Exception as e:  # noqa: BLE001
+        return [f"{what}: raised {type(e).__name__}: {e} instead of EPInputError"]
+    return [f"{what}: no error"]
+
+
+def cmd_checks(args, ctx) -> int:
+    """Input checks on a world of one rank (an abort there bothers nobody)."""
+    from epcomm.formats import BF16
+    cfg = make_cfg(parse_case("M=8,K=2,E=4,H=256"), ctx.world_size)
+    world = make_world(cfg, args.seed)
+    x, ids, w = world.xs[0], world.topk_ids[0], world.topk_weights[0]
+    probs = []
+
+    def fresh():
+        return epcomm.EPBuffer(cfg, ctx)
+
+    def disp(xx, ii):
+        return lambda: fresh().dispatch(xx, ii)
+
+    probs += expect_input_error("3-D x", disp(x[None], ids), "2-D")
+    probs += expect_input_error("wrong hidden", disp(np.zeros((8, 384), BF16), ids), "hidden=256")
+    probs += expect_input_error("float32 x", disp(x.astype(np.float32), ids), "bfloat16")
+    probs += expect_input_error("uint16 x", disp(x.view(np.uint16), ids), "bfloat16")
+    probs += expect_input_error("too many tokens", disp(np.zeros((9, 256), BF16), np.zeros((9, 2), np.int32)),
+                                "max_tokens_per_rank=8")
+    probs += expect_input_error("int64 ids", disp(x, ids.astype(np.int64)), "int32")
+    probs += expect_input_error("ids shape", disp(x, ids[:, :1]), "topk=2")
+    probs += expect_input_error("id too big", disp(x, np.full_like(ids, cfg.num_experts)), "got 4")
+    probs += expect_input_error("id -2", disp(x, np.full_like(ids, -2)), "got -2")
+    probs += expect_input_error("list x", disp(x.tolist(), ids), "numpy / torch / cupy")
+    probs += expect_input_error("world size", lambda: epcomm.EPBuffer(cfg.replace(world_size=2, num_experts=8), ctx),
+                                "world_size=2")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    ey = np.zeros((cfg.max_recv_rows, cfg.hidden), BF16)
+    probs += expect_input_error("weights T", lambda: b.combine(ey, out.handle, w[:3]), "T=8")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    probs += expect_input_error("weights dtype", lambda: b.combine(ey, out.handle, w.astype(np.float64)), "float32")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    probs += expect_input_error("expert_y rows", lambda: b.combine(ey[:5], out.handle, w), "max_recv_rows")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    probs += expect_input_error("foreign handle", lambda: fresh().combine(ey, out.handle, w), "this EPBuffer")
+    b = fresh()
+    old = b.dispatch(x, ids)
+    b.dispatch(x, ids)
+    probs += expect_input_error("stale handle", lambda: b.combine(ey, old.handle, w), "latest dispatch")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    b.combine(ey, out.handle, w)
+    probs += expect_input_error("combined twice", lambda: b.combine(ey, out.handle, w), "already combined")
+    # a failed buffer refuses further work; a good one still works after 0-token rounds
+    try:
+        b.dispatch(x, ids)
+        probs.append("buffer usable after a failure")
+    except epcomm.EPError as e:
+        if "unusable" not in str(e):
+            probs.append(f"after failure: {e}")
+    with fresh() as b:
+        out = b.dispatch(x[:0], ids[:0])
+        y = b.combine(ey, out.handle, w[:0])
+        if y.shape != (0, 256):
+            probs.append(f"T=0 combine shape {y.shape}")
+    from epcomm.backends.host import faults
+    probs += expect_input_error("fault syntax", lambda: faults.parse("explode:rank=1"), "unknown fault")
+    f = faults.parse("slow:rank=1,ms=50; skip_dispatch:rank=*,round=3")
+    if not (f[0].ms == 50 and f[1].rank is None and f[1].round == 3):
+        probs.append(f"fault parse {f}")
+    if epcomm.init() is not ctx:
+        probs.append("init() is not idempotent")
+    if not (ctx.same_node(0, 0) and ctx.node_of(0) == 0):
+        probs.append("same_node / node_of")
+    for p in probs:
+        print("FAIL checks:", p, flush=True)
+    print(f"checks: {'ok' if not probs else f'{len(probs)} FAILED'}", flush=True)
+    return 1 if probs else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=("cases", "timeout", "abort"))
+    ap.add_argument("cmd", choices=("cases", "timeout", "abort", "checks"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--case", action="append", default=[])
     ap.add_argument("--bad-rank", type=int, default=1)
@@ -125,6 +223,8 @@ def main() -> int:
     ctx = epcomm.init()
     if args.cmd == "cases":
         return cmd_cases(args, ctx)
+    if args.cmd == "checks":
+        return cmd_checks(args, ctx)
     return cmd_fault(args, ctx)
 
 

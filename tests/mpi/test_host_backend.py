@@ -1,0 +1,127 @@
+"""Host backend under the launcher: every rank's outputs equal epcomm.reference; faults fail fast and name the peer.
+
+Each test launches tests/mpi/worker.py on a topology from configs/. Seeds are fresh each run (printed; rerun a
+failure with the worker command shown in the assertion message).
+"""
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launched import REPO_ROOT, run_launched
+
+pytestmark = pytest.mark.mpi
+WORKER = "tests/mpi/worker.py"
+
+
+@pytest.fixture
+def seed():
+    s = random.SystemRandom().randrange(1, 2 ** 30)
+    print(f"seed {s}")
+    return s
+
+
+def run_cases(config: str, seed: int, cases: list[str], timeout: float = 240, env=None):
+    argv = [WORKER, "cases", "--seed", str(seed)]
+    for c in cases:
+        argv += ["--case", c]
+    proc = run_launched(config, argv, timeout=timeout, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "ok in" in proc.stdout, (
+        f"worker failed on {config} (exit {proc.returncode}), rerun: python -m launch run -t {config} -- "
+        f"python {' '.join(argv)}\n{out[-6000:]}")
+    return out
+
+
+def grid(fmts=("bf16", "fp8"), modes=("ht", "ll"), extra=("",)):
+    return [f"fmt={f},mode={m}" + (f",{e}" if e else "") for f in fmts for m in modes for e in extra]
+
+
+ROUTING_CASES = ["routing=uniform", "routing=hot,tokens=ragged", "routing=empty_rank", "routing=minus1,tokens=ragged",
+                 "routing=all_minus1", "routing=local", "routing=skewed,tokens=ragged", "tokens=0", "tokens=1",
+                 "fused=1", "fused=1,routing=hot,tokens=ragged", "fused=1,tokens=0", "dup=1", "K=1", "K=8,E=2",
+                 "skip=1", "skip=1,fused=1,aws=2,tokens=ragged", "skip=1,fused=1,aws=4", "rounds=3"]
+
+
+def test_reference_4rank(seed):
+    run_cases("cpu-4rank", seed, grid(extra=ROUTING_CASES))
+
+
+def test_reference_2x4(seed):
+    cases = grid(extra=["routing=uniform", "routing=skewed,tokens=ragged", "fused=1,routing=minus1",
+                        "skip=1,fused=1,aws=4,tokens=ragged", "routing=empty_rank,fused=1", "tokens=0"])
+    run_cases("cpu-2x4", seed, cases)
+
+
+def test_larger_case_4rank(seed):
+    run_cases("cpu-4rank", seed, grid(extra=["H=1024,M=96,K=8,E=8,tokens=ragged"]))
+
+
+def test_100_rounds_back_to_back(seed):
+    # fresh inputs each round, no barrier between rounds; every third round uses the async API
+    run_cases("cpu-4rank", seed, ["rounds=100,mode=ht,M=8", "rounds=100,mode=ll,fmt=fp8,M=8,fused=1"])
+
+
+def test_slow_rank_still_correct(seed):
+    run_cases("cpu-4rank", seed, grid(fmts=("bf16",), extra=["rounds=3"]),
+              env={"EPCOMM_FAULT": "slow:rank=1,ms=50"})
+
+
+def test_corrupt_fault_is_detected(seed):
+    proc = run_launched("cpu-4rank", [WORKER, "cases", "--seed", str(seed), "--case", "fmt=bf16,mode=ht,K=8,E=2"],
+                        timeout=120, env={"EPCOMM_FAULT": "corrupt:rank=1"})
+    assert proc.returncode != 0
+    assert "FAIL rank" in proc.stdout and "expert_x differs" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_8_ranks(seed):
+    run_cases("cpu-8rank", seed, grid(extra=["H=128,M=8", "H=128,M=8,fused=1,routing=skewed,tokens=ragged"]))
+
+
+def test_16_ranks(seed):
+    run_cases("cpu-2x8", seed, ["H=128,M=8,mode=ht", "H=128,M=8,mode=ll,fmt=fp8",
+                                "H=128,M=8,mode=ht,fmt=fp8,fused=1,routing=hot,tokens=ragged",
+                                "H=128,M=4,mode=ll,rounds=10"], timeout=300)
+
+
+def test_timeout_names_the_silent_rank(seed):
+    deadline = 3.0
+    t0 = time.monotonic()
+    proc = run_launched("cpu-2x4", [WORKER, "timeout", "--seed", str(seed), "--case", f"timeout={deadline}"],
+                        timeout=90, env={"EPCOMM_FAULT": "skip_dispatch:rank=5"})
+    wall = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    hits = re.findall(r"rank (\d+): EPTimeoutError after ([\d.]+)s: (.*)", out)
+    others = [(int(r), float(t), m) for r, t, m in hits if int(r) != 5]
+    assert others, out[-3000:]
+    for r, t, m in others:
+        assert "from rank 5 (node 1), which never signalled" in m and "dispatch" in m, m
+        assert deadline <= t < deadline + 5, (r, t)
+    assert "peer=5 node=1" in out
+    assert wall < 60
+
+
+def test_abort_fails_fast_naming_the_bad_rank(seed):
+    proc = run_launched("cpu-4rank", [WORKER, "abort", "--seed", str(seed), "--bad-rank", "2"], timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    hits = re.findall(r"rank (\d+): EPError after ([\d.]+)s: (.*)", out)
+    others = [(int(r), float(t), m) for r, t, m in hits if int(r) != 2]
+    assert others, out[-3000:]
+    for r, t, m in others:
+        assert m.startswith("rank 2 (node 0) aborted: EPInputError: dispatch: x must be 2-D"), m
+        assert t < 10, (r, t)   # the deadline is 30 s: they did not wait for it
+    assert "rank 2: EPInputError" in out
+
+
+def test_input_checks_single_rank(seed):
+    cmd = [sys.executable, "-m", "launch", "run", "-n", "1", "--timeout", "60", "--",
+           sys.executable, WORKER, "checks", "--seed", str(seed)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "checks: ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
