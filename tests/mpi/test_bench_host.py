@@ -1,0 +1,46 @@
+"""python -m epcomm.bench through the launcher on the host backend (4 ranks): the driver, the JSON schema, and
+that every timed epcomm result was verified against the reference first."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from epcomm.bench import report
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.mpi
+
+
+def test_bench_quick_host(tmp_path):
+    pytest.importorskip("mpi4py")
+    if not (REPO / "epcomm" / "buffer.py").exists():
+        pytest.skip("EPBuffer not in this checkout yet")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "launch", "bench", "-t", "configs/cpu-4rank.yaml", "--timeout", "240",
+           "--", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    assert set(report.TOP_KEYS) <= set(doc)
+    assert doc["schema"] == report.SCHEMA and doc["backend"] == "host" and doc["world_size"] == 4
+    assert doc["timer"] == "perf_counter" and doc["ok"] is True and doc["errors"] == []
+    assert doc["links"]["status"] == "n/a"
+    recs = doc["results"]
+    for r in recs:
+        assert set(report.RECORD_KEYS) <= set(r), set(report.RECORD_KEYS) - set(r)
+    ep = [r for r in recs if r["impl"] == "epcomm"]
+    seen = {(r["case"], r["op"], r["format"], r["tokens"]) for r in ep}
+    assert ("ht", "dispatch", "bf16", 32) in seen and ("ht", "dispatch", "fp8", 32) in seen
+    assert ("ll", "dispatch", "fp8", 16) in seen and ("ll", "combine", "bf16", 16) in seen
+    assert {r["tokens"] for r in ep if r["case"] == "sweep"} == {1, 2, 4, 8, 16, 32}
+    for r in ep:
+        assert r["status"] == "ok" and r["verified"] is True, r
+        t = r["time_us"]
+        assert t["n"] == doc["settings"]["iters"] and 0 < t["p10"] <= t["median"] <= t["p90"]
+        assert len(r["per_rank_median_us"]) == 4 and len(r["bytes"]["link_send"]) == 4
+        assert r["floor"]["floor_us"] is None and r["ratio_to_floor"] is None   # no bandwidths on the host
+    nccl = [r for r in recs if r["impl"] == "nccl"]
+    assert nccl and all(r["status"] == "n/a" and r["time_us"] is None for r in nccl)
+    assert "n/a" in proc.stdout and "result: OK" in proc.stdout

@@ -1,0 +1,35 @@
+"""epcomm.bench command line: cases, defaults per backend, --quick; env defaults at import."""
+import os
+
+import pytest
+
+from epcomm.bench import driver
+
+
+def test_env_defaults_set_at_import():
+    for k in ("NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST"):
+        assert k in os.environ
+
+
+def test_cases_and_defaults_gpu():
+    a = driver.parse(["--case", "ht,ll"])
+    assert a.cases == ["ht", "ll"]
+    driver.resolve_shapes(a, "gpu", None)
+    assert (a.iters, a.warmup, a.hidden, a.tokens, a.ll_tokens, a.experts, a.topk) == (50, 10, 7168, 4096, 128,
+                                                                                       256, 8)
+    assert a.sweep_tokens == [1 << i for i in range(13)]
+
+
+def test_quick_host_shapes():
+    a = driver.parse(["--quick"])
+    driver.resolve_shapes(a, "host", 32)
+    assert a.cases == list(driver.CASES)
+    assert a.iters == 5 and a.hidden == 256 and a.tokens == 32 and a.experts == 32
+    assert a.sweep_tokens == [1, 2, 4, 8, 16, 32]
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        driver.parse(["--case", "ht,nope"])
+    with pytest.raises(SystemExit):
+        driver.parse(["--sets", "2"])

@@ -1,0 +1,115 @@
+"""Pure parts of epcomm.bench: order statistics, byte counting from a routing, the floor."""
+import numpy as np
+import pytest
+
+from epcomm.bench import floor as fl
+from epcomm.bench.stats import median, percentile, slowest_rank, summarize
+from epcomm.config import EPConfig
+
+
+def test_percentiles_match_numpy_linear():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 51):
+        xs = list(rng.random(n) * 100)
+        for q in (0, 10, 50, 90, 100):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_summarize_and_errors():
+    s = summarize([5.0, 1.0, 3.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 5.0, 3)
+    assert s["mean"] == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_slowest_rank_per_iteration():
+    assert slowest_rank([[1, 5, 2], [3, 1, 2]]) == [3, 5, 2]
+    with pytest.raises(ValueError):
+        slowest_rank([[1, 2], [1]])
+
+
+def cfg(world=2, fmt="bf16", hidden=256, topk=3, experts=4):
+    return EPConfig(hidden=hidden, topk=topk, num_experts=experts, max_tokens_per_rank=8, world_size=world,
+                    token_format=fmt)
+
+
+def test_traffic_counts_pairs_once_per_destination_rank():
+    c = cfg()  # experts 0,1 on rank 0; 2,3 on rank 1
+    ids0 = np.array([[0, 1, 2],      # rank 0 and rank 1
+                     [0, 1, -1],     # rank 0 only (two experts there: one pair)
+                     [-1, -1, -1],   # nowhere
+                     [3, 2, -1]], np.int32)  # rank 1 only
+    ids1 = np.array([[2, 0, 1]], np.int32)   # rank 1 and rank 0
+    tr = fl.traffic(c, [ids0, ids1])
+    assert tr.pairs.tolist() == [[2, 2], [1, 1]]
+    assert tr.rows.tolist() == [2 + 2 + 2, 1 + 2 + 1]  # expert rows landing on rank 0 / rank 1
+    assert tr.tokens.tolist() == [4, 1]
+
+
+def test_op_bytes_dispatch_and_combine():
+    c = cfg()
+    ids0 = np.array([[0, 1, 2], [0, 1, -1], [-1, -1, -1], [3, 2, -1]], np.int32)
+    ids1 = np.array([[2, 0, 1]], np.int32)
+    tr = fl.traffic(c, [ids0, ids1])
+    tb = 2 * 256
+    d = fl.op_bytes(c, tr, "dispatch")
+    assert d["link_send"] == [2 * tb, 1 * tb]   # rank 0 sends 2 tokens to rank 1; rank 1 sends 1 to rank 0
+    assert d["link_recv"] == [1 * tb, 2 * tb]
+    # local: pairs received (own included) read once + expert rows written once
+    assert d["local"] == [(2 + 1) * tb + 6 * tb, (2 + 1) * tb + 4 * tb]
+    cb = fl.op_bytes(c, tr, "combine")
+    assert cb["link_send"] == [1 * tb, 2 * tb]  # rows go back to the token's rank
+    assert cb["link_recv"] == [2 * tb, 1 * tb]
+    # local: expert rows read + own tokens' pairs read + y written
+    assert cb["local"] == [6 * tb + 4 * tb + 4 * tb, 4 * tb + 2 * tb + 1 * tb]
+
+
+def test_fp8_token_bytes_include_scales():
+    c = cfg(fmt="fp8", hidden=512)
+    tr = fl.traffic(c, [np.array([[3, -1, -1]], np.int32), np.zeros((0, 3), np.int32)])
+    d = fl.op_bytes(c, tr, "dispatch")
+    assert d["link_send"] == [512 + 4 * 4, 0]
+    assert fl.op_bytes(c, tr, "combine")["link_recv"] == [2 * 512, 0]
+
+
+def test_floor_terms_and_binding():
+    nb = {"link_send": [400_000, 100_000], "link_recv": [100_000, 400_000], "local": [3_000_000, 1_000_000]}
+    f = fl.floor_of(nb, link_gbps=400.0, local_gbps=3000.0)
+    assert f["link_us"] == pytest.approx(1.0)       # 400 kB at 400 GB/s
+    assert f["local_us"] == pytest.approx(1.0)      # 3 MB at 3000 GB/s
+    f = fl.floor_of(nb, link_gbps=[400.0, 200.0], local_gbps=6000.0)
+    assert f["link_us"] == pytest.approx(2.0) and f["binds"] == "link" and f["floor_us"] == pytest.approx(2.0)
+    f = fl.floor_of(nb, link_gbps=None, local_gbps=3000.0)
+    assert f["floor_us"] is None and f["binds"] is None and f["local_us"] == pytest.approx(1.0)
+    assert f["link_bytes_max"] == 400_000 and f["local_bytes_max"] == 3_000_000
+    assert fl.floor_of(nb, link_gbps=[400.0, None], local_gbps=1.0)["link_us"] is None
+
+
+def test_roundtrip_floor_adds():
+    d = {"link_us": 1.0, "local_us": 2.0, "floor_us": 2.0, "binds": "local", "link_bytes_max": 1,
+         "local_bytes_max": 2}
+    c = {"link_us": 3.0, "local_us": 1.0, "floor_us": 3.0, "binds": "link", "link_bytes_max": 3,
+         "local_bytes_max": 4}
+    r = fl.roundtrip_floor(d, c)
+    assert r["floor_us"] == 5.0 and r["link_us"] == 4.0 and r["local_us"] == 3.0
+    assert r["binds"] == "dispatch:local combine:link" and r["link_bytes_max"] == 4
+
+
+def test_realistic_shape_local_term_binds_on_h100_figures():
+    """4096 tokens, hidden 7168, top-8 of 256, 2 ranks, GPU-NOTES figures (371 GB/s per direction under load,
+    2995 GB/s device copy): about 58 MB cross the link each way, the local term is larger."""
+    from epcomm.workload import routing
+    c = EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=4096, world_size=2)
+    rng = np.random.default_rng(1)
+    ids = [routing(c, rng, r, 4096, "uniform") for r in range(2)]
+    tr = fl.traffic(c, ids)
+    d = fl.op_bytes(c, tr, "dispatch")
+    assert 55e6 < d["link_send"][0] < 59e6           # ~4081 tokens x 14336 B
+    assert tr.rows.sum() == 2 * 4096 * 8
+    f = fl.floor_of(d, 371.0, 2995.0)
+    assert f["binds"] == "local" and 140 < f["link_us"] < 170 and 185 < f["local_us"] < 210
