@@ -1,0 +1,435 @@
+"""GpuBackend: the EPBuffer backend that runs dispatch / combine as CUDA kernels (kernels/ep.cu).
+
+Public behaviour (what EPBuffer forwards to):
+  dispatch(x, topk_ids) -> DispatchResult            one launch (send + receive phases)
+  dispatch_async(x, topk_ids) -> pending              send phase only; dispatch_wait(pending) -> DispatchResult
+  combine(expert_y, handle, topk_weights) -> y        one launch
+  combine_async(...) -> pending ; combine_wait(pending) -> y
+  synchronize()  waits for the device; raises EPTimeoutError / EPError recorded by a kernel
+  close()        collective (frees symmetric memory)
+
+Arrays: torch tensors or cupy arrays on this rank's GPU (cupy bf16 = uint16 bits). Kernels run on the caller's current
+stream (torch.cuda.current_stream() / cupy's current stream); nothing here synchronises the host or allocates on the
+hot path. Outputs are views of preallocated buffers, double buffered: a DispatchResult stays valid until the second
+dispatch after it (a combine output until the second combine after it). Every call is CUDA-graph capturable: rounds
+and buffer parities of the communication buffers live in device memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from ...errors import EPError, EPInputError, EPTimeoutError
+from ...results import DispatchResult
+from . import jit
+from .runtime import HostErrorRecord, Runtime, _check
+
+log = logging.getLogger("epcomm.gpu")
+
+
+def _al(x: int, a: int = 256) -> int:
+    return (x + a - 1) // a * a
+
+
+class Layout:
+    """Sizes mirrored from ep.cu (keep in sync) and the symmetric-region offsets."""
+
+    def __init__(self, cfg, any_remote: bool):
+        H, K, R, M = cfg.hidden, cfg.topk, cfg.world_size, cfg.max_tokens_per_rank
+        self.NL = NL = cfg.n_local_experts
+        self.NG = cfg.num_groups
+        self.SC = H // 128
+        fp8 = cfg.token_format == "fp8"
+        ht = cfg.mode == "ht"
+        a16 = lambda v: (v + 15) // 16 * 16
+        self.DB = H if fp8 else 2 * H
+        self.SB = 4 * self.SC if fp8 else 0
+        self.META = a16(8 + 8 * K) if ht else 16
+        self.MSG = a16(self.DB + self.SB + self.META)
+        self.HROW = (NL + 1 + 3) // 4 * 4
+        self.RB = 2 * H
+        MSG, RB, HROW = self.MSG, self.RB, self.HROW
+        sizes = [
+            ("drecv", 2 * R * M * MSG if ht else 2 * NL * R * M * MSG),
+            ("dhist", 2 * R * HROW * 4),
+            ("dsig", 2 * R * 8),
+            ("stage", (M * R * MSG if ht else M * K * MSG) if any_remote else 0),
+            ("hstage", R * HROW * 4),
+            ("crecv", 2 * R * M * RB if ht else 2 * M * K * RB),
+            ("csig", 2 * R * 8),
+            ("wrecv", 2 * R * M * K * 4 if ht else 0),
+            ("wsig", 2 * R * 8),
+            ("cstage", (R * M * K * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
+        ]
+        off = 0
+        self.off = {}
+        for name, n in sizes:
+            self.off[name] = off
+            off += _al(max(n, 16))
+        self.total = off
+
+
+def _params_struct(R: int):
+    u64, i32 = ctypes.c_uint64, ctypes.c_int32
+    ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
+            "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err"]
+    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage"]
+    fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
+             [("T", i32), ("me", i32), ("maxr", i32), ("pad0", i32), ("peer", u64 * R)]
+
+    class Params(ctypes.Structure):
+        _fields_ = fields
+    return Params
+
+
+# ------------------------------------------------------------------------------------------------ array interop
+def _kind(a) -> str:
+    mod = type(a).__module__ or ""
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("cupy"):
+        return "cupy"
+    if hasattr(a, "__cuda_array_interface__"):
+        return "cai"
+    raise EPInputError(f"gpu backend takes torch tensors or cupy arrays on the GPU, got {type(a).__name__}")
+
+
+def _ptr(a, kind: str) -> int:
+    if kind == "torch":
+        if not a.is_cuda:
+            raise EPInputError("gpu backend: tensor is on the CPU; pass a CUDA tensor")
+        if not a.is_contiguous():
+            raise EPInputError("gpu backend: tensor must be contiguous")
+        return a.data_ptr()
+    if kind == "cupy":
+        if not a.flags.c_contiguous:
+            raise EPInputError("gpu backend: array must be C-contiguous")
+        return int(a.data.ptr)
+    return int(a.__cuda_array_interface__["data"][0])
+
+
+def _stream_of(kind: str, device: int) -> int:
+    if kind == "torch":
+        import torch
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    if kind == "cupy":
+        import cupy
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+class _Alloc:
+    """Preallocated device arrays (torch if present, else cupy) and zero-copy views in the caller's kind."""
+
+    def __init__(self, device: int):
+        self.device = device
+        try:
+            import torch
+            self.torch = torch
+        except ImportError:  # cupy-only environment
+            self.torch = None
+        self._cupy_cache = {}
+
+    def empty(self, shape, dtype: str):
+        if self.torch is not None:
+            t = self.torch
+            dt = {"bf16": t.bfloat16, "fp8": t.float8_e4m3fn, "f32": t.float32, "i32": t.int32,
+                  "u32": t.uint32}[dtype]
+            return t.empty(shape, dtype=dt, device=f"cuda:{self.device}")
+        import cupy
+        dt = {"bf16": cupy.uint16, "fp8": cupy.uint8, "f32": cupy.float32, "i32": cupy.int32,
+              "u32": cupy.uint32}[dtype]
+        with cupy.cuda.Device(self.device):
+            return cupy.empty(shape, dtype=dt)
+
+    def zeros(self, shape, dtype):
+        a = self.empty(shape, dtype)
+        if self.torch is not None:
+            a.zero_()
+        else:
+            a.fill(0)
+        return a
+
+    @staticmethod
+    def ptr(a) -> int:
+        return a.data_ptr() if hasattr(a, "data_ptr") else int(a.data.ptr)
+
+    def view(self, a, kind: str):
+        """a (own storage) as the caller's kind, no copy."""
+        if a is None:
+            return None
+        own = "torch" if self.torch is not None else "cupy"
+        if kind == own or kind == "cai":
+            return a
+        key = (id(a), kind)
+        v = self._cupy_cache.get(key)
+        if v is None:
+            if kind == "cupy":
+                import cupy
+                t = self.torch
+                if a.dtype == t.bfloat16:
+                    v = cupy.from_dlpack(a.view(t.int16)).view(cupy.uint16)
+                elif a.dtype == t.float8_e4m3fn:
+                    v = cupy.from_dlpack(a.view(t.uint8))
+                elif a.dtype == t.uint32:
+                    v = cupy.from_dlpack(a.view(t.int32)).view(cupy.uint32)
+                else:
+                    v = cupy.from_dlpack(a)
+            else:
+                raise EPInputError("torch tensors given to a cupy-only gpu backend")
+            self._cupy_cache[key] = (v, a)
+            return v
+        return v[0]
+
+
+@dataclass
+class GpuHandle:
+    hp: int          # which output buffer set (host call parity)
+    num_tokens: int
+    kind: str
+
+
+@dataclass
+class _Pending:
+    op: str
+    hp: int
+    num_tokens: int
+    kind: str
+    stream: int
+    params: object
+    handle: object = None
+    keep: tuple = ()
+
+
+class GpuBackend:
+    def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
+                 blocks: int | None = None):
+        self.cfg, self.ctx = cfg, ctx
+        R = cfg.world_size
+        self.me = ctx.rank
+        topo = getattr(ctx, "topology", None)
+        same = (lambda a, b: topo.same_node(a, b)) if topo is not None else (lambda a, b: True)
+        self.node_of = (lambda r: topo.node_of(r)) if topo is not None else (lambda r: 0)
+        any_remote = any(not same(a, b) for a in range(R) for b in range(R))
+        self.L = Layout(cfg, any_remote)
+        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=2 * self.L.total + (512 << 20))
+        if self.rt.world_size != R:
+            raise EPInputError(f"EPConfig.world_size={R} but the NVSHMEM world has {self.rt.world_size} ranks")
+        t0 = time.perf_counter()
+        built = jit.build(jit.defines_for(cfg, threads))
+        self.kernels = jit.Kernels(built.cubin, ctx.device)
+        log.info("epcomm gpu: kernels %s in %.2f s (%s)", built.key, time.perf_counter() - t0,
+                 "cached" if built.cached else "built")
+        self.threads = threads
+        self.grid = int(blocks or min(self.rt.num_sms, int(os.environ.get("EPCOMM_BLOCKS", "1000000"))))
+        self.Params = _params_struct(R)
+
+        A = self.alloc = _Alloc(ctx.device)
+        self._sym_buf, self.sym, peers = self.rt.symmetric(self.L.total)
+        self.peers = [p if (r == self.me or same(self.me, r)) else 0 for r, p in enumerate(peers)]
+        if any(p == 0 for r, p in enumerate(self.peers) if same(self.me, r)):
+            raise EPError("gpu backend: no peer pointer for a same-node rank (are the GPUs peer-accessible?)")
+        H, K, M, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.max_recv_rows
+        fmt = "fp8" if cfg.token_format == "fp8" else "bf16"
+        self.state = A.zeros((64,), "i32")
+        self.hist_acc = A.zeros((R * self.L.HROW,), "i32")
+        self.sets = []
+        for _ in range(2):
+            s = {
+                "ex": A.empty((maxr, H), fmt),
+                "escale": A.empty((maxr, self.L.SC), "f32") if fmt == "fp8" else None,
+                "row_offsets": A.zeros((self.L.NG + 1,), "u32"),
+                "expert_ids": A.zeros((self.L.NG,), "i32"),
+                "src_info": A.zeros((maxr, 3), "i32"),
+                "tpe": A.zeros((self.L.NL,), "i32"),
+                "hids": A.zeros((M * K,), "i32"),
+                "hinfo": A.zeros((R * M * (2 + K),), "i32"),
+                "hcount": A.zeros((R,), "i32"),
+            }
+            self.sets.append(s)
+        self.ybufs = [A.empty((M, H), "bf16") for _ in range(2)]
+        self.err = HostErrorRecord()
+        self._hp = 0     # dispatch calls so far (host parity of output sets)
+        self._cp = 0     # combine calls so far
+        self._closed = False
+        self._streams = set()
+        self._check_params_size()
+        if A.torch is not None:
+            A.torch.cuda.synchronize(ctx.device)
+        self.rt.barrier()
+
+    # ---------------------------------------------------------------- plumbing
+    def _check_params_size(self):
+        from cuda.bindings import driver
+        buf = self.alloc.zeros((2,), "i32")
+        ptr = ctypes.c_uint64(self.alloc.ptr(buf))
+        pp = (ctypes.c_void_p * 1)(ctypes.addressof(ptr))
+        _check(driver.cuLaunchKernel(self.kernels.functions["ep_params_size"], 1, 1, 1, 1, 1, 1, 0, 0,
+                                     ctypes.addressof(pp), 0), "launch ep_params_size")
+        _check(driver.cuCtxSynchronize(), "sync")
+        n = int(buf.cpu()[0]) if hasattr(buf, "cpu") else int(buf.get()[0])
+        if n != ctypes.sizeof(self.Params):
+            raise EPError(f"gpu backend: Params size mismatch device {n} host {ctypes.sizeof(self.Params)}")
+
+    def _base_params(self, hp: int, T: int):
+        p = self.Params()
+        s = self.sets[hp]
+        P = self.alloc.ptr
+        p.ex = P(s["ex"])
+        p.escale = P(s["escale"]) if s["escale"] is not None else 0
+        for n in ("row_offsets", "expert_ids", "src_info", "tpe", "hids", "hinfo", "hcount"):
+            setattr(p, n, P(s[n]))
+        p.sym = self.sym
+        p.state = P(self.state)
+        p.hist_acc = P(self.hist_acc)
+        p.err = self.err.dev
+        p.timeout_ns = int(self.cfg.timeout_s * 1e9)
+        for n, v in self.L.off.items():
+            setattr(p, "off_" + n, v)
+        p.T = T
+        p.me = self.me
+        p.maxr = self.cfg.max_recv_rows
+        for r, v in enumerate(self.peers):
+            p.peer[r] = v
+        return p
+
+    def _launch(self, name: str, params, stream: int):
+        from cuda.bindings import driver
+        pp = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        res = driver.cuLaunchKernel(self.kernels.functions[name], self.grid, 1, 1, self.threads, 1, 1, 0,
+                                    driver.CUstream(stream), ctypes.addressof(pp), 0)
+        _check(res, f"launch {name}")
+        self._streams.add(stream)
+
+    def _raise_recorded(self):
+        rec = self.err.read()
+        if rec is None:
+            return
+        code, peer = rec["code"], rec["peer"]
+        phase = {0: "dispatch", 1: "combine", 2: "combine (weights)"}.get(rec["phase"], "?")
+        if code == 1:
+            node = self.node_of(peer) if 0 <= peer < self.cfg.world_size else None
+            raise EPTimeoutError(
+                f"epcomm gpu: rank {rec['waiter']} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
+                f"{phase} round {rec['round']}: rank {peer} (node {node}) did not arrive; this EPBuffer is unusable now",
+                rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"])
+        if code == 2:
+            raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
+                          f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
+        if code == 3:
+            raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
+                          f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
+        raise EPError(f"epcomm gpu: device error record {rec}")
+
+    def _check_open(self):
+        if self._closed:
+            raise EPError("EPBuffer is closed")
+        self._raise_recorded()
+
+    def _inputs(self, x, topk_ids):
+        kind = _kind(x)
+        T = int(x.shape[0])
+        if T > self.cfg.max_tokens_per_rank:
+            raise EPInputError(f"{T} tokens > max_tokens_per_rank={self.cfg.max_tokens_per_rank}")
+        return kind, T, _ptr(x, kind), _ptr(topk_ids, _kind(topk_ids))
+
+    # ---------------------------------------------------------------- dispatch
+    def _dispatch_params(self, x, topk_ids):
+        self._check_open()
+        kind, T, xp, ip = self._inputs(x, topk_ids)
+        hp = self._hp & 1
+        self._hp += 1
+        p = self._base_params(hp, T)
+        p.x, p.ids = xp, ip
+        return kind, T, hp, p, _stream_of(kind, self.ctx.device)
+
+    def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
+        s, v = self.sets[hp], self.alloc.view
+        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=v(s["escale"], kind),
+                              row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
+                              src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
+                              handle=GpuHandle(hp, T, kind))
+
+    def dispatch(self, x, topk_ids) -> DispatchResult:
+        kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
+        self._launch("ep_dispatch", p, st)
+        return self._result(hp, T, kind)
+
+    def dispatch_async(self, x, topk_ids):
+        kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
+        self._launch("ep_dispatch_send", p, st)
+        return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids))
+
+    def dispatch_wait(self, pending) -> DispatchResult:
+        self._check_open()
+        st = _stream_of(pending.kind, self.ctx.device)
+        self._launch("ep_dispatch_recv", pending.params, st)
+        return self._result(pending.hp, pending.num_tokens, pending.kind)
+
+    # ---------------------------------------------------------------- combine
+    def _combine_params(self, expert_y, handle, topk_weights):
+        self._check_open()
+        if not isinstance(handle, GpuHandle):
+            raise EPInputError("combine: handle must come from this GPU buffer's dispatch")
+        kind = _kind(expert_y)
+        T = handle.num_tokens
+        p = self._base_params(handle.hp, T)
+        p.expert_y = _ptr(expert_y, kind)
+        p.weights = _ptr(topk_weights, _kind(topk_weights))
+        cp = self._cp & 1
+        self._cp += 1
+        p.y = self.alloc.ptr(self.ybufs[cp])
+        return kind, T, cp, p, _stream_of(kind, self.ctx.device)
+
+    def _y(self, cp, T, kind):
+        return self.alloc.view(self.ybufs[cp][:T], kind) if kind != "cupy" else \
+            self.alloc.view(self.ybufs[cp], kind)[:T]
+
+    def combine(self, expert_y, handle, topk_weights):
+        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights)
+        self._launch("ep_combine", p, st)
+        return self._y(cp, T, kind)
+
+    def combine_async(self, expert_y, handle, topk_weights):
+        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights)
+        self._launch("ep_combine_send", p, st)
+        return _Pending("combine", cp, T, kind, st, p, handle, keep=(expert_y, topk_weights))
+
+    def combine_wait(self, pending):
+        self._check_open()
+        st = _stream_of(pending.kind, self.ctx.device)
+        self._launch("ep_combine_recv", pending.params, st)
+        return self._y(pending.hp, pending.num_tokens, pending.kind)
+
+    # ---------------------------------------------------------------- lifecycle
+    def synchronize(self):
+        from cuda.bindings import driver
+        _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        self._raise_recorded()
+
+    def pending_error(self) -> dict | None:
+        """The device error record, read from pinned memory without synchronising (None if none)."""
+        return self.err.read()
+
+    def abort(self, reason: str = ""):
+        """Best effort: this rank gives up; peers find out through their own deadlines."""
+        log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
+        self._closed = True
+
+    def close(self):
+        if getattr(self, "_freed", False):
+            return
+        self._freed = True
+        self._closed = True
+        from cuda.bindings import driver
+        try:
+            driver.cuCtxSynchronize()
+            if not getattr(self, "broken", None):   # peers may be gone after a failure: skip the collectives
+                self.rt.barrier()
+                self.rt.free(self._sym_buf)
+        finally:
+            self.kernels.close()
+            self.err.close()

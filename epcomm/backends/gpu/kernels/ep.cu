@@ -1,0 +1,723 @@
+// epcomm expert-parallel dispatch / combine kernels.
+//
+// One source, specialised at compile time by -D defines (see epcomm/backends/gpu/jit.py):
+//   EP_H hidden, EP_K topk, EP_E experts, EP_R ranks, EP_M max tokens per rank, EP_FP8 (0/1), EP_HT (0 = "ll", 1 = "ht"),
+//   EP_FUSED (fused shared expert), EP_SKIP (skip_a2a), EP_ARW (allreduce world size), EP_THREADS (block size).
+//
+// Protocol (both modes): every phase is a persistent grid. Work items are grid-strided. Rows are placed at
+// deterministic slots computed with warp match/ballot scans (no data-dependent atomics). When a block has issued all its
+// writes it fences (system scope; nvshmem_quiet for puts) and bumps a per-phase done counter; the last block sends one
+// signal per peer: signal word = round number (monotonic, kept in device memory, so CUDA graph replays and 1000s of
+// back-to-back rounds need no reset). Symmetric buffers are double buffered by round parity. Same-node peers get plain
+// 16-byte stores through peer pointers + st.release.sys; other-node peers get nvshmem put(+signal). Every spin wait has
+// a %globaltimer deadline: on expiry an error record goes to host-mapped pinned memory and the block exits.
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#ifndef EP_H
+#error "EP_H (hidden) must be defined"
+#endif
+#ifndef EP_THREADS
+#define EP_THREADS 512
+#endif
+
+namespace ep {
+
+constexpr int H = EP_H;
+constexpr int K = EP_K;
+constexpr int E = EP_E;
+constexpr int R = EP_R;
+constexpr int M = EP_M;
+constexpr bool FP8 = EP_FP8 != 0;
+constexpr bool HT = EP_HT != 0;
+constexpr bool FUSED = EP_FUSED != 0;
+constexpr bool SKIP = EP_SKIP != 0;
+constexpr int ARW = EP_ARW;
+constexpr int THREADS = EP_THREADS;
+constexpr int WARPS = THREADS / 32;
+constexpr int NL = E / R;                   // local experts
+constexpr int NG = NL + (FUSED ? 1 : 0);    // output groups
+constexpr int SC = H / 128;                 // fp8 scale columns
+constexpr int DB = FP8 ? H : 2 * H;         // data bytes of one row
+constexpr int SB = FP8 ? 4 * SC : 0;        // scale bytes
+constexpr int al16(int x) { return (x + 15) / 16 * 16; }
+constexpr int META = HT ? al16(8 + 8 * K) : 16;
+constexpr int MSG = al16(DB + SB + META);   // one message in the dispatch receive buffer
+constexpr int HROW = (NL + 1 + 3) / 4 * 4;  // ints per (src -> dst) histogram row: [NL] per-expert counts, [NL] tokens
+constexpr int CH = HT ? 64 : 16;            // tokens per send work item
+constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
+
+static_assert(H % 128 == 0, "hidden must be a multiple of 128");
+static_assert(E % R == 0, "experts must divide by ranks");
+static_assert(CH * K <= 4096, "chunk too large");
+static_assert(K <= 32, "topk must be <= 32");
+static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
+
+// State words in device memory (uint32).
+enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8 };  // S_DONE + phase
+
+struct ErrRec {  // lives in host-mapped pinned memory
+  int flag;      // 0 = none, else code
+  int code;
+  int peer;      // rank that did not arrive (or source rank of a bad row)
+  int what;      // group / expert / row involved
+  int waiter;    // rank that recorded it
+  int round;
+  int phase;     // 0 dispatch, 1 combine, 2 combine weights
+  int pad;
+};
+enum { ERR_TIMEOUT = 1, ERR_OVERFLOW = 2, ERR_BAD_SRC = 3 };
+
+struct Params {
+  const void* x;            // [T, H] bf16
+  const int* ids;           // [T, K] int32
+  const float* weights;     // [T, K] fp32 (combine)
+  const void* expert_y;     // [MAXR, H] bf16 (combine)
+  void* y;                  // [T, H] bf16 (combine output)
+  void* ex;                 // expert_x [MAXR, H]
+  float* escale;            // [MAXR, SC]
+  unsigned* row_offsets;    // [NG + 1]
+  int* expert_ids;          // [NG]
+  int* src_info;            // [MAXR, 3]
+  int* tpe;                 // [NL]
+  int* hids;                // handle: copy of topk ids [M, K]
+  int* hinfo;               // handle (HT): [R][M][2 + K]  (t, unused, row of each k or -1)
+  int* hcount;              // handle (HT): [R] received tokens per source
+  char* sym;                // local base of the symmetric region
+  unsigned* state;          // device state words
+  int* hist_acc;            // [R][HROW] accumulators (device memory, zeroed)
+  ErrRec* err;              // host-mapped
+  unsigned long long timeout_ns;
+  unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage;
+  int T;
+  int me;
+  int maxr;                 // rows of expert_x
+  int pad0;
+  char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
+};
+
+// ------------------------------------------------------------------------------------------------ small helpers
+__device__ __forceinline__ unsigned long long gtime() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned long long ld_acq(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_rel(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
+
+__device__ void report(const Params& p, int code, int peer, int what, int round, int phase) {
+  ErrRec* e = p.err;
+  if (atomicCAS(&e->flag, 0, code) == 0) {
+    e->code = code;
+    e->peer = peer;
+    e->what = what;
+    e->waiter = p.me;
+    e->round = round;
+    e->phase = phase;
+    __threadfence_system();
+  }
+}
+
+// Wait (every thread s < nsrc of the block) until sig[s] >= round. Returns false (for the whole block) on timeout.
+__device__ bool block_wait(const Params& p, const unsigned long long* sig, unsigned round, int phase, int what,
+                           unsigned long long t0) {
+  bool bad = false;
+  for (int s = threadIdx.x; s < R; s += THREADS) {
+    if (SKIP && s != p.me) continue;
+    const unsigned long long* w = sig + s;
+    int spins = 0;
+    while (ld_acq(w) < (unsigned long long)round) {
+      if (++spins > 64) {
+        spins = 0;
+        if (gtime() - t0 > p.timeout_ns) {
+          report(p, ERR_TIMEOUT, s, what, (int)round, phase);
+          bad = true;
+          break;
+        }
+      }
+    }
+  }
+  return __syncthreads_or(bad) == 0;
+}
+
+// All writes of this block are issued: make them visible, count the block; true in the last block to finish.
+__device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem) {
+  __shared__ int last;
+  __threadfence_system();  // every writer orders its own stores (peer stores included) before the count
+  const int any_shmem = __syncthreads_or(used_nvshmem);
+  if (threadIdx.x == 0) {
+    if (any_shmem) nvshmem_quiet();
+    __threadfence_system();
+    unsigned old = atomicAdd(&p.state[S_DONE + phase_slot], 1u);
+    last = (old == gridDim.x - 1);
+    if (last) {
+      __threadfence_system();
+      p.state[S_DONE + phase_slot] = 0;
+    }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+__device__ __forceinline__ bool same_node(const Params& p, int d) { return p.peer[d] != nullptr; }
+
+// Warp copy of n bytes (multiple of 16), 4 x 16 B in flight per lane.
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int n) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  int nv = n / 16;
+  int i = lane_id();
+  for (; i + 96 < nv; i += 128) {
+    uint4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+    d[i] = a; d[i + 32] = b; d[i + 64] = c; d[i + 96] = e;
+  }
+  for (; i < nv; i += 32) d[i] = s[i];
+}
+
+// fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
+__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst) {
+  constexpr int NCH = H / 8;  // 16-byte chunks of bf16
+  for (int base = 0; base < NCH; base += 32) {
+    int c = base + lane_id();
+    bool act = c < NCH;
+    uint4 v = act ? reinterpret_cast<const uint4*>(xrow)[c] : make_uint4(0, 0, 0, 0);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+    float f[8];
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      f[j] = __bfloat162float(h[j]);
+      amax = fmaxf(amax, fabsf(f[j]));
+    }
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    if (act) {
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float r = __fdiv_rn(f[j], scale);
+        uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(r, __NV_SATFINITE, __NV_E4M3);
+        if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+      }
+      reinterpret_cast<uint2*>(qdst)[c] = make_uint2(lo, hi);
+      if ((lane_id() & 15) == 0) sdst[c / 16] = scale;
+    }
+  }
+}
+
+// Write token t's payload (data [+ scales]) to dst (a message or an output row).
+__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales) {
+  const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
+  if constexpr (FP8) {
+    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales);
+  } else {
+    warp_copy(dst_data, xrow, 2 * H);
+  }
+}
+
+__device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
+  return *((volatile unsigned*)&p.state[slot]) + 1u;
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch, send
+// Work item (destination d, token chunk c). Per-entry rank inside its expert (and HT: per-token slot for d) from a
+// prefix count over earlier tokens plus a warp match_any scan of the chunk.
+__device__ void dispatch_send(const Params& p) {
+  __shared__ int s_cnt[NL];        // running per-expert count (experts of d)
+  __shared__ int s_rank[CH * K];   // rank of entry within its expert, -1 if not on d
+  __shared__ int s_tslot[CH];      // HT: slot of token for d, -1 if not sent to d
+  const unsigned round = cur_round(p, S_DSEND);
+  const int par = round & 1;
+  const int T = p.T;
+  const int nchunks = (T + CH - 1) / CH;
+  const int ndest = SKIP ? 1 : R;
+  const int nitems = ndest * nchunks;
+  bool used_shmem = false;
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+
+  // handle copy of the ids (combine needs them) + the fused shared expert rows
+  for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
+
+  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+    const int d = SKIP ? p.me : item / nchunks;
+    const int c = item % nchunks;
+    const int t0 = c * CH, t1 = min(T, t0 + CH);
+    const int lo = d * NL, hi = lo + NL;
+    for (int l = threadIdx.x; l < NL; l += THREADS) s_cnt[l] = 0;
+    __syncthreads();
+    // prefix over tokens [0, t0)
+    int tok_before = 0;
+    for (int tb = 0; tb < t0; tb += THREADS) {
+      int t = tb + threadIdx.x;
+      bool goes = false;
+      if (t < t0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          int id = p.ids[t * K + k];
+          if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+        }
+      }
+      tok_before += __syncthreads_count(goes);
+    }
+    __syncthreads();
+    // warp 0: ranks inside the chunk
+    if (warp == 0) {
+      int tslot = tok_before;
+      const int n = (t1 - t0) * K;
+      for (int j0 = 0; j0 < n; j0 += 32) {
+        int j = j0 + lane;
+        int id = j < n ? p.ids[t0 * K + j] : -1;
+        bool on = id >= lo && id < hi;
+        int key = on ? id : -1 - lane;
+        unsigned m = __match_any_sync(0xffffffffu, key);
+        int r = -1;
+        if (on) {
+          r = s_cnt[id - lo] + __popc(m & lanemask_lt());
+        }
+        __syncwarp();
+        if (on && (m >> lane) == 1u) {  // highest lane of its group
+          s_cnt[id - lo] += __popc(m);
+          atomicAdd(&p.hist_acc[d * HROW + (id - lo)], __popc(m));
+        }
+        if (j < n) s_rank[j] = r;
+        __syncwarp();
+      }
+      if constexpr (HT) {
+        for (int tt = 0; tt < t1 - t0; tt += 32) {
+          int t = t0 + tt + lane;
+          bool goes = false;
+          if (t < t1) {
+            for (int k = 0; k < K; ++k) { int id = p.ids[t * K + k]; goes |= (id >= lo && id < hi); }
+          }
+          unsigned b = __ballot_sync(0xffffffffu, goes);
+          if (t < t1) s_tslot[tt + lane] = goes ? tslot + __popc(b & lanemask_lt()) : -1;
+          tslot += __popc(b);
+        }
+        if (lane == 0) atomicAdd(&p.hist_acc[d * HROW + NL], tslot - tok_before);
+      }
+    }
+    __syncthreads();
+    // copy
+    const bool local = same_node(p, d);
+    char* dbase = (local ? p.peer[d] : p.sym);
+    if constexpr (!HT) {
+      const int n = (t1 - t0) * K;
+      for (int j = warp; j < n; j += WARPS) {
+        int r = s_rank[j];
+        if (r < 0) continue;
+        int t = t0 + j / K, k = j % K;
+        int l = p.ids[t0 * K + j] - lo;
+        if (r >= M) {  // more rows for one expert than slots (duplicate expert ids in a token)
+          if (lane == 0) report(p, ERR_OVERFLOW, d, l, (int)round, 0);
+          continue;
+        }
+        size_t off = p.off_drecv + ((((size_t)par * NL + l) * R + p.me) * M + r) * MSG;
+        char* msg = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * K + k) * MSG;
+        warp_put_token(p, t, msg, reinterpret_cast<float*>(msg + DB));
+        if (lane == 0) { int* meta = reinterpret_cast<int*>(msg + DB + SB); meta[0] = t; meta[1] = k; }
+        __syncwarp();
+        if (!local) {
+          nvshmemx_putmem_nbi_warp(p.sym + off, msg, MSG, d);
+          used_shmem = true;
+        }
+      }
+    } else {
+      for (int tt = warp; tt < t1 - t0; tt += WARPS) {
+        int slot = s_tslot[tt];
+        if (slot < 0) continue;
+        int t = t0 + tt;
+        size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG;
+        char* msg = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG;
+        warp_put_token(p, t, msg, reinterpret_cast<float*>(msg + DB));
+        int* meta = reinterpret_cast<int*>(msg + DB + SB);
+        if (lane == 0) { meta[0] = t; meta[1] = 0; }
+        if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
+        __syncwarp();
+        if (!local) {
+          nvshmemx_putmem_nbi_warp(p.sym + off, msg, MSG, d);
+          used_shmem = true;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // fused shared expert: this rank's own share of tokens -> group 0, rows 0..
+  if constexpr (FUSED) {
+    int s0 = 0, s1 = T;
+    if (SKIP && ARW > 1) {
+      int i = p.me % ARW, base = T / ARW, extra = T % ARW;
+      s0 = i * base + min(i, extra);
+      s1 = s0 + base + (i < extra ? 1 : 0);
+    }
+    const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+    for (int t = s0 + gw; t < s1; t += nw) {
+      int row = t - s0;
+      char* dst = reinterpret_cast<char*>(p.ex) + (size_t)row * DB;
+      warp_put_token(p, t, dst, p.escale + (size_t)row * SC);
+      if (lane == 0) { p.src_info[row * 3] = p.me; p.src_info[row * 3 + 1] = t; p.src_info[row * 3 + 2] = -1; }
+    }
+  }
+
+  // hand over: the last block ships the per-expert histogram rows and the signals
+  if (block_done(p, S_DSEND, used_shmem)) {
+    for (int d = warp; d < R; d += WARPS) {
+      if (SKIP && d != p.me) continue;
+      const bool local = same_node(p, d);
+      size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HROW) * 4;
+      int* dst = local ? reinterpret_cast<int*>(p.peer[d] + hoff)
+                       : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HROW * 4);
+      for (int l = lane; l < HROW; l += 32) dst[l] = atomicExch(&p.hist_acc[d * HROW + l], 0);
+      __threadfence_system();
+      __syncwarp();
+      if (lane == 0) {
+        size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+        if (local) {
+          st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+        } else {
+          nvshmem_putmem_signal_nbi(p.sym + hoff, dst, HROW * 4, reinterpret_cast<uint64_t*>(p.sym + soff), round,
+                                    NVSHMEM_SIGNAL_SET, d);
+          nvshmem_quiet();
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) { __threadfence(); p.state[S_DSEND] = round; }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch, receive
+__device__ void dispatch_recv(const Params& p) {
+  __shared__ int s_c[NL * R];      // rows of expert l from source s (LL / HT alike)
+  __shared__ int s_pref[NL * R + 1];
+  __shared__ int s_ntok[R];
+  __shared__ int s_tpref[R + 1];
+  const unsigned round = cur_round(p, S_DRECV);
+  const int par = round & 1;
+  const unsigned long long t0 = gtime();
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int nshare_begin = 0;
+  int nshare = 0;
+  if constexpr (FUSED) {
+    nshare = p.T;
+    if (SKIP && ARW > 1) {
+      int i = p.me % ARW, base = p.T / ARW, extra = p.T % ARW;
+      nshare = base + (i < extra ? 1 : 0);
+    }
+  }
+  (void)nshare_begin;
+  const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
+  if (!block_wait(p, sig, round, 0, -1, t0)) return;
+  const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * HROW;
+  for (int q = threadIdx.x; q < NL * R; q += THREADS) {
+    int l = q / R, s = q % R;
+    s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * HROW + l], HT ? M * K : M);
+  }
+  for (int s = threadIdx.x; s < R; s += THREADS) s_ntok[s] = (SKIP && s != p.me) ? 0 : hist[s * HROW + NL];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int acc = 0;
+    for (int q = 0; q < NL * R; ++q) { s_pref[q] = acc; acc += s_c[q]; }
+    s_pref[NL * R] = acc;
+    int ta = 0;
+    for (int s = 0; s < R; ++s) { s_tpref[s] = ta; ta += s_ntok[s]; }
+    s_tpref[R] = ta;
+  }
+  __syncthreads();
+  const int total = nshare + s_pref[NL * R];
+  if (blockIdx.x == 0) {
+    for (int g = threadIdx.x; g <= NG; g += THREADS) {
+      unsigned v;
+      if (FUSED && g == 0) v = 0;
+      else v = nshare + s_pref[(g - (FUSED ? 1 : 0)) * R];
+      p.row_offsets[g] = v;
+      if (g < NG) p.expert_ids[g] = (FUSED && g == 0) ? -1 : p.me * NL + (g - (FUSED ? 1 : 0));
+    }
+    for (int l = threadIdx.x; l < NL; l += THREADS) {
+      int c = 0;
+      for (int s = 0; s < R; ++s) c += s_c[l * R + s];
+      p.tpe[l] = c;
+    }
+    if (HT) for (int s = threadIdx.x; s < R; s += THREADS) p.hcount[s] = s_ntok[s];
+  }
+  // rows past the end: src_info = -1
+  for (int i = total * 3 + blockIdx.x * THREADS + threadIdx.x; i < p.maxr * 3; i += gridDim.x * THREADS) p.src_info[i] = -1;
+
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  const char* rbuf = p.sym + p.off_drecv;
+  if constexpr (!HT) {
+    const int nr = s_pref[NL * R];
+    for (int j = gw; j < nr; j += nw) {
+      // find q with s_pref[q] <= j < s_pref[q+1]
+      int lo = 0, hi = NL * R;  // invariant: s_pref[lo] <= j < s_pref[hi]
+      while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (s_pref[mid] <= j) lo = mid; else hi = mid; }
+      int l = lo / R, s = lo % R, i = j - s_pref[lo];
+      const char* msg = rbuf + ((((size_t)par * NL + l) * R + s) * M + i) * MSG;
+      int row = nshare + j;
+      warp_copy(reinterpret_cast<char*>(p.ex) + (size_t)row * DB, msg, DB);
+      if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)row * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
+      if (lane == 0) {
+        const int* meta = reinterpret_cast<const int*>(msg + DB + SB);
+        p.src_info[row * 3] = s; p.src_info[row * 3 + 1] = meta[0]; p.src_info[row * 3 + 2] = meta[1];
+      }
+    }
+  } else {
+    const int ntot = s_tpref[R];
+    for (int j = gw; j < ntot; j += nw) {
+      int s = 0;
+      while (s + 1 < R && s_tpref[s + 1] <= j) ++s;
+      int i = j - s_tpref[s];
+      const char* msg = rbuf + (((size_t)par * R + s) * M + i) * MSG;
+      const int* meta = reinterpret_cast<const int*>(msg + DB + SB);
+      int t = meta[0];
+      int rows[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        int id = meta[2 + k];
+        int l = id - p.me * NL;
+        rows[k] = (l >= 0 && l < NL) ? nshare + s_pref[l * R + s] + meta[2 + K + k] : -1;
+      }
+      // one read of the message, one write per local expert slot
+      constexpr int NV = DB / 16;
+      const uint4* src = reinterpret_cast<const uint4*>(msg);
+      for (int c = lane; c < NV; c += 32) {
+        uint4 v = src[c];
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+          if (rows[k] >= 0) reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.ex) + (size_t)rows[k] * DB)[c] = v;
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (rows[k] < 0) continue;
+        if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)rows[k] * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
+        if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
+      }
+      int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+      if (lane == 0) { hi[0] = t; hi[1] = 0; }
+      if (lane < K) hi[2 + lane] = rows[lane];
+    }
+  }
+  if (block_done(p, S_DRECV, false)) {
+    if (threadIdx.x == 0) p.state[S_DRECV] = round;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ combine
+__device__ __forceinline__ void acc8(float* a, uint4 v, float w) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = __bfloat1622float2(h[j]);
+    a[2 * j] = fmaf(w, f.x, a[2 * j]);
+    a[2 * j + 1] = fmaf(w, f.y, a[2 * j + 1]);
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float* a) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(a[2 * j], a[2 * j + 1]);
+  return v;
+}
+
+__device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
+  int a = 0, n = p.T;
+  if (SKIP && ARW > 1) {
+    int i = p.me % ARW, base = p.T / ARW, extra = p.T % ARW;
+    a = i * base + min(i, extra);
+    n = base + (i < extra ? 1 : 0);
+  }
+  *s0 = a;
+  return n;
+}
+
+// expert side: send expert_y rows back to their source ranks
+__device__ void combine_send(const Params& p) {
+  const unsigned round = cur_round(p, S_CSEND);
+  const int par = round & 1;
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  bool used_shmem = false;
+  const char* ey = reinterpret_cast<const char*>(p.expert_y);
+  if constexpr (!HT) {
+    const int begin = FUSED ? (int)p.row_offsets[1] : 0;
+    const int end = (int)p.row_offsets[NG];
+    for (int j = begin + gw; j < end; j += nw) {
+      int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
+      if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {
+        if (lane == 0) report(p, ERR_BAD_SRC, s, j, (int)round, 1);
+        continue;
+      }
+      size_t off = p.off_crecv + (((size_t)par * M + t) * K + k) * RB;
+      if (same_node(p, s)) {
+        warp_copy(p.peer[s] + off, ey + (size_t)j * RB, RB);
+      } else {
+        nvshmemx_putmem_nbi_warp(p.sym + off, ey + (size_t)j * RB, RB, s);
+        used_shmem = true;
+      }
+    }
+  } else {
+    // step 1 (source side): send my weights [T, K] to every destination rank (block 0, one warp per destination)
+    if (blockIdx.x == 0) {
+      for (int d = warp; d < R; d += WARPS) {
+        if (SKIP && d != p.me) continue;
+        size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
+        size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
+        if (same_node(p, d)) {
+          float* dst = reinterpret_cast<float*>(p.peer[d] + off);
+          for (int i = lane; i < p.T * K; i += 32) dst[i] = p.weights[i];
+          __threadfence_system();
+          __syncwarp();
+          if (lane == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+        } else {
+          float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;  // wsend staging
+          for (int i = lane; i < p.T * K; i += 32) stg[i] = p.weights[i];
+          __syncwarp();
+          if (lane == 0) {
+            nvshmem_putmem_signal_nbi(p.sym + off, stg, (size_t)p.T * K * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                      round, NVSHMEM_SIGNAL_SET, d);
+            nvshmem_quiet();
+          }
+        }
+      }
+    }
+    // step 2 (expert side): reduce each received token's local rows (fp32, weighted) and send one row back
+    const unsigned long long t0 = gtime();
+    const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
+    if (!block_wait(p, wsig, round, 2, -1, t0)) return;
+    const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
+    for (int s = 0; s < R; ++s) {
+      if (SKIP && s != p.me) continue;
+      const int n = p.hcount[s];
+      const bool local = same_node(p, s);
+      for (int i = gw; i < n; i += nw) {
+        const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+        int t = hi[0];
+        if (t < 0 || t >= M) { if (lane == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
+        int rows[K];
+        float w[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          rows[k] = hi[2 + k];
+          if (rows[k] >= p.maxr) rows[k] = -1;
+          w[k] = wr[(size_t)s * M * K + t * K + k];
+        }
+        size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * RB;
+        char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
+        for (int c = lane; c < H / 8; c += 32) {
+          float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (rows[k] >= 0) acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB)[c], w[k]);
+          reinterpret_cast<uint4*>(dst)[c] = pack8(a);
+        }
+        __syncwarp();
+        if (!local) { nvshmemx_putmem_nbi_warp(p.sym + off, dst, RB, s); used_shmem = true; }
+      }
+    }
+  }
+  if (block_done(p, S_CSEND, used_shmem)) {
+    for (int s = threadIdx.x; s < R; s += THREADS) {
+      if (SKIP && s != p.me) continue;
+      size_t soff = p.off_csig + ((size_t)par * R + p.me) * 8;
+      if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), round);
+      else { nvshmem_fence(); nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, s); }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) { nvshmem_quiet(); __threadfence(); p.state[S_CSEND] = round; }
+  }
+}
+
+// source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row
+__device__ void combine_recv(const Params& p) {
+  const unsigned round = cur_round(p, S_CRECV);
+  const int par = round & 1;
+  const unsigned long long t0 = gtime();
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
+  if (!block_wait(p, sig, round, 1, -1, t0)) return;
+  int s0 = 0, ns = 0;
+  if (FUSED) ns = shared_rows(p, &s0);
+  const char* ey = reinterpret_cast<const char*>(p.expert_y);
+  const char* crecv = p.sym + p.off_crecv;
+  for (int t = gw; t < p.T; t += nw) {
+    int ids[K];
+    float w[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) { ids[k] = p.hids[t * K + k]; w[k] = p.weights[t * K + k]; }
+    unsigned dmask = 0;  // HT: destination ranks of this token
+    if (HT) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        int id = ids[k];
+        if (id >= 0 && id < E) { int d = id / NL; if (!SKIP || d == p.me) dmask |= 1u << (d & 31); }
+      }
+    }
+    const bool sh = FUSED && t >= s0 && t < s0 + ns;
+    for (int c = lane; c < H / 8; c += 32) {
+      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if constexpr (!HT) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          int id = ids[k];
+          if (id < 0 || id >= E || (SKIP && id / NL != p.me)) continue;
+          acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * M + t) * K + k) * RB)[c], w[k]);
+        }
+      } else {
+        for (int d = 0; d < R; ++d) {
+          if (!((R <= 32) ? ((dmask >> d) & 1u) : 1u)) continue;
+          if (R > 32) {  // generic membership test
+            bool any = false;
+            for (int k = 0; k < K; ++k) any |= (ids[k] >= 0 && ids[k] < E && ids[k] / NL == d);
+            if (!any || (SKIP && d != p.me)) continue;
+          }
+          acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * R + d) * M + t) * RB)[c], 1.0f);
+        }
+      }
+      if (sh) acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)(t - s0) * RB)[c], 1.0f);
+      reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * RB)[c] = pack8(a);
+    }
+  }
+  if (block_done(p, S_CRECV, false)) {
+    if (threadIdx.x == 0) p.state[S_CRECV] = round;
+  }
+}
+
+}  // namespace ep
+
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_send(const __grid_constant__ ep::Params p) {
+  ep::dispatch_send(p);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_recv(const __grid_constant__ ep::Params p) {
+  ep::dispatch_recv(p);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch(const __grid_constant__ ep::Params p) {
+  ep::dispatch_send(p);
+  ep::dispatch_recv(p);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_send(const __grid_constant__ ep::Params p) {
+  ep::combine_send(p);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_recv(const __grid_constant__ ep::Params p) {
+  ep::combine_recv(p);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine(const __grid_constant__ ep::Params p) {
+  ep::combine_send(p);
+  ep::combine_recv(p);
+}
+// sizeof(Params) for the host to check its mirror of the struct
+extern "C" __global__ void ep_params_size(unsigned long long* out) { *out = sizeof(ep::Params); }

@@ -1,0 +1,203 @@
+"""NVSHMEM runtime of the GPU backend: one per process.
+
+Init: nvshmem4py with a unique id (``initializer_method="uid"``) that rank 0 creates and the others receive through
+whatever the caller has: an mpi4py communicator (Runtime.from_context / from_mpi), a torch.distributed group
+(Runtime.from_torch) or the caller's own channel (Runtime.from_uid with the bytes of ``Runtime.new_uid()``).
+The device is ctx.device. Symmetric buffers come from ``nvshmem.core.buffer``; peer pointers are taken only for peers
+on the same node *by topology* (Topology.same_node), so a simulated second node on the same host still goes through
+NVSHMEM put + signal. NVLink multicast stays off (NVSHMEM_DISABLE_NVLS=1 is forced before init).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+
+import numpy as np
+
+log = logging.getLogger("epcomm.gpu")
+
+_RT: "Runtime | None" = None
+
+
+def _set_safe_env(symmetric_bytes: int | None):
+    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"          # never NVLink multicast
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if symmetric_bytes and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+        want = max(int(symmetric_bytes * 1.25) + (256 << 20), 1 << 30)
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(want)
+
+
+def _check(res, what="CUDA call"):
+    from cuda.bindings import driver
+    err = res[0] if isinstance(res, tuple) else res
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+    if isinstance(res, tuple):
+        return res[1] if len(res) == 2 else res[1:]
+    return None
+
+
+class Runtime:
+    """nvshmem init + device + symmetric allocations + peer pointers. Use Runtime.get(...) (one per process)."""
+
+    def __init__(self, rank: int, world_size: int, device: int, same_node, node_of, uid_bytes: bytes,
+                 symmetric_bytes: int | None = None):
+        import nvshmem.core as nvc
+        from cuda.core import Device
+
+        _set_safe_env(symmetric_bytes)
+        self.rank, self.world_size, self.device_id = rank, world_size, device
+        self.same_node, self.node_of = same_node, node_of
+        t0 = time.perf_counter()
+        self.device = Device(device)
+        self.device.set_current()
+        uid = nvc.get_unique_id(empty=True)
+        raw = np.frombuffer(uid_bytes, dtype=np.int8)
+        uid._data.view(np.int8)[:] = raw
+        nvc.init(device=self.device, uid=uid, rank=rank, nranks=world_size, initializer_method="uid")
+        self.nvc = nvc
+        if nvc.my_pe() != rank or nvc.n_pes() != world_size:
+            raise RuntimeError(f"nvshmem PE {nvc.my_pe()}/{nvc.n_pes()} != rank {rank}/{world_size}")
+        self._bufs = []
+        self.closed = False
+        from cuda.bindings import driver
+        self.num_sms = _check(driver.cuDeviceGetAttribute(
+            driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device), "cuDeviceGetAttribute")
+        log.info("epcomm gpu: nvshmem init rank %d/%d device %d in %.2f s (%s)", rank, world_size, device,
+                 time.perf_counter() - t0, nvc.get_version())
+
+    # ---------------------------------------------------------------- constructors
+    @staticmethod
+    def new_uid() -> bytes:
+        """A fresh NVSHMEM unique id (call on one rank, send the bytes to all, pass them to from_uid)."""
+        import nvshmem.core as nvc
+        return nvc.get_unique_id()._data.view(np.int8).tobytes()
+
+    @classmethod
+    def get(cls) -> "Runtime | None":
+        return _RT if (_RT is not None and not _RT.closed) else None
+
+    @classmethod
+    def from_uid(cls, uid_bytes: bytes, rank: int, world_size: int, device: int, topology=None,
+                 symmetric_bytes: int | None = None) -> "Runtime":
+        global _RT
+        if cls.get() is not None:
+            return _RT
+        if topology is None:
+            same_node, node_of = (lambda a, b: True), (lambda r: 0)
+        else:
+            same_node, node_of = topology.same_node, topology.node_of
+        _RT = cls(rank, world_size, device, same_node, node_of, uid_bytes, symmetric_bytes)
+        return _RT
+
+    @classmethod
+    def from_context(cls, ctx, symmetric_bytes: int | None = None) -> "Runtime":
+        """From an epcomm Context: uid broadcast over ctx.comm (mpi4py)."""
+        if cls.get() is not None:
+            return _RT
+        comm = ctx.comm
+        if comm is None:
+            if ctx.world_size != 1:
+                raise RuntimeError("gpu backend needs ctx.comm (mpi4py) to broadcast the NVSHMEM unique id")
+            uid = cls.new_uid()
+        else:
+            uid = comm.bcast(cls.new_uid() if ctx.rank == 0 else None, root=0)
+        return cls.from_uid(uid, ctx.rank, ctx.world_size, ctx.device, ctx.topology, symmetric_bytes)
+
+    @classmethod
+    def from_torch(cls, group=None, topology=None, device: int | None = None,
+                   symmetric_bytes: int | None = None) -> "Runtime":
+        """From a torch.distributed process group: uid broadcast with broadcast_object_list."""
+        import torch
+        import torch.distributed as dist
+        if cls.get() is not None:
+            return _RT
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        obj = [cls.new_uid() if rank == 0 else None]
+        dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        if device is None:
+            device = torch.cuda.current_device()
+        return cls.from_uid(obj[0], rank, world, device, topology, symmetric_bytes)
+
+    # ---------------------------------------------------------------- memory
+    def symmetric(self, nbytes: int):
+        """Collective: a zeroed symmetric buffer; returns (buffer, local address, [peer address or 0 per rank])."""
+        from cuda.bindings import driver
+        nbytes = max(256, (int(nbytes) + 255) // 256 * 256)
+        buf = self.nvc.buffer(nbytes)
+        ptr = int(buf.handle)
+        _check(driver.cuMemsetD8(ptr, 0, nbytes), "cuMemsetD8")
+        _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        peers = []
+        for r in range(self.world_size):
+            if r == self.rank:
+                peers.append(ptr)
+            elif self.same_node(self.rank, r):
+                pb = self.nvc.get_peer_buffer(buf, r)
+                peers.append(int(pb.handle) if pb is not None else 0)
+            else:
+                peers.append(0)
+        self._bufs.append(buf)
+        self.barrier()
+        return buf, ptr, peers
+
+    def free(self, buf):
+        if buf in self._bufs:
+            self._bufs.remove(buf)
+            self.nvc.free(buf)
+
+    def barrier(self):
+        from cuda.core import Device
+        s = Device(self.device_id).create_stream()
+        self.nvc.barrier_all(stream=s)
+        s.sync()
+        s.close()
+
+    def close(self):
+        global _RT
+        if self.closed:
+            return
+        for b in list(self._bufs):
+            try:
+                self.nvc.free(b)
+            except Exception:
+                pass
+        self._bufs.clear()
+        try:
+            self.nvc.finalize()
+        finally:
+            self.closed = True
+            if _RT is self:
+                _RT = None
+
+
+class HostErrorRecord:
+    """8 int32 words in host-mapped pinned memory that kernels write when they give up (see ErrRec in ep.cu)."""
+    FIELDS = ("flag", "code", "peer", "what", "waiter", "round", "phase", "pad")
+
+    def __init__(self):
+        from cuda.bindings import driver
+        flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
+        self.host = _check(driver.cuMemHostAlloc(64, flags), "cuMemHostAlloc")
+        self.dev = int(_check(driver.cuMemHostGetDevicePointer(self.host, 0), "cuMemHostGetDevicePointer"))
+        self.words = (ctypes.c_int32 * 16).from_address(int(self.host))
+        for i in range(16):
+            self.words[i] = 0
+
+    def read(self) -> dict | None:
+        if self.words[0] == 0:
+            return None
+        return {f: int(self.words[i]) for i, f in enumerate(self.FIELDS)}
+
+    def clear(self):
+        for i in range(16):
+            self.words[i] = 0
+
+    def close(self):
+        from cuda.bindings import driver
+        if self.host:
+            driver.cuMemFreeHost(self.host)
+            self.host = 0

@@ -1,0 +1,58 @@
+"""The kernel specialisations that tests, examples and the benchmark use (compiled by the CPU test
+tests/unit/test_kernels_compile.py, prebuilt before GPU runs by `python -m epcomm.backends.gpu.specs --build`)."""
+from __future__ import annotations
+
+from ...config import EPConfig
+
+# small shapes: hidden 384 = 3 fp8 blocks (a partial warp step in the quantiser), 8 experts, top-4
+TEST_BASE = dict(hidden=384, topk=4, num_experts=8, max_tokens_per_rank=64)
+EXAMPLE_BASE = dict(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=128)
+
+
+def test_configs(world_size: int = 2) -> list[EPConfig]:
+    out = []
+    for mode in ("ll", "ht"):
+        for fmt in ("bf16", "fp8"):
+            b = dict(TEST_BASE, world_size=world_size, mode=mode, token_format=fmt)
+            out.append(EPConfig(**b))
+            out.append(EPConfig(**b, fused_shared_expert=True))
+            out.append(EPConfig(**b, fused_shared_expert=True, skip_a2a=True, allreduce_world_size=2))
+    return out
+
+
+def bench_configs(world_size: int = 2) -> list[EPConfig]:
+    out = []
+    for fmt in ("bf16", "fp8"):
+        out.append(EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=128, world_size=world_size,
+                            token_format=fmt, mode="ll"))
+        out.append(EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=4096, world_size=world_size,
+                            token_format=fmt, mode="ht"))
+    return out
+
+
+def example_configs(world_size: int = 2) -> list[EPConfig]:
+    return [EPConfig(**EXAMPLE_BASE, world_size=world_size, mode=m) for m in ("ll", "ht")]
+
+
+def all_configs(world_size: int = 2) -> list[EPConfig]:
+    return test_configs(world_size) + bench_configs(world_size) + example_configs(world_size)
+
+
+def build_all(configs, arch: str = "sm_90", jobs: int = 8):
+    from concurrent.futures import ThreadPoolExecutor
+    from . import jit
+    seen = {}
+    for c in configs:
+        d = jit.defines_for(c)
+        seen[tuple(sorted(d.items()))] = d
+    with ThreadPoolExecutor(jobs) as ex:
+        return list(ex.map(lambda d: jit.build(d, arch), seen.values()))
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+    t0 = time.time()
+    ws = int(sys.argv[sys.argv.index("--world") + 1]) if "--world" in sys.argv else 2
+    res = build_all(all_configs(ws), jobs=16)
+    print(f"built {len(res)} specialisations ({sum(not r.cached for r in res)} cold) in {time.time() - t0:.1f} s")

@@ -1,0 +1,254 @@
+"""Per-rank GPU checks of the gpu backend against epcomm.reference. Run on every rank:
+
+    python -m launch run -t configs/local-2gpu.yaml -- python tests/gpu/worker.py [--quick] [--only ll-bf16] ...
+    mpirun -n 2 python tests/gpu/worker.py --topology configs/sim-2node.yaml
+
+Prints one line per check ("PASS"/"FAIL ..."), a summary, and exits 1 when any rank failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import epcomm  # noqa: E402
+from epcomm import reference as ref  # noqa: E402
+from epcomm.errors import EPTimeoutError  # noqa: E402
+from epcomm.formats import BF16  # noqa: E402
+from epcomm.workload import identity_experts, make_world  # noqa: E402
+
+
+def tb16(a: np.ndarray, dev):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(dev)
+
+
+class Checker:
+    def __init__(self, ctx):
+        import torch
+        self.torch = torch
+        self.ctx = ctx
+        self.me = ctx.rank
+        self.dev = torch.device(f"cuda:{ctx.device}")
+        self.fails = []
+        self.npass = 0
+
+    def ok(self, name, problems):
+        if problems:
+            self.fails.append((name, problems))
+            print(f"[rank {self.me}] FAIL {name}: {problems[:3]}", flush=True)
+        else:
+            self.npass += 1
+            print(f"[rank {self.me}] PASS {name}", flush=True)
+
+    def poison(self, be):
+        s = be.sets[be._hp & 1]
+        s["ex"].view(self.torch.uint8).fill_(0x7F)
+        if s["escale"] is not None:
+            s["escale"].fill_(float("nan"))
+        s["src_info"].fill_(0x55555555)
+        s["row_offsets"].view(self.torch.int32).fill_(7)
+        for y in be.ybufs:
+            y.fill_(float("nan"))
+
+    def one_round(self, be, cfg, world, use_async: bool, check=True):
+        torch = self.torch
+        me = self.me
+        x = tb16(world.xs[me], self.dev)
+        ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
+        w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
+        self.poison(be)
+        res = be.dispatch_wait(be.dispatch_async(x, ids)) if use_async else be.dispatch(x, ids)
+        be.synchronize()
+        refs = ref.dispatch(cfg, world.xs, world.topk_ids)
+        problems = ref.compare_dispatch(cfg, res, refs[me]) if check else []
+        eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+        ey = eys[me].copy()
+        n = int(refs[me].row_offsets[-1])
+        ey[n:] = np.float32("nan")  # rows past the end must never be read
+        eyg = tb16(ey, self.dev)
+        y = be.combine_wait(be.combine_async(eyg, res.handle, w)) if use_async else be.combine(eyg, res.handle, w)
+        be.synchronize()
+        if check:
+            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
+            problems += ref.compare_combine(y, yx[me], mag[me])
+        return problems
+
+    def suite(self, cfg, quick=False):
+        from epcomm.backends.gpu import GpuBackend
+        tag = f"{cfg.mode}-{cfg.token_format}{'-fused' if cfg.fused_shared_expert else ''}" \
+              f"{'-skip' + str(cfg.allreduce_world_size) if cfg.skip_a2a else ''}"
+        t0 = time.time()
+        be = GpuBackend(cfg, self.ctx)
+        M = cfg.max_tokens_per_rank
+        cases = [("uniform", None, 1), ("uniform", "ragged", 2), ("hot", None, 3), ("empty_rank", None, 4),
+                 ("minus1", "ragged", 5), ("all_minus1", None, 6), ("skewed", 37, 7), ("uniform", 0, 8),
+                 ("local", M, 9)]
+        if quick:
+            cases = cases[:3]
+        for i, (kind, nt, seed) in enumerate(cases):
+            world = make_world(cfg, seed=1000 * seed + 17, routing_kind=kind, num_tokens=nt)
+            try:
+                p = self.one_round(be, cfg, world, use_async=bool(i % 2))
+            except Exception as e:  # keep going: report
+                p = [f"{type(e).__name__}: {e}"]
+                traceback.print_exc()
+            self.ok(f"{tag} {kind} T={nt if nt is not None else M} {'async' if i % 2 else 'fused'}", p)
+        print(f"[rank {self.me}] suite {tag} {time.time() - t0:.1f} s", flush=True)
+        return be
+
+    def many_rounds(self, be, cfg, n=1000):
+        torch = self.torch
+        world = make_world(cfg, seed=4242, routing_kind="uniform")
+        me = self.me
+        x = tb16(world.xs[me], self.dev)
+        ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
+        w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
+        refs = ref.dispatch(cfg, world.xs, world.topk_ids)
+        eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+        eyg = tb16(eys[me], self.dev)
+        be.synchronize()
+        t0 = time.time()
+        for i in range(n):
+            if i % 3 == 2:
+                res = be.dispatch_wait(be.dispatch_async(x, ids))
+                y = be.combine_wait(be.combine_async(eyg, res.handle, w))
+            else:
+                res = be.dispatch(x, ids)
+                y = be.combine(eyg, res.handle, w)
+        be.synchronize()
+        dt = time.time() - t0
+        p = ref.compare_dispatch(cfg, res, refs[me])
+        yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
+        p += ref.compare_combine(y, yx[me], mag[me])
+        self.ok(f"{cfg.mode}-{cfg.token_format} {n} back-to-back rounds ({dt / n * 1e6:.0f} us/round)", p)
+
+    def graph(self, be, cfg, replays=4):
+        torch = self.torch
+        me = self.me
+        M = cfg.max_tokens_per_rank
+        worlds = [make_world(cfg, seed=900 + i, routing_kind=("uniform", "hot", "minus1", "skewed")[i % 4],
+                             num_tokens=M) for i in range(replays + 1)]
+        w0 = worlds[0]
+        sx = tb16(w0.xs[me], self.dev)
+        sids = torch.from_numpy(w0.topk_ids[me]).to(self.dev)
+        sw = torch.from_numpy(w0.topk_weights[me]).to(self.dev)
+        maxr = cfg.max_recv_rows
+        sey = torch.zeros((maxr, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
+        be.synchronize()
+        torch.cuda.synchronize()
+        g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g1, stream=s):
+                res = be.dispatch(sx, sids)
+            with torch.cuda.graph(g2, stream=s):
+                y = be.combine(sey, res.handle, sw)
+        torch.cuda.synchronize()
+        problems = []
+        for i in range(1, replays + 1):
+            wd = worlds[i]
+            sx.copy_(tb16(wd.xs[me], self.dev))
+            sids.copy_(torch.from_numpy(wd.topk_ids[me]))
+            sw.copy_(torch.from_numpy(wd.topk_weights[me]))
+            g1.replay()
+            torch.cuda.synchronize()
+            refs = ref.dispatch(cfg, wd.xs, wd.topk_ids)
+            problems += ref.compare_dispatch(cfg, res, refs[me])
+            eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+            sey.copy_(tb16(eys[me], self.dev))
+            g2.replay()
+            torch.cuda.synchronize()
+            be.synchronize()
+            yx, mag = ref.combine_exact(cfg, eys, refs, wd.topk_weights)
+            problems += ref.compare_combine(y, yx[me], mag[me])
+        self.ok(f"{cfg.mode}-{cfg.token_format} CUDA graph capture + {replays} replays", problems)
+
+    def timeout(self, cfg):
+        from epcomm.backends.gpu import GpuBackend
+        torch = self.torch
+        cfg = cfg.replace(timeout_s=1.5)
+        be = GpuBackend(cfg, self.ctx)
+        world = make_world(cfg, seed=5, routing_kind="uniform")
+        problems = []
+        if self.me == 0:
+            x = tb16(world.xs[0], self.dev)
+            ids = torch.from_numpy(world.topk_ids[0]).to(self.dev)
+            be.dispatch(x, ids)
+            t0 = time.time()
+            try:
+                be.synchronize()
+                problems.append("no EPTimeoutError")
+            except EPTimeoutError as e:
+                dt = time.time() - t0
+                print(f"[rank 0] got EPTimeoutError after {dt:.1f} s: {e}", flush=True)
+                if e.rank != 1:
+                    problems.append(f"names rank {e.rank}, expected 1")
+                if e.node != self.ctx.topology.node_of(1):
+                    problems.append(f"names node {e.node}")
+            try:
+                be.dispatch(x, ids)
+                problems.append("next call did not raise")
+            except EPTimeoutError:
+                pass
+        be.broken = "timeout test"
+        self.ctx.comm.Barrier()
+        be.close()
+        self.ok(f"{cfg.mode}-{cfg.token_format} timeout names the missing rank", problems)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--topology", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None, help="substring of the suite tag (e.g. ll-bf16)")
+    ap.add_argument("--rounds", type=int, default=1000)
+    ap.add_argument("--no-extras", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    import torch
+    ctx = epcomm.init(topology=args.topology, backend="gpu")
+    torch.cuda.set_device(ctx.device)
+    from epcomm.backends.gpu.specs import test_configs
+    ck = Checker(ctx)
+    print(f"[rank {ctx.rank}] device {ctx.device} node {ctx.node} topology {ctx.topology.name} "
+          f"{torch.cuda.get_device_name(ctx.device)}", flush=True)
+    for cfg in test_configs(ctx.world_size):
+        tag = f"{cfg.mode}-{cfg.token_format}"
+        if args.only and args.only not in tag:
+            continue
+        try:
+            be = ck.suite(cfg, quick=args.quick)
+            if not args.no_extras and not cfg.fused_shared_expert and not cfg.skip_a2a:
+                ck.graph(be, cfg)
+                if cfg.token_format == "bf16" or cfg.mode == "ll":
+                    ck.many_rounds(be, cfg, args.rounds)
+            be.close()
+        except Exception as e:
+            traceback.print_exc()
+            ck.fails.append((f"{tag} suite", [repr(e)]))
+            print(f"[rank {ctx.rank}] FAIL suite {tag}: {e!r}", flush=True)
+    if not args.no_extras:
+        try:
+            ck.timeout(test_configs(ctx.world_size)[0])
+        except Exception as e:
+            traceback.print_exc()
+            ck.fails.append(("timeout", [repr(e)]))
+    nf = ctx.comm.allreduce(len(ck.fails))
+    print(f"[rank {ctx.rank}] SUMMARY pass={ck.npass} fail={len(ck.fails)} (all ranks fail={nf})", flush=True)
+    from epcomm.backends.gpu.runtime import Runtime
+    rt = Runtime.get()
+    if rt:
+        rt.close()
+    sys.exit(1 if nf else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/bin/bash
+# One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
+# local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
+# steps: comma list of smoke,local,sim,bench,sanitizer (default all but sanitizer)
+set -o pipefail
+STEPS=${1:-smoke,local,sim,bench}
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export EPCOMM_CACHE=/tmp/epcomm-cache
+export NVSHMEM_REMOTE_TRANSPORT=none
+MPI="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONUNBUFFERED -x EPCOMM_CACHE -x NVSHMEM_REMOTE_TRANSPORT"
+date -u | tee $OUT/info.log
+nvidia-smi -L | tee -a $OUT/info.log
+nvidia-smi topo -m 2>&1 | head -5 | tee -a $OUT/info.log
+python3 -c "import torch, cuda.core, mpi4py, nvshmem.core as n; print(torch.__version__, cuda.core.__version__, mpi4py.__version__)" 2>&1 | tee -a $OUT/info.log
+( time timeout 240 python3 -m epcomm.backends.gpu.specs ) 2>&1 | tail -5 | tee -a $OUT/info.log
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+if has smoke; then
+  timeout 120 $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/smoke.log | grep -v "^\s*$" | tail -30
+fi
+if has local; then
+  timeout 200 $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/local.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
+fi
+if has sim; then
+  timeout 200 $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
+fi
+if has bench; then
+  timeout 150 $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check 2>&1 | tee $OUT/bench_local.log | tail -12
+  timeout 100 $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml 2>&1 | tee $OUT/bench_sim.log | tail -6
+fi
+if has sanitizer; then
+  timeout 200 $MPI compute-sanitizer --tool memcheck --print-limit 20 python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/sanitizer.log | tail -30
+fi
+date -u
