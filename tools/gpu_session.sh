@@ -18,16 +18,16 @@ python3 -c "import torch, cuda.core, mpi4py, nvshmem.core as n; print(torch.__ve
 ( time timeout 240 python3 -m epcomm.backends.gpu.specs ) 2>&1 | tail -5 | tee -a $OUT/info.log
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 if has smoke; then
-  timeout 120 $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/smoke.log | grep -v "^\s*$" | tail -30
+  timeout ${T_SMOKE:-80} $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/smoke.log | grep -v "^\s*$" | tail -30
 fi
 if has local; then
-  timeout 200 $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/local.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
+  timeout ${T_LOCAL:-150} $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/local.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
 if has sim; then
-  timeout 200 $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
+  timeout ${T_SIM:-150} $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
 if has bench; then
-  timeout 150 $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check 2>&1 | tee $OUT/bench_local.log | tail -12
+  timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check 2>&1 | tee $OUT/bench_local.log | tail -12
   timeout 100 $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml 2>&1 | tee $OUT/bench_sim.log | tail -6
 fi
 if has sanitizer; then

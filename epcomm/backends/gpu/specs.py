@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...config import EPConfig
 
 # small shapes: hidden 384 = 3 fp8 blocks (a partial warp step in the quantiser), 8 experts, top-4
-TEST_BASE = dict(hidden=384, topk=4, num_experts=8, max_tokens_per_rank=64)
+TEST_BASE = dict(hidden=384, topk=4, num_experts=8, max_tokens_per_rank=64, timeout_s=5.0)
 EXAMPLE_BASE = dict(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=128)
 
 
