@@ -28,6 +28,8 @@ if has sim; then
 fi
 if has bench; then
   timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check 2>&1 | tee $OUT/bench_local.log | tail -12
+fi
+if has benchsim; then
   timeout 100 $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml 2>&1 | tee $OUT/bench_sim.log | tail -6
 fi
 if has sanitizer; then
