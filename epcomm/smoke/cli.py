@@ -27,7 +27,7 @@ EXIT_USAGE = 2
 class Options:
     json: str | None = "smoke-report.json"
     png: str | None = "smoke-links.png"
-    stage_timeout: float = 60.0
+    stage_timeout: float = 60.0       # main() raises the default to 300 on GPU configs (first-use kernel builds)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     quick: bool = False
     link_method: str = "auto"
@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None) -> Options:
                     help="write the JSON report here (schema docs/SMOKE.md; '' = none)")
     ap.add_argument("--png", default="smoke-links.png", metavar="PATH",
                     help="write the pair-bandwidth heatmap here ('' = none)")
-    ap.add_argument("--stage-timeout", type=float, default=60.0, metavar="S",
-                    help="deadline of each stage and of each wait for a rank (default 60)")
+    ap.add_argument("--stage-timeout", type=float, default=None, metavar="S",
+                    help="deadline of each stage and of each wait for a rank (default 60 on host configs, "
+                         "300 on GPU configs: the EP stage builds kernels on first use)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list out of {','.join(STAGES)}")
     ap.add_argument("--quick", action="store_true", help="smaller messages, fewer repetitions and EP cases")
     ap.add_argument("--link-method", choices=("auto", "peer", "mpi"), default="auto",
@@ -65,9 +66,9 @@ def parse_args(argv: list[str] | None) -> Options:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
-    if a.stage_timeout <= 0:
+    if a.stage_timeout is not None and a.stage_timeout <= 0:
         ap.error("--stage-timeout must be > 0")
-    return Options(json=a.json or None, png=a.png or None, stage_timeout=a.stage_timeout,
+    return Options(json=a.json or None, png=a.png or None, stage_timeout=a.stage_timeout or 0.0,
                    stages=[s for s in STAGES if s in stages], quick=a.quick, link_method=a.link_method,
                    bw_factor=a.bw_factor, lat_factor=a.lat_factor, lat_slack_us=a.lat_slack_us,
                    slow_factor=a.slow_factor)
@@ -115,7 +116,12 @@ def run_local(name: str, env: StageEnv, threaded: bool) -> dict[str, Any]:
         if env.gpu and env.device is not None and name != "inventory":
             try:
                 import torch
-                torch.cuda.set_device(env.device)   # per thread
+                torch.cuda.set_device(env.device)   # the current device is per thread
+            except Exception:
+                pass
+            try:
+                from cuda.core import Device
+                Device(env.device).set_current()    # same primary context, for cuda.core / driver calls
             except Exception:
                 pass
         return _stage_fn(name)(env)
@@ -444,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     device = int(dev_env) if dev_env.isdigit() else topo.device(rank)
     gpu = topo.has_gpus and topo.resolved_backend() == "gpu"
     threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    if not opts.stage_timeout:
+        opts.stage_timeout = 300.0 if topo.has_gpus else 60.0
     env = StageEnv(comm=comm, msgr=Messenger(comm), rank=rank, world=size, topo=topo, opts=opts, faults=faults,
                    gpu=gpu, device=device)
     if rank == 0:

@@ -66,8 +66,16 @@ class Arrays:
 
 
 def _ctx():
+    import os
+
     import epcomm
-    return epcomm.init()
+    ctx = epcomm.init()
+    if ctx.backend == "gpu" and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+        # the NVSHMEM heap is sized once, at the first EPBuffer (a small one here): make room for the speed stage
+        R = ctx.world_size
+        est = 8 * R * 1024 * (2 * 7168 + 160) + (1 << 30)
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(int(est))
+    return ctx
 
 
 def bad_sources(cfg, actual, expected) -> list[int]:
@@ -188,7 +196,7 @@ def run_speed(env) -> dict[str, Any]:
     R, me = env.world, env.rank
     quick = env.opts.quick
     if ctx.backend == "gpu":
-        hidden, topk, tokens, per_rank_e = 7168, 8, (512 if quick else 2048), 32
+        hidden, topk, tokens, per_rank_e = 7168, 8, (512 if quick else 1024), 32
     else:
         hidden, topk, tokens, per_rank_e = 512, 4, (32 if quick else 128), 4
     e = num_experts(env.topo, R, per_rank_e)
