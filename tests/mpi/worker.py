@@ -203,10 +203,20 @@ def cmd_checks(args, ctx) -> int:
     f = faults.parse("slow:rank=1,ms=50; skip_dispatch:rank=*,round=3")
     if not (f[0].ms == 50 and f[1].rank is None and f[1].round == 3):
         probs.append(f"fault parse {f}")
+    from epcomm.topology import Topology
+    probs += expect_input_error("topology mismatch", lambda: epcomm.init(topology=Topology.single_node(3)),
+                                "world_size 3")
     if epcomm.init() is not ctx:
         probs.append("init() is not idempotent")
     if not (ctx.same_node(0, 0) and ctx.node_of(0) == 0):
         probs.append("same_node / node_of")
+    from epcomm.context import finalize
+    b = fresh()
+    finalize()
+    if not b._closed:
+        probs.append("finalize() left a buffer open")
+    if epcomm.init() is ctx:
+        probs.append("init() after finalize() returned the old context")
     for p in probs:
         print("FAIL checks:", p, flush=True)
     print(f"checks: {'ok' if not probs else f'{len(probs)} FAILED'}", flush=True)

@@ -193,6 +193,9 @@ class HostBackend:
             if time.monotonic() > deadline:
                 missing = [peers[i] for i in np.nonzero(~ok)[0]]
                 peer = missing[0]
+                if phase == "disp" and self.ll:
+                    w0 = int(idx[np.nonzero(~ok)[0][0]])
+                    what = f"{what} for expert {self.rank * self.L + w0 % self.L}"
                 more = f"; all missing: {sorted(set(missing))}" if len(set(missing)) > 1 else ""
                 msg = (f"{self.ctx.describe(self.rank)} timed out after {self.cfg.timeout_s:g} s waiting for "
                        f"{what} (round {r}) from {self.ctx.describe(peer)}, which never signalled{more}")
