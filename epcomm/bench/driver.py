@@ -533,6 +533,8 @@ class Bench:
             else:
                 self.record(case, "epcomm", op, cfg, t, graph=True, verified=True, timing=tm, sms=sms)
         del g_d, g_c
+        if post:
+            return "replays went wrong on another input set: " + "; ".join(post[:2])
         return None
 
     def with_buffer(self, cfg, fn):
