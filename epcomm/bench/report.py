@@ -181,3 +181,25 @@ def write_png(doc: dict, path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def main(argv=None) -> int:
+    """python -m epcomm.bench.report BENCH.json [PLOT.png]: print the table again, and draw the plot (for runs made
+    where matplotlib was missing)."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(main.__doc__)
+        return 2
+    with open(argv[0]) as f:
+        doc = json.load(f)
+    print(table(doc))
+    if len(argv) > 1:
+        why = write_png(doc, argv[1])
+        print(f"png: {argv[1]}" if why is None else f"png: not written ({why})")
+        return 0 if why is None else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
