@@ -129,7 +129,14 @@ def link_failures(pairs: list[dict[str, Any]], places: list[Place], medians: dic
     for p in pairs:
         if p.get("error"):
             out.append(_pair_failure("link_error", p["error"], places, p["src"], p["dst"]))
-    for p in pairs:
+    def badness(p):  # worst first, so the verdict names the slowest pair
+        m = medians.get(p["cls"], {})
+        if "slow_bw" in p.get("flags", ()) and p.get("bw_gbps") and m.get("bw_gbps"):
+            return -m["bw_gbps"] / p["bw_gbps"]
+        if p.get("lat_us") and m.get("lat_us"):
+            return -p["lat_us"] / m["lat_us"]
+        return 0.0
+    for p in sorted(pairs, key=badness):
         m = medians.get(p["cls"], {})
         if "slow_bw" in p.get("flags", ()):
             out.append(_pair_failure("link_slow_bw", f"{_gb(p['bw_gbps'])} vs median {_gb(m.get('bw_gbps'))}",

@@ -27,7 +27,7 @@ SMALL = 64           # latency message
 def sizes(gpu: bool, quick: bool) -> dict[str, int]:
     host_big = (256 << 10) if quick else (1 << 20)
     return {"small": SMALL, "big": host_big, "gpu_big": (64 << 20) if quick else (256 << 20),
-            "lat_reps": 20 if quick else 50, "bw_reps": 3 if quick else 5}
+            "lat_reps": 20 if quick else 50, "bw_reps": 5 if quick else 8}
 
 
 def pattern(n: int, seed: int) -> np.ndarray:
