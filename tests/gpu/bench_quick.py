@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+from epcomm.workload import make_world  # noqa: E402
 
 
 def main():

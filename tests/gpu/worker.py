@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.errors import EPTimeoutError  # noqa: E402
-from epcomm.formats import BF16  # noqa: E402
 from epcomm.workload import identity_experts, make_world  # noqa: E402
 
 

@@ -78,7 +78,7 @@ def _params_struct(R: int):
             "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err"]
     offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage"]
     fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
-             [("T", i32), ("me", i32), ("maxr", i32), ("pad0", i32), ("peer", u64 * R)]
+             [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("peer", u64 * R)]
 
     class Params(ctypes.Structure):
         _fields_ = fields
@@ -255,7 +255,9 @@ class GpuBackend:
         self._hp = 0     # dispatch calls so far (host parity of output sets)
         self._cp = 0     # combine calls so far
         self._closed = False
+        self.broken = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
         self._streams = set()
+        self._tmpl = {}
         self._check_params_size()
         if A.torch is not None:
             A.torch.cuda.synchronize(ctx.device)
@@ -275,6 +277,16 @@ class GpuBackend:
             raise EPError(f"gpu backend: Params size mismatch device {n} host {ctypes.sizeof(self.Params)}")
 
     def _base_params(self, hp: int, T: int):
+        tm = self._tmpl.get(hp)
+        if tm is None:
+            tm = self._tmpl[hp] = bytes(self._make_params(hp))
+        p = self.Params.from_buffer_copy(tm)
+        p.T = T
+        ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
+        p.ch = max(1, min(64, -(-T * ndest // self.grid)))
+        return p
+
+    def _make_params(self, hp: int):
         p = self.Params()
         s = self.sets[hp]
         P = self.alloc.ptr
@@ -289,7 +301,6 @@ class GpuBackend:
         p.timeout_ns = int(self.cfg.timeout_s * 1e9)
         for n, v in self.L.off.items():
             setattr(p, "off_" + n, v)
-        p.T = T
         p.me = self.me
         p.maxr = self.cfg.max_recv_rows
         for r, v in enumerate(self.peers):
@@ -427,7 +438,7 @@ class GpuBackend:
         from cuda.bindings import driver
         try:
             driver.cuCtxSynchronize()
-            if not getattr(self, "broken", None):   # peers may be gone after a failure: skip the collectives
+            if not self.broken:   # peers may be gone after a failure: skip the collectives
                 self.rt.barrier()
                 self.rt.free(self._sym_buf)
         finally:

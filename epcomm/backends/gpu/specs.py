@@ -6,7 +6,7 @@ from ...config import EPConfig
 
 # small shapes: hidden 384 = 3 fp8 blocks (a partial warp step in the quantiser), 8 experts, top-4
 TEST_BASE = dict(hidden=384, topk=4, num_experts=8, max_tokens_per_rank=64, timeout_s=5.0)
-EXAMPLE_BASE = dict(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=128)
+EXAMPLE_BASE = dict(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=128)  # examples/moe_layer.py
 
 
 def test_configs(world_size: int = 2) -> list[EPConfig]:
@@ -31,7 +31,8 @@ def bench_configs(world_size: int = 2) -> list[EPConfig]:
 
 
 def example_configs(world_size: int = 2) -> list[EPConfig]:
-    return [EPConfig(**EXAMPLE_BASE, world_size=world_size, mode=m) for m in ("ll", "ht")]
+    return [EPConfig(**EXAMPLE_BASE, world_size=world_size, mode=m, token_format=f, fused_shared_expert=s)
+            for m in ("ll", "ht") for f, s in (("bf16", False), ("fp8", True))]
 
 
 def all_configs(world_size: int = 2) -> list[EPConfig]:

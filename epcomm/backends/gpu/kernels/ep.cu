@@ -47,7 +47,7 @@ constexpr int al16(int x) { return (x + 15) / 16 * 16; }
 constexpr int META = HT ? al16(8 + 8 * K) : 16;
 constexpr int MSG = al16(DB + SB + META);   // one message in the dispatch receive buffer
 constexpr int HROW = (NL + 1 + 3) / 4 * 4;  // ints per (src -> dst) histogram row: [NL] per-expert counts, [NL] tokens
-constexpr int CH = HT ? 64 : 16;            // tokens per send work item
+constexpr int CH = 64;                      // most tokens per send work item (the host picks p.ch <= CH)
 constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
 
 static_assert(H % 128 == 0, "hidden must be a multiple of 128");
@@ -96,7 +96,7 @@ struct Params {
   int T;
   int me;
   int maxr;                 // rows of expert_x
-  int pad0;
+  int ch;                   // tokens per send work item (1..CH)
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
@@ -228,6 +228,58 @@ __device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst
   }
 }
 
+// Write token t's payload to up to K destinations (nullptr = skip): x is read (and quantised) once.
+__device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K]) {
+  const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
+  constexpr int NCH = H / 8;
+  if constexpr (FP8) {
+    for (int base = 0; base < NCH; base += 32) {
+      int c = base + lane_id();
+      bool act = c < NCH;
+      uint4 v = act ? reinterpret_cast<const uint4*>(xrow)[c] : make_uint4(0, 0, 0, 0);
+      const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+      float f[8];
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
+#pragma unroll
+      for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      float scale = fmaxf(amax, 1e-4f) / 448.0f;
+      if (act) {
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(f[j], scale), __NV_SATFINITE, __NV_E4M3);
+          if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (!dst[k]) continue;
+          reinterpret_cast<uint2*>(dst[k])[c] = make_uint2(lo, hi);
+          if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DB)[c / 16] = scale;
+        }
+      }
+    }
+  } else {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow);
+    int c = lane_id();
+    for (; c + 96 < NCH; c += 128) {
+      uint4 a = src[c], b = src[c + 32], e = src[c + 64], f = src[c + 96];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (!dst[k]) continue;
+        uint4* d = reinterpret_cast<uint4*>(dst[k]);
+        d[c] = a; d[c + 32] = b; d[c + 64] = e; d[c + 96] = f;
+      }
+    }
+    for (; c < NCH; c += 32) {
+      uint4 a = src[c];
+#pragma unroll
+      for (int k = 0; k < K; ++k) if (dst[k]) reinterpret_cast<uint4*>(dst[k])[c] = a;
+    }
+  }
+}
+
 __device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
   return *((volatile unsigned*)&p.state[slot]) + 1u;
 }
@@ -242,7 +294,8 @@ __device__ void dispatch_send(const Params& p) {
   const unsigned round = cur_round(p, S_DSEND);
   const int par = round & 1;
   const int T = p.T;
-  const int nchunks = (T + CH - 1) / CH;
+  const int ch = max(1, min(CH, p.ch));
+  const int nchunks = (T + ch - 1) / ch;
   const int ndest = SKIP ? 1 : R;
   const int nitems = ndest * nchunks;
   bool used_shmem = false;
@@ -254,7 +307,7 @@ __device__ void dispatch_send(const Params& p) {
   for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
     const int d = SKIP ? p.me : item / nchunks;
     const int c = item % nchunks;
-    const int t0 = c * CH, t1 = min(T, t0 + CH);
+    const int t0 = c * ch, t1 = min(T, t0 + ch);
     const int lo = d * NL, hi = lo + NL;
     for (int l = threadIdx.x; l < NL; l += THREADS) s_cnt[l] = 0;
     __syncthreads();
@@ -314,23 +367,39 @@ __device__ void dispatch_send(const Params& p) {
     const bool local = same_node(p, d);
     char* dbase = (local ? p.peer[d] : p.sym);
     if constexpr (!HT) {
-      const int n = (t1 - t0) * K;
-      for (int j = warp; j < n; j += WARPS) {
-        int r = s_rank[j];
-        if (r < 0) continue;
-        int t = t0 + j / K, k = j % K;
-        int l = p.ids[t0 * K + j] - lo;
-        if (r >= M) {  // more rows for one expert than slots (duplicate expert ids in a token)
-          if (lane == 0) report(p, ERR_OVERFLOW, d, l, (int)round, 0);
-          continue;
+      // warp per token: read (and quantise) x[t] once, write every slot of it that lives on d
+      for (int tt = warp; tt < t1 - t0; tt += WARPS) {
+        const int t = t0 + tt;
+        char* dst[K];
+        size_t offs[K];
+        bool any = false;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          int r = s_rank[tt * K + k];
+          dst[k] = nullptr;
+          offs[k] = 0;
+          if (r < 0) continue;
+          int l = p.ids[t * K + k] - lo;
+          if (r >= M) {  // more rows for one expert than slots (duplicate expert ids in a token)
+            if (lane == 0) report(p, ERR_OVERFLOW, d, l, (int)round, 0);
+            continue;
+          }
+          offs[k] = p.off_drecv + ((((size_t)par * NL + l) * R + p.me) * M + r) * MSG;
+          dst[k] = local ? dbase + offs[k] : p.sym + p.off_stage + ((size_t)t * K + k) * MSG;
+          any = true;
         }
-        size_t off = p.off_drecv + ((((size_t)par * NL + l) * R + p.me) * M + r) * MSG;
-        char* msg = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * K + k) * MSG;
-        warp_put_token(p, t, msg, reinterpret_cast<float*>(msg + DB));
-        if (lane == 0) { int* meta = reinterpret_cast<int*>(msg + DB + SB); meta[0] = t; meta[1] = k; }
+        if (!any) continue;
+        warp_put_token_multi(p, t, dst);
+        if (lane == 0) {
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (dst[k]) { int* meta = reinterpret_cast<int*>(dst[k] + DB + SB); meta[0] = t; meta[1] = k; }
+        }
         __syncwarp();
         if (!local) {
-          nvshmemx_putmem_nbi_warp(p.sym + off, msg, MSG, d);
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (dst[k]) nvshmemx_putmem_nbi_warp(p.sym + offs[k], dst[k], MSG, d);
           used_shmem = true;
         }
       }
@@ -572,25 +641,36 @@ __device__ void combine_send(const Params& p) {
   } else {
     // step 1 (source side): send my weights [T, K] to every destination rank (block 0, one warp per destination)
     if (blockIdx.x == 0) {
-      for (int d = warp; d < R; d += WARPS) {
+      // the whole block copies (16-byte vectors, many loads in flight), then one thread per destination signals
+      const int nw = p.T * K;                 // floats
+      const int nv = nw / 4;                  // full 16-byte vectors
+      const uint4* wsrc = reinterpret_cast<const uint4*>(p.weights);
+      const bool wal = (reinterpret_cast<uintptr_t>(p.weights) & 15) == 0;
+      for (int d = 0; d < R; ++d) {
+        if (SKIP && d != p.me) continue;
+        size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
+        float* dst = same_node(p, d) ? reinterpret_cast<float*>(p.peer[d] + off)
+                                     : reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;
+        if (wal) {
+          for (int i = threadIdx.x; i < nv; i += THREADS) reinterpret_cast<uint4*>(dst)[i] = wsrc[i];
+          for (int i = nv * 4 + threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
+        } else {
+          for (int i = threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
+        }
+      }
+      __threadfence_system();
+      __syncthreads();
+      for (int d = threadIdx.x; d < R; d += THREADS) {
         if (SKIP && d != p.me) continue;
         size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
         size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
         if (same_node(p, d)) {
-          float* dst = reinterpret_cast<float*>(p.peer[d] + off);
-          for (int i = lane; i < p.T * K; i += 32) dst[i] = p.weights[i];
-          __threadfence_system();
-          __syncwarp();
-          if (lane == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+          st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
         } else {
-          float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;  // wsend staging
-          for (int i = lane; i < p.T * K; i += 32) stg[i] = p.weights[i];
-          __syncwarp();
-          if (lane == 0) {
-            nvshmem_putmem_signal_nbi(p.sym + off, stg, (size_t)p.T * K * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
-                                      round, NVSHMEM_SIGNAL_SET, d);
-            nvshmem_quiet();
-          }
+          float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;
+          nvshmem_putmem_signal_nbi(p.sym + off, stg, (size_t)nw * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                    round, NVSHMEM_SIGNAL_SET, d);
+          nvshmem_quiet();
         }
       }
     }
