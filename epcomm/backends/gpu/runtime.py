@@ -201,3 +201,34 @@ class HostErrorRecord:
         if self.host:
             driver.cuMemFreeHost(self.host)
             self.host = 0
+
+
+# ------------------------------------------------------------------------------------------------ contexts without MPI
+def _gpu_context(rank: int, world_size: int, device: int, topology=None):
+    from ...context import Context
+    from ...topology import Topology
+    if topology is None:
+        topology = Topology.single_node(world_size, backend="gpu", gpus=list(range(world_size)))
+    return Context(comm=None, topology=topology, rank=rank, world_size=world_size, node=topology.node_of(rank),
+                   local_rank=topology.local_rank(rank), device=device, backend="gpu")
+
+
+def torch_context(group=None, topology=None, device: int | None = None, symmetric_bytes: int | None = None):
+    """An epcomm Context for a torch.distributed job (torchrun, ...): NVSHMEM's unique id goes over the group.
+
+        ctx = torch_context()                       # after torch.distributed.init_process_group(...)
+        buf = epcomm.EPBuffer(cfg, ctx)
+    Without a topology every rank counts as one node (peer pointers); pass a Topology for several nodes.
+    """
+    import torch
+    if device is None:
+        device = torch.cuda.current_device()
+    rt = Runtime.from_torch(group, topology, device, symmetric_bytes or (4 << 30))
+    return _gpu_context(rt.rank, rt.world_size, device, topology)
+
+
+def uid_context(uid_bytes: bytes, rank: int, world_size: int, device: int, topology=None,
+                symmetric_bytes: int | None = None):
+    """An epcomm Context from a caller-supplied NVSHMEM unique id (Runtime.new_uid() on one rank, sent by any means)."""
+    rt = Runtime.from_uid(uid_bytes, rank, world_size, device, topology, symmetric_bytes or (4 << 30))
+    return _gpu_context(rt.rank, rt.world_size, device, topology)
