@@ -468,6 +468,33 @@ __device__ void dispatch_send(const Params& p) {
   }
 }
 
+// out[0..n] = exclusive prefix sums of in[0..n) (out[n] = total); every thread of the block calls it.
+__device__ void block_exclusive_scan(const int* in, int* out, int n) {
+  __shared__ int s_warp[WARPS];
+  const int per = (n + THREADS - 1) / THREADS;
+  const int b = threadIdx.x * per, e = min(n, b + per);
+  int sum = 0;
+  for (int i = b; i < e; ++i) sum += in[i];
+  // inclusive scan of per-thread sums across the block
+  int v = sum;
+  const int lane = lane_id(), warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += u; }
+  if (lane == 31) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < WARPS ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += u; }
+    if (lane < WARPS) s_warp[lane] = w;
+  }
+  __syncthreads();
+  int acc = v - sum + (warp ? s_warp[warp - 1] : 0);
+  for (int i = b; i < e; ++i) { out[i] = acc; acc += in[i]; }
+  if (threadIdx.x == THREADS - 1) out[n] = acc;
+  __syncthreads();
+}
+
 // ------------------------------------------------------------------------------------------------ dispatch, receive
 __device__ void dispatch_recv(const Params& p) {
   __shared__ int s_c[NL * R];      // rows of expert l from source s (LL / HT alike)
@@ -497,10 +524,8 @@ __device__ void dispatch_recv(const Params& p) {
   }
   for (int s = threadIdx.x; s < R; s += THREADS) s_ntok[s] = (SKIP && s != p.me) ? 0 : hist[s * HROW + NL];
   __syncthreads();
+  block_exclusive_scan(s_c, s_pref, NL * R);
   if (threadIdx.x == 0) {
-    int acc = 0;
-    for (int q = 0; q < NL * R; ++q) { s_pref[q] = acc; acc += s_c[q]; }
-    s_pref[NL * R] = acc;
     int ta = 0;
     for (int s = 0; s < R; ++s) { s_tpref[s] = ta; ta += s_ntok[s]; }
     s_tpref[R] = ta;
@@ -734,7 +759,12 @@ __device__ void combine_recv(const Params& p) {
   if (FUSED) ns = shared_rows(p, &s0);
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
   const char* crecv = p.sym + p.off_crecv;
-  for (int t = gw; t < p.T; t += nw) {
+  constexpr int NCH = H / 8;                 // 16-byte chunks per row
+  constexpr int NS = (NCH + 31) / 32;        // slices of 32 chunks (one per lane)
+  const int nitems = p.T * NS;
+  for (int it = gw; it < nitems; it += nw) {
+    const int t = it / NS;
+    const int c = (it % NS) * 32 + lane;
     int ids[K];
     float w[K];
 #pragma unroll
@@ -748,7 +778,7 @@ __device__ void combine_recv(const Params& p) {
       }
     }
     const bool sh = FUSED && t >= s0 && t < s0 + ns;
-    for (int c = lane; c < H / 8; c += 32) {
+    if (c < NCH) {
       float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if constexpr (!HT) {
 #pragma unroll
