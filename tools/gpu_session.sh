@@ -34,17 +34,17 @@ if has benchsim; then
 fi
 if has example; then
   for a in "--mode ht" "--mode ll" "--mode ht --format fp8 --shared" "--mode ll --format fp8 --shared"; do
-    timeout 90 python3 -m launch run -t configs/local-2gpu.yaml --timeout 80 -- python3 examples/moe_layer.py $a 2>&1 | tee -a $OUT/example.log | grep -E "moe_layer|Error|error" | head -6
+    timeout 60 python3 -m launch run -t configs/local-2gpu.yaml --timeout 55 -- python3 examples/moe_layer.py $a 2>&1 | tee -a $OUT/example.log | grep -E "moe_layer|Error|error" | head -6
   done
-  timeout 90 python3 -m launch run -t configs/sim-2node.yaml --timeout 80 -- python3 examples/moe_layer.py --mode ht 2>&1 | tee -a $OUT/example.log | grep -E "moe_layer|Error|error" | head -6
+  timeout 60 python3 -m launch run -t configs/sim-2node.yaml --timeout 55 -- python3 examples/moe_layer.py --mode ht 2>&1 | tee -a $OUT/example.log | grep -E "moe_layer|Error|error" | head -6
 fi
 if has init; then
   for how in torch uid; do
     rm -f /tmp/epcomm-uid.bin
-    timeout 90 $MPI python3 tests/gpu/init_variants.py $how 2>&1 | tee -a $OUT/init.log | grep -E "PASS|FAIL|Error|error|\[rank" | head -8
+    timeout 60 $MPI python3 tests/gpu/init_variants.py $how 2>&1 | tee -a $OUT/init.log | grep -E "PASS|FAIL|Error|error|\[rank" | head -8
   done
 fi
 if has sanitizer; then
-  timeout 200 $MPI compute-sanitizer --tool memcheck --print-limit 20 python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/sanitizer.log | tail -30
+  timeout ${T_SAN:-150} $MPI compute-sanitizer --tool memcheck --print-limit 20 python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/sanitizer.log | tail -30
 fi
 date -u

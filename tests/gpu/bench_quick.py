@@ -75,6 +75,30 @@ def main():
                 times["dispatch_async"].append(ev[2].elapsed_time(ev[3]) * 1e3)
                 times["dispatch_wait"].append(ev[3].elapsed_time(ev[4]) * 1e3)
         be.synchronize()
+        # CUDA graphs: one captured dispatch and one captured combine, replayed (no host launch gaps)
+        gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        cs = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(cs):
+            with torch.cuda.graph(gd, stream=cs):
+                gres = be.dispatch(x, ids)
+            with torch.cuda.graph(gc, stream=cs):
+                be.combine(ey, gres.handle, w)
+        torch.cuda.synchronize()
+        times["graph_dispatch"], times["graph_combine"] = [], []
+        for it in range(args.iters + 5):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ctx.comm.Barrier()
+            ev[0].record()
+            gd.replay()
+            ev[1].record()
+            gc.replay()
+            ev[2].record()
+            torch.cuda.synchronize()
+            if it >= 5:
+                times["graph_dispatch"].append(ev[0].elapsed_time(ev[1]) * 1e3)
+                times["graph_combine"].append(ev[1].elapsed_time(ev[2]) * 1e3)
+        be.synchronize()
         med = {k: float(np.median(v)) for k, v in times.items()}
         tok_bytes = cfg.token_bytes()
         # bytes this rank sends: ll = every (token, slot); ht = once per destination rank (approx. by ids)
@@ -87,7 +111,8 @@ def main():
         cbs = nsend * 2 * cfg.hidden / (med["combine"] * 1e-6) / 1e9
         rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={T} H={cfg.hidden} K={cfg.topk} E={cfg.num_experts}: "
                     f"dispatch {med['dispatch']:.1f} us ({gbs:.0f} GB/s), combine {med['combine']:.1f} us ({cbs:.0f} GB/s), "
-                    f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us; setup {setup:.1f} s")
+                    f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us; graph replay dispatch "
+                    f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s")
         print(rows[-1], flush=True)
         del y
         be.close()
