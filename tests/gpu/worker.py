@@ -203,6 +203,46 @@ class Checker:
         self.ok(f"{cfg.mode}-{cfg.token_format} timeout names the missing rank", problems)
 
 
+def abort_test(ck, cfg):
+    """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching: rank 0 must raise EPError naming it
+    well before its 10 s deadline when they share a node (other-node peers only find out by the deadline)."""
+    from epcomm.backends.gpu import GpuBackend
+    from epcomm.errors import EPError
+    torch = ck.torch
+    same = ck.ctx.topology.same_node(0, 1)
+    cfg = cfg.replace(timeout_s=10.0 if same else 2.0)
+    be = GpuBackend(cfg, ck.ctx)
+    world = make_world(cfg, seed=6, routing_kind="uniform")
+    problems = []
+    ck.ctx.comm.Barrier()
+    if ck.me == 1:
+        be.abort("abort test")
+    ck.ctx.comm.Barrier()
+    if ck.me == 0:
+        x = tb16(world.xs[0], ck.dev)
+        ids = torch.from_numpy(world.topk_ids[0]).to(ck.dev)
+        t0 = time.time()
+        be.dispatch(x, ids)
+        try:
+            be.synchronize()
+            problems.append("no error")
+        except EPTimeoutError as e:
+            if same:
+                problems.append(f"timed out instead of seeing the abort: {e}")
+        except EPError as e:
+            dt = time.time() - t0
+            print(f"[rank 0] abort seen after {dt:.2f} s: {e}", flush=True)
+            if "rank 1" not in str(e) or "aborted" not in str(e):
+                problems.append(f"message does not name rank 1: {e}")
+            if dt > 5:
+                problems.append(f"took {dt:.1f} s")
+    be.broken = "abort test"
+    ck.ctx.comm.Barrier()
+    be.close()
+    ck.ok(f"{cfg.mode}-{cfg.token_format} abort of a peer {'stops the wait at once' if same else 'ends at the deadline'}",
+          problems)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--topology", default=None)
@@ -240,6 +280,12 @@ def main():
         except Exception as e:
             traceback.print_exc()
             ck.fails.append(("timeout", [repr(e)]))
+    if not args.no_extras:
+        try:
+            abort_test(ck, test_configs(ctx.world_size)[0])
+        except Exception as e:
+            traceback.print_exc()
+            ck.fails.append(("abort", [repr(e)]))
     nf = ctx.comm.allreduce(len(ck.fails))
     print(f"[rank {ctx.rank}] SUMMARY pass={ck.npass} fail={len(ck.fails)} (all ranks fail={nf})", flush=True)
     from epcomm.backends.gpu.runtime import Runtime

@@ -63,6 +63,7 @@ class Layout:
             ("wrecv", 2 * R * M * K * 4 if ht else 0),
             ("wsig", 2 * R * 8),
             ("cstage", (R * M * K * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
+            ("abort", R * 8),
         ]
         off = 0
         self.off = {}
@@ -76,7 +77,7 @@ def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
             "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err"]
-    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage"]
+    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort"]
     fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
              [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("peer", u64 * R)]
 
@@ -330,6 +331,10 @@ class GpuBackend:
         if code == 2:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
+        if code == 4:
+            node = self.node_of(peer) if 0 <= peer < self.cfg.world_size else None
+            raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {rec['waiter']} in {phase} "
+                          f"round {rec['round']}); this EPBuffer is unusable now")
         if code == 3:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
@@ -426,9 +431,25 @@ class GpuBackend:
         return self.err.read()
 
     def abort(self, reason: str = ""):
-        """Best effort: this rank gives up; peers find out through their own deadlines."""
+        """Best effort, never raises: mark this rank as gone in every same-node peer's abort word, so their waits
+        stop at once (EPError naming this rank); peers on other nodes find out through their deadlines."""
         log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
         self._closed = True
+        try:
+            from cuda.bindings import driver
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return
+            one = (ctypes.c_uint64 * 1)(1)
+            for r, base in enumerate(self.peers):
+                if r == self.me or not base:
+                    continue
+                dst = base + self.L.off["abort"] + 8 * self.me
+                driver.cuMemcpyHtoDAsync(dst, ctypes.addressof(one), 8, st)
+            driver.cuStreamSynchronize(st)
+            driver.cuStreamDestroy(st)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
     def close(self):
         if getattr(self, "_freed", False):

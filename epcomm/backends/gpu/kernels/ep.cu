@@ -50,6 +50,13 @@ constexpr int HROW = (NL + 1 + 3) / 4 * 4;  // ints per (src -> dst) histogram r
 constexpr int CH = 64;                      // most tokens per send work item (the host picks p.ch <= CH)
 constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
 
+// Rows are cut into slices so that several warps share one row (latency hiding when there are few rows).
+constexpr int NCH = H / 8;                          // 16-byte chunks of a bf16 row
+constexpr int NSTEP = (NCH + 31) / 32;              // warp steps (32 chunks) per bf16 row
+constexpr int SSTEP = NSTEP >= 8 ? NSTEP / 8 : 1;   // warp steps per slice
+constexpr int NSL = (NSTEP + SSTEP - 1) / SSTEP;    // slices per row
+constexpr int CPS = SSTEP * 32;                     // bf16 chunks per slice
+
 static_assert(H % 128 == 0, "hidden must be a multiple of 128");
 static_assert(E % R == 0, "experts must divide by ranks");
 static_assert(CH * K <= 4096, "chunk too large");
@@ -69,7 +76,7 @@ struct ErrRec {  // lives in host-mapped pinned memory
   int phase;     // 0 dispatch, 1 combine, 2 combine weights
   int pad;
 };
-enum { ERR_TIMEOUT = 1, ERR_OVERFLOW = 2, ERR_BAD_SRC = 3 };
+enum { ERR_TIMEOUT = 1, ERR_OVERFLOW = 2, ERR_BAD_SRC = 3, ERR_ABORT = 4 };
 
 struct Params {
   const void* x;            // [T, H] bf16
@@ -92,7 +99,7 @@ struct Params {
   ErrRec* err;              // host-mapped
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
-  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort;
   int T;
   int me;
   int maxr;                 // rows of expert_x
@@ -137,10 +144,16 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
   for (int s = threadIdx.x; s < R; s += THREADS) {
     if (SKIP && s != p.me) continue;
     const unsigned long long* w = sig + s;
+    const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
     while (ld_acq(w) < (unsigned long long)round) {
       if (++spins > 64) {
         spins = 0;
+        if (ld_acq(ab) != 0ull) {  // that peer gave up (EPBuffer abort): stop now instead of at the deadline
+          report(p, ERR_ABORT, s, what, (int)round, phase);
+          bad = true;
+          break;
+        }
         if (gtime() - t0 > p.timeout_ns) {
           report(p, ERR_TIMEOUT, s, what, (int)round, phase);
           bad = true;
@@ -229,11 +242,11 @@ __device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst
 }
 
 // Write token t's payload to up to K destinations (nullptr = skip): x is read (and quantised) once.
-__device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K]) {
+__device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K], int step0,
+                                                     int step1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
-  constexpr int NCH = H / 8;
   if constexpr (FP8) {
-    for (int base = 0; base < NCH; base += 32) {
+    for (int base = step0 * 32; base < step1 * 32 && base < NCH; base += 32) {
       int c = base + lane_id();
       bool act = c < NCH;
       uint4 v = act ? reinterpret_cast<const uint4*>(xrow)[c] : make_uint4(0, 0, 0, 0);
@@ -262,22 +275,33 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
     }
   } else {
     const uint4* src = reinterpret_cast<const uint4*>(xrow);
-    int c = lane_id();
-    for (; c + 96 < NCH; c += 128) {
-      uint4 a = src[c], b = src[c + 32], e = src[c + 64], f = src[c + 96];
+    for (int st0 = step0; st0 < step1; st0 += SSTEP) {
+      uint4 v[SSTEP];
+#pragma unroll
+      for (int u = 0; u < SSTEP; ++u) {
+        int c = (st0 + u) * 32 + lane_id();
+        if (st0 + u < step1 && c < NCH) v[u] = src[c];
+      }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         if (!dst[k]) continue;
-        uint4* d = reinterpret_cast<uint4*>(dst[k]);
-        d[c] = a; d[c + 32] = b; d[c + 64] = e; d[c + 96] = f;
+#pragma unroll
+        for (int u = 0; u < SSTEP; ++u) {
+          int c = (st0 + u) * 32 + lane_id();
+          if (st0 + u < step1 && c < NCH) reinterpret_cast<uint4*>(dst[k])[c] = v[u];
+        }
       }
     }
-    for (; c < NCH; c += 32) {
-      uint4 a = src[c];
-#pragma unroll
-      for (int k = 0; k < K; ++k) if (dst[k]) reinterpret_cast<uint4*>(dst[k])[c] = a;
-    }
   }
+}
+
+// Copy 16-byte chunks [v0, v1) of a row by a warp.
+__device__ __forceinline__ void warp_copy_range(char* dst, const char* src, int v0, int v1) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  int i = v0 + lane_id();
+  for (; i + 32 < v1; i += 64) { uint4 a = s[i], b = s[i + 32]; d[i] = a; d[i + 32] = b; }
+  for (; i < v1; i += 32) d[i] = s[i];
 }
 
 __device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
@@ -367,8 +391,10 @@ __device__ void dispatch_send(const Params& p) {
     const bool local = same_node(p, d);
     char* dbase = (local ? p.peer[d] : p.sym);
     if constexpr (!HT) {
-      // warp per token: read (and quantise) x[t] once, write every slot of it that lives on d
-      for (int tt = warp; tt < t1 - t0; tt += WARPS) {
+      // (token, slice) per warp: x[t] is read (and quantised) once per slice and written to every slot on d
+      const int nt = t1 - t0;
+      for (int w = warp; w < nt * NSL; w += WARPS) {
+        const int tt = w / NSL, sl = w % NSL;
         const int t = t0 + tt;
         char* dst[K];
         size_t offs[K];
@@ -381,7 +407,7 @@ __device__ void dispatch_send(const Params& p) {
           if (r < 0) continue;
           int l = p.ids[t * K + k] - lo;
           if (r >= M) {  // more rows for one expert than slots (duplicate expert ids in a token)
-            if (lane == 0) report(p, ERR_OVERFLOW, d, l, (int)round, 0);
+            if (lane == 0 && sl == 0) report(p, ERR_OVERFLOW, d, l, (int)round, 0);
             continue;
           }
           offs[k] = p.off_drecv + ((((size_t)par * NL + l) * R + p.me) * M + r) * MSG;
@@ -389,19 +415,24 @@ __device__ void dispatch_send(const Params& p) {
           any = true;
         }
         if (!any) continue;
-        warp_put_token_multi(p, t, dst);
-        if (lane == 0) {
+        warp_put_token_multi(p, t, dst, sl * SSTEP, min(NSTEP, (sl + 1) * SSTEP));
+        if (lane == 0 && sl == 0) {
 #pragma unroll
           for (int k = 0; k < K; ++k)
             if (dst[k]) { int* meta = reinterpret_cast<int*>(dst[k] + DB + SB); meta[0] = t; meta[1] = k; }
         }
-        __syncwarp();
-        if (!local) {
-#pragma unroll
-          for (int k = 0; k < K; ++k)
-            if (dst[k]) nvshmemx_putmem_nbi_warp(p.sym + offs[k], dst[k], MSG, d);
-          used_shmem = true;
+      }
+      if (!local) {  // other node: the staged messages are complete once every slice is written
+        __syncthreads();
+        for (int j = warp; j < nt * K; j += WARPS) {
+          int r = s_rank[j];
+          if (r < 0 || r >= M) continue;
+          int t = t0 + j / K, k = j % K;
+          int l = p.ids[t * K + k] - lo;
+          size_t off = p.off_drecv + ((((size_t)par * NL + l) * R + p.me) * M + r) * MSG;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * K + k) * MSG, MSG, d);
         }
+        used_shmem = true;
       }
     } else {
       for (int tt = warp; tt < t1 - t0; tt += WARPS) {
@@ -554,14 +585,18 @@ __device__ void dispatch_recv(const Params& p) {
   const char* rbuf = p.sym + p.off_drecv;
   if constexpr (!HT) {
     const int nr = s_pref[NL * R];
-    for (int j = gw; j < nr; j += nw) {
+    constexpr int NV = DB / 16;                       // 16-byte chunks of the data part
+    constexpr int VPS = (NV + NSL - 1) / NSL;
+    for (int it = gw; it < nr * NSL; it += nw) {
+      const int j = it / NSL, sl = it % NSL;
       // find q with s_pref[q] <= j < s_pref[q+1]
       int lo = 0, hi = NL * R;  // invariant: s_pref[lo] <= j < s_pref[hi]
       while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (s_pref[mid] <= j) lo = mid; else hi = mid; }
       int l = lo / R, s = lo % R, i = j - s_pref[lo];
       const char* msg = rbuf + ((((size_t)par * NL + l) * R + s) * M + i) * MSG;
       int row = nshare + j;
-      warp_copy(reinterpret_cast<char*>(p.ex) + (size_t)row * DB, msg, DB);
+      warp_copy_range(reinterpret_cast<char*>(p.ex) + (size_t)row * DB, msg, sl * VPS, min(NV, (sl + 1) * VPS));
+      if (sl != 0) continue;
       if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)row * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
       if (lane == 0) {
         const int* meta = reinterpret_cast<const int*>(msg + DB + SB);
@@ -649,17 +684,21 @@ __device__ void combine_send(const Params& p) {
   if constexpr (!HT) {
     const int begin = FUSED ? (int)p.row_offsets[1] : 0;
     const int end = (int)p.row_offsets[NG];
-    for (int j = begin + gw; j < end; j += nw) {
+    const int nrow = max(0, end - begin);
+    for (int it = gw; it < nrow * NSL; it += nw) {
+      const int j = begin + it / NSL, sl = it % NSL;
       int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
       if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {
-        if (lane == 0) report(p, ERR_BAD_SRC, s, j, (int)round, 1);
+        if (lane == 0 && sl == 0) report(p, ERR_BAD_SRC, s, j, (int)round, 1);
         continue;
       }
       size_t off = p.off_crecv + (((size_t)par * M + t) * K + k) * RB;
+      const int v0 = sl * CPS, v1 = min(NCH, (sl + 1) * CPS);
       if (same_node(p, s)) {
-        warp_copy(p.peer[s] + off, ey + (size_t)j * RB, RB);
+        warp_copy_range(p.peer[s] + off, ey + (size_t)j * RB, v0, v1);
       } else {
-        nvshmemx_putmem_nbi_warp(p.sym + off, ey + (size_t)j * RB, RB, s);
+        nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, ey + (size_t)j * RB + (size_t)v0 * 16,
+                                 (size_t)(v1 - v0) * 16, s);
         used_shmem = true;
       }
     }
