@@ -54,9 +54,10 @@ def main():
             .to(torch.int32).contiguous()
         w = torch.rand((T, cfg.topk), device=dev, generator=g)
         ey = torch.randn((cfg.max_recv_rows, cfg.hidden), device=dev, generator=g).to(torch.bfloat16)
-        times = {"dispatch": [], "combine": [], "dispatch_async": [], "dispatch_wait": []}
+        times = {"dispatch": [], "combine": [], "dispatch_async": [], "dispatch_wait": [], "combine_async": [],
+                 "combine_wait": []}
         for it in range(args.iters + 5):
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(7)]
             ctx.comm.Barrier()
             ev[0].record()
             res = be.dispatch(x, ids)
@@ -67,13 +68,18 @@ def main():
             ev[3].record()
             res = be.dispatch_wait(pend)
             ev[4].record()
-            y = be.combine(ey, res.handle, w)
+            cp = be.combine_async(ey, res.handle, w)
+            ev[5].record()
+            y = be.combine_wait(cp)
+            ev[6].record()
             torch.cuda.synchronize()
             if it >= 5:
                 times["dispatch"].append(ev[0].elapsed_time(ev[1]) * 1e3)
                 times["combine"].append(ev[1].elapsed_time(ev[2]) * 1e3)
                 times["dispatch_async"].append(ev[2].elapsed_time(ev[3]) * 1e3)
                 times["dispatch_wait"].append(ev[3].elapsed_time(ev[4]) * 1e3)
+                times["combine_async"].append(ev[4].elapsed_time(ev[5]) * 1e3)
+                times["combine_wait"].append(ev[5].elapsed_time(ev[6]) * 1e3)
         be.synchronize()
         # CUDA graphs: one captured dispatch and one captured combine, replayed (no host launch gaps)
         gd, gc = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -111,7 +117,8 @@ def main():
         cbs = nsend * 2 * cfg.hidden / (med["combine"] * 1e-6) / 1e9
         rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={T} H={cfg.hidden} K={cfg.topk} E={cfg.num_experts}: "
                     f"dispatch {med['dispatch']:.1f} us ({gbs:.0f} GB/s), combine {med['combine']:.1f} us ({cbs:.0f} GB/s), "
-                    f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us; graph replay dispatch "
+                    f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us, combine async "
+                    f"{med['combine_async']:.1f} + wait {med['combine_wait']:.1f} us; graph replay dispatch "
                     f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s")
         print(rows[-1], flush=True)
         del y
