@@ -44,6 +44,10 @@ if has init; then
     timeout 60 $MPI python3 tests/gpu/init_variants.py $how 2>&1 | tee -a $OUT/init.log | grep -E "PASS|FAIL|Error|error|\[rank" | head -8
   done
 fi
+if has pytest; then
+  timeout ${T_PYTEST:-420} python3 -m pytest -q -p no:cacheprovider tests/gpu -rA 2>&1 | tee $OUT/pytest.log | grep -E "PASS|FAIL|passed|failed|skipped|Error" | tail -20
+  grep -h "cupy\|FAIL" $OUT/pytest.log | head -20
+fi
 if has sanitizer; then
   timeout ${T_SAN:-150} $MPI compute-sanitizer --tool memcheck --report-api-errors no --print-limit 50 python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/sanitizer.log | tail -30
 fi

@@ -80,6 +80,31 @@ class Checker:
             problems += ref.compare_combine(y, yx[me], mag[me])
         return problems
 
+    def one_round_cupy(self, be, cfg, world):
+        """Same as one_round with cupy arrays in and out (bf16 travels as uint16 bits)."""
+        import cupy as cp
+        from epcomm.formats import BF16
+        me = self.me
+        with cp.cuda.Device(self.ctx.device):
+            x = cp.asarray(np.ascontiguousarray(world.xs[me]).view(np.uint16))
+            ids = cp.asarray(world.topk_ids[me])
+            w = cp.asarray(world.topk_weights[me])
+            self.poison(be)
+            res = be.dispatch(x, ids)
+            be.synchronize()
+            problems = []
+            if not isinstance(res.expert_x, cp.ndarray) or not isinstance(res.src_info, cp.ndarray):
+                problems.append(f"outputs are {type(res.expert_x).__name__}, not cupy")
+            refs = ref.dispatch(cfg, world.xs, world.topk_ids)
+            problems += ref.compare_dispatch(cfg, res, refs[me])
+            eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+            ey = cp.asarray(np.ascontiguousarray(eys[me]).view(np.uint16))
+            y = be.combine(ey, res.handle, w)
+            be.synchronize()
+            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
+            problems += ref.compare_combine(cp.asnumpy(y).view(BF16), yx[me], mag[me])
+        return problems
+
     def suite(self, cfg, quick=False):
         from epcomm.backends.gpu import GpuBackend
         tag = f"{cfg.mode}-{cfg.token_format}{'-fused' if cfg.fused_shared_expert else ''}" \
@@ -100,6 +125,12 @@ class Checker:
                 p = [f"{type(e).__name__}: {e}"]
                 traceback.print_exc()
             self.ok(f"{tag} {kind} T={nt if nt is not None else M} {'async' if i % 2 else 'fused'}", p)
+        try:
+            p = self.one_round_cupy(be, cfg, make_world(cfg, seed=77, routing_kind="minus1", num_tokens="ragged"))
+        except Exception as e:
+            p = [f"{type(e).__name__}: {e}"]
+            traceback.print_exc()
+        self.ok(f"{tag} cupy arrays in/out", p)
         print(f"[rank {self.me}] suite {tag} {time.time() - t0:.1f} s", flush=True)
         return be
 
