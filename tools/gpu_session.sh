@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
-export EPCOMM_CACHE=/tmp/epcomm-cache
+export EPCOMM_CACHE=/tmp/epcomm-cache; mkdir -p ~/.cache /tmp/epcomm-cache; ln -sfn /tmp/epcomm-cache ~/.cache/epcomm
 export NVSHMEM_REMOTE_TRANSPORT=none
 MPI="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONUNBUFFERED -x EPCOMM_CACHE -x NVSHMEM_REMOTE_TRANSPORT"
 date -u | tee $OUT/info.log
