@@ -225,7 +225,8 @@ class GpuBackend:
         log.info("epcomm gpu: kernels %s in %.2f s (%s)", built.key, time.perf_counter() - t0,
                  "cached" if built.cached else "built")
         self.threads = threads
-        self.grid = int(blocks or min(self.rt.num_sms, int(os.environ.get("EPCOMM_BLOCKS", "1000000"))))
+        want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or self.rt.num_sms
+        self.grid = int(max(1, min(self.rt.num_sms, want)))   # persistent grid: one block per SM at most
         self.Params = _params_struct(R)
 
         A = self.alloc = _Alloc(ctx.device)
@@ -263,6 +264,11 @@ class GpuBackend:
         if A.torch is not None:
             A.torch.cuda.synchronize(ctx.device)
         self.rt.barrier()
+
+    @property
+    def sms_used(self) -> int:
+        """Blocks (= SMs) every kernel of this buffer runs on."""
+        return self.grid
 
     # ---------------------------------------------------------------- plumbing
     def _check_params_size(self):
