@@ -48,6 +48,9 @@ if has pytest; then
   timeout ${T_PYTEST:-420} python3 -m pytest -q -p no:cacheprovider tests/gpu -rA 2>&1 | tee $OUT/pytest.log | grep -E "PASS|FAIL|passed|failed|skipped|Error" | tail -20
   grep -h "cupy\|FAIL" $OUT/pytest.log | head -20
 fi
+if has leadbench; then
+  timeout 130 python3 -m launch bench -t configs/local-2gpu.yaml --timeout 120 -- --quick --case ht,ll 2>&1 | tee $OUT/leadbench.log | tail -25
+fi
 if has sanitizer; then
   timeout ${T_SAN:-150} $MPI compute-sanitizer --tool memcheck --report-api-errors no --print-limit 50 python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/sanitizer.log | tail -30
 fi
