@@ -98,10 +98,12 @@ def _kind(a) -> str:
     raise EPInputError(f"gpu backend takes torch tensors or cupy arrays on the GPU, got {type(a).__name__}")
 
 
-def _ptr(a, kind: str) -> int:
+def _ptr(a, kind: str, device: int | None = None) -> int:
     if kind == "torch":
         if not a.is_cuda:
             raise EPInputError("gpu backend: tensor is on the CPU; pass a CUDA tensor")
+        if device is not None and a.device.index != device:
+            raise EPInputError(f"gpu backend: tensor is on cuda:{a.device.index}, this rank uses cuda:{device}")
         if not a.is_contiguous():
             raise EPInputError("gpu backend: tensor must be contiguous")
         return a.data_ptr()
@@ -356,7 +358,8 @@ class GpuBackend:
         T = int(x.shape[0])
         if T > self.cfg.max_tokens_per_rank:
             raise EPInputError(f"{T} tokens > max_tokens_per_rank={self.cfg.max_tokens_per_rank}")
-        return kind, T, _ptr(x, kind), _ptr(topk_ids, _kind(topk_ids))
+        dev = self.ctx.device
+        return kind, T, _ptr(x, kind, dev), _ptr(topk_ids, _kind(topk_ids), dev)
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
@@ -399,8 +402,8 @@ class GpuBackend:
         kind = _kind(expert_y)
         T = handle.num_tokens
         p = self._base_params(handle.hp, T)
-        p.expert_y = _ptr(expert_y, kind)
-        p.weights = _ptr(topk_weights, _kind(topk_weights))
+        p.expert_y = _ptr(expert_y, kind, self.ctx.device)
+        p.weights = _ptr(topk_weights, _kind(topk_weights), self.ctx.device)
         cp = self._cp & 1
         self._cp += 1
         p.y = self.alloc.ptr(self.ybufs[cp])

@@ -127,7 +127,13 @@ class Runtime:
         """Collective: a zeroed symmetric buffer; returns (buffer, local address, [peer address or 0 per rank])."""
         from cuda.bindings import driver
         nbytes = max(256, (int(nbytes) + 255) // 256 * 256)
-        buf = self.nvc.buffer(nbytes)
+        try:
+            buf = self.nvc.buffer(nbytes)
+        except Exception as e:  # the symmetric heap is sized once, at nvshmem init
+            from ...errors import EPError
+            raise EPError(f"epcomm gpu: cannot allocate {nbytes / 2**20:.0f} MiB of NVSHMEM symmetric memory ({e}); "
+                          f"the heap is NVSHMEM_SYMMETRIC_SIZE={os.environ.get('NVSHMEM_SYMMETRIC_SIZE', 'default')}: "
+                          f"set it larger (or the topology's nvshmem.symmetric_size) before the first EPBuffer") from e
         ptr = int(buf.handle)
         _check(driver.cuMemsetD8(ptr, 0, nbytes), "cuMemsetD8")
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
