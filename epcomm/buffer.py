@@ -165,7 +165,13 @@ class EPBuffer:
             raise
 
     def dispatch(self, x, topk_ids) -> DispatchResult:
-        return self.dispatch_wait(self.dispatch_async(x, topk_ids))
+        """Send and receive in one call (one kernel launch on GPUs)."""
+        self._usable()
+        t = self._call(self._check_tokens, x, topk_ids)
+        res = self._call(self._backend.dispatch, x, topk_ids)
+        res.handle = Handle(self._serial, self._round, t, res.handle)
+        self._round += 1
+        return res
 
     def dispatch_async(self, x, topk_ids) -> Pending:
         self._usable()
@@ -190,15 +196,23 @@ class EPBuffer:
         return res
 
     def combine(self, expert_y, handle, topk_weights):
-        return self.combine_wait(self.combine_async(expert_y, handle, topk_weights))
+        """Send expert rows back and reduce them in one call (one kernel launch on GPUs)."""
+        self._usable()
+        self._call(self._check_combine, expert_y, handle, topk_weights)
+        y = self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights)
+        self._mark_combined(handle.round)
+        return y
 
     def combine_async(self, expert_y, handle, topk_weights) -> Pending:
         self._usable()
         self._call(self._check_combine, expert_y, handle, topk_weights)
         inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights)
-        self._combined.add(handle.round)
-        self._combined.discard(handle.round - 2)
+        self._mark_combined(handle.round)
         return Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
+
+    def _mark_combined(self, rnd: int) -> None:
+        self._combined.add(rnd)
+        self._combined.discard(rnd - 2)
 
     def combine_wait(self, pending: Pending):
         self._usable()
