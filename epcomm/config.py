@@ -20,7 +20,8 @@ class EPConfig:
     mode: "ht" or "ll". fused_shared_expert: group 0 of the output holds the rank's own tokens for the shared expert.
     skip_a2a: tokens go only to experts that live on their own rank (experts replicated; an outside all-reduce
     finishes the sum). allreduce_world_size: ranks that share that all-reduce (shared-expert rows are split among them).
-    timeout_s: deadline of every wait for a peer.
+    timeout_s: deadline of every wait for a peer. num_sms: the most SMs (thread blocks of the persistent grid) the
+    GPU kernels may use, leaving the rest to overlapped compute; None = all of them. The host backend ignores it.
     """
 
     hidden: int
@@ -34,6 +35,7 @@ class EPConfig:
     skip_a2a: bool = False
     allreduce_world_size: int = 1
     timeout_s: float = 30.0
+    num_sms: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -59,6 +61,8 @@ class EPConfig:
         need(self.allreduce_world_size == 1 or self.skip_a2a, "allreduce_world_size",
              "only means something with skip_a2a=True")
         need(isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0, "timeout_s", "must be > 0 seconds")
+        need(self.num_sms is None or (isinstance(self.num_sms, int) and self.num_sms >= 1), "num_sms",
+             "must be None (all SMs) or an int >= 1")
 
     def replace(self, **changes) -> "EPConfig":
         return dataclasses.replace(self, **changes)

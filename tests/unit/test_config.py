@@ -16,6 +16,7 @@ def test_derived_sizes():
     (dict(hidden=100), "hidden"), (dict(num_experts=255), "num_experts"), (dict(topk=0), "topk"),
     (dict(token_format="fp4"), "token_format"), (dict(mode="fast"), "mode"), (dict(max_tokens_per_rank=0), "max_tokens"),
     (dict(allreduce_world_size=2), "allreduce_world_size"), (dict(timeout_s=0), "timeout_s"), (dict(topk=2.0), "topk"),
+    (dict(num_sms=0), "num_sms"),
 ])
 def test_bad_config_names_the_field(bad, field):
     args = dict(hidden=256, topk=4, num_experts=16, max_tokens_per_rank=8, world_size=4)
