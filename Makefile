@@ -4,8 +4,15 @@
 
 PYTHON3 ?= python3
 VENV    := .venv
+# SYSTEM_PYTHON=1: use $(PYTHON3) as it is, no venv and no install (machines without a package index whose Python
+# already has the dependencies, e.g. the GPU image: `make demo SYSTEM_PYTHON=1`).
+ifeq ($(SYSTEM_PYTHON),1)
+PY      := $(PYTHON3)
+STAMP   :=
+else
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.epcomm-installed
+endif
 EXTRAS  ?= test
 
 # >= 2 GPUs: the local GPU config; otherwise the 2-node host-backend config.
