@@ -1,0 +1,46 @@
+#!/bin/bash
+# The lead's device-machine call: demo, smoke and bench on the 2 x H100 machine, logs and JSON/PNG under $OUT.
+# Usage (device machine, repo root, .whl carried): bash tools/lead_run.sh [steps]; steps: comma list of
+# build,demo,bench_local,smoke_local,smoke_sim,bench_sim,pytest (default: all but pytest, in that order).
+set -o pipefail
+STEPS=${1:-build,demo,bench_local,smoke_local,smoke_sim,bench_sim}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=/tmp/epcomm-cache
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+step() { echo "=== $1 ($(date -u +%T))"; }
+{ date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv; } | tee "$OUT/info.log"
+if has build; then step build; ( time timeout 120 python3 -m epcomm.backends.gpu.specs ) 2>&1 | tail -3; fi
+if has demo; then
+  step demo
+  timeout 120 make demo SYSTEM_PYTHON=1 TIMEOUT=110 2>&1 | tee "$OUT/demo.log" | tail -8
+  timeout 90 make demo SYSTEM_PYTHON=1 TIMEOUT=80 ARGS="--format fp8 --mode ll" 2>&1 | tee -a "$OUT/demo.log" | tail -6
+fi
+if has bench_local; then
+  step bench_local
+  timeout ${T_BENCH:-300} python3 -m launch bench -t configs/local-2gpu.yaml --timeout ${T_BENCH:-300} -- \
+    --json "$OUT/bench-local-2gpu.json" --png "$OUT/bench-local-2gpu.png" 2>&1 | tee "$OUT/bench-local.log" | tail -45
+fi
+if has bench_sms; then
+  step bench_sms
+  timeout 120 python3 -m launch bench -t configs/local-2gpu.yaml --timeout 120 -- --case ht --sms 24 \
+    --json "$OUT/bench-local-24sm.json" 2>&1 | tee "$OUT/bench-sms.log" | tail -14
+fi
+if has smoke_local; then
+  step smoke_local
+  timeout 150 python3 -m launch smoke -t configs/local-2gpu.yaml --timeout 150 -- --quick \
+    --json "$OUT/smoke-local-2gpu.json" --png "$OUT/smoke-local-2gpu.png" 2>&1 | tee "$OUT/smoke-local.log" | tail -25
+fi
+if has smoke_sim; then
+  step smoke_sim
+  timeout 150 python3 -m launch smoke -t configs/sim-2node.yaml --timeout 150 -- --quick \
+    --json "$OUT/smoke-sim-2node.json" 2>&1 | tee "$OUT/smoke-sim.log" | tail -12
+fi
+if has bench_sim; then
+  step bench_sim
+  timeout 200 python3 -m launch bench -t configs/sim-2node.yaml --timeout 200 -- --case links,ht,ll \
+    --json "$OUT/bench-sim-2node.json" 2>&1 | tee "$OUT/bench-sim.log" | tail -25
+fi
+if has pytest; then step pytest; timeout 400 python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5; fi
+date -u
