@@ -105,6 +105,31 @@ def main():
                 times["graph_dispatch"].append(ev[0].elapsed_time(ev[1]) * 1e3)
                 times["graph_combine"].append(ev[1].elapsed_time(ev[2]) * 1e3)
         be.synchronize()
+        # steady state: NP dispatch+combine pairs captured in one graph and replayed (no host gap or barrier between
+        # rounds, so no host skew between the ranks): time per pair; then the phase split of the last round from the
+        # kernels' %globaltimer stamps (state words 32..49, see kernels/ep.cu stamp())
+        NP = 16
+        gs = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(cs):
+            with torch.cuda.graph(gs, stream=cs):
+                for _ in range(NP):
+                    r2 = be.dispatch(x, ids)
+                    be.combine(ey, r2.handle, w)
+        torch.cuda.synchronize()
+        times["steady_pair"] = []
+        for it in range(12):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ctx.comm.Barrier()
+            ev[0].record()
+            gs.replay()
+            ev[1].record()
+            torch.cuda.synchronize()
+            if it >= 2:
+                times["steady_pair"].append(ev[0].elapsed_time(ev[1]) * 1e3 / NP)
+        be.synchronize()
+        stamps = be.state[32:50].cpu().numpy().view(np.uint64).astype(np.int64)
+        ph = np.diff(stamps) / 1e3
         med = {k: float(np.median(v)) for k, v in times.items()}
         tok_bytes = cfg.token_bytes()
         # bytes this rank sends: ll = every (token, slot); ht = once per destination rank (approx. by ids)
@@ -119,7 +144,9 @@ def main():
                     f"dispatch {med['dispatch']:.1f} us ({gbs:.0f} GB/s), combine {med['combine']:.1f} us ({cbs:.0f} GB/s), "
                     f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us, combine async "
                     f"{med['combine_async']:.1f} + wait {med['combine_wait']:.1f} us; graph replay dispatch "
-                    f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s")
+                    f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s; "
+                    f"steady pair {med['steady_pair']:.1f} us = [send {ph[0]:.1f} hand {ph[1]:.1f} wait {ph[2]:.1f} "
+                    f"recv {ph[3]:.1f}] gap {ph[4]:.1f} [csend {ph[5]:.1f} wait {ph[6]:.1f} crecv {ph[7]:.1f}] us")
         print(rows[-1], flush=True)
         del y
         be.close()

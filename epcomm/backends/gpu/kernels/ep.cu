@@ -166,9 +166,11 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
 }
 
 // All writes of this block are issued: make them visible, count the block; true in the last block to finish.
-__device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem) {
+__device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem, bool sys = true) {
   __shared__ int last;
-  __threadfence_system();  // every writer orders its own stores (peer stores included) before the count
+  // every writer orders its own stores (peer stores included) before the count; receive phases write only local
+  // memory that later work reads in stream order, so a device-scope fence is enough there
+  if (sys) __threadfence_system(); else __threadfence();
   const int any_shmem = __syncthreads_or(used_nvshmem);
   if (threadIdx.x == 0) {
     if (any_shmem) nvshmem_quiet();
@@ -185,6 +187,14 @@ __device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem) {
 }
 
 __device__ __forceinline__ bool same_node(const Params& p, int d) { return p.peer[d] != nullptr; }
+
+// Phase timestamps (%globaltimer, ns) of the latest round in state words 32..49 (u64 [9]): 0 dispatch send start,
+// 1 block 0's send work issued, 2 last send block signalled, 3 receive wait over (block 0), 4 receive done (last block),
+// 5 combine send start, 6 combine send signalled, 7 combine receive wait over (block 0), 8 combine receive done.
+// One store by one thread per phase: off the data path. Read by tests/gpu/bench_quick.py.
+__device__ __forceinline__ void stamp(const Params& p, int i) {
+  reinterpret_cast<unsigned long long*>(p.state + 32)[i] = gtime();
+}
 
 // Warp copy of n bytes (multiple of 16), 4 x 16 B in flight per lane.
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int n) {
@@ -316,6 +326,7 @@ __device__ void dispatch_send(const Params& p) {
   __shared__ int s_rank[CH * K];   // rank of entry within its expert, -1 if not on d
   __shared__ int s_tslot[CH];      // HT: slot of token for d, -1 if not sent to d
   const unsigned round = cur_round(p, S_DSEND);
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
   const int T = p.T;
   const int ch = max(1, min(CH, p.ch));
@@ -473,29 +484,33 @@ __device__ void dispatch_send(const Params& p) {
   }
 
   // hand over: the last block ships the per-expert histogram rows and the signals
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 1);
   if (block_done(p, S_DSEND, used_shmem)) {
-    for (int d = warp; d < R; d += WARPS) {
+    // the whole block moves the R x HROW counts at once (independent atomics in flight, not HROW / 32 dependent
+    // rounds per warp), each writer fences its own stores, then one thread per destination signals
+    const size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HROW) * 4;
+    for (int q = threadIdx.x; q < R * HROW; q += THREADS) {
+      const int d = q / HROW, l = q % HROW;
       if (SKIP && d != p.me) continue;
-      const bool local = same_node(p, d);
-      size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HROW) * 4;
-      int* dst = local ? reinterpret_cast<int*>(p.peer[d] + hoff)
-                       : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HROW * 4);
-      for (int l = lane; l < HROW; l += 32) dst[l] = atomicExch(&p.hist_acc[d * HROW + l], 0);
-      __threadfence_system();
-      __syncwarp();
-      if (lane == 0) {
-        size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
-        if (local) {
-          st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
-        } else {
-          nvshmem_putmem_signal_nbi(p.sym + hoff, dst, HROW * 4, reinterpret_cast<uint64_t*>(p.sym + soff), round,
-                                    NVSHMEM_SIGNAL_SET, d);
-          nvshmem_quiet();
-        }
+      int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
+                                 : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HROW * 4);
+      dst[l] = atomicExch(&p.hist_acc[d * HROW + l], 0);
+    }
+    __threadfence_system();
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += THREADS) {
+      if (SKIP && d != p.me) continue;
+      size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+      if (same_node(p, d)) {
+        st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+      } else {
+        nvshmem_putmem_signal_nbi(p.sym + hoff, p.sym + p.off_hstage + (size_t)d * HROW * 4, HROW * 4,
+                                  reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, d);
+        nvshmem_quiet();
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0) { __threadfence(); p.state[S_DSEND] = round; }
+    if (threadIdx.x == 0) { stamp(p, 2); __threadfence(); p.state[S_DSEND] = round; }
   }
 }
 
@@ -548,6 +563,7 @@ __device__ void dispatch_recv(const Params& p) {
   (void)nshare_begin;
   const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
   if (!block_wait(p, sig, round, 0, -1, t0)) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
   const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * HROW;
   for (int q = threadIdx.x; q < NL * R; q += THREADS) {
     int l = q / R, s = q % R;
@@ -639,8 +655,8 @@ __device__ void dispatch_recv(const Params& p) {
       if (lane < K) hi[2 + lane] = rows[lane];
     }
   }
-  if (block_done(p, S_DRECV, false)) {
-    if (threadIdx.x == 0) p.state[S_DRECV] = round;
+  if (block_done(p, S_DRECV, false, false)) {
+    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; }
   }
 }
 
@@ -676,6 +692,7 @@ __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
 // expert side: send expert_y rows back to their source ranks
 __device__ void combine_send(const Params& p) {
   const unsigned round = cur_round(p, S_CSEND);
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
   const int par = round & 1;
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
@@ -781,7 +798,12 @@ __device__ void combine_send(const Params& p) {
       else { nvshmem_fence(); nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, s); }
     }
     __syncthreads();
-    if (threadIdx.x == 0) { nvshmem_quiet(); __threadfence(); p.state[S_CSEND] = round; }
+    if (threadIdx.x == 0) {
+      bool remote = false;  // quiet only when some peer was reached through nvshmem (not on the peer-pointer path)
+      for (int s = 0; s < R; ++s) remote |= !(SKIP && s != p.me) && !same_node(p, s);
+      if (remote) nvshmem_quiet();
+      stamp(p, 6); __threadfence(); p.state[S_CSEND] = round;
+    }
   }
 }
 
@@ -794,6 +816,7 @@ __device__ void combine_recv(const Params& p) {
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
   if (!block_wait(p, sig, round, 1, -1, t0)) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
   int s0 = 0, ns = 0;
   if (FUSED) ns = shared_rows(p, &s0);
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
@@ -841,8 +864,8 @@ __device__ void combine_recv(const Params& p) {
       reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * RB)[c] = pack8(a);
     }
   }
-  if (block_done(p, S_CRECV, false)) {
-    if (threadIdx.x == 0) p.state[S_CRECV] = round;
+  if (block_done(p, S_CRECV, false, false)) {
+    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRECV] = round; }
   }
 }
 
