@@ -144,7 +144,7 @@ class Topology:
         if not self.has_gpus:
             return "host"
         if gpus_available is None:
-            gpus_available = bool(os.environ.get("EPCOMM_FORCE_GPU")) or _count_local_gpus() >= 1
+            gpus_available = bool(os.environ.get("EPCOMM_FORCE_GPU")) or count_local_gpus() >= 1
         return "gpu" if gpus_available else "host"
 
     # ---- construction ----------------------------------------------------------------------------
@@ -227,7 +227,8 @@ class Topology:
         return cls.from_dict(d, source="<json>")
 
 
-def _count_local_gpus() -> int:
+def count_local_gpus() -> int:
+    """GPUs listed by `nvidia-smi -L` (0 when it is missing or fails)."""
     import shutil
     import subprocess
 

@@ -52,16 +52,8 @@ def run_launched(config: str, argv: list[str], timeout: float = 120, env: dict[s
 @functools.lru_cache(maxsize=1)
 def gpu_count() -> int:
     """GPUs listed by `nvidia-smi -L` (0 when it is missing or fails)."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return 0
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    if out.returncode != 0:
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    from epcomm.topology import count_local_gpus
+    return count_local_gpus()
 
 
 def mpi_available() -> bool:
