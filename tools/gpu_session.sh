@@ -15,7 +15,9 @@ date -u | tee $OUT/info.log
 nvidia-smi -L | tee -a $OUT/info.log
 nvidia-smi topo -m 2>&1 | head -5 | tee -a $OUT/info.log
 python3 -c "import torch, cuda.core, mpi4py, nvshmem.core as n; print(torch.__version__, cuda.core.__version__, mpi4py.__version__)" 2>&1 | tee -a $OUT/info.log
-( time timeout 240 python3 -m epcomm.backends.gpu.specs ) 2>&1 | tail -5 | tee -a $OUT/info.log
+# kernels prebuilt on the CPU machine travel in .whl/epcomm-cache (same nvcc 13.0 + NVSHMEM 3.4.5 -> same cache keys)
+[ -d .whl/epcomm-cache ] && cp -n .whl/epcomm-cache/*.cubin /tmp/epcomm-cache/ 2>/dev/null
+( time timeout ${T_BUILD:-240} python3 -m epcomm.backends.gpu.specs ) 2>&1 | tail -5 | tee -a $OUT/info.log
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 if has smoke; then
   timeout ${T_SMOKE:-80} $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras --only ll-bf16 2>&1 | tee $OUT/smoke.log | grep -v "^\s*$" | tail -30

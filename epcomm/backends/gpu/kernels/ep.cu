@@ -256,30 +256,40 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
                                                      int step1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
   if constexpr (FP8) {
-    for (int base = step0 * 32; base < step1 * 32 && base < NCH; base += 32) {
-      int c = base + lane_id();
-      bool act = c < NCH;
-      uint4 v = act ? reinterpret_cast<const uint4*>(xrow)[c] : make_uint4(0, 0, 0, 0);
-      const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-      float f[8];
-      float amax = 0.f;
+    // the slice's SSTEP x 16-B loads of x are issued together, then quantised and stored step by step
+    for (int st0 = step0; st0 < step1; st0 += SSTEP) {
+      uint4 vv[SSTEP];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
+      for (int u = 0; u < SSTEP; ++u) {
+        int c = (st0 + u) * 32 + lane_id();
+        vv[u] = (st0 + u < step1 && c < NCH) ? __ldg(reinterpret_cast<const uint4*>(xrow) + c) : make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
-      for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      float scale = fmaxf(amax, 1e-4f) / 448.0f;
-      if (act) {
-        uint32_t lo = 0, hi = 0;
+      for (int u = 0; u < SSTEP; ++u) {
+        if (st0 + u >= step1) break;
+        int c = (st0 + u) * 32 + lane_id();
+        bool act = c < NCH;
+        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&vv[u]);
+        float f[8];
+        float amax = 0.f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(f[j], scale), __NV_SATFINITE, __NV_E4M3);
-          if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
-        }
+        for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (!dst[k]) continue;
-          reinterpret_cast<uint2*>(dst[k])[c] = make_uint2(lo, hi);
-          if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DB)[c / 16] = scale;
+        for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float scale = fmaxf(amax, 1e-4f) / 448.0f;
+        if (act) {
+          uint32_t lo = 0, hi = 0;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(f[j], scale), __NV_SATFINITE, __NV_E4M3);
+            if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+          }
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            if (!dst[k]) continue;
+            reinterpret_cast<uint2*>(dst[k])[c] = make_uint2(lo, hi);
+            if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DB)[c / 16] = scale;
+          }
         }
       }
     }
@@ -760,11 +770,17 @@ __device__ void combine_send(const Params& p) {
     const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
     if (!block_wait(p, wsig, round, 2, -1, t0)) return;
     const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
-    for (int s = 0; s < R; ++s) {
-      if (SKIP && s != p.me) continue;
-      const int n = p.hcount[s];
-      const bool local = same_node(p, s);
-      for (int i = gw; i < n; i += nw) {
+    // items (source s, token i) of all sources interleaved, each warp alternating sources from one round to the next,
+    // so that rows for the peer (link-bound) and for this rank (HBM-bound) are in flight at the same time
+    const int ns = SKIP ? 1 : R;
+    int nmax = 0;
+    for (int q = 0; q < ns; ++q) nmax = max(nmax, p.hcount[SKIP ? p.me : q]);
+    {
+      for (int g = gw; g < nmax * ns; g += nw) {
+        const int rot = (nw % ns == 0) ? g / nw : 0;
+        const int s = SKIP ? p.me : (g % ns + rot) % ns, i = g / ns;
+        if (i >= p.hcount[s]) continue;
+        const bool local = same_node(p, s);
         const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
         int t = hi[0];
         if (t < 0 || t >= M) { if (lane == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
@@ -778,12 +794,26 @@ __device__ void combine_send(const Params& p) {
         }
         size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * RB;
         char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
-        for (int c = lane; c < H / 8; c += 32) {
-          float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
+        constexpr int CU = 2;
+        for (int c0 = lane; c0 < NCH; c0 += 32 * CU) {
+          uint4 v[CU][K];
 #pragma unroll
-          for (int k = 0; k < K; ++k)
-            if (rows[k] >= 0) acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB)[c], w[k]);
-          reinterpret_cast<uint4*>(dst)[c] = pack8(a);
+          for (int u = 0; u < CU; ++u)
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              const int c = c0 + 32 * u;
+              v[u][k] = (rows[k] >= 0 && c < NCH) ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB) + c)
+                                                  : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+          for (int u = 0; u < CU; ++u) {
+            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+              if (rows[k] >= 0) acc8(a, v[u][k], w[k]);
+            if (c0 + 32 * u < NCH) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
+          }
         }
         __syncwarp();
         if (!local) { nvshmemx_putmem_nbi_warp(p.sym + off, dst, RB, s); used_shmem = true; }
