@@ -31,7 +31,7 @@ class Options:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     quick: bool = False
     link_method: str = "auto"
-    bw_factor: float = analysis.BW_FACTOR
+    bw_factor: float | None = None    # None: 0.5 on GPU configs, 0.2 on host configs (see _analyse_links)
     lat_factor: float = analysis.LAT_FACTOR
     lat_slack_us: float | None = None
     slow_factor: float = analysis.SLOW_FACTOR
@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None) -> Options:
     ap.add_argument("--link-method", choices=("auto", "peer", "mpi"), default="auto",
                     help="GPU configs: auto/peer = CUDA peer copies for pairs on one host, MPI for others; "
                          "mpi = MPI host-memory RMA everywhere")
-    ap.add_argument("--bw-factor", type=float, default=analysis.BW_FACTOR,
-                    help="flag a pair below this x the median bandwidth of its class (default 0.5)")
+    ap.add_argument("--bw-factor", type=float, default=None,
+                    help="flag a pair below this x the median bandwidth of its class (default 0.5 on GPU configs; "
+                         "0.2 on host configs, whose CPU-timed copies swing 2x on busy cores)")
     ap.add_argument("--lat-factor", type=float, default=analysis.LAT_FACTOR,
                     help="flag a pair above this x the median latency of its class (default 3)")
     ap.add_argument("--lat-slack-us", type=float, default=None,
@@ -239,7 +240,8 @@ class Coordinator:
         opts = self.env.opts
         pairs = links.merge(values, self.env.world)
         slack = opts.lat_slack_us if opts.lat_slack_us is not None else (5.0 if self.env.gpu else 50.0)
-        medians = analysis.flag_links(pairs, opts.bw_factor, opts.lat_factor, slack)
+        bw_factor = opts.bw_factor if opts.bw_factor is not None else (analysis.BW_FACTOR if self.env.gpu else 0.2)
+        medians = analysis.flag_links(pairs, bw_factor, opts.lat_factor, slack)
         bw, lat = links.matrices(pairs, self.env.world)
         for v in values.values():
             for s in v.get("stuck_senders", []):
@@ -248,7 +250,7 @@ class Coordinator:
         sz = next((v.get("sizes") for v in values.values() if v), None)
         methods = sorted({p.get("method") for p in pairs if p.get("method")})
         st.update(pairs=pairs, medians=medians, bandwidth_gbps=bw, latency_us=lat, sizes=sz, methods=methods,
-                  thresholds={"bw_factor": opts.bw_factor, "lat_factor": opts.lat_factor, "lat_slack_us": slack})
+                  thresholds={"bw_factor": bw_factor, "lat_factor": opts.lat_factor, "lat_slack_us": slack})
         notes = sorted({p["note"] for p in pairs if p.get("note")})
         if notes:
             st["notes"] = notes

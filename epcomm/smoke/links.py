@@ -92,17 +92,22 @@ class RmaLinks:
         win.Get(back, dst, target=(self.off_big, self.big, B))
         win.Flush(dst)
         readback_ok = bool(np.array_equal(back, big))
+        self.signal(me, dst, nonce, corrupt)
+        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": float(np.median(lats)) * 1e6,
+                "bw_gbps": max(bws), "bytes_small": SMALL, "bytes_big": self.big, "readback_ok": readback_ok}
+
+    def signal(self, me: int, dst: int, nonce: int, corrupt: bool) -> None:
+        """Payload then signal word into dst's window; dst's verify() checks both (every pair, every method)."""
+        B = self.MPI.BYTE
         payload = pattern(SLOT, pair_seed(nonce, me, dst))
         if corrupt:
             payload = payload.copy()
             payload[::97] ^= 0xFF
-        win.Put(payload, dst, target=(self.off_small + me * SLOT, SLOT, B))
-        win.Flush(dst)   # data complete at the target before the signal is written
+        self.win.Put(payload, dst, target=(self.off_small + me * SLOT, SLOT, B))
+        self.win.Flush(dst)   # data complete at the target before the signal is written
         sig = np.array([signal_value(nonce, me)], dtype=np.uint64)
-        win.Put(sig, dst, target=(me * 8, 8, B))
-        win.Flush(dst)
-        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": float(np.median(lats)) * 1e6,
-                "bw_gbps": max(bws), "bytes_small": SMALL, "bytes_big": self.big, "readback_ok": readback_ok}
+        self.win.Put(sig, dst, target=(me * 8, 8, B))
+        self.win.Flush(dst)
 
     def verify(self, me: int, sources: list[int], nonce: int) -> list[dict[str, Any]]:
         """Check the signal word and payload every source wrote here."""
@@ -227,6 +232,8 @@ def run(env) -> dict[str, Any]:
                 if peer is not None and same_host:
                     dev = local_cuda_index(uuids.get(str(d), uuids.get(d)), env.topo.device(d))
                     rec.update(peer.measure(me, dev, sz, corrupt, delay))
+                    # The receiver checks a payload + signal from every sender, whatever carried the big copy.
+                    rma.signal(me, d, nonce, corrupt)
                 else:
                     rec.update(rma.measure(me, d, nonce, sz, corrupt, delay))
                     if env.gpu:
