@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
 # local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
-# steps: comma list of smoke,local,sim,bench,sanitizer (default all but sanitizer)
+# steps: comma list of smoke,local,sim,bench,benchsim,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
+# per-step limits: T_BUILD T_SMOKE T_LOCAL T_SIM T_BENCH T_BENCHSIM T_PYTEST T_SAN; WORKER_ARGS, BENCH_ARGS pass through
 set -o pipefail
 STEPS=${1:-smoke,local,sim,bench}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -29,10 +30,10 @@ if has sim; then
   timeout ${T_SIM:-150} $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
 if has bench; then
-  timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check 2>&1 | tee $OUT/bench_local.log | tail -12
+  timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check ${BENCH_ARGS} 2>&1 | tee $OUT/bench_local.log | grep -E "steady pair|check|FAIL|Error|error" | tail -12
 fi
 if has benchsim; then
-  timeout 100 $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml 2>&1 | tee $OUT/bench_sim.log | tail -6
+  timeout ${T_BENCHSIM:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml ${BENCH_ARGS} 2>&1 | tee $OUT/bench_sim.log | grep -E "steady pair|check|FAIL|Error|error" | tail -12
 fi
 if has example; then
   for a in "--mode ht" "--mode ll" "--mode ht --format fp8 --shared" "--mode ll --format fp8 --shared"; do
