@@ -10,6 +10,7 @@ finalize() forgets it and closes the EPBuffers still open on it (collective, lik
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,32 @@ def _world_comm():
     return MPI.COMM_WORLD
 
 
-def init(topology=None, comm=None, backend: str = "auto") -> Context:
-    """The Context of this process (see module doc). Raises EPInputError on a topology / communicator mismatch."""
+def _abort_job_on_uncaught_exception(comm) -> None:
+    """An exception that ends one rank ends the job: print it, then MPI_Abort.
+
+    Without this, the rank that raised waits in MPI_Finalize at exit while its peers wait for it in a collective (or a
+    signal), and the job only ends at the launcher's --timeout (seen on the GPU machine when one rank failed to import
+    a module inside EPBuffer()). Installed once, by the first init() of a multi-rank job."""
+    if getattr(sys.excepthook, "_epcomm_abort", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        if not issubclass(exc_type, KeyboardInterrupt):
+            sys.stderr.write(f"epcomm: rank {comm.Get_rank()} ended with {exc_type.__name__}; aborting the job\n")
+        sys.stderr.flush()
+        comm.Abort(1)
+
+    hook._epcomm_abort = True
+    sys.excepthook = hook
+
+
+def init(topology=None, comm=None, backend: str = "auto", abort_on_error: bool = True) -> Context:
+    """The Context of this process (see module doc). Raises EPInputError on a topology / communicator mismatch.
+
+    abort_on_error: an exception that reaches the top of a rank's program aborts every rank (MPI_Abort) instead of
+    leaving the peers waiting for their deadline; pass False to handle it yourself."""
     global _CTX, _CTX_KEY
     if backend not in BACKENDS:
         raise EPInputError(f"init: backend must be one of {BACKENDS}, got {backend!r}")
@@ -82,6 +107,8 @@ def init(topology=None, comm=None, backend: str = "auto") -> Context:
 
     comm = _world_comm() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
+    if abort_on_error and size > 1:
+        _abort_job_on_uncaught_exception(comm)
     topo = _load_topology(topology)
     if topo is None:
         topo = Topology.from_env()
