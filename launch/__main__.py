@@ -165,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.update(spec.env)
     sys.stdout.flush()
-    return run_job(spec.command, env=env, timeout=args.timeout, grace=args.grace)
+    try:
+        return run_job(spec.command, env=env, timeout=args.timeout, grace=args.grace)
+    finally:
+        for path in spec.temp_files:  # the ranks are gone: nothing reads the -n topology file any more
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

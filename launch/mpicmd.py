@@ -80,6 +80,7 @@ class JobSpec:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)  # global env exported to every rank
     notes: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)  # written for this job (a -n topology); `run` removes them
 
 
 def user_command(cmd: list[str]) -> list[str]:
@@ -112,6 +113,7 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
     if exe is None:
         exe = "mpirun" if flavor == "openmpi" else "mpiexec"
 
+    made_file = not topo.source
     topo_path = _topo_arg(topo)  # before the env: single_node topologies get a file here
     env = global_environment(topo)
     env.update(extra_env or {})
@@ -145,7 +147,8 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
         raise EPInputError(f"mpi: unknown MPI flavour {flavor!r} (openmpi or mpich)")
     argv += list(mpi_args or [])
     argv += wrapper
-    return JobSpec(topology=topo, flavor=flavor, mpirun=exe, command=argv, env=env, notes=notes)
+    return JobSpec(topology=topo, flavor=flavor, mpirun=exe, command=argv, env=env, notes=notes,
+                   temp_files=[topo_path] if made_file else [])
 
 
 def _topo_arg(topo: Topology) -> str:
