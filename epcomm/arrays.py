@@ -59,6 +59,24 @@ def is_bf16(info: ArrayInfo) -> bool:
     return info.dtype == "bfloat16" or (info.kind == "cupy" and info.dtype in ("uint16", "int16"))
 
 
+def to_torch(a, device):
+    """numpy array -> torch tensor of the same dtype on `device` (a copy; for tests, benchmarks and demos).
+
+    torch.from_numpy knows neither ml_dtypes type, so bf16 and fp8 e4m3 travel as raw bits and are viewed back.
+    The inverse of epcomm.reference.to_numpy. Imports torch on first use."""
+    import torch
+
+    from .formats import BF16, FP8
+    a = np.ascontiguousarray(a)
+    if a.dtype == BF16:
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    elif a.dtype == FP8:
+        t = torch.from_numpy(a.view(np.uint8)).view(torch.float8_e4m3fn)
+    else:
+        t = torch.from_numpy(a)
+    return t.to(device)
+
+
 def type_name(a) -> str:
     """Short description for error messages."""
     info = describe(a)

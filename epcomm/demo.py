@@ -64,10 +64,8 @@ class _TorchArrays:
         torch.cuda.set_device(self.dev)
 
     def put(self, a):
-        torch = self.torch
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(self.dev)
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.dev)
+        from .arrays import to_torch
+        return to_torch(a, self.dev)
 
     def timer(self):
         torch = self.torch

@@ -191,8 +191,8 @@ class Bench:
         for w in self.world_sets(cfg, t):
             x, ids, wt = w.xs[self.rank], w.topk_ids[self.rank], w.topk_weights[self.rank]
             if self.gpu:
-                from .gpu import to_torch
-                x, ids, wt = (to_torch(self.torch, a, self.device) for a in (x, ids, wt))
+                from ..arrays import to_torch
+                x, ids, wt = (to_torch(a, self.device) for a in (x, ids, wt))
             out.append({"x": x, "ids": ids, "w": wt})
         return out
 

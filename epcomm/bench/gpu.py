@@ -6,21 +6,10 @@ from __future__ import annotations
 
 import socket
 
-import numpy as np
-
 from .stats import median
 
 
 # ---------------------------------------------------------------- tensor helpers
-
-def to_torch(torch, a: np.ndarray, device):
-    """numpy (bf16 / int32 / float32) -> torch tensor on `device` (bf16 travels as int16 bits)."""
-    from ..formats import BF16
-    a = np.ascontiguousarray(a)
-    if a.dtype == BF16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(a).to(device)
-
 
 def dequant_fp8_into(torch, out, q, scales, n: int) -> None:
     """out[:n] = bf16(fp32(q[:n]) * scale per 128 channels): identity experts after an fp8 dispatch."""

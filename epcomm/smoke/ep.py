@@ -50,15 +50,8 @@ class Arrays:
     def put(self, a: np.ndarray):
         if not self.gpu or a is None:
             return a
-        torch = self.torch
-        from ..formats import BF16, FP8
-        if a.dtype == BF16:
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-        elif a.dtype == FP8:
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.to(f"cuda:{self.device}")
+        from ..arrays import to_torch
+        return to_torch(a, f"cuda:{self.device}")
 
     def sync(self):
         if self.gpu:
