@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
 # local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
-# steps: comma list of smoke,local,sim,bench,benchsim,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
+# steps: comma list of smoke,local,small,sim,bench,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
+# basebench: bench_quick of the tree in .whl/base.tar (`git archive <commit> -o .whl/base.tar`), same call, same cards
 # per-step limits: T_BUILD T_SMOKE T_LOCAL T_SIM T_BENCH T_BENCHSIM T_PYTEST T_SAN; WORKER_ARGS, BENCH_ARGS pass through
 set -o pipefail
 STEPS=${1:-smoke,local,sim,bench}
@@ -11,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export EPCOMM_CACHE=/tmp/epcomm-cache; mkdir -p ~/.cache /tmp/epcomm-cache; ln -sfn /tmp/epcomm-cache ~/.cache/epcomm
 export NVSHMEM_REMOTE_TRANSPORT=none
-MPI="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONUNBUFFERED -x EPCOMM_CACHE -x NVSHMEM_REMOTE_TRANSPORT"
+MPI="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x PYTHONUNBUFFERED -x EPCOMM_CACHE -x NVSHMEM_REMOTE_TRANSPORT ${EPCOMM_BLOCKS:+-x EPCOMM_BLOCKS}"
 date -u | tee $OUT/info.log
 nvidia-smi -L | tee -a $OUT/info.log
 nvidia-smi topo -m 2>&1 | head -5 | tee -a $OUT/info.log
@@ -26,14 +27,22 @@ fi
 if has local; then
   timeout ${T_LOCAL:-150} $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/local.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
+if has small; then  # a 3-block grid: several send items per block and the ht receive's dynamic path at test sizes
+  EPCOMM_BLOCKS=3 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras 2>&1 | tee $OUT/small.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
+  EPCOMM_BLOCKS=3 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS python3 tests/gpu/worker.py --topology configs/sim-2node.yaml --quick --no-extras 2>&1 | tee $OUT/small-sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
+fi
 if has sim; then
   timeout ${T_SIM:-150} $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
 if has bench; then
-  timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check ${BENCH_ARGS} 2>&1 | tee $OUT/bench_local.log | grep -E "steady pair|check|FAIL|Error|error" | tail -12
+  timeout ${T_BENCH:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --check ${BENCH_ARGS} 2>&1 | tee $OUT/bench_local.log | grep -E "steady pair|floor|check|FAIL|Error|error" | tail -24
 fi
 if has benchsim; then
   timeout ${T_BENCHSIM:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml ${BENCH_ARGS} 2>&1 | tee $OUT/bench_sim.log | grep -E "steady pair|check|FAIL|Error|error" | tail -12
+fi
+if has basebench; then
+  rm -rf /tmp/base && mkdir -p /tmp/base && tar xf .whl/base.tar -C /tmp/base
+  ( cd /tmp/base && export PYTHONPATH=/tmp/site:/tmp/base && timeout ${T_BASE:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml 2>&1 ) | tee $OUT/bench_base.log | grep -E "steady pair|Error|error" | tail -12
 fi
 if has example; then
   for a in "--mode ht" "--mode ll" "--mode ht --format fp8 --shared" "--mode ll --format fp8 --shared"; do

@@ -50,20 +50,24 @@ class Layout:
         self.META = a16(8 + 8 * K) if ht else 16
         self.MSG = a16(self.DB + self.SB + self.META)
         self.HROW = (NL + 1 + 3) // 4 * 4
+        # ht: at most CHMAX token chunks per source, each with a ready flag; count message of CROW ints
+        self.CHMAX = max(128, -(-M // 64)) if ht else 1
+        self.CROW = (NL + 2 + self.CHMAX + 1 + 3) // 4 * 4 if ht else self.HROW
         self.RB = 2 * H
-        MSG, RB, HROW = self.MSG, self.RB, self.HROW
+        MSG, RB, CROW = self.MSG, self.RB, self.CROW
         sizes = [
             ("drecv", 2 * R * M * MSG if ht else 2 * NL * R * M * MSG),
-            ("dhist", 2 * R * HROW * 4),
+            ("dhist", 2 * R * CROW * 4),
             ("dsig", 2 * R * 8),
             ("stage", (M * R * MSG if ht else M * K * MSG) if any_remote else 0),
-            ("hstage", R * HROW * 4),
+            ("hstage", R * CROW * 4),
             ("crecv", 2 * R * M * RB if ht else 2 * M * K * RB),
             ("csig", 2 * R * 8),
             ("wrecv", 2 * R * M * K * 4 if ht else 0),
             ("wsig", 2 * R * 8),
             ("cstage", (R * M * K * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
             ("abort", R * 8),
+            ("dflag", 2 * R * self.CHMAX * 8 if ht else 0),
         ]
         off = 0
         self.off = {}
@@ -77,7 +81,7 @@ def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
             "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err"]
-    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort"]
+    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag"]
     fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
              [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("peer", u64 * R)]
 
@@ -292,7 +296,9 @@ class GpuBackend:
         p = self.Params.from_buffer_copy(tm)
         p.T = T
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
-        p.ch = max(1, min(64, -(-T * ndest // self.grid)))
+        # about one send work item per block; ht: at most CHMAX chunks (kernel clamps the same way)
+        per_block = -(-T * ndest // self.grid)
+        p.ch = max(1, min(64, max(per_block, -(-T // self.L.CHMAX)) if self.cfg.mode == "ht" else per_block))
         return p
 
     def _make_params(self, hp: int):

@@ -48,6 +48,11 @@ constexpr int META = HT ? al16(8 + 8 * K) : 16;
 constexpr int MSG = al16(DB + SB + META);   // one message in the dispatch receive buffer
 constexpr int HROW = (NL + 1 + 3) / 4 * 4;  // ints per (src -> dst) histogram row: [NL] per-expert counts, [NL] tokens
 constexpr int CH = 64;                      // most tokens per send work item (the host picks p.ch <= CH)
+// ht: a source's tokens are cut into at most CHMAX chunks (send work items), each with its own ready flag on the
+// destination, so the receiver expands the chunks that have landed while later ones are still on the link.
+// The count message of ht: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1].
+constexpr int CHMAX = HT ? ((M + CH - 1) / CH > 128 ? (M + CH - 1) / CH : 128) : 1;
+constexpr int CROW = HT ? (NL + 2 + CHMAX + 1 + 3) / 4 * 4 : HROW;
 constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
 
 // Rows are cut into slices so that several warps share one row (latency hiding when there are few rows).
@@ -62,9 +67,11 @@ static_assert(E % R == 0, "experts must divide by ranks");
 static_assert(CH * K <= 4096, "chunk too large");
 static_assert(K <= 32, "topk must be <= 32");
 static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
+static_assert(R * (CHMAX + 1) * 4 <= 36 * 1024, "ht: too many ranks x chunks for the receiver's shared chunk table");
 
 // State words in device memory (uint32).
-enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8 };  // S_DONE + phase
+// Rounds per phase, S_DONE + phase: blocks done, S_RCTR: ht receive work counter (reset by the last block).
+enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16 };
 
 struct ErrRec {  // lives in host-mapped pinned memory
   int flag;      // 0 = none, else code
@@ -99,7 +106,7 @@ struct Params {
   ErrRec* err;              // host-mapped
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
-  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag;
   int T;
   int me;
   int maxr;                 // rows of expert_x
@@ -116,6 +123,11 @@ __device__ __forceinline__ unsigned long long gtime() {
 __device__ __forceinline__ unsigned long long ld_acq(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_rlx(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ void st_rel(unsigned long long* p, unsigned long long v) {
@@ -146,7 +158,7 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
     const unsigned long long* w = sig + s;
     const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
-    while (ld_acq(w) < (unsigned long long)round) {
+    while (ld_rlx(w) < (unsigned long long)round || ld_acq(w) < (unsigned long long)round) {
       if (++spins > 64) {
         spins = 0;
         if (ld_acq(ab) != 0ull) {  // that peer gave up (EPBuffer abort): stop now instead of at the deadline
@@ -165,20 +177,44 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
   return __syncthreads_or(bad) == 0;
 }
 
+// Release fence at system / device scope. One thread fences for its block after a __syncthreads(): the barrier orders
+// every thread's earlier stores (peer stores included) before the fence, and fences are cumulative (the pattern of
+// cooperative groups' grid sync). A fence by each of the 512 threads instead cost ~10 us per hand-over (measured: 14 us
+// between the last send and the signal at 1 token), which was most of the fixed cost of a small dispatch / combine.
+__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// Wait (one thread) until *flag >= round; false on the deadline, the peer's abort, or an error already recorded by
+// another wait (so that a failed round ends at one deadline, not one per chunk).
+__device__ bool thread_wait(const Params& p, const unsigned long long* flag, unsigned round, int phase, int peer,
+                            int what, unsigned long long t0) {
+  const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + peer;
+  int spins = 0;
+  // poll relaxed, acquire once the value is there: an acquire per poll, by hundreds of waiting warps, invalidates
+  // L1 under the warps that copy
+  while (ld_rlx(flag) < (unsigned long long)round || ld_acq(flag) < (unsigned long long)round) {
+    if (++spins > 64) {
+      spins = 0;
+      if (ld_acq(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
+      if (gtime() - t0 > p.timeout_ns) { report(p, ERR_TIMEOUT, peer, what, (int)round, phase); return false; }
+      if (*((volatile int*)&p.err->flag) != 0) return false;
+    }
+  }
+  return true;
+}
+
 // All writes of this block are issued: make them visible, count the block; true in the last block to finish.
+// Receive phases write only local memory that later work reads in stream order: a device-scope fence is enough there.
 __device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem, bool sys = true) {
   __shared__ int last;
-  // every writer orders its own stores (peer stores included) before the count; receive phases write only local
-  // memory that later work reads in stream order, so a device-scope fence is enough there
-  if (sys) __threadfence_system(); else __threadfence();
   const int any_shmem = __syncthreads_or(used_nvshmem);
   if (threadIdx.x == 0) {
     if (any_shmem) nvshmem_quiet();
-    __threadfence_system();
+    if (sys) fence_sys(); else fence_gpu();
     unsigned old = atomicAdd(&p.state[S_DONE + phase_slot], 1u);
     last = (old == gridDim.x - 1);
     if (last) {
-      __threadfence_system();
+      fence_sys();  // acquire: every block's writes (ordered before its count) before the hand-over that follows
       p.state[S_DONE + phase_slot] = 0;
     }
   }
@@ -324,8 +360,55 @@ __device__ __forceinline__ void warp_copy_range(char* dst, const char* src, int 
   for (; i < v1; i += 32) d[i] = s[i];
 }
 
+// Copy 16-byte chunks [v0, v1) of src to every non-null dst[k] by a warp: U x 16 B loads per lane are issued before
+// the first store (one dependent load -> store round per U x 32 chunks instead of one per 32).
+template <int NK, int U = 3>
+__device__ __forceinline__ void warp_copy_multi(char* const (&dst)[NK], const char* src, int v0, int v1) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  for (int b = v0 + lane_id(); b < v1; b += 32 * U) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (b + 32 * u < v1) v[u] = s[b + 32 * u];
+#pragma unroll
+    for (int k = 0; k < NK; ++k) {
+      if (!dst[k]) continue;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (b + 32 * u < v1) reinterpret_cast<uint4*>(dst[k])[b + 32 * u] = v[u];
+    }
+  }
+}
+
 __device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
   return *((volatile unsigned*)&p.state[slot]) + 1u;
+}
+
+// out[0..n] = exclusive prefix sums of in[0..n) (out[n] = total); every thread of the block calls it.
+__device__ void block_exclusive_scan(const int* in, int* out, int n) {
+  __shared__ int s_warp[WARPS];
+  const int per = (n + THREADS - 1) / THREADS;
+  const int b = threadIdx.x * per, e = min(n, b + per);
+  int sum = 0;
+  for (int i = b; i < e; ++i) sum += in[i];
+  // inclusive scan of per-thread sums across the block
+  int v = sum;
+  const int lane = lane_id(), warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += u; }
+  if (lane == 31) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < WARPS ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += u; }
+    if (lane < WARPS) s_warp[lane] = w;
+  }
+  __syncthreads();
+  int acc = v - sum + (warp ? s_warp[warp - 1] : 0);
+  for (int i = b; i < e; ++i) { out[i] = acc; acc += in[i]; }
+  if (threadIdx.x == THREADS - 1) out[n] = acc;
+  __syncthreads();
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch, send
@@ -335,12 +418,15 @@ __device__ void dispatch_send(const Params& p) {
   __shared__ int s_cnt[NL];        // running per-expert count (experts of d)
   __shared__ int s_rank[CH * K];   // rank of entry within its expert, -1 if not on d
   __shared__ int s_tslot[CH];      // HT: slot of token for d, -1 if not sent to d
+  __shared__ int s_ctok[CHMAX + 1];      // HT, last chunk: tokens of each chunk that go to d, then their prefix
+  __shared__ int s_ctpref[CHMAX + 1];
+  __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
   const unsigned round = cur_round(p, S_DSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
   const int T = p.T;
-  const int ch = max(1, min(CH, p.ch));
-  const int nchunks = (T + ch - 1) / ch;
+  const int ch = HT ? max(max(1, min(CH, p.ch)), (T + CHMAX - 1) / CHMAX) : max(1, min(CH, p.ch));
+  const int nchunks = max(1, (T + ch - 1) / ch);   // T = 0: one empty item per destination (counts, flag)
   const int ndest = SKIP ? 1 : R;
   const int nitems = ndest * nchunks;
   bool used_shmem = false;
@@ -350,11 +436,15 @@ __device__ void dispatch_send(const Params& p) {
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
 
   for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
-    const int d = SKIP ? p.me : item / nchunks;
-    const int c = item % nchunks;
+    // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
+    // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
+    const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
+    const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
+    const bool last = HT && c == nchunks - 1;
     const int t0 = c * ch, t1 = min(T, t0 + ch);
     const int lo = d * NL, hi = lo + NL;
     for (int l = threadIdx.x; l < NL; l += THREADS) s_cnt[l] = 0;
+    if (last) for (int q = threadIdx.x; q <= nchunks; q += THREADS) s_ctok[q] = 0;
     __syncthreads();
     // prefix over tokens [0, t0)
     int tok_before = 0;
@@ -367,6 +457,7 @@ __device__ void dispatch_send(const Params& p) {
           int id = p.ids[t * K + k];
           if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
         }
+        if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
       }
       tok_before += __syncthreads_count(goes);
     }
@@ -388,7 +479,7 @@ __device__ void dispatch_send(const Params& p) {
         __syncwarp();
         if (on && (m >> lane) == 1u) {  // highest lane of its group
           s_cnt[id - lo] += __popc(m);
-          atomicAdd(&p.hist_acc[d * HROW + (id - lo)], __popc(m));
+          if (!HT) atomicAdd(&p.hist_acc[d * HROW + (id - lo)], __popc(m));
         }
         if (j < n) s_rank[j] = r;
         __syncwarp();
@@ -404,10 +495,33 @@ __device__ void dispatch_send(const Params& p) {
           if (t < t1) s_tslot[tt + lane] = goes ? tslot + __popc(b & lanemask_lt()) : -1;
           tslot += __popc(b);
         }
-        if (lane == 0) atomicAdd(&p.hist_acc[d * HROW + NL], tslot - tok_before);
+        if (lane == 0) s_chunk_n = tslot - tok_before;
       }
     }
     __syncthreads();
+    if constexpr (HT) {
+      if (last) {  // ship the count message to d (s_cnt now counts tokens [0, T))
+        if (threadIdx.x == 0) s_ctok[c] = s_chunk_n;
+        __syncthreads();
+        block_exclusive_scan(s_ctok, s_ctpref, nchunks);
+        const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * CROW * 4;
+        const bool loc = same_node(p, d);
+        int* cm = loc ? reinterpret_cast<int*>(p.peer[d] + coff)
+                      : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * CROW * 4);
+        for (int l = threadIdx.x; l < NL; l += THREADS) cm[l] = s_cnt[l];
+        for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[NL + 2 + q] = s_ctpref[q];
+        if (threadIdx.x == 0) { cm[NL] = s_ctpref[nchunks]; cm[NL + 1] = nchunks; }
+        __syncthreads();
+        const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+        if (loc) {
+          if (threadIdx.x == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+        } else {
+          nvshmemx_putmem_signal_nbi_block(p.sym + coff, cm, CROW * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                           round, NVSHMEM_SIGNAL_SET, d);
+          used_shmem = true;
+        }
+      }
+    }
     // copy
     const bool local = same_node(p, d);
     char* dbase = (local ? p.peer[d] : p.sym);
@@ -456,20 +570,47 @@ __device__ void dispatch_send(const Params& p) {
         used_shmem = true;
       }
     } else {
-      for (int tt = warp; tt < t1 - t0; tt += WARPS) {
-        int slot = s_tslot[tt];
+      // (token, slice) per warp: every warp of the block is busy even with a few tokens per item, and each lane has
+      // a slice's SSTEP loads of x in flight (one warp per whole row was a chain of NSTEP dependent load -> store
+      // rounds: the small-T latency)
+      const int nt = t1 - t0;
+      for (int w = warp; w < nt * NSL; w += WARPS) {
+        const int tt = w / NSL, sl = w % NSL;
+        const int slot = s_tslot[tt];
         if (slot < 0) continue;
-        int t = t0 + tt;
-        size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG;
-        char* msg = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG;
-        warp_put_token(p, t, msg, reinterpret_cast<float*>(msg + DB));
-        int* meta = reinterpret_cast<int*>(msg + DB + SB);
-        if (lane == 0) { meta[0] = t; meta[1] = 0; }
-        if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
-        __syncwarp();
-        if (!local) {
-          nvshmemx_putmem_nbi_warp(p.sym + off, msg, MSG, d);
-          used_shmem = true;
+        const int t = t0 + tt;
+        const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG;
+        char* dst[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) dst[k] = nullptr;
+        dst[0] = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG;
+        warp_put_token_multi(p, t, dst, sl * SSTEP, min(NSTEP, (sl + 1) * SSTEP));
+        if (sl == 0) {
+          int* meta = reinterpret_cast<int*>(dst[0] + DB + SB);
+          if (lane == 0) { meta[0] = t; meta[1] = 0; }
+          if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
+        }
+      }
+      if (!local) {  // other node: each staged message is complete once all its slices are written
+        __syncthreads();
+        for (int tt = warp; tt < nt; tt += WARPS) {
+          const int slot = s_tslot[tt];
+          if (slot < 0) continue;
+          const int t = t0 + tt;
+          const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * R + d) * MSG, MSG, d);
+        }
+        used_shmem = true;
+      }
+      // this chunk's messages are written: raise its ready flag on d
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const size_t foff = p.off_dflag + (((size_t)par * R + p.me) * CHMAX + c) * 8;
+        if (local) {
+          st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + foff), round);
+        } else {
+          nvshmem_quiet();
+          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + foff), round, NVSHMEM_SIGNAL_SET, d);
         }
       }
     }
@@ -495,8 +636,9 @@ __device__ void dispatch_send(const Params& p) {
 
   // hand over: the last block ships the per-expert histogram rows and the signals
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 1);
-  if (block_done(p, S_DSEND, used_shmem)) {
-    // the whole block moves the R x HROW counts at once (independent atomics in flight, not HROW / 32 dependent
+  const bool last_block = block_done(p, S_DSEND, used_shmem);
+  if (!HT && last_block) {
+    // ll: the whole block moves the R x HROW counts at once (independent atomics in flight, not HROW / 32 dependent
     // rounds per warp), each writer fences its own stores, then one thread per destination signals
     const size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HROW) * 4;
     for (int q = threadIdx.x; q < R * HROW; q += THREADS) {
@@ -506,8 +648,7 @@ __device__ void dispatch_send(const Params& p) {
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HROW * 4);
       dst[l] = atomicExch(&p.hist_acc[d * HROW + l], 0);
     }
-    __threadfence_system();
-    __syncthreads();
+    __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
     const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
     for (int d = threadIdx.x; d < R; d += THREADS) {
       if (SKIP && d != p.me) continue;
@@ -524,35 +665,9 @@ __device__ void dispatch_send(const Params& p) {
     }
     if (any_remote && threadIdx.x == 0) nvshmem_quiet();
     __syncthreads();
-    if (threadIdx.x == 0) { stamp(p, 2); __threadfence(); p.state[S_DSEND] = round; }
   }
-}
-
-// out[0..n] = exclusive prefix sums of in[0..n) (out[n] = total); every thread of the block calls it.
-__device__ void block_exclusive_scan(const int* in, int* out, int n) {
-  __shared__ int s_warp[WARPS];
-  const int per = (n + THREADS - 1) / THREADS;
-  const int b = threadIdx.x * per, e = min(n, b + per);
-  int sum = 0;
-  for (int i = b; i < e; ++i) sum += in[i];
-  // inclusive scan of per-thread sums across the block
-  int v = sum;
-  const int lane = lane_id(), warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += u; }
-  if (lane == 31) s_warp[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < WARPS ? s_warp[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += u; }
-    if (lane < WARPS) s_warp[lane] = w;
-  }
-  __syncthreads();
-  int acc = v - sum + (warp ? s_warp[warp - 1] : 0);
-  for (int i = b; i < e; ++i) { out[i] = acc; acc += in[i]; }
-  if (threadIdx.x == THREADS - 1) out[n] = acc;
-  __syncthreads();
+  // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
+  if (last_block && threadIdx.x == 0) { stamp(p, 2); __threadfence(); p.state[S_DSEND] = round; }
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch, receive
@@ -561,6 +676,8 @@ __device__ void dispatch_recv(const Params& p) {
   __shared__ int s_pref[NL * R + 1];
   __shared__ int s_ntok[R];
   __shared__ int s_tpref[R + 1];
+  __shared__ int s_chpref[HT ? R * (CHMAX + 1) : 1];   // HT: per source, token prefix by chunk
+  __shared__ int s_nch[R];
   const unsigned round = cur_round(p, S_DRECV);
   const int par = round & 1;
   const unsigned long long t0 = gtime();
@@ -578,17 +695,28 @@ __device__ void dispatch_recv(const Params& p) {
   const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
   if (!block_wait(p, sig, round, 0, -1, t0)) return;
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
-  const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * HROW;
+  // ll: the per-expert counts of every source; ht: every source's count message (counts, tokens, chunk table)
+  const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * CROW;
   for (int q = threadIdx.x; q < NL * R; q += THREADS) {
     int l = q / R, s = q % R;
-    s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * HROW + l], HT ? M * K : M);
+    s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * CROW + l], HT ? M * K : M);
   }
-  for (int s = threadIdx.x; s < R; s += THREADS) s_ntok[s] = (SKIP && s != p.me) ? 0 : hist[s * HROW + NL];
+  for (int s = threadIdx.x; s < R; s += THREADS) {
+    s_ntok[s] = (SKIP && s != p.me) ? 0 : min(hist[s * CROW + NL], M);
+    if (HT) s_nch[s] = (SKIP && s != p.me) ? 0 : max(0, min(hist[s * CROW + NL + 1], CHMAX));
+  }
   __syncthreads();
+  if constexpr (HT) {
+    for (int q = threadIdx.x; q < R * (CHMAX + 1); q += THREADS) {
+      const int s = q / (CHMAX + 1), c = q % (CHMAX + 1);
+      s_chpref[q] = c <= s_nch[s] ? hist[s * CROW + NL + 2 + c] : 0x7fffffff;
+    }
+  }
   block_exclusive_scan(s_c, s_pref, NL * R);
   if (threadIdx.x == 0) {
     int ta = 0;
-    for (int s = 0; s < R; ++s) { s_tpref[s] = ta; ta += s_ntok[s]; }
+    // ht receives sources in the order me, me + 1, ... (its own messages land first)
+    for (int q = 0; q < R; ++q) { s_tpref[q] = ta; ta += s_ntok[HT ? (p.me + q) % R : q]; }
     s_tpref[R] = ta;
   }
   __syncthreads();
@@ -625,7 +753,8 @@ __device__ void dispatch_recv(const Params& p) {
       int l = lo / R, s = lo % R, i = j - s_pref[lo];
       const char* msg = rbuf + ((((size_t)par * NL + l) * R + s) * M + i) * MSG;
       int row = nshare + j;
-      warp_copy_range(reinterpret_cast<char*>(p.ex) + (size_t)row * DB, msg, sl * VPS, min(NV, (sl + 1) * VPS));
+      char* const dst[1] = {reinterpret_cast<char*>(p.ex) + (size_t)row * DB};
+      warp_copy_multi<1, (VPS + 31) / 32>(dst, msg, sl * VPS, min(NV, (sl + 1) * VPS));
       if (sl != 0) continue;
       if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)row * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
       if (lane == 0) {
@@ -635,10 +764,42 @@ __device__ void dispatch_recv(const Params& p) {
     }
   } else {
     const int ntot = s_tpref[R];
-    for (int j = gw; j < ntot; j += nw) {
-      int s = 0;
-      while (s + 1 < R && s_tpref[s + 1] <= j) ++s;
-      int i = j - s_tpref[s];
+    constexpr int NV = DB / 16;                       // 16-byte chunks of the data part
+    constexpr int VPS = (NV + NSL - 1) / NSL;
+    // A few messages: (message, slice) units, spread statically over all warps (one pass). Many: whole messages,
+    // taken in order (atomic counter), sources from this rank on, so the blocks that are free early (their send
+    // items went to this rank) expand what has landed while other blocks still send to the peers.
+    const bool dyn = ntot * NSL > nw;
+    const int nunits = dyn ? ntot : ntot * NSL;
+    int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
+    int u = gw;
+    if (dyn) {
+      if (lane == 0) u = (int)atomicAdd(&p.state[S_RCTR], 1u);
+      u = __shfl_sync(0xffffffffu, u, 0);
+    }
+    for (; u < nunits;) {
+      const int j = dyn ? u : u / NSL, sl = dyn ? 0 : u % NSL;
+      int q = 0;
+      while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
+      const int s = (p.me + q) % R;
+      const int i = j - s_tpref[q];
+      // the sender's chunk that holds message i: last c with prefix[c] <= i (binary search in shared memory)
+      const int* cp = s_chpref + s * (CHMAX + 1);
+      int clo = 0, chi = max(1, s_nch[s]);  // invariant: cp[clo] <= i < cp[chi]
+      while (chi - clo > 1) { const int mid = (clo + chi) >> 1; if (cp[mid] <= i) clo = mid; else chi = mid; }
+      if (s != ready_s || clo != ready_c) {
+        bool ok = true;
+        if (lane == 0) {
+          const unsigned long long* f =
+              reinterpret_cast<const unsigned long long*>(p.sym + p.off_dflag) + ((size_t)par * R + s) * CHMAX + clo;
+          ok = thread_wait(p, f, round, 0, s, clo, t0);
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
+        if (!ok) break;
+        ready_s = s;
+        ready_c = clo;
+      }
       const char* msg = rbuf + (((size_t)par * R + s) * M + i) * MSG;
       const int* meta = reinterpret_cast<const int*>(msg + DB + SB);
       int t = meta[0];
@@ -649,28 +810,33 @@ __device__ void dispatch_recv(const Params& p) {
         int l = id - p.me * NL;
         rows[k] = (l >= 0 && l < NL) ? nshare + s_pref[l * R + s] + meta[2 + K + k] : -1;
       }
-      // one read of the message, one write per local expert slot
-      constexpr int NV = DB / 16;
-      const uint4* src = reinterpret_cast<const uint4*>(msg);
-      for (int c = lane; c < NV; c += 32) {
-        uint4 v = src[c];
+      // one read of the message slice, one write per local expert slot
+      char* dst[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k)
-          if (rows[k] >= 0) reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.ex) + (size_t)rows[k] * DB)[c] = v;
-      }
+      for (int k = 0; k < K; ++k) dst[k] = rows[k] >= 0 ? reinterpret_cast<char*>(p.ex) + (size_t)rows[k] * DB : nullptr;
+      if (dyn) warp_copy_multi<K, 7>(dst, msg, 0, NV);
+      else warp_copy_multi<K, (VPS + 31) / 32>(dst, msg, sl * VPS, min(NV, (sl + 1) * VPS));
+      if (sl == 0) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (rows[k] < 0) continue;
-        if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)rows[k] * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
-        if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
+        for (int k = 0; k < K; ++k) {
+          if (rows[k] < 0) continue;
+          if (FP8) for (int c = lane; c < SC; c += 32) p.escale[(size_t)rows[k] * SC + c] = reinterpret_cast<const float*>(msg + DB)[c];
+          if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
+        }
+        int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+        if (lane == 0) { hi[0] = t; hi[1] = 0; }
+        if (lane < K) hi[2 + lane] = rows[lane];
       }
-      int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
-      if (lane == 0) { hi[0] = t; hi[1] = 0; }
-      if (lane < K) hi[2 + lane] = rows[lane];
+      if (dyn) {
+        if (lane == 0) u = (int)atomicAdd(&p.state[S_RCTR], 1u);
+        u = __shfl_sync(0xffffffffu, u, 0);
+      } else {
+        u += nw;
+      }
     }
   }
   if (block_done(p, S_DRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; }
+    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0; }
   }
 }
 
@@ -753,8 +919,7 @@ __device__ void combine_send(const Params& p) {
           for (int i = threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
         }
       }
-      __threadfence_system();
-      __syncthreads();
+      __syncthreads();  // every thread's weight stores before each signalling thread's release (st.release.sys)
       const size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
       const size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
       for (int d = threadIdx.x; d < R; d += THREADS) {
@@ -781,18 +946,19 @@ __device__ void combine_send(const Params& p) {
     const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
     // items (source s, token i) of all sources interleaved, each warp alternating sources from one round to the next,
     // so that rows for the peer (link-bound) and for this rank (HBM-bound) are in flight at the same time
+    // (and each item cut into NSL slices, so that a few tokens still keep every warp busy)
     const int ns = SKIP ? 1 : R;
     int nmax = 0;
     for (int q = 0; q < ns; ++q) nmax = max(nmax, p.hcount[SKIP ? p.me : q]);
     {
-      for (int g = gw; g < nmax * ns; g += nw) {
-        const int rot = (nw % ns == 0) ? g / nw : 0;
-        const int s = SKIP ? p.me : (g % ns + rot) % ns, i = g / ns;
+      for (int u = gw; u < nmax * ns * NSL; u += nw) {
+        const int g = u / NSL, sl = u % NSL;
+        const int s = SKIP ? p.me : g % ns, i = g / ns;
         if (i >= p.hcount[s]) continue;
         const bool local = same_node(p, s);
         const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
         int t = hi[0];
-        if (t < 0 || t >= M) { if (lane == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
+        if (t < 0 || t >= M) { if (lane == 0 && sl == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
         int rows[K];
         float w[K];
 #pragma unroll
@@ -805,15 +971,16 @@ __device__ void combine_send(const Params& p) {
         char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
         // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
         constexpr int CU = 2;
-        for (int c0 = lane; c0 < NCH; c0 += 32 * CU) {
+        const int v0 = sl * CPS, v1 = min(NCH, (sl + 1) * CPS);
+        for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
           uint4 v[CU][K];
 #pragma unroll
           for (int u = 0; u < CU; ++u)
 #pragma unroll
             for (int k = 0; k < K; ++k) {
               const int c = c0 + 32 * u;
-              v[u][k] = (rows[k] >= 0 && c < NCH) ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB) + c)
-                                                  : make_uint4(0, 0, 0, 0);
+              v[u][k] = (rows[k] >= 0 && c < v1) ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB) + c)
+                                                 : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
           for (int u = 0; u < CU; ++u) {
@@ -821,11 +988,14 @@ __device__ void combine_send(const Params& p) {
 #pragma unroll
             for (int k = 0; k < K; ++k)
               if (rows[k] >= 0) acc8(a, v[u][k], w[k]);
-            if (c0 + 32 * u < NCH) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
+            if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
           }
         }
         __syncwarp();
-        if (!local) { nvshmemx_putmem_nbi_warp(p.sym + off, dst, RB, s); used_shmem = true; }
+        if (!local) {
+          nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
+          used_shmem = true;
+        }
       }
     }
   }
