@@ -4,7 +4,8 @@ Run it under the launcher (one rank per GPU):
     python -m launch bench -t configs/local-2gpu.yaml --timeout 600 -- --json bench.json --png bench.png
 Cases: links (copy-engine peer and device copy bandwidth; GPU only), baseline (NCCL all_to_all_single; GPU only),
 ht (4096 tokens, bf16 and fp8 dispatch, bf16 combine, mode "ht"), ll (128 tokens, fp8 dispatch + bf16 combine,
-mode "ll", CUDA graph replay on GPU), sweep (tokens 1..4096, powers of 2, mode "ht", bf16).
+CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht": records differ in "mode"),
+sweep (tokens 1..4096, powers of 2, mode "ht", bf16).
 Every epcomm and baseline shape is checked against epcomm.reference on its first iteration; a wrong result is
 reported as "wrong" and its timings are withheld (exit status 1).
 """
@@ -25,6 +26,7 @@ from . import report
 from .stats import median, slowest_rank, summarize
 
 CASES = ("links", "baseline", "ht", "ll", "sweep")
+LL_MODES = ("ll", "ht")  # EPConfig modes the ll case measures, in this order
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -316,11 +318,12 @@ class Bench:
         self.results.append(rec)
         if status == "ok" and rec["time_us"]:
             tm = rec["time_us"]
-            self.log(f"  {case:<8} {impl:<6} {op:<9} {rec['format']:<4} T={t:<5} {'graph ' if graph else ''}"
+            self.log(f"  {case:<8} {impl:<6} {op:<9} {rec['mode'] or '-':<4} {rec['format']:<4} T={t:<5} "
+                     f"{'graph ' if graph else ''}"
                      f"median {tm['median']:9.1f} us (p10 {tm['p10']:.1f}, p90 {tm['p90']:.1f}); floor "
                      f"{report.fmt_num(fl['floor_us'])} us")
         else:
-            self.log(f"  {case:<8} {impl:<6} {op:<9} T={t}: {status} {error or ''}")
+            self.log(f"  {case:<8} {impl:<6} {op:<9} {rec['mode'] or '-':<4} T={t}: {status} {error or ''}")
         return rec
 
     # ---------------------------------------------------------------- cases
@@ -443,8 +446,8 @@ class Bench:
             note = self.time_graph(case, buf, cfg, t, ops, sets, ey_buf, sms)
             if note is None:
                 return
-            self.log(f"{case}: CUDA graph not usable ({note}); timing eager calls")
-            self.notes.append(f"{case} T={t}: CUDA graph not usable, eager timings reported: {note}")
+            self.log(f"{case} mode {cfg.mode}: CUDA graph not usable ({note}); timing eager calls")
+            self.notes.append(f"{case} mode {cfg.mode} T={t}: CUDA graph not usable, eager timings reported: {note}")
         w, it = a.warmup, a.iters
         rt_y = ey_buf  # fp8 round trip: combine reads a preallocated bf16 expert_y (no dequant in the timed region)
 
@@ -481,7 +484,7 @@ class Bench:
             sx.copy_(s["x"])
             sids.copy_(s["ids"])
             sw.copy_(s["w"])
-        self.log(f"{case}: capturing CUDA graphs (dispatch, combine)")
+        self.log(f"{case} mode {cfg.mode}: capturing CUDA graphs (dispatch, combine)")
         try:
             load(sets[0])
             side = torch.cuda.Stream()
@@ -570,10 +573,14 @@ class Bench:
                 "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
 
     def case_ll(self):
+        # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the
+        # rows earlier runs had, first) and "ht" (one message per (token, destination rank)). Same inputs,
+        # reference check, ops and graph replay; the records differ only in "mode".
         a = self.args
-        cfg = self.cfg("fp8", "ll", a.ll_tokens)
-        self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
-            "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
+        for mode in LL_MODES:
+            cfg = self.cfg("fp8", mode, a.ll_tokens)
+            self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
 
     def case_sweep(self):
         a = self.args

@@ -11,8 +11,10 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
   results [record], errors [str], notes [str] (e.g. --sms not supported, graph fallback), ok (bool: every record verified and no error).
 record:
   case ("ht" | "ll" | "sweep" | "baseline"), impl ("epcomm" | "nccl"), op ("dispatch" | "combine" | "roundtrip"),
-  mode, format, tokens, hidden, topk, num_experts, world_size, graph (bool), status ("ok" | "wrong" | "error" |
-  "n/a"), verified (bool: first iteration of this shape matched epcomm.reference before timing), error (str|null),
+  mode (EPConfig mode of epcomm records, "ht" | "ll"; null for nccl. The ll case has one set of rows per mode,
+  "ll" then "ht", same tokens and inputs; files written before that have only mode "ll" there), format, tokens,
+  hidden, topk, num_experts, world_size, graph (bool), status ("ok" | "wrong" | "error" | "n/a"),
+  verified (bool: first iteration of this shape matched epcomm.reference before timing), error (str|null),
   iters, warmup, input_sets, time_us {median, p10, p90, min, max, mean, n} (slowest rank per iteration) | null,
   per_rank_median_us [rank], host_call_us (median host time of the call), wall_us (median host time to completion),
   bytes {link_send[rank], link_recv[rank], local[rank]}, link_bytes_max, local_bytes_max,
@@ -66,9 +68,11 @@ def link_ratios(results: list[dict]) -> None:
             r.setdefault("ratio_to_nccl", None)
 
 
-COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("fmt", 4), ("tokens", 6), ("graph", 5), ("median", 9),
-           ("p10", 9), ("p90", 9), ("floor", 9), ("link", 9), ("local", 9), ("binds", 6), ("x floor", 7),
+COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("mode", 4), ("fmt", 4), ("tokens", 6), ("graph", 5),
+           ("median", 9), ("p10", 9), ("p90", 9), ("floor", 9), ("link", 9), ("local", 9), ("binds", 6), ("x floor", 7),
            ("x nccl", 7), ("link GB/s", 9), ("sms", 4), ("status", 6))
+
+_BINDS = [name for name, _ in COLUMNS].index("binds")
 
 
 def table(doc: dict) -> str:
@@ -94,15 +98,14 @@ def table(doc: dict) -> str:
     for r in doc.get("results", []):
         t = r.get("time_us") or {}
         fl = r.get("floor") or {}
-        cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("format") or "-", r.get("tokens", "-"),
-                 "yes" if r.get("graph") else "no", fmt_num(t.get("median")), fmt_num(t.get("p10")),
-                 fmt_num(t.get("p90")), fmt_num(fl.get("floor_us")), fmt_num(fl.get("link_us")),
-                 fmt_num(fl.get("local_us")), fl.get("binds") or "n/a", fmt_num(r.get("ratio_to_floor"), ".2f"),
-                 fmt_num(r.get("ratio_to_nccl"), ".2f"), fmt_num(r.get("link_gbps"), ".3g"),
-                 fmt_num(r.get("sms"), "d"), r.get("status"))
-        binds = cells[12]
-        if binds and binds.startswith("dispatch:"):
-            cells = cells[:12] + ("sum",) + cells[13:]
+        cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("mode") or "-", r.get("format") or "-",
+                 r.get("tokens", "-"), "yes" if r.get("graph") else "no", fmt_num(t.get("median")),
+                 fmt_num(t.get("p10")), fmt_num(t.get("p90")), fmt_num(fl.get("floor_us")),
+                 fmt_num(fl.get("link_us")), fmt_num(fl.get("local_us")), fl.get("binds") or "n/a",
+                 fmt_num(r.get("ratio_to_floor"), ".2f"), fmt_num(r.get("ratio_to_nccl"), ".2f"),
+                 fmt_num(r.get("link_gbps"), ".3g"), fmt_num(r.get("sms"), "d"), r.get("status"))
+        if str(cells[_BINDS]).startswith("dispatch:"):
+            cells = cells[:_BINDS] + ("sum",) + cells[_BINDS + 1:]
         lines.append("  ".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, COLUMNS)))
         if r.get("error"):
             lines.append(f"{'':>10}^ {r['error']}")

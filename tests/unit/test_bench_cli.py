@@ -33,3 +33,19 @@ def test_bad_arguments():
         driver.parse(["--case", "ht,nope"])
     with pytest.raises(SystemExit):
         driver.parse(["--sets", "2"])
+
+
+@pytest.mark.parametrize("no_graph", [False, True])
+def test_ll_case_runs_both_modes_alike(no_graph):
+    # the ll case measures one shape per wire design: identical calls except the config's mode
+    a = driver.parse(["--case", "ll"] + (["--no-graph"] if no_graph else []))
+    driver.resolve_shapes(a, "gpu", None)
+    b = driver.Bench.__new__(driver.Bench)
+    b.args, b.world, b.sms_supported = a, 8, False
+    calls = []
+    b.with_buffer = lambda cfg, fn: fn(("buf", cfg.mode))
+    b.run_epcomm_shape = lambda case, buf, cfg, t, ops, graph=False: calls.append(
+        (case, buf, cfg.mode, cfg.token_format, cfg.max_tokens_per_rank, t, ops, graph))
+    b.case_ll()
+    ops = ("dispatch", "combine", "roundtrip")
+    assert calls == [("ll", ("buf", m), m, "fp8", 128, 128, ops, not no_graph) for m in ("ll", "ht")]
