@@ -6,8 +6,9 @@
 
 Rules:
 * Every check runs before anything is sent; a failure raises a one-line EPInputError saying what was expected and
-  what came. Any failure on one rank (bad input included) first writes an abort word into every peer's window, so
-  the peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
+  what came. Any failure on one rank (bad input and timeouts included) first writes an abort word into every peer's
+  window, so the peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their
+  deadline.
   After a failure the buffer is unusable (on every rank); create a new one.
 * Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
@@ -28,7 +29,7 @@ import numpy as np
 
 from .arrays import describe, is_bf16
 from .config import EPConfig
-from .errors import EPError, EPInputError, EPTimeoutError
+from .errors import EPError, EPInputError
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -151,10 +152,9 @@ class EPBuffer:
         """Run a check or backend call; on failure tell the peers (abort word) before raising."""
         try:
             return fn(*args)
-        except EPTimeoutError as e:
-            self._failed = str(e)
-            raise
         except BaseException as e:
+            # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
+            # Only a peer's abort is not passed on (that peer already told everyone).
             self._failed = str(e) or type(e).__name__
             already = isinstance(e, EPError) and " aborted: " in str(e)
             if not already:

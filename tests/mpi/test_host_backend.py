@@ -107,6 +107,33 @@ def test_timeout_names_the_silent_rank(seed):
     assert wall < 60
 
 
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_timeout_aborts_the_peers(seed, mode):
+    # Rank 1 skips its dispatch. Rank 0 (deadline 2 s) times out naming rank 1 and must abort: rank 1 (its dispatch
+    # completes, then its combine waits on rank 0) and ranks 2, 3 (waiting on rank 1) have a 30 s deadline and must
+    # stop at once with an EPError naming rank 0. Every line is printed after EPBuffer.close(): none hung there.
+    short, long_ = 2.0, 30.0
+    t0 = time.monotonic()
+    argv = [WORKER, "timeout", "--seed", str(seed), "--case", f"mode={mode},timeout={long_}",
+            "--deadline", f"0={short}", "--linger", "3"]
+    proc = run_launched("cpu-4rank", argv, timeout=90, env={"EPCOMM_FAULT": "skip_dispatch:rank=1,round=0"})
+    wall = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    hits = {int(r): (kind, float(t), m) for r, kind, t, m in
+            re.findall(r"rank (\d+): (EPTimeoutError|EPError) after ([\d.]+)s: (.*)", out)}
+    assert sorted(hits) == [0, 1, 2, 3], out[-3000:]
+    kind, t, m = hits[0]
+    assert kind == "EPTimeoutError" and "from rank 1 (node 0), which never signalled" in m, (kind, m)
+    assert short <= t < short + 5, t
+    for r in (1, 2, 3):
+        kind, t, m = hits[r]
+        assert kind == "EPError", (r, kind, m)
+        assert m.startswith("rank 0 (node 0) aborted: EPTimeoutError: rank 0 (node 0) timed out"), (r, m)
+        assert t < short + 5, (r, t)   # well under their own 30 s deadline
+    assert wall < 60, wall
+
+
 def test_abort_fails_fast_naming_the_bad_rank(seed):
     proc = run_launched("cpu-4rank", [WORKER, "abort", "--seed", str(seed), "--bad-rank", "2"], timeout=90)
     out = proc.stdout + proc.stderr

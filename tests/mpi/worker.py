@@ -102,6 +102,10 @@ def cmd_cases(args, ctx) -> int:
 def cmd_fault(args, ctx) -> int:
     """timeout: run with EPCOMM_FAULT=skip_dispatch:...; abort: rank args.bad_rank passes bad input in round 1."""
     c = parse_case(args.case[0] if args.case else "")
+    for item in args.deadline:      # RANK=S: this rank gets its own timeout_s (so one rank gives up first)
+        r, _, s = item.partition("=")
+        if int(r) == ctx.rank:
+            c["timeout"] = float(s)
     cfg = make_cfg(c, ctx.world_size)
     t0 = time.monotonic()
     try:
@@ -120,6 +124,7 @@ def cmd_fault(args, ctx) -> int:
         if isinstance(e, epcomm.EPTimeoutError):
             print(f"rank {ctx.rank}: peer={e.rank} node={e.node} what={e.what!r}", file=sys.stderr, flush=True)
         sys.stderr.flush()
+        time.sleep(args.linger)     # the first rank to exit ends the job: give the peers time to print theirs
         os._exit(3)
     print(f"rank {ctx.rank}: no error", flush=True)
     return 0
@@ -229,6 +234,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--case", action="append", default=[])
     ap.add_argument("--bad-rank", type=int, default=1)
+    ap.add_argument("--deadline", action="append", default=[], metavar="RANK=S",
+                    help="timeout/abort: timeout_s of one rank (overrides the case's timeout there)")
+    ap.add_argument("--linger", type=float, default=0.0, metavar="S",
+                    help="timeout/abort: seconds to wait after reporting an error before exiting")
     args = ap.parse_args()
     ctx = epcomm.init()
     if args.cmd == "cases":

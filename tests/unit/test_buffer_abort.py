@@ -1,0 +1,87 @@
+"""EPBuffer's failure handling with a fake backend: which errors abort the peers, and close() after a failure."""
+from __future__ import annotations
+
+import types
+import weakref
+
+import numpy as np
+import pytest
+
+import epcomm.backends
+from epcomm import EPBuffer, EPConfig, EPError, EPTimeoutError
+from epcomm.formats import BF16
+
+
+class FakeBackend:
+    def __init__(self, error=None, abort_raises=False):
+        self.error, self.abort_raises = error, abort_raises
+        self.aborts: list[str] = []
+        self.broken = None
+        self.closed_broken = "not closed"
+
+    def _fail(self, *args):
+        raise self.error
+
+    dispatch = dispatch_wait = combine = combine_wait = synchronize = _fail
+
+    def dispatch_async(self, *args):
+        return object()
+
+    def abort(self, reason):
+        self.aborts.append(reason)
+        if self.abort_raises:
+            raise RuntimeError("abort itself failed")
+
+    def close(self):
+        self.closed_broken = self.broken   # None here would mean a collective free with peers possibly gone
+
+
+def make(monkeypatch, backend):
+    monkeypatch.setattr(epcomm.backends, "make_backend", lambda cfg, ctx: backend)
+    ctx = types.SimpleNamespace(world_size=2, backend="host", _buffers=weakref.WeakSet())
+    cfg = EPConfig(hidden=128, topk=2, num_experts=4, max_tokens_per_rank=4, world_size=2, timeout_s=1.0)
+    return EPBuffer(cfg, ctx)
+
+
+def inputs():
+    return np.zeros((2, 128), BF16), np.zeros((2, 2), np.int32)
+
+
+CALLS = {
+    "dispatch": lambda b: b.dispatch(*inputs()),
+    "dispatch_wait": lambda b: b.dispatch_wait(b.dispatch_async(*inputs())),
+    "synchronize": lambda b: b.synchronize(),
+}
+
+
+def timeout_error():
+    return EPTimeoutError("rank 0 (node 0) timed out after 1 s waiting for dispatch tokens (round 0) from "
+                          "rank 1 (node 0), which never signalled", rank=1, node=0, what="dispatch tokens round 0",
+                          waiter=0)
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+@pytest.mark.parametrize("abort_raises", [False, True])
+def test_timeout_aborts_the_peers_and_close_stays_local(monkeypatch, call, abort_raises):
+    err = timeout_error()
+    be = FakeBackend(err, abort_raises)
+    buf = make(monkeypatch, be)
+    with pytest.raises(EPTimeoutError) as got:
+        CALLS[call](buf)
+    assert got.value is err                          # raised unchanged, even when the abort itself fails
+    assert be.aborts == [f"EPTimeoutError: {err}"]
+    with pytest.raises(EPError, match="unusable after an earlier failure"):
+        buf.synchronize()
+    buf.close()
+    assert be.closed_broken == str(err)              # close() skipped the collective free
+    assert be.aborts == [f"EPTimeoutError: {err}"]   # and did not abort a second time
+
+
+def test_a_peers_abort_is_not_passed_on(monkeypatch):
+    be = FakeBackend(EPError("rank 1 (node 0) aborted: EPInputError: bad x"))
+    buf = make(monkeypatch, be)
+    with pytest.raises(EPError, match="aborted"):
+        buf.synchronize()
+    assert be.aborts == []
+    buf.close()
+    assert be.closed_broken is not None
