@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
 # local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
-# steps: comma list of smoke,local,small,sim,bench,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
+# steps: comma list of smoke,local,small,sim,bench,tune,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
 # basebench: bench_quick of the tree in .whl/base.tar (`git archive <commit> -o .whl/base.tar`), same call, same cards
 # per-step limits: T_BUILD T_SMOKE T_LOCAL T_SIM T_BENCH T_BENCHSIM T_PYTEST T_SAN; WORKER_ARGS, BENCH_ARGS pass through
 set -o pipefail
@@ -28,8 +28,8 @@ if has local; then
   timeout ${T_LOCAL:-150} $MPI python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/local.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
 fi
 if has small; then  # a 3-block grid: several send items per block and the ht receive's dynamic path at test sizes
-  EPCOMM_BLOCKS=3 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras 2>&1 | tee $OUT/small.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
-  EPCOMM_BLOCKS=3 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS python3 tests/gpu/worker.py --topology configs/sim-2node.yaml --quick --no-extras 2>&1 | tee $OUT/small-sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
+  EPCOMM_BLOCKS=3 EPCOMM_CRECV_BLOCKS=1 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS -x EPCOMM_CRECV_BLOCKS python3 tests/gpu/worker.py --topology configs/local-2gpu.yaml --quick --no-extras 2>&1 | tee $OUT/small.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
+  EPCOMM_BLOCKS=3 EPCOMM_CRECV_BLOCKS=1 timeout ${T_SMALL:-60} ${MPI} -x EPCOMM_BLOCKS -x EPCOMM_CRECV_BLOCKS python3 tests/gpu/worker.py --topology configs/sim-2node.yaml --quick --no-extras 2>&1 | tee $OUT/small-sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out" | head -30
 fi
 if has sim; then
   timeout ${T_SIM:-150} $MPI python3 tests/gpu/worker.py --topology configs/sim-2node.yaml ${WORKER_ARGS} 2>&1 | tee $OUT/sim.log | grep -E "FAIL|SUMMARY|Error|error|timed out|us/round" | head -60
@@ -39,6 +39,12 @@ if has bench; then
 fi
 if has benchsim; then
   timeout ${T_BENCHSIM:-100} $MPI python3 tests/gpu/bench_quick.py --topology configs/sim-2node.yaml ${BENCH_ARGS} 2>&1 | tee $OUT/bench_sim.log | grep -E "steady pair|check|FAIL|Error|error" | tail -12
+fi
+if has tune; then  # ht at 4096: send waves x combine receive blocks, steady pairs (TUNE="waves:crb ...")
+  for v in ${TUNE:-1:0 2:0 1:33 2:33}; do
+    echo "--- EPCOMM_SEND_WAVES=${v%%:*} EPCOMM_CRECV_BLOCKS=${v##*:}" | tee -a $OUT/tune.log
+    EPCOMM_SEND_WAVES=${v%%:*} EPCOMM_CRECV_BLOCKS=${v##*:} timeout 60 $MPI -x EPCOMM_SEND_WAVES -x EPCOMM_CRECV_BLOCKS python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --only ht-bf16,ht-fp8 --steady-only 2>&1 | tee -a $OUT/tune.log | grep -E "rank 0.*steady|Error|error" | tail -4
+  done
 fi
 if has basebench; then
   rm -rf /tmp/base && mkdir -p /tmp/base && tar xf .whl/base.tar -C /tmp/base

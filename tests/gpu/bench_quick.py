@@ -211,7 +211,6 @@ def main():
                     f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s; "
                     f"steady pair {med['steady_pair']:.1f} us (min {min(times['steady_pair']):.1f}) = {phase_text(ph)}")
         print(rows[-1], flush=True)
-        del y
         be.close()
     rows.append(launch_floor(ctx, dev))
     for r in rows:

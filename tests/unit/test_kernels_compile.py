@@ -41,8 +41,8 @@ def test_layout_matches_kernel_constants():
     for cfg in specs.all_configs(2):
         lay = Layout(cfg, any_remote=True)
         assert lay.MSG % 16 == 0 and all(v % 256 == 0 for v in lay.off.values())
-    # 18 pointers + timeout + 12 offsets (8 B each), 4 ints, peer[R]
-    assert ctypes.sizeof(_params_struct(2)) == 8 * 31 + 16 + 8 * 2
+    # 19 pointers + timeout + 13 offsets (8 B each), 5 ints (+ 4 B padding), peer[R]
+    assert ctypes.sizeof(_params_struct(2)) == 8 * 33 + 24 + 8 * 2
 
 
 def test_every_specialisation_compiles_for_sm90():

@@ -51,7 +51,7 @@ class Layout:
         self.MSG = a16(self.DB + self.SB + self.META)
         self.HROW = (NL + 1 + 3) // 4 * 4
         # ht: at most CHMAX token chunks per source, each with a ready flag; count message of CROW ints
-        self.CHMAX = max(128, -(-M // 64)) if ht else 1
+        self.CHMAX = max(256 if R <= 32 else 128, -(-M // 64)) if ht else 1
         self.CROW = (NL + 2 + self.CHMAX + 1 + 3) // 4 * 4 if ht else self.HROW
         self.RB = 2 * H
         MSG, RB, CROW = self.MSG, self.RB, self.CROW
@@ -68,6 +68,7 @@ class Layout:
             ("cstage", (R * M * K * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
             ("abort", R * 8),
             ("dflag", 2 * R * self.CHMAX * 8 if ht else 0),
+            ("cflag", 2 * R * self.CHMAX * 8 if ht else 0),
         ]
         off = 0
         self.off = {}
@@ -80,10 +81,10 @@ class Layout:
 def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
-            "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err"]
-    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag"]
+            "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk"]
+    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag", "cflag"]
     fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
-             [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("peer", u64 * R)]
+             [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("crb", i32), ("peer", u64 * R)]
 
     class Params(ctypes.Structure):
         _fields_ = fields
@@ -256,6 +257,7 @@ class GpuBackend:
                 "hids": A.zeros((M * K,), "i32"),
                 "hinfo": A.zeros((R * M * (2 + K),), "i32"),
                 "hcount": A.zeros((R,), "i32"),
+                "hchunk": A.zeros((R * (self.L.CHMAX + 1) + R,), "i32"),
             }
             self.sets.append(s)
         self.ybufs = [A.empty((M, H), "bf16") for _ in range(2)]
@@ -298,7 +300,17 @@ class GpuBackend:
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
         # about one send work item per block; ht: at most CHMAX chunks (kernel clamps the same way)
         per_block = -(-T * ndest // self.grid)
-        p.ch = max(1, min(64, max(per_block, -(-T // self.L.CHMAX)) if self.cfg.mode == "ht" else per_block))
+        if self.cfg.mode == "ht":
+            # EPCOMM_SEND_WAVES=w: about w items per block (blocks take them from a counter). Measured on 2 x H100,
+            # 4096 tokens: 1 wave 332 us bf16 dispatch, 2 waves 361 us (tools/gpu_session.sh tune)
+            waves = max(1, int(os.environ.get("EPCOMM_SEND_WAVES", "1")))
+            per_block = per_block if per_block <= 16 else -(-per_block // waves)
+            per_block = max(per_block, -(-T // self.L.CHMAX))
+            # EPCOMM_CRECV_BLOCKS=n: in the fused combine, n blocks sum arriving rows from the start instead of
+            # sending. Off by default: on 2 x H100 the combine is HBM-bound and 16-33 such blocks made it 5-20 us
+            # slower (the senders lose what the early receivers gain)
+            p.crb = int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))
+        p.ch = max(1, min(64, per_block))
         return p
 
     def _make_params(self, hp: int):
@@ -307,7 +319,7 @@ class GpuBackend:
         P = self.alloc.ptr
         p.ex = P(s["ex"])
         p.escale = P(s["escale"]) if s["escale"] is not None else 0
-        for n in ("row_offsets", "expert_ids", "src_info", "tpe", "hids", "hinfo", "hcount"):
+        for n in ("row_offsets", "expert_ids", "src_info", "tpe", "hids", "hinfo", "hcount", "hchunk"):
             setattr(p, n, P(s[n]))
         p.sym = self.sym
         p.state = P(self.state)

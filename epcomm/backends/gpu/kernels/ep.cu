@@ -51,7 +51,7 @@ constexpr int CH = 64;                      // most tokens per send work item (t
 // ht: a source's tokens are cut into at most CHMAX chunks (send work items), each with its own ready flag on the
 // destination, so the receiver expands the chunks that have landed while later ones are still on the link.
 // The count message of ht: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1].
-constexpr int CHMAX = HT ? ((M + CH - 1) / CH > 128 ? (M + CH - 1) / CH : 128) : 1;
+constexpr int CHMAX = HT ? ((M + CH - 1) / CH > (R <= 32 ? 256 : 128) ? (M + CH - 1) / CH : (R <= 32 ? 256 : 128)) : 1;
 constexpr int CROW = HT ? (NL + 2 + CHMAX + 1 + 3) / 4 * 4 : HROW;
 constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
 
@@ -68,10 +68,13 @@ static_assert(CH * K <= 4096, "chunk too large");
 static_assert(K <= 32, "topk must be <= 32");
 static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
 static_assert(R * (CHMAX + 1) * 4 <= 36 * 1024, "ht: too many ranks x chunks for the receiver's shared chunk table");
+static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bit)");
 
 // State words in device memory (uint32).
-// Rounds per phase, S_DONE + phase: blocks done, S_RCTR: ht receive work counter (reset by the last block).
-enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16 };
+// Rounds per phase, S_DONE + phase: blocks done, S_RCTR / S_SCTR / S_CSCTR / S_CRCTR: ht work counters of dispatch
+// receive / send and combine send / receive (reset by the last block of the phase).
+enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
+       S_CRCTR = 19, S_FAIL = 20 };  // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead)
 
 struct ErrRec {  // lives in host-mapped pinned memory
   int flag;      // 0 = none, else code
@@ -104,13 +107,15 @@ struct Params {
   unsigned* state;          // device state words
   int* hist_acc;            // [R][HROW] accumulators (device memory, zeroed)
   ErrRec* err;              // host-mapped
+  int* hchunk;              // handle (HT): chunk table of every source [R][CHMAX + 1] (token prefix), then [R] chunks
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
-  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;
   int T;
   int me;
   int maxr;                 // rows of expert_x
   int ch;                   // tokens per send work item (1..CH)
+  int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
@@ -138,6 +143,7 @@ __device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1
 
 __device__ void report(const Params& p, int code, int peer, int what, int round, int phase) {
   ErrRec* e = p.err;
+  atomicExch(&p.state[S_FAIL], 1u);
   if (atomicCAS(&e->flag, 0, code) == 0) {
     e->code = code;
     e->peer = peer;
@@ -158,7 +164,10 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
     const unsigned long long* w = sig + s;
     const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
+    unsigned nap = 32;
     while (ld_rlx(w) < (unsigned long long)round || ld_acq(w) < (unsigned long long)round) {
+      __nanosleep(nap);
+      if (nap < 256) nap <<= 1;
       if (++spins > 64) {
         spins = 0;
         if (ld_acq(ab) != 0ull) {  // that peer gave up (EPBuffer abort): stop now instead of at the deadline
@@ -190,14 +199,17 @@ __device__ bool thread_wait(const Params& p, const unsigned long long* flag, uns
                             int what, unsigned long long t0) {
   const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + peer;
   int spins = 0;
-  // poll relaxed, acquire once the value is there: an acquire per poll, by hundreds of waiting warps, invalidates
-  // L1 under the warps that copy
+  unsigned nap = 32;
+  // Poll relaxed, acquire once the value is there, and back off: hundreds of warps polling flat out (worse: with an
+  // acquire per poll) slowed the copying warps of the whole GPU up to 10x (measured).
   while (ld_rlx(flag) < (unsigned long long)round || ld_acq(flag) < (unsigned long long)round) {
-    if (++spins > 64) {
+    __nanosleep(nap);
+    if (nap < 1024) nap <<= 1;
+    if (++spins > 16) {
       spins = 0;
-      if (ld_acq(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
+      if (ld_rlx(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
       if (gtime() - t0 > p.timeout_ns) { report(p, ERR_TIMEOUT, peer, what, (int)round, phase); return false; }
-      if (*((volatile int*)&p.err->flag) != 0) return false;
+      if (*((volatile unsigned*)&p.state[S_FAIL]) != 0u) return false;   // another wait failed: one deadline
     }
   }
   return true;
@@ -380,6 +392,19 @@ __device__ __forceinline__ void warp_copy_multi(char* const (&dst)[NK], const ch
   }
 }
 
+// Tokens per send work item: the host's choice, clamped so that ht has at most CHMAX chunks per source.
+__device__ __forceinline__ int chunk_tokens(const Params& p) {
+  const int ch = max(1, min(CH, p.ch));
+  return HT ? max(ch, (p.T + CHMAX - 1) / CHMAX) : ch;
+}
+
+// A warp takes the next unit of a dynamic work list (counter in p.state).
+__device__ __forceinline__ int warp_grab(const Params& p, int slot) {
+  int u = 0;
+  if (lane_id() == 0) u = (int)atomicAdd(&p.state[slot], 1u);
+  return __shfl_sync(0xffffffffu, u, 0);
+}
+
 __device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
   return *((volatile unsigned*)&p.state[slot]) + 1u;
 }
@@ -421,11 +446,12 @@ __device__ void dispatch_send(const Params& p) {
   __shared__ int s_ctok[CHMAX + 1];      // HT, last chunk: tokens of each chunk that go to d, then their prefix
   __shared__ int s_ctpref[CHMAX + 1];
   __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
+  __shared__ int s_item;
   const unsigned round = cur_round(p, S_DSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
   const int T = p.T;
-  const int ch = HT ? max(max(1, min(CH, p.ch)), (T + CHMAX - 1) / CHMAX) : max(1, min(CH, p.ch));
+  const int ch = chunk_tokens(p);
   const int nchunks = max(1, (T + ch - 1) / ch);   // T = 0: one empty item per destination (counts, flag)
   const int ndest = SKIP ? 1 : R;
   const int nitems = ndest * nchunks;
@@ -435,7 +461,17 @@ __device__ void dispatch_send(const Params& p) {
   // handle copy of the ids (combine needs them) + the fused shared expert rows
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
 
-  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+  // ht: items taken in order from a counter, so blocks whose items went to this rank (fast) take more of them and
+  // the chunks reach each destination in the order of the list (and so of its receive)
+  auto next_item = [&](int prev) {
+    if (!HT) return prev + (int)gridDim.x;
+    if (threadIdx.x == 0) s_item = (int)atomicAdd(&p.state[S_SCTR], 1u);
+    __syncthreads();
+    const int v = s_item;
+    __syncthreads();
+    return v;
+  };
+  for (int item = HT ? next_item(0) : blockIdx.x; item < nitems; item = next_item(item)) {
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
@@ -667,7 +703,7 @@ __device__ void dispatch_send(const Params& p) {
     __syncthreads();
   }
   // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
-  if (last_block && threadIdx.x == 0) { stamp(p, 2); __threadfence(); p.state[S_DSEND] = round; }
+  if (last_block && threadIdx.x == 0) { stamp(p, 2); p.state[S_SCTR] = 0; __threadfence(); p.state[S_DSEND] = round; }
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch, receive
@@ -734,7 +770,10 @@ __device__ void dispatch_recv(const Params& p) {
       for (int s = 0; s < R; ++s) c += s_c[l * R + s];
       p.tpe[l] = c;
     }
-    if (HT) for (int s = threadIdx.x; s < R; s += THREADS) p.hcount[s] = s_ntok[s];
+    if constexpr (HT) {
+      for (int s = threadIdx.x; s < R; s += THREADS) { p.hcount[s] = s_ntok[s]; p.hchunk[R * (CHMAX + 1) + s] = s_nch[s]; }
+      for (int q = threadIdx.x; q < R * (CHMAX + 1); q += THREADS) p.hchunk[q] = s_chpref[q];
+    }
   }
   // rows past the end: src_info = -1
   for (int i = total * 3 + blockIdx.x * THREADS + threadIdx.x; i < p.maxr * 3; i += gridDim.x * THREADS) p.src_info[i] = -1;
@@ -782,7 +821,8 @@ __device__ void dispatch_recv(const Params& p) {
       int q = 0;
       while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
       const int s = (p.me + q) % R;
-      const int i = j - s_tpref[q];
+      // dynamic: last message first (the sender's chunks go out last chunk first)
+      const int i = dyn ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
       // the sender's chunk that holds message i: last c with prefix[c] <= i (binary search in shared memory)
       const int* cp = s_chpref + s * (CHMAX + 1);
       int clo = 0, chi = max(1, s_nch[s]);  // invariant: cp[clo] <= i < cp[chi]
@@ -870,7 +910,7 @@ __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
 }
 
 // expert side: send expert_y rows back to their source ranks
-__device__ void combine_send(const Params& p) {
+__device__ void combine_send(const Params& p, bool fused) {
   const unsigned round = cur_round(p, S_CSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
   const int par = round & 1;
@@ -939,69 +979,105 @@ __device__ void combine_send(const Params& p) {
       }
       if (any_remote && threadIdx.x == 0) nvshmem_quiet();
     }
-    // step 2 (expert side): reduce each received token's local rows (fp32, weighted) and send one row back
-    const unsigned long long t0 = gtime();
-    const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
-    if (!block_wait(p, wsig, round, 2, -1, t0)) return;
-    const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
-    // items (source s, token i) of all sources interleaved, each warp alternating sources from one round to the next,
-    // so that rows for the peer (link-bound) and for this rank (HBM-bound) are in flight at the same time
-    // (and each item cut into NSL slices, so that a few tokens still keep every warp busy)
-    const int ns = SKIP ? 1 : R;
-    int nmax = 0;
-    for (int q = 0; q < ns; ++q) nmax = max(nmax, p.hcount[SKIP ? p.me : q]);
-    {
-      for (int u = gw; u < nmax * ns * NSL; u += nw) {
-        const int g = u / NSL, sl = u % NSL;
-        const int s = SKIP ? p.me : g % ns, i = g / ns;
-        if (i >= p.hcount[s]) continue;
+    // step 2 (expert side): reduce each received token's local rows (fp32, weighted) and send one row back.
+    // In the fused kernel the last p.crb blocks skip this and receive from the start (combine_recv), so the
+    // source's sums overlap the sends: every (source, token chunk) raises a ready flag on the source when its last
+    // unit is written.
+    __shared__ int s_cp[R * (CHMAX + 1)];   // chunk tables of the sources (message i of s is in s's chunk c)
+    __shared__ int s_cn[R];
+    for (int q = threadIdx.x; q < R * (CHMAX + 1); q += THREADS) s_cp[q] = p.hchunk[q];
+    for (int q = threadIdx.x; q < R; q += THREADS) s_cn[q] = max(0, min(p.hchunk[R * (CHMAX + 1) + q], CHMAX));
+    __syncthreads();
+    const int sb = fused ? (int)gridDim.x - max(0, min(p.crb, (int)gridDim.x - 1)) : (int)gridDim.x;
+    if ((int)blockIdx.x < sb) {
+      const unsigned long long t0 = gtime();
+      const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
+      if (!block_wait(p, wsig, round, 2, -1, t0)) return;
+      const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
+      // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
+      // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
+      // finishes its chunks in about the same order); taken from a counter by whole blocks. The block's warps share
+      // the chunk's (message, slice) units; then one thread raises the chunk's flag on the source (one system-scope
+      // release per chunk: a fence per message, from thousands of warps at once, took ~10 ms).
+      const int ns = SKIP ? 1 : R;
+      int maxnch = 0;
+      for (int q = 0; q < ns; ++q) maxnch = max(maxnch, s_cn[SKIP ? p.me : q]);
+      const int nitems = maxnch * ns;
+      __shared__ int s_citem;
+      auto next_citem = [&]() {
+        if (threadIdx.x == 0) s_citem = (int)atomicAdd(&p.state[S_CSCTR], 1u);
+        __syncthreads();
+        const int v = s_citem;
+        __syncthreads();
+        return v;
+      };
+      for (int item = next_citem(); item < nitems; item = next_citem()) {
+        const int s = SKIP ? p.me : item % ns, c = item / ns;
+        if (c >= s_cn[s]) continue;
+        const int* cp = s_cp + s * (CHMAX + 1);
+        const int i0 = cp[c], i1 = min(cp[c + 1], p.hcount[s]);
+        if (i1 <= i0) continue;   // nothing of s's chunk c came here: s does not wait for it
         const bool local = same_node(p, s);
-        const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
-        int t = hi[0];
-        if (t < 0 || t >= M) { if (lane == 0 && sl == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
-        int rows[K];
-        float w[K];
+        for (int w = warp; w < (i1 - i0) * NSL; w += WARPS) {
+          const int i = i0 + w / NSL, sl = w % NSL;
+          const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+          int t = hi[0];
+          if (t < 0 || t >= M) { if (lane == 0 && sl == 0) report(p, ERR_BAD_SRC, s, i, (int)round, 1); continue; }
+          int rows[K];
+          float w8[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          rows[k] = hi[2 + k];
-          if (rows[k] >= p.maxr) rows[k] = -1;
-          w[k] = wr[(size_t)s * M * K + t * K + k];
-        }
-        size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * RB;
-        char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
-        // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
-        constexpr int CU = 2;
-        const int v0 = sl * CPS, v1 = min(NCH, (sl + 1) * CPS);
-        for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
-          uint4 v[CU][K];
+          for (int k = 0; k < K; ++k) {
+            rows[k] = hi[2 + k];
+            if (rows[k] >= p.maxr) rows[k] = -1;
+            w8[k] = wr[(size_t)s * M * K + t * K + k];
+          }
+          size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * RB;
+          char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
+          // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
+          constexpr int CU = 2;
+          const int v0 = sl * CPS, v1 = min(NCH, (sl + 1) * CPS);
+          for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
+            uint4 v[CU][K];
 #pragma unroll
-          for (int u = 0; u < CU; ++u)
+            for (int u = 0; u < CU; ++u)
 #pragma unroll
-            for (int k = 0; k < K; ++k) {
-              const int c = c0 + 32 * u;
-              v[u][k] = (rows[k] >= 0 && c < v1) ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB) + c)
-                                                 : make_uint4(0, 0, 0, 0);
+              for (int k = 0; k < K; ++k) {
+                const int cc = c0 + 32 * u;
+                v[u][k] = (rows[k] >= 0 && cc < v1) ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * RB) + cc)
+                                                    : make_uint4(0, 0, 0, 0);
+              }
+#pragma unroll
+            for (int u = 0; u < CU; ++u) {
+              float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+              for (int k = 0; k < K; ++k)
+                if (rows[k] >= 0) acc8(a, v[u][k], w8[k]);
+              if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
             }
-#pragma unroll
-          for (int u = 0; u < CU; ++u) {
-            float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-            for (int k = 0; k < K; ++k)
-              if (rows[k] >= 0) acc8(a, v[u][k], w[k]);
-            if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
+          }
+          __syncwarp();
+          if (!local) {
+            nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
+            used_shmem = true;
           }
         }
-        __syncwarp();
-        if (!local) {
-          nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
-          used_shmem = true;
+        // every row of the chunk is written (or put): raise its flag on s
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          const size_t foff = p.off_cflag + (((size_t)par * R + p.me) * CHMAX + c) * 8;
+          if (local) {
+            st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + foff), round);
+          } else {
+            nvshmem_quiet();
+            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + foff), round, NVSHMEM_SIGNAL_SET, s);
+          }
         }
       }
     }
   }
   if (block_done(p, S_CSEND, used_shmem)) {
     for (int s = threadIdx.x; s < R; s += THREADS) {
-      if (SKIP && s != p.me) continue;
+      if (HT || (SKIP && s != p.me)) continue;   // ht: chunk flags instead
       size_t soff = p.off_csig + ((size_t)par * R + p.me) * 8;
       if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), round);
       else { nvshmem_fence(); nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, s); }
@@ -1011,7 +1087,7 @@ __device__ void combine_send(const Params& p) {
       bool remote = false;  // quiet only when some peer was reached through nvshmem (not on the peer-pointer path)
       for (int s = 0; s < R; ++s) remote |= !(SKIP && s != p.me) && !same_node(p, s);
       if (remote) nvshmem_quiet();
-      stamp(p, 6); __threadfence(); p.state[S_CSEND] = round;
+      stamp(p, 6); p.state[S_CSCTR] = 0; __threadfence(); p.state[S_CSEND] = round;
     }
   }
 }
@@ -1023,58 +1099,100 @@ __device__ void combine_recv(const Params& p) {
   const unsigned long long t0 = gtime();
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
-  const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
-  if (!block_wait(p, sig, round, 1, -1, t0)) return;
-  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
   int s0 = 0, ns = 0;
   if (FUSED) ns = shared_rows(p, &s0);
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
   const char* crecv = p.sym + p.off_crecv;
   constexpr int NCH = H / 8;                 // 16-byte chunks per row
   constexpr int NS = (NCH + 31) / 32;        // slices of 32 chunks (one per lane)
-  const int nitems = p.T * NS;
-  for (int it = gw; it < nitems; it += nw) {
-    const int t = it / NS;
-    const int c = (it % NS) * 32 + lane;
-    int ids[K];
-    float w[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) { ids[k] = p.hids[t * K + k]; w[k] = p.weights[t * K + k]; }
-    unsigned dmask = 0;  // HT: destination ranks of this token
-    if (HT) {
+  if constexpr (!HT) {
+    // ll: one signal per rank when all its rows are here
+    const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
+    if (!block_wait(p, sig, round, 1, -1, t0)) return;
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
+    const int nitems = p.T * NS;
+    for (int it = gw; it < nitems; it += nw) {
+      const int t = it / NS;
+      const int c = (it % NS) * 32 + lane;
+      if (c >= NCH) continue;
+      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        int id = ids[k];
-        if (id >= 0 && id < E) { int d = id / NL; if (!SKIP || d == p.me) dmask |= 1u << (d & 31); }
+        const int id = p.hids[t * K + k];
+        if (id < 0 || id >= E || (SKIP && id / NL != p.me)) continue;
+        acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * M + t) * K + k) * RB)[c], p.weights[t * K + k]);
       }
-    }
-    const bool sh = FUSED && t >= s0 && t < s0 + ns;
-    if (c < NCH) {
-      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if constexpr (!HT) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          int id = ids[k];
-          if (id < 0 || id >= E || (SKIP && id / NL != p.me)) continue;
-          acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * M + t) * K + k) * RB)[c], w[k]);
-        }
-      } else {
-        for (int d = 0; d < R; ++d) {
-          if (!((R <= 32) ? ((dmask >> d) & 1u) : 1u)) continue;
-          if (R > 32) {  // generic membership test
-            bool any = false;
-            for (int k = 0; k < K; ++k) any |= (ids[k] >= 0 && ids[k] < E && ids[k] / NL == d);
-            if (!any || (SKIP && d != p.me)) continue;
-          }
-          acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * R + d) * M + t) * RB)[c], 1.0f);
-        }
-      }
-      if (sh) acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)(t - s0) * RB)[c], 1.0f);
+      if (FUSED && t >= s0 && t < s0 + ns) acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)(t - s0) * RB)[c], 1.0f);
       reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * RB)[c] = pack8(a);
+    }
+  } else {
+    // ht: a token's rows are summed as soon as every rank it went to has flagged the token's chunk. A few tokens:
+    // (token, 32-chunk slice) units over all warps; many: whole tokens from a counter, in order.
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
+    const int ch = chunk_tokens(p);
+    const bool dyn = p.T * NS > nw;
+    const int nunits = dyn ? p.T : p.T * NS;
+    const unsigned long long* flags =
+        reinterpret_cast<const unsigned long long*>(p.sym + p.off_cflag) + (size_t)par * R * CHMAX;
+    int ready_c = -1;
+    unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
+    for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+      const int t = dyn ? u : u / NS;
+      unsigned long long dmask = 0;   // destination ranks of this token
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int id = p.hids[t * K + k];
+        if (id >= 0 && id < E) { const int d = id / NL; if (!SKIP || d == p.me) dmask |= 1ull << d; }
+      }
+      const int c = t / ch;
+      if (c != ready_c) { ready_c = c; ready = 0; }
+      const unsigned long long need = dmask & ~ready;
+      if (need) {
+        bool ok = true;
+        if (lane == 0) {
+          for (int d = 0; d < R && ok; ++d)
+            if ((need >> d) & 1ull) ok = thread_wait(p, flags + (size_t)d * CHMAX + c, round, 1, d, c, t0);
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        __syncwarp();  // lane 0's acquires before every lane's reads of the rows
+        if (!ok) break;
+        ready |= need;
+      }
+      const bool sh = FUSED && t >= s0 && t < s0 + ns;
+      const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? NCH : min(NCH, c0 - lane + 32);
+      // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)
+      constexpr int UR = 4;
+      for (int cb = c0; cb < c1; cb += 32 * UR) {
+        float a[UR][8];
+#pragma unroll
+        for (int q = 0; q < UR; ++q)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) a[q][e] = 0.f;
+        for (int d = 0; d <= R; ++d) {   // d == R: the shared expert row
+          const char* row;
+          if (d < R) {
+            if (!((dmask >> d) & 1ull)) continue;
+            row = crecv + (((size_t)par * R + d) * M + t) * RB;
+          } else {
+            if (!sh) continue;
+            row = ey + (size_t)(t - s0) * RB;
+          }
+          uint4 v[UR];
+#pragma unroll
+          for (int q = 0; q < UR; ++q)
+            if (cb + 32 * q < c1) v[q] = reinterpret_cast<const uint4*>(row)[cb + 32 * q];
+#pragma unroll
+          for (int q = 0; q < UR; ++q)
+            if (cb + 32 * q < c1) acc8(a[q], v[q], 1.0f);
+        }
+#pragma unroll
+        for (int q = 0; q < UR; ++q)
+          if (cb + 32 * q < c1) reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * RB)[cb + 32 * q] = pack8(a[q]);
+      }
     }
   }
   if (block_done(p, S_CRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRECV] = round; }
+    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
   }
 }
 
@@ -1091,13 +1209,13 @@ extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch(const __
   ep::dispatch_recv(p);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_send(const __grid_constant__ ep::Params p) {
-  ep::combine_send(p);
+  ep::combine_send(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_recv(const __grid_constant__ ep::Params p) {
   ep::combine_recv(p);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine(const __grid_constant__ ep::Params p) {
-  ep::combine_send(p);
+  ep::combine_send(p, true);
   ep::combine_recv(p);
 }
 // sizeof(Params) for the host to check its mirror of the struct
