@@ -27,6 +27,9 @@ def bench_configs(world_size: int = 2) -> list[EPConfig]:
                             token_format=fmt, mode="ll"))
         out.append(EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=4096, world_size=world_size,
                             token_format=fmt, mode="ht"))
+    # the bench's low-latency shape also runs with the ht design (one message per token and rank)
+    out.append(EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=128, world_size=world_size,
+                        token_format="fp8", mode="ht"))
     return out
 
 
