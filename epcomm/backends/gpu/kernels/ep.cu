@@ -439,7 +439,12 @@ __device__ void block_exclusive_scan(const int* in, int* out, int n) {
 // ------------------------------------------------------------------------------------------------ dispatch, send
 // Work item (destination d, token chunk c). Per-entry rank inside its expert (and HT: per-token slot for d) from a
 // prefix count over earlier tokens plus a warp match_any scan of the chunk.
-__device__ void dispatch_send(const Params& p) {
+// fused: send and receive run in one kernel (ep_dispatch). Then, in ht bf16, the messages to this rank itself carry
+// only their metadata and the receiver reads the row from x (one write + one read of every own row less in HBM; the
+// split kernels cannot: the caller may reuse x between dispatch_async and dispatch_wait).
+__device__ __forceinline__ bool own_rows_from_x(bool fused) { return HT && !FP8 && fused; }
+
+__device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_cnt[NL];        // running per-expert count (experts of d)
   __shared__ int s_rank[CH * K];   // rank of entry within its expert, -1 if not on d
   __shared__ int s_tslot[CH];      // HT: slot of token for d, -1 if not sent to d
@@ -610,17 +615,18 @@ __device__ void dispatch_send(const Params& p) {
       // a slice's SSTEP loads of x in flight (one warp per whole row was a chain of NSTEP dependent load -> store
       // rounds: the small-T latency)
       const int nt = t1 - t0;
+      const bool meta_only = own_rows_from_x(fused) && d == p.me;
       for (int w = warp; w < nt * NSL; w += WARPS) {
         const int tt = w / NSL, sl = w % NSL;
         const int slot = s_tslot[tt];
-        if (slot < 0) continue;
+        if (slot < 0 || (meta_only && sl != 0)) continue;
         const int t = t0 + tt;
         const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG;
         char* dst[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) dst[k] = nullptr;
         dst[0] = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG;
-        warp_put_token_multi(p, t, dst, sl * SSTEP, min(NSTEP, (sl + 1) * SSTEP));
+        if (!meta_only) warp_put_token_multi(p, t, dst, sl * SSTEP, min(NSTEP, (sl + 1) * SSTEP));
         if (sl == 0) {
           int* meta = reinterpret_cast<int*>(dst[0] + DB + SB);
           if (lane == 0) { meta[0] = t; meta[1] = 0; }
@@ -707,7 +713,7 @@ __device__ void dispatch_send(const Params& p) {
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch, receive
-__device__ void dispatch_recv(const Params& p) {
+__device__ void dispatch_recv(const Params& p, bool fused) {
   __shared__ int s_c[NL * R];      // rows of expert l from source s (LL / HT alike)
   __shared__ int s_pref[NL * R + 1];
   __shared__ int s_ntok[R];
@@ -805,10 +811,11 @@ __device__ void dispatch_recv(const Params& p) {
     const int ntot = s_tpref[R];
     constexpr int NV = DB / 16;                       // 16-byte chunks of the data part
     constexpr int VPS = (NV + NSL - 1) / NSL;
-    // A few messages: (message, slice) units, spread statically over all warps (one pass). Many: whole messages,
-    // taken in order (atomic counter), sources from this rank on, so the blocks that are free early (their send
-    // items went to this rank) expand what has landed while other blocks still send to the peers.
-    const bool dyn = ntot * NSL > nw;
+    // Up to 4 rounds: (message, slice) units, spread statically over all warps. More: whole messages, taken in
+    // order (atomic counter), sources from this rank on, so the blocks that are free early (their send items went
+    // to this rank) expand what has landed while other blocks still send to the peers. (Whole messages pay only
+    // when every warp has several: at 128 tokens one warp per message took 26 us.)
+    const bool dyn = ntot * NSL > 4 * nw;
     const int nunits = dyn ? ntot : ntot * NSL;
     int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
     int u = gw;
@@ -854,8 +861,11 @@ __device__ void dispatch_recv(const Params& p) {
       char* dst[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) dst[k] = rows[k] >= 0 ? reinterpret_cast<char*>(p.ex) + (size_t)rows[k] * DB : nullptr;
-      if (dyn) warp_copy_multi<K, 7>(dst, msg, 0, NV);
-      else warp_copy_multi<K, (VPS + 31) / 32>(dst, msg, sl * VPS, min(NV, (sl + 1) * VPS));
+      // own tokens (fused bf16): the row comes straight from x
+      const char* src = (own_rows_from_x(fused) && s == p.me && t >= 0 && t < p.T)
+                            ? reinterpret_cast<const char*>(p.x) + (size_t)t * DB : msg;
+      if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
+      else warp_copy_multi<K, (VPS + 31) / 32>(dst, src, sl * VPS, min(NV, (sl + 1) * VPS));
       if (sl == 0) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -1126,11 +1136,11 @@ __device__ void combine_recv(const Params& p) {
       reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * RB)[c] = pack8(a);
     }
   } else {
-    // ht: a token's rows are summed as soon as every rank it went to has flagged the token's chunk. A few tokens:
-    // (token, 32-chunk slice) units over all warps; many: whole tokens from a counter, in order.
+    // ht: a token's rows are summed as soon as every rank it went to has flagged the token's chunk. Up to 4 rounds
+    // of (token, 32-chunk slice) units over all warps; more: whole tokens from a counter, in order.
     if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
     const int ch = chunk_tokens(p);
-    const bool dyn = p.T * NS > nw;
+    const bool dyn = p.T * NS > 4 * nw;
     const int nunits = dyn ? p.T : p.T * NS;
     const unsigned long long* flags =
         reinterpret_cast<const unsigned long long*>(p.sym + p.off_cflag) + (size_t)par * R * CHMAX;
@@ -1199,14 +1209,14 @@ __device__ void combine_recv(const Params& p) {
 }  // namespace ep
 
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_send(const __grid_constant__ ep::Params p) {
-  ep::dispatch_send(p);
+  ep::dispatch_send(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_recv(const __grid_constant__ ep::Params p) {
-  ep::dispatch_recv(p);
+  ep::dispatch_recv(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch(const __grid_constant__ ep::Params p) {
-  ep::dispatch_send(p);
-  ep::dispatch_recv(p);
+  ep::dispatch_send(p, true);
+  ep::dispatch_recv(p, true);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_send(const __grid_constant__ ep::Params p) {
   ep::combine_send(p, false);
