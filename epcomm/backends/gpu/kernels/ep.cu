@@ -4,13 +4,15 @@
 //   EP_H hidden, EP_K topk, EP_E experts, EP_R ranks, EP_M max tokens per rank, EP_FP8 (0/1), EP_HT (0 = "ll", 1 = "ht"),
 //   EP_FUSED (fused shared expert), EP_SKIP (skip_a2a), EP_ARW (allreduce world size), EP_THREADS (block size).
 //
-// Protocol (both modes): every phase is a persistent grid. Work items are grid-strided. Rows are placed at
-// deterministic slots computed with warp match/ballot scans (no data-dependent atomics). When a block has issued all its
-// writes it fences (system scope; nvshmem_quiet for puts) and bumps a per-phase done counter; the last block sends one
-// signal per peer: signal word = round number (monotonic, kept in device memory, so CUDA graph replays and 1000s of
-// back-to-back rounds need no reset). Symmetric buffers are double buffered by round parity. Same-node peers get plain
-// 16-byte stores through peer pointers + st.release.sys; other-node peers get nvshmem put(+signal). Every spin wait has
-// a %globaltimer deadline: on expiry an error record goes to host-mapped pinned memory and the block exits.
+// Protocol: every phase is a persistent grid. Rows are placed at deterministic slots computed with warp match/ballot
+// scans (no data-dependent atomics). ll: work items are grid-strided; when a block has issued all its writes, one
+// thread fences (system scope; nvshmem_quiet for puts) and bumps a per-phase done counter; the last block sends one
+// signal per peer. ht: work items come from counters; each (destination, token chunk) raises its own ready flag, so
+// receivers work on what has landed (see README.md). Flags and signals hold the round number (monotonic, kept in
+// device memory, so CUDA graph replays and 1000s of back-to-back rounds need no reset). Symmetric buffers are double
+// buffered by round parity. Same-node peers get plain 16-byte stores through peer pointers + st.release.sys;
+// other-node peers get nvshmem put(+signal). Every wait has a %globaltimer deadline: on expiry an error record goes to
+// host-mapped pinned memory and the block exits.
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
