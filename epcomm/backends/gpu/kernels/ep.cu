@@ -238,6 +238,17 @@ __device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem, b
 
 __device__ __forceinline__ bool same_node(const Params& p, int d) { return p.peer[d] != nullptr; }
 
+// One thread, after a __syncthreads that ordered the block's writes: set the flag word at symmetric offset `off` on
+// rank `peer` to the round (same node: release store through the peer pointer; other node: quiet, then signal).
+__device__ __forceinline__ void raise_flag(const Params& p, size_t off, int peer, unsigned round) {
+  if (same_node(p, peer)) {
+    st_rel(reinterpret_cast<unsigned long long*>(p.peer[peer] + off), round);
+  } else {
+    nvshmem_quiet();
+    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + off), round, NVSHMEM_SIGNAL_SET, peer);
+  }
+}
+
 // Phase timestamps (%globaltimer, ns) of the latest round in state words 32..49 (u64 [9]): 0 dispatch send start,
 // 1 block 0's send work issued, 2 last send block signalled, 3 receive wait over (block 0), 4 receive done (last block),
 // 5 combine send start, 6 combine send signalled, 7 combine receive wait over (block 0), 8 combine receive done.
@@ -648,15 +659,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       }
       // this chunk's messages are written: raise its ready flag on d
       __syncthreads();
-      if (threadIdx.x == 0) {
-        const size_t foff = p.off_dflag + (((size_t)par * R + p.me) * CHMAX + c) * 8;
-        if (local) {
-          st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + foff), round);
-        } else {
-          nvshmem_quiet();
-          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + foff), round, NVSHMEM_SIGNAL_SET, d);
-        }
-      }
+      if (threadIdx.x == 0) raise_flag(p, p.off_dflag + (((size_t)par * R + p.me) * CHMAX + c) * 8, d, round);
     }
     __syncthreads();
   }
@@ -1075,15 +1078,7 @@ __device__ void combine_send(const Params& p, bool fused) {
         }
         // every row of the chunk is written (or put): raise its flag on s
         __syncthreads();
-        if (threadIdx.x == 0) {
-          const size_t foff = p.off_cflag + (((size_t)par * R + p.me) * CHMAX + c) * 8;
-          if (local) {
-            st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + foff), round);
-          } else {
-            nvshmem_quiet();
-            nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + foff), round, NVSHMEM_SIGNAL_SET, s);
-          }
-        }
+        if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * CHMAX + c) * 8, s, round);
       }
     }
   }
