@@ -78,6 +78,16 @@ class Layout:
         self.total = off
 
 
+def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, chmax: int, waves: int = 1) -> int:
+    """Tokens per send work item (Params.ch; the kernel's chunk_tokens() clamps the same way): about `waves` items
+    per block, 1..64 tokens; ht: at most `chmax` chunks per source (the receiver's chunk table)."""
+    per_block = -(-T * ndest // grid)
+    if ht:
+        per_block = per_block if per_block <= 16 else -(-per_block // max(1, waves))
+        per_block = max(per_block, -(-T // chmax))
+    return max(1, min(64, per_block))
+
+
 def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
@@ -234,6 +244,12 @@ class GpuBackend:
         self.threads = threads
         want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or self.rt.num_sms
         self.grid = int(max(1, min(self.rt.num_sms, want)))   # persistent grid: one block per SM at most
+        # ht tuning knobs, read once (docs/GPU-LOG.md call 13 measured the defaults on 2 x H100):
+        # EPCOMM_SEND_WAVES=w: about w send items per block (1 wave 332 us bf16 dispatch at 4096 tokens, 2 waves 361)
+        # EPCOMM_CRECV_BLOCKS=n: in the fused combine, n blocks sum arriving rows from the start instead of sending
+        # (off: the combine is HBM-bound there and 16-33 such blocks made it 5-20 us slower)
+        self._send_waves = max(1, int(os.environ.get("EPCOMM_SEND_WAVES", "1")))
+        self._crecv_blocks = max(0, int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))) if cfg.mode == "ht" else 0
         self.Params = _params_struct(R)
 
         A = self.alloc = _Alloc(ctx.device)
@@ -298,19 +314,8 @@ class GpuBackend:
         p = self.Params.from_buffer_copy(tm)
         p.T = T
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
-        # about one send work item per block; ht: at most CHMAX chunks (kernel clamps the same way)
-        per_block = -(-T * ndest // self.grid)
-        if self.cfg.mode == "ht":
-            # EPCOMM_SEND_WAVES=w: about w items per block (blocks take them from a counter). Measured on 2 x H100,
-            # 4096 tokens: 1 wave 332 us bf16 dispatch, 2 waves 361 us (tools/gpu_session.sh tune)
-            waves = max(1, int(os.environ.get("EPCOMM_SEND_WAVES", "1")))
-            per_block = per_block if per_block <= 16 else -(-per_block // waves)
-            per_block = max(per_block, -(-T // self.L.CHMAX))
-            # EPCOMM_CRECV_BLOCKS=n: in the fused combine, n blocks sum arriving rows from the start instead of
-            # sending. Off by default: on 2 x H100 the combine is HBM-bound and 16-33 such blocks made it 5-20 us
-            # slower (the senders lose what the early receivers gain)
-            p.crb = int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))
-        p.ch = max(1, min(64, per_block))
+        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.L.CHMAX, self._send_waves)
+        p.crb = self._crecv_blocks
         return p
 
     def _make_params(self, hp: int):

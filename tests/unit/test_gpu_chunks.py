@@ -1,0 +1,36 @@
+"""CPU-only: the host's choice of tokens per send work item (Params.ch) keeps the kernel's limits for every shape."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from epcomm.backends.gpu.backend import Layout, send_chunk_tokens
+from epcomm.config import EPConfig
+
+
+@pytest.mark.parametrize("M", [1, 64, 128, 4096, 16384, 65536])
+def test_chunks_fit_the_receivers_table(M):
+    cfg = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=M, world_size=2, mode="ht")
+    chmax = Layout(cfg, any_remote=False).CHMAX
+    for T, ndest, grid, waves in itertools.product(sorted({0, 1, 2, 7, 63, 127, 128, 129, 1000, M // 2, M}),
+                                                   (1, 2, 8), (1, 3, 24, 132, 148), (1, 2, 3)):
+        if T > M:
+            continue
+        ch = send_chunk_tokens(T, ndest, grid, True, chmax, waves)
+        assert 1 <= ch <= 64
+        assert -(-T // ch) <= chmax, (T, ndest, grid, waves, ch, chmax)   # ceil(T / ch) chunks per source
+
+
+def test_ll_takes_about_one_item_per_block():
+    assert send_chunk_tokens(128, 2, 132, False, 1) == 2          # 128 items of 2 tokens on 132 blocks
+    assert send_chunk_tokens(4096, 2, 132, False, 1) == 63
+    assert send_chunk_tokens(1, 2, 132, False, 1) == 1
+    assert send_chunk_tokens(100000, 2, 132, False, 1) == 64      # capped by the kernel's shared-memory item size
+
+
+def test_ht_waves_split_large_items():
+    one = send_chunk_tokens(4096, 2, 132, True, 256, waves=1)
+    two = send_chunk_tokens(4096, 2, 132, True, 256, waves=2)
+    assert one == 63 and two == 32
+    assert send_chunk_tokens(128, 2, 132, True, 256, waves=2) == 2   # small items are not split further
