@@ -823,12 +823,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     const bool dyn = ntot * NSL > 4 * nw;
     const int nunits = dyn ? ntot : ntot * NSL;
     int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
-    int u = gw;
-    if (dyn) {
-      if (lane == 0) u = (int)atomicAdd(&p.state[S_RCTR], 1u);
-      u = __shfl_sync(0xffffffffu, u, 0);
-    }
-    for (; u < nunits;) {
+    for (int u = dyn ? warp_grab(p, S_RCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_RCTR) : u + nw) {
       const int j = dyn ? u : u / NSL, sl = dyn ? 0 : u % NSL;
       int q = 0;
       while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
@@ -881,12 +876,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
         if (lane == 0) { hi[0] = t; hi[1] = 0; }
         if (lane < K) hi[2 + lane] = rows[lane];
-      }
-      if (dyn) {
-        if (lane == 0) u = (int)atomicAdd(&p.state[S_RCTR], 1u);
-        u = __shfl_sync(0xffffffffu, u, 0);
-      } else {
-        u += nw;
       }
     }
   }
