@@ -29,6 +29,7 @@ class Failure:
     src: int | None = None         # link problems: the pair
     dst: int | None = None
     severity: str = "fail"         # fail | warn
+    waited_on: int | None = None   # timeouts: the peer this rank waited for in vain (it is the first suspect)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,8 +270,9 @@ def verdict(failures: list[Failure], stages_run: list[str], world: int, nodes: i
     if not fails:
         return f"OK: {world} ranks on {nodes} node(s); stages {','.join(stages_run) or 'none'} passed"
     order = {s: i for i, s in enumerate(STAGES)}
-    # a timeout names the stuck rank: most useful first; then stage order
-    first = sorted(fails, key=lambda f: (f.what != "timeout", order.get(f.stage, 99)))[0]
+    # A timeout names the stuck rank: most useful first. A rank that only waited for another one is a victim,
+    # so it comes after the ranks that were stuck themselves; then stage order.
+    first = sorted(fails, key=lambda f: (f.what != "timeout", f.waited_on is not None, order.get(f.stage, 99)))[0]
     more = len(fails) - 1
     tail = f" (+{more} more failure{'s' if more > 1 else ''}, see report)" if more else ""
     return f"FAIL {first.stage}: {first.message}{tail}"

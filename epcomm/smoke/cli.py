@@ -129,7 +129,7 @@ def run_local(name: str, env: StageEnv, threaded: bool) -> dict[str, Any]:
     try:
         out["value"] = guarded(body, env.opts.stage_timeout, name, threaded)
     except StageTimeout as e:
-        out.update(status="timeout", error=str(e))
+        out.update(status="timeout", error=str(e), waited_on=e.waited_on)
     except Exception as e:
         tb = traceback.format_exc().strip().splitlines()
         out.update(status="error", error=f"{type(e).__name__}: {e}", traceback=tb[-6:])
@@ -155,10 +155,10 @@ class Coordinator:
     def _place(self, r: int) -> analysis.Place:
         return self.places[r]
 
-    def _timeout(self, stage: str, r: int, why: str) -> None:
+    def _timeout(self, stage: str, r: int, why: str, waited_on: int | None = None) -> None:
         pl = self._place(r)
         self.failures.append(Failure(stage, "timeout", f"{pl.name()} {why}", rank=r, node=pl.node, host=pl.host,
-                                     device=pl.device))
+                                     device=pl.device, waited_on=waited_on))
         self.abort = True
 
     def run(self) -> int:
@@ -206,7 +206,7 @@ class Coordinator:
         st["per_rank_status"] = [results[r]["status"] if r in results else "missing" for r in range(self.env.world)]
         for r, res in sorted(results.items()):
             if res["status"] == "timeout":
-                self._timeout(name, r, f"stuck in stage {name}: {res['error']}")
+                self._timeout(name, r, f"stuck in stage {name}: {res['error']}", res.get("waited_on"))
             elif res["status"] == "error":
                 pl = self._place(r)
                 self.failures.append(Failure(name, "stage_error", f"{pl.name()}: {res['error']}", rank=r,

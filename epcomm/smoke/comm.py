@@ -132,7 +132,11 @@ class Messenger:
 
 
 class StageTimeout(Exception):
-    pass
+    """A rank gave up waiting. `waited_on` names the peer it waited for, when it knows: that rank, not this one,
+    is the first suspect."""
+    def __init__(self, message: str, waited_on: int | None = None):
+        super().__init__(message)
+        self.waited_on = waited_on
 
 
 def guarded(fn: Callable[[], Any], timeout: float, what: str, threaded: bool = True) -> Any:

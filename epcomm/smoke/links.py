@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .comm import FINISH, TURN, TURN_DONE, StageTimeout, tag
+from .comm import FINISH, TURN, TURN_DONE, Deadline, StageTimeout, tag
 
 SLOT = 4096          # verification payload per source
 SMALL = 64           # latency message
@@ -249,8 +249,11 @@ def run(env) -> dict[str, Any]:
     unmeasured: list[int] = []
     stuck: list[int] = []
     if me == 0:
+        # Turns end well before the stage deadline, so the others still hear FINISH while they wait for it,
+        # even when a hung sender used up every turn's time (the others' deadlines start at about the same time).
+        turns = Deadline(env.deadline.left() - min(2.0, 0.25 * env.deadline.seconds))
         for s in range(R):
-            if env.deadline.expired():
+            if turns.expired():
                 unmeasured.append(s)
                 continue
             if s == 0:
@@ -258,7 +261,7 @@ def run(env) -> dict[str, Any]:
                 measured.append(0)
                 continue
             env.msgr.send(None, s, tag(i, TURN))
-            got = env.msgr.wait_one(s, [tag(i, TURN_DONE)], env.deadline)
+            got = env.msgr.wait_one(s, [tag(i, TURN_DONE)], turns)
             if got is None:
                 stuck.append(s)
             else:
@@ -269,7 +272,7 @@ def run(env) -> dict[str, Any]:
         while True:
             got = env.msgr.wait_one(0, [tag(i, TURN), tag(i, FINISH)], env.deadline)
             if got is None:
-                raise StageTimeout("links: rank 0 sent neither a turn nor the end of the stage")
+                raise StageTimeout("links: rank 0 sent neither a turn nor the end of the stage", waited_on=0)
             t, obj = got
             if t == tag(i, TURN):
                 sent = measure_all()

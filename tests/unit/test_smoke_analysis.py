@@ -104,6 +104,13 @@ def test_verdict_and_exit_code():
     assert (A.exit_code([]), A.exit_code([warn]), A.exit_code([slow]), A.exit_code([slow, hang])) == (0, 0, 1, 3)
 
 
+def test_verdict_blames_the_stuck_rank_not_the_ranks_that_waited_for_it():
+    victim = A.Failure("links", "timeout", "rank 1 node0 (h) stuck: rank 0 sent no turn", rank=1, waited_on=0)
+    culprit = A.Failure("links", "timeout", "rank 2 node0 (h) stuck: no progress", rank=2)
+    assert A.verdict([victim, culprit], ["links"], 4, 1).startswith("FAIL links: rank 2 ")
+    assert A.verdict([victim], ["links"], 4, 1).startswith("FAIL links: rank 1 ")   # alone, it is still named
+
+
 def minimal_report(n=2, ok=True):
     bw = [[None if s == d else 10.0 for d in range(n)] for s in range(n)]
     return {"schema": R.SCHEMA, "ok": ok, "exit_code": 0 if ok else 1, "verdict": "OK: x" if ok else "FAIL links: y",
