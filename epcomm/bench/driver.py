@@ -8,6 +8,9 @@ CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht
 sweep (tokens 1..4096, powers of 2, mode "ht", bf16).
 Every epcomm and baseline shape is checked against epcomm.reference on its first iteration; a wrong result is
 reported as "wrong" and its timings are withheld (exit status 1).
+--compare RECORDED.json checks that this run reproduces a recorded one (epcomm.bench.compare): exit status 3 when
+every result is right but some row is slower than the recorded one by more than --tolerance, or failed, or missing;
+2 when the recorded run has other shapes (found before anything runs).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import traceback
 
 import numpy as np
 
+from . import compare
 from . import floor as floormod
 from . import report
 from .stats import median, slowest_rank, summarize
@@ -58,6 +62,12 @@ def parse(argv=None) -> argparse.Namespace:
                     help="device copy bandwidth for the floor when the links case is not run (GB/s)")
     ap.add_argument("--no-graph", action="store_true", help="ll case: time eager calls instead of graph replays")
     ap.add_argument("--backend", choices=("auto", "host", "gpu"), default="auto")
+    ap.add_argument("--compare", metavar="PATH",
+                    help="a recorded run's JSON (e.g. docs/perf/bench-local-2gpu.json): after the run, print the rows "
+                         "that differ by more than --tolerance and exit 3 if any is slower, failed or missing "
+                         "(checked for the same shapes before anything runs)")
+    ap.add_argument("--tolerance", type=float, default=compare.DEFAULT_TOLERANCE,
+                    help=f"--compare: relative band of 'same' (default {compare.DEFAULT_TOLERANCE:g})")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.case.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
@@ -66,6 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.cases = cases
     if args.sets < 4:
         ap.error("--sets must be >= 4 (inputs rotate so caches do not serve repeated data)")
+    if not args.tolerance > 0:
+        ap.error("--tolerance must be > 0")
     return args
 
 
@@ -645,6 +657,19 @@ def main(argv=None) -> int:
         bench.notes.append(f"--sms {args.sms}: not supported (EPConfig has no num_sms)")
     if ctx.backend != "gpu":
         bench.links = {"status": "n/a", "reason": "host backend: no GPU copy engine"}
+    recorded, why = None, None
+    if args.compare and ctx.rank == 0:   # before anything runs: a wrong file must not cost a whole run
+        try:
+            recorded = compare.load(args.compare)
+            for w in compare.check_comparable(recorded, bench.document(devices)):
+                log(f"--compare: {w}")
+        except compare.NotComparable as e:
+            why = str(e)
+    why = comm.bcast(why, root=0)
+    if why:
+        if ctx.rank == 0:
+            print(f"epcomm.bench: --compare {args.compare}: {why}", file=sys.stderr, flush=True)
+        return 2
 
     def save():
         if ctx.rank == 0 and args.json:
@@ -673,12 +698,21 @@ def main(argv=None) -> int:
         save()
 
     doc = bench.document(devices)
+    slower = False
     if ctx.rank == 0:
         print(report.table(doc), flush=True)
+        if recorded is not None:
+            cmp = compare.compare(recorded, doc, args.tolerance)
+            print(compare.table(cmp, only_changes=True), flush=True)
+            doc["compare"] = {"against": args.compare, **cmp}
+            slower = not cmp["ok"]
         if args.json:
             report.write_json(doc, args.json)
             print(f"json: {args.json}")
         if args.png:
             why = report.write_png(doc, args.png)
             print(f"png: {args.png}" if why is None else f"png: not written ({why})")
-    return 0 if doc["ok"] else 1
+    slower = comm.bcast(slower, root=0)   # every rank exits with the same status
+    if not doc["ok"]:
+        return 1
+    return 3 if slower else 0

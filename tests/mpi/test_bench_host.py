@@ -54,3 +54,27 @@ def test_bench_quick_host(tmp_path):
     assert [(c[2], c[3]) for c in ll_rows] == [(op, m) for m in ("ll", "ht")
                                                for op in ("dispatch", "combine", "roundtrip")], ll_rows
     assert all(c[-1] == "ok" for c in ll_rows)
+
+
+def test_bench_compare_against_a_recorded_run(tmp_path):
+    """--compare: the shapes are checked before anything runs (exit 2), and a run is compared row by row (a band
+    wide enough that the host's noise cannot fail it; the verdict logic is tested in tests/unit)."""
+    pytest.importorskip("mpi4py")
+    first = tmp_path / "first.json"
+    base = [sys.executable, "-m", "launch", "bench", "-t", "configs/cpu-4rank.yaml", "--timeout", "120", "--", "--quick",
+            "--case", "ht"]
+    proc = subprocess.run(base + ["--json", str(first)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = tmp_path / "second.json"
+    proc = subprocess.run(base + ["--case", "ht,sweep", "--sweep-max", "2", "--json", str(second),
+                                  "--compare", str(first), "--tolerance", "100"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cmp = json.loads(second.read_text())["compare"]
+    assert cmp["ok"] and cmp["against"] == str(first)
+    assert {r["verdict"] for r in cmp["rows"]} == {"same", "new"}   # the sweep rows are new
+    assert cmp["counts"]["same"] == 5   # ht: bf16 dispatch, combine, round trip; fp8 dispatch, round trip
+    assert "compare: OK" in proc.stdout
+    proc = subprocess.run(base + ["--hidden", "128", "--compare", str(first)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "settings.hidden: recorded 256, new 128" in proc.stderr, proc.stderr[-3000:]

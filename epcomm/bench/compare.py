@@ -1,0 +1,185 @@
+"""Does a benchmark run reproduce a recorded one? Compare two epcomm.bench JSON documents row by row.
+
+    python -m epcomm.bench.compare docs/perf/bench-local-2gpu.json new.json
+    python -m launch bench -t configs/local-2gpu.yaml -- --compare docs/perf/bench-local-2gpu.json   (after the run)
+
+Rows are matched on (case, impl, op, mode, format, tokens, graph). Each common row shows the recorded and the new
+median, new / recorded, and the same for the ratio to the floor: the floor is measured in each run, so that ratio
+still means something when today's link or card is slower than the recorded one. Verdict per row, on the median:
+"same" (within +-tolerance), "faster", "slower", "failed" (the new row has no timing: wrong, error), "missing"
+(recorded, not in the new run), "new" (only in the new run). The runs must have the same shapes (backend,
+world size, hidden, top-k, experts, routing, SM limit); another topology or card is compared, with a warning.
+
+Exit status: 0 no row slower, failed or missing; 1 some were; 2 the documents cannot be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+SCHEMA = "epcomm.bench-compare/1"
+DEFAULT_TOLERANCE = 0.15   # the lent machines vary by ~5-10 % between calls (docs/PERF.md); more is a change
+KEY = ("case", "impl", "op", "mode", "format", "tokens", "graph")
+BAD = ("slower", "failed", "missing")
+# what must match for a row-by-row comparison to mean anything (top level, then settings)
+SAME_TOP = ("backend", "world_size")
+SAME_SETTINGS = ("hidden", "topk", "num_experts", "routing", "sms_requested")
+
+
+class NotComparable(ValueError):
+    pass
+
+
+def load(path: str) -> dict[str, Any]:
+    """A bench JSON document, with a clear error when it is not one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise NotComparable(f"{path}: cannot read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise NotComparable(f"{path}: not JSON ({e})") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("epcomm.bench/"):
+        raise NotComparable(f"{path}: not an epcomm.bench document (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+    return doc
+
+
+def _cards(doc: dict) -> list[str]:
+    return sorted({d.get("name") for d in (doc.get("devices") or []) if d.get("name")})
+
+
+def _side(doc: dict) -> dict[str, Any]:
+    return {"date": doc.get("date"), "topology": doc.get("topology"), "backend": doc.get("backend"),
+            "cards": _cards(doc)}
+
+
+def _key(rec: dict) -> tuple:
+    return tuple(rec.get(k) for k in KEY)
+
+
+def _median(rec: dict | None) -> float | None:
+    t = (rec or {}).get("time_us") or {}
+    v = t.get("median")
+    return float(v) if (rec or {}).get("status") == "ok" and v else None
+
+
+def _ratio(new, old):
+    return new / old if (new is not None and old) else None
+
+
+def _by_ratio(r: float, tolerance: float) -> str:
+    return "same" if abs(r - 1.0) <= tolerance else ("slower" if r > 1.0 else "faster")
+
+
+def check_comparable(old: dict, new: dict) -> list[str]:
+    """Warnings for differences that leave the comparison meaningful; NotComparable for those that do not."""
+    problems = []
+    for k in SAME_TOP:
+        if old.get(k) != new.get(k):
+            problems.append(f"{k}: recorded {old.get(k)!r}, new {new.get(k)!r}")
+    so, sn = old.get("settings") or {}, new.get("settings") or {}
+    for k in SAME_SETTINGS:
+        if so.get(k) != sn.get(k):
+            problems.append(f"settings.{k}: recorded {so.get(k)!r}, new {sn.get(k)!r}")
+    if problems:
+        raise NotComparable("different shapes, row-by-row times would mislead: " + "; ".join(problems))
+    warnings = []
+    if old.get("topology") != new.get("topology"):
+        warnings.append(f"topology: recorded {old.get('topology')!r}, new {new.get('topology')!r}")
+    if _cards(old) != _cards(new):
+        warnings.append(f"cards: recorded {_cards(old) or 'n/a'}, new {_cards(new) or 'n/a'}")
+    if (so.get("iters"), so.get("quick")) != (sn.get("iters"), sn.get("quick")):
+        warnings.append(f"iterations: recorded {so.get('iters')} (quick {so.get('quick')}), "
+                        f"new {sn.get('iters')} (quick {sn.get('quick')}): fewer iterations, more noise")
+    return warnings
+
+
+def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """The comparison document (schema epcomm.bench-compare/1). Raises NotComparable."""
+    if not tolerance > 0:
+        raise NotComparable(f"tolerance must be > 0, got {tolerance}")
+    warnings = check_comparable(old, new)
+    olds = {_key(r): r for r in old.get("results", [])}
+    news = {_key(r): r for r in new.get("results", [])}
+    ran = set((new.get("settings") or {}).get("cases") or [r.get("case") for r in new.get("results", [])])
+    skipped = sorted({k[0] for k in olds if k[0] not in ran and k not in news})
+    if skipped:
+        warnings.append(f"not run this time, not compared: case {', '.join(map(str, skipped))}")
+    rows = []
+    for k in list(olds) + [k for k in news if k not in olds]:
+        o, n = olds.get(k), news.get(k)
+        if n is None and k[0] in skipped:
+            continue
+        mo, mn = _median(o), _median(n)
+        if mn is not None:
+            verdict = "new" if mo is None else _by_ratio(mn / mo, tolerance)
+        elif n is not None and n.get("status") in ("wrong", "error"):
+            verdict = "failed"
+        elif mo is not None:
+            verdict = "failed" if n is not None else "missing"   # timed before, not now
+        else:
+            continue   # timed in neither run (n/a: no NCCL on the host backend, say)
+        rows.append({**dict(zip(KEY, k)), "old_us": mo, "new_us": mn, "ratio": _ratio(mn, mo),
+                     "old_x_floor": (o or {}).get("ratio_to_floor"), "new_x_floor": (n or {}).get("ratio_to_floor"),
+                     "x_floor_ratio": _ratio((n or {}).get("ratio_to_floor"), (o or {}).get("ratio_to_floor")),
+                     "new_status": (n or {}).get("status"), "verdict": verdict})
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("same", "faster", "slower", "failed", "missing", "new")}
+    return {"schema": SCHEMA, "tolerance": tolerance, "old": _side(old), "new": _side(new), "warnings": warnings,
+            "rows": rows, "counts": counts, "ok": not any(counts[v] for v in BAD)}
+
+
+def _f(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(cmp: dict, only_changes: bool = False) -> str:
+    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'fmt':>4} {'tokens':>6} {'graph':>5} "
+            f"{'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
+    lines = [head, "-" * len(head)]
+    for r in cmp["rows"]:
+        if only_changes and r["verdict"] == "same":
+            continue
+        lines.append(f"{r['case']:>8} {r['impl']:>6} {r['op']:>9} {r['mode'] or '-':>4} {r['format']:>4} "
+                     f"{r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} {_f(r['old_us']):>9} {_f(r['new_us']):>9} "
+                     f"{_f(r['ratio'], '.2f'):>7} {_f(r['old_x_floor'], '.2f'):>7} {_f(r['new_x_floor'], '.2f'):>7}  "
+                     f"{r['verdict']}")
+    for w in cmp["warnings"]:
+        lines.append(f"warning: {w}")
+    lines.append(summary(cmp))
+    return "\n".join(lines)
+
+
+def summary(cmp: dict) -> str:
+    c = cmp["counts"]
+    parts = ", ".join(f"{n} {v}" for v, n in c.items() if n)
+    when = cmp["old"].get("date") or "?"
+    return (f"compare: {'OK' if cmp['ok'] else 'CHANGED'}: {sum(c.values())} rows against the run of {when} "
+            f"({parts or 'nothing in common'}; tolerance +-{cmp['tolerance'] * 100:g} %)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m epcomm.bench.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recorded", help="the recorded run (e.g. docs/perf/bench-local-2gpu.json)")
+    ap.add_argument("new", help="the run to check")
+    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                    help=f"relative band of 'same' (default {DEFAULT_TOLERANCE:g} = +-{DEFAULT_TOLERANCE * 100:g} %%)")
+    ap.add_argument("--changes", action="store_true", help="print only the rows that are not 'same'")
+    ap.add_argument("--json", metavar="PATH", help="write the comparison document here")
+    a = ap.parse_args(argv)
+    try:
+        cmp = compare(load(a.recorded), load(a.new), a.tolerance)
+    except NotComparable as e:
+        print(f"epcomm.bench.compare: {e}", file=sys.stderr)
+        return 2
+    print(table(cmp, a.changes))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(cmp, f, indent=1)
+    return 0 if cmp["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""epcomm.bench.compare: does a run reproduce a recorded one (no MPI, no torch)."""
+import copy
+import json
+
+import pytest
+
+from epcomm.bench import compare as C
+
+
+def rec(median=300.0, status="ok", **kw):
+    base = {"case": "ht", "impl": "epcomm", "op": "dispatch", "mode": "ht", "format": "bf16", "tokens": 4096,
+            "graph": False, "status": status, "time_us": {"median": median} if status == "ok" else None,
+            "ratio_to_floor": median / 200.0 if status == "ok" else None}
+    base.update(kw)
+    return base
+
+
+def doc(results, **kw):
+    d = {"schema": "epcomm.bench/1", "date": "2026-11-25T20:20:43+00:00", "backend": "gpu", "world_size": 2,
+         "topology": "local-2gpu", "devices": [{"name": "NVIDIA H100 80GB HBM3"}] * 2,
+         "settings": {"hidden": 7168, "topk": 8, "num_experts": 256, "routing": "uniform", "sms_requested": None,
+                      "iters": 50, "quick": False, "cases": ["baseline", "ht", "ll"]},
+         "results": results}
+    d.update(kw)
+    return d
+
+
+def verdicts(cmp):
+    return {(r["op"], r["format"], r["tokens"]): r["verdict"] for r in cmp["rows"]}
+
+
+def test_same_faster_slower_by_tolerance():
+    old = doc([rec(300.0), rec(300.0, op="combine"), rec(300.0, format="fp8")])
+    new = doc([rec(340.0), rec(200.0, op="combine"), rec(350.0, format="fp8")])
+    cmp = C.compare(old, new, tolerance=0.15)
+    assert verdicts(cmp) == {("dispatch", "bf16", 4096): "same", ("combine", "bf16", 4096): "faster",
+                             ("dispatch", "fp8", 4096): "slower"}
+    assert not cmp["ok"] and cmp["counts"]["slower"] == 1
+    row = cmp["rows"][2]
+    assert row["ratio"] == pytest.approx(350 / 300) and row["x_floor_ratio"] == pytest.approx(350 / 300)
+    assert C.compare(old, new, tolerance=0.2)["ok"]   # 350 / 300 = 1.17 is inside +-20 %
+
+
+def test_failed_missing_new_and_untimed_rows():
+    old = doc([rec(), rec(tokens=128), rec(tokens=1),
+               rec(case="baseline", impl="nccl", mode=None, status="n/a")])
+    new = doc([rec(status="wrong"), rec(tokens=2),
+               rec(case="baseline", impl="nccl", mode=None, status="n/a")])
+    cmp = C.compare(old, new)
+    assert verdicts(cmp) == {("dispatch", "bf16", 4096): "failed", ("dispatch", "bf16", 128): "missing",
+                             ("dispatch", "bf16", 1): "missing", ("dispatch", "bf16", 2): "new"}
+    assert not cmp["ok"]   # the n/a baseline of both runs is not a row at all
+    assert C.compare(doc([rec()]), doc([rec(), rec(tokens=2)]))["ok"]   # a row only in the new run is fine
+
+
+def test_cases_not_run_are_not_missing():
+    old = doc([rec(), rec(case="ll", tokens=128, graph=True)])
+    new = doc([rec()], settings={**doc([])["settings"], "cases": ["ht"]})
+    cmp = C.compare(old, new)
+    assert cmp["ok"] and [r["case"] for r in cmp["rows"]] == ["ht"]
+    assert any("not compared: case ll" in w for w in cmp["warnings"])
+
+
+def test_other_shapes_are_refused_other_cards_are_warned():
+    old = doc([rec()])
+    for path, value in (("hidden", 4096), ("sms_requested", 24), ("routing", "skewed")):
+        new = copy.deepcopy(old)
+        new["settings"][path] = value
+        with pytest.raises(C.NotComparable, match=f"settings.{path}"):
+            C.compare(old, new)
+    with pytest.raises(C.NotComparable, match="world_size"):
+        C.compare(old, doc([rec()], world_size=4))
+    cmp = C.compare(old, doc([rec()], devices=[{"name": "NVIDIA H200"}] * 2, topology="sim-2node"))
+    assert cmp["ok"] and len(cmp["warnings"]) == 2
+    with pytest.raises(C.NotComparable, match="tolerance"):
+        C.compare(old, old, tolerance=0)
+
+
+def test_table_and_summary():
+    cmp = C.compare(doc([rec(), rec(op="combine")]), doc([rec(), rec(500.0, op="combine")]))
+    text = C.table(cmp)
+    assert "slower" in text and "same" in text
+    assert "same" not in C.table(cmp, only_changes=True).split("\n", 2)[2].rsplit("\n", 1)[0]
+    assert C.summary(cmp).startswith("compare: CHANGED: 2 rows against the run of 2026-11-25T20:20:43+00:00")
+
+
+def test_cli_exit_status(tmp_path, capsys):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(doc([rec()])))
+    b.write_text(json.dumps(doc([rec(400.0)])))
+    c.write_text("{}")
+    out = tmp_path / "cmp.json"
+    assert C.main([str(a), str(a)]) == 0
+    assert C.main([str(a), str(b), "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["counts"]["slower"] == 1
+    assert C.main([str(a), str(c)]) == 2
+    assert C.main([str(a), str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not an epcomm.bench document" in err and "cannot read" in err
