@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
 # local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
-# steps: comma list of smoke,local,small,sim,bench,tune,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
+# steps: comma list of smoke,local,small,sim,bench,tune,grid,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
 # basebench: bench_quick of the tree in .whl/base.tar (`git archive <commit> -o .whl/base.tar`), same call, same cards
+# grid: steady pairs at 1 and 128 tokens for each EPCOMM_BLOCKS in $GRID (default 8 16 33 66 132)
 # per-step limits: T_BUILD T_SMOKE T_LOCAL T_SIM T_BENCH T_BENCHSIM T_PYTEST T_SAN; WORKER_ARGS, BENCH_ARGS pass through
 set -o pipefail
 STEPS=${1:-smoke,local,sim,bench}
@@ -44,6 +45,12 @@ if has tune; then  # ht at 4096: send waves x combine receive blocks, steady pai
   for v in ${TUNE:-1:0 2:0 1:33 2:33}; do
     echo "--- EPCOMM_SEND_WAVES=${v%%:*} EPCOMM_CRECV_BLOCKS=${v##*:}" | tee -a $OUT/tune.log
     EPCOMM_SEND_WAVES=${v%%:*} EPCOMM_CRECV_BLOCKS=${v##*:} timeout 60 $MPI -x EPCOMM_SEND_WAVES -x EPCOMM_CRECV_BLOCKS python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --only ht-bf16,ht-fp8 --steady-only 2>&1 | tee -a $OUT/tune.log | grep -E "rank 0.*steady|Error|error" | tail -4
+  done
+fi
+if has grid; then  # small T: is a grid sized to the work faster? steady pairs at 1 and 128 tokens per EPCOMM_BLOCKS
+  for b in ${GRID:-8 16 33 66 132}; do
+    echo "--- EPCOMM_BLOCKS=$b" | tee -a $OUT/grid.log
+    EPCOMM_BLOCKS=$b timeout 60 $MPI -x EPCOMM_BLOCKS python3 tests/gpu/bench_quick.py --topology configs/local-2gpu.yaml --only ht-fp8,ll-fp8 --steady-only --tokens 1,128 2>&1 | tee -a $OUT/grid.log | grep -E "rank 0.*steady|Error|error" | tail -6
   done
 fi
 if has basebench; then

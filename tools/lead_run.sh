@@ -2,6 +2,7 @@
 # The lead's device-machine call: demo, smoke and bench on the 2 x H100 machine, logs and JSON/PNG under $OUT.
 # Usage (device machine, repo root, .whl carried): bash tools/lead_run.sh [steps]; steps: comma list of
 # build,bench_local,worker_local,worker_sim,demo,smoke_local,smoke_sim,bench_sim,bench_sms (run in this order).
+# The bench steps compare with the recorded run in docs/perf/ (--compare): rows that moved by more than 15 % are listed.
 set -o pipefail
 STEPS=${1:-build,bench_local,worker_local,worker_sim,demo,smoke_local}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,7 +19,8 @@ if has build; then step build; ( time timeout 120 python3 -m epcomm.backends.gpu
 if has bench_local; then
   step bench_local
   timeout ${T_BENCH:-230} python3 -m launch bench -t configs/local-2gpu.yaml --timeout ${T_BENCH:-230} -- \
-    --json "$OUT/bench-local-2gpu.json" --png "$OUT/bench-local-2gpu.png" 2>&1 | tee "$OUT/bench-local.log" | tail -45
+    --json "$OUT/bench-local-2gpu.json" --png "$OUT/bench-local-2gpu.png" --compare docs/perf/bench-local-2gpu.json \
+    2>&1 | tee "$OUT/bench-local.log" | tail -60
 fi
 for cfg in local sim; do
   if has worker_$cfg; then
@@ -35,7 +37,7 @@ fi
 if has bench_sms; then
   step bench_sms
   timeout 120 python3 -m launch bench -t configs/local-2gpu.yaml --timeout 120 -- --case ht --sms 24 \
-    --json "$OUT/bench-local-24sm.json" 2>&1 | tee "$OUT/bench-sms.log" | tail -14
+    --json "$OUT/bench-local-24sm.json" --compare docs/perf/bench-local-24sm.json 2>&1 | tee "$OUT/bench-sms.log" | tail -24
 fi
 if has smoke_local; then
   step smoke_local
@@ -50,7 +52,7 @@ fi
 if has bench_sim; then
   step bench_sim
   timeout 200 python3 -m launch bench -t configs/sim-2node.yaml --timeout 200 -- --case links,ht,ll \
-    --json "$OUT/bench-sim-2node.json" 2>&1 | tee "$OUT/bench-sim.log" | tail -25
+    --json "$OUT/bench-sim-2node.json" --compare docs/perf/bench-sim-2node.json 2>&1 | tee "$OUT/bench-sim.log" | tail -40
 fi
 if has pytest; then step pytest; timeout 400 python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5; fi
 date -u
