@@ -90,6 +90,7 @@ class StageEnv:
     stage_index: int = 0
     payload: dict | None = None
     deadline: Deadline | None = None
+    talking_to: int | None = None   # the peer a stage is exchanging data with now: if the stage hangs, it is the suspect
 
 
 def _stage_fn(name: str):
@@ -111,6 +112,7 @@ def run_local(name: str, env: StageEnv, threaded: bool) -> dict[str, Any]:
     """This rank's part of a stage under the stage deadline: {status, value, error, duration_s}."""
     t0 = time.monotonic()
     env.deadline = Deadline(max(0.5, env.opts.stage_timeout - 1.0))
+    env.talking_to = None
     out: dict[str, Any] = {"rank": env.rank, "status": "ok", "value": None, "error": None}
 
     def body():
@@ -129,7 +131,9 @@ def run_local(name: str, env: StageEnv, threaded: bool) -> dict[str, Any]:
     try:
         out["value"] = guarded(body, env.opts.stage_timeout, name, threaded)
     except StageTimeout as e:
-        out.update(status="timeout", error=str(e), waited_on=e.waited_on)
+        peer = e.waited_on if e.waited_on is not None else env.talking_to
+        why = str(e) if peer is None or e.waited_on is not None else f"{e} (stuck talking to rank {peer})"
+        out.update(status="timeout", error=why, waited_on=peer)
     except Exception as e:
         tb = traceback.format_exc().strip().splitlines()
         out.update(status="error", error=f"{type(e).__name__}: {e}", traceback=tb[-6:])

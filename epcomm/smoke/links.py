@@ -228,6 +228,7 @@ def run(env) -> dict[str, Any]:
                 and bool(hostnames)
             corrupt = env.faults.corrupts(me, "links")
             delay = env.faults.delay(me, d)
+            env.talking_to = d   # a put or flush that never returns blames d, not this rank
             try:
                 if peer is not None and same_host:
                     dev = local_cuda_index(uuids.get(str(d), uuids.get(d)), env.topo.device(d))
@@ -241,6 +242,7 @@ def run(env) -> dict[str, Any]:
                                                      if not same_host else "cuda-peer disabled")
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
+            env.talking_to = None
             out.append(rec)
         return out
 

@@ -171,3 +171,30 @@ def test_fault_parse():
         faults.parse("explode:rank=1")
     with pytest.raises(ValueError):
         faults.parse("slow_link:src=1")
+
+
+def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
+    """A stage thread that hangs inside a put to rank 2 (env.talking_to) reports a timeout that waited on rank 2."""
+    import threading
+
+    from epcomm.smoke import cli
+    release = threading.Event()
+
+    def stuck(env):
+        env.talking_to = 2
+        release.wait(10)
+
+    def fine(env):
+        env.talking_to = 3
+        env.talking_to = None
+        return "done"
+
+    env = cli.StageEnv(comm=None, msgr=None, rank=0, world=4, topo=None, opts=cli.Options(stage_timeout=0.3),
+                       faults=None, gpu=False, device=None)
+    monkeypatch.setattr(cli, "_stage_fn", lambda name: stuck)
+    out = cli.run_local("links", env, threaded=True)
+    release.set()
+    assert out["status"] == "timeout" and out["waited_on"] == 2 and "stuck talking to rank 2" in out["error"]
+    monkeypatch.setattr(cli, "_stage_fn", lambda name: fine)
+    out = cli.run_local("links", env, threaded=True)
+    assert out["status"] == "ok" and out["value"] == "done" and "waited_on" not in out
