@@ -89,6 +89,16 @@ class EPConfig:
     def expert_rank(self, expert: int) -> int:
         return expert // self.n_local_experts
 
+    def experts_of(self, rank: int) -> range:
+        """The global ids of the experts that live on `rank` (how errors name what a stalled peer holds)."""
+        n = self.n_local_experts
+        return range(rank * n, (rank + 1) * n)
+
+    def holds(self, rank: int) -> str:
+        """'experts 32..63': the expert group of `rank`, for messages."""
+        ex = self.experts_of(rank)
+        return f"experts {ex.start}..{ex.stop - 1}"
+
     def token_bytes(self) -> int:
         """Bytes of one token on the wire in this format (data + fp8 scales)."""
         if self.token_format == "fp8":

@@ -13,13 +13,15 @@ class EPTimeoutError(EPError, TimeoutError):
     """A peer did not arrive before the deadline.
 
     Attributes name the peer that stalled so an operator can find it: ``rank`` and ``node`` of the peer that never
-    signalled, ``what`` (which phase / expert group was waited for) and ``waiter`` (the rank that gave up).
+    signalled, ``experts`` (the global expert ids that peer holds, a range), ``what`` (which phase was waited for)
+    and ``waiter`` (the rank that gave up).
     """
 
     def __init__(self, message: str, *, rank: int | None = None, node: int | None = None,
-                 what: str = "", waiter: int | None = None):
+                 what: str = "", waiter: int | None = None, experts: range | None = None):
         super().__init__(message)
         self.rank = rank
         self.node = node
         self.what = what
         self.waiter = waiter
+        self.experts = experts

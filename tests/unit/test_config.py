@@ -31,3 +31,9 @@ def test_shared_share_splits_evenly():
     shares = [cfg.shared_share(r, 10) for r in range(3)]
     assert [len(s) for s in shares] == [4, 3, 3] and shares[0].start == 0 and shares[2].stop == 10
     assert cfg.shared_share(3, 10) == shares[0]
+
+
+def test_experts_of_a_rank_name_its_group():
+    cfg = EPConfig(hidden=256, topk=2, num_experts=16, max_tokens_per_rank=4, world_size=4)
+    assert list(cfg.experts_of(2)) == [8, 9, 10, 11] and cfg.holds(2) == "experts 8..11"
+    assert [cfg.expert_rank(e) for e in cfg.experts_of(3)] == [3] * 4

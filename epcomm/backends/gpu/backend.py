@@ -354,11 +354,14 @@ class GpuBackend:
         code, peer = rec["code"], rec["peer"]
         phase = {0: "dispatch", 1: "combine", 2: "combine (weights)"}.get(rec["phase"], "?")
         if code == 1:
-            node = self.node_of(peer) if 0 <= peer < self.cfg.world_size else None
+            known = 0 <= peer < self.cfg.world_size
+            node = self.node_of(peer) if known else None
+            holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
             raise EPTimeoutError(
                 f"epcomm gpu: rank {rec['waiter']} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
-                f"{phase} round {rec['round']}: rank {peer} (node {node}) did not arrive; this EPBuffer is unusable now",
-                rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"])
+                f"{phase} round {rec['round']}: rank {peer} (node {node}) did not arrive{holds}; this EPBuffer is "
+                f"unusable now", rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"],
+                experts=self.cfg.experts_of(peer) if known else None)
         if code == 2:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")

@@ -198,10 +198,11 @@ class HostBackend:
                     what = f"{what} for expert {self.rank * self.L + w0 % self.L}"
                 more = f"; all missing: {sorted(set(missing))}" if len(set(missing)) > 1 else ""
                 msg = (f"{self.ctx.describe(self.rank)} timed out after {self.cfg.timeout_s:g} s waiting for "
-                       f"{what} (round {r}) from {self.ctx.describe(peer)}, which never signalled{more}")
+                       f"{what} (round {r}) from {self.ctx.describe(peer)}, which never signalled (it holds "
+                       f"{self.cfg.holds(peer)}){more}")
                 self.broken = msg
                 raise EPTimeoutError(msg, rank=peer, node=self.ctx.node_of(peer), what=f"{what} round {r}",
-                                     waiter=self.rank)
+                                     waiter=self.rank, experts=self.cfg.experts_of(peer))
             time.sleep(sleep)
             sleep = min(max(sleep * 2, 20e-6), 2e-3)
 
