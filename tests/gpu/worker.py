@@ -223,6 +223,8 @@ class Checker:
                     problems.append(f"names rank {e.rank}, expected 1")
                 if e.node != self.ctx.topology.node_of(1):
                     problems.append(f"names node {e.node}")
+                if e.experts != cfg.experts_of(1) or cfg.holds(1) not in str(e):
+                    problems.append(f"names experts {e.experts}, expected {cfg.holds(1)}")
             try:
                 be.dispatch(x, ids)
                 problems.append("next call did not raise")
