@@ -52,7 +52,7 @@ def _cards(doc: dict) -> list[str]:
 
 def _side(doc: dict) -> dict[str, Any]:
     return {"date": doc.get("date"), "topology": doc.get("topology"), "backend": doc.get("backend"),
-            "cards": _cards(doc)}
+            "cards": _cards(doc), "code": doc.get("code")}
 
 
 def _key(rec: dict) -> tuple:
@@ -155,6 +155,8 @@ def summary(cmp: dict) -> str:
     c = cmp["counts"]
     parts = ", ".join(f"{n} {v}" for v, n in c.items() if n)
     when = cmp["old"].get("date") or "?"
+    commit = ((cmp["old"].get("code") or {}).get("commit") or "")[:10]
+    when += f", commit {commit}" if commit else ""
     return (f"compare: {'OK' if cmp['ok'] else 'CHANGED'}: {sum(c.values())} rows against the run of {when} "
             f"({parts or 'nothing in common'}; tolerance +-{cmp['tolerance'] * 100:g} %)")
 

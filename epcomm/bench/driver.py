@@ -126,6 +126,7 @@ class Bench:
         self.rank, self.world = ctx.rank, ctx.world_size
         self.gpu = torch is not None
         self.log = Logger(self.rank)
+        self.code = report.code_identity() if self.rank == 0 else None   # rank 0 writes the document
         if self.gpu:
             from .timing import CudaTimer
             self.timer = CudaTimer(comm, torch)
@@ -612,7 +613,7 @@ class Bench:
         return {
             "schema": report.SCHEMA,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": list(sys.argv),
+            "command": list(sys.argv), "code": self.code,
             "backend": self.ctx.backend, "topology": self.ctx.topology.name, "world_size": self.world,
             "nodes": self.ctx.topology.num_nodes, "devices": devices,
             "torch": getattr(self.torch, "__version__", None), "timer": self.timer.name,

@@ -1,7 +1,8 @@
 """Rank 0's outputs: the human table, the JSON document, the PNG plot.
 
 JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in the table):
-  schema, date (UTC ISO 8601), command (argv), backend ("gpu" | "host"), topology, world_size, nodes, devices
+  schema, date (UTC ISO 8601), command (argv), code {commit (git HEAD or null), dirty (uncommitted changes, or
+  null), kernel_source (sha256 of the kernel sources: names the kernels even without git)}, backend ("gpu" | "host"), topology, world_size, nodes, devices
   (per rank: name, SMs), torch (version or null), timer ("cuda_events" | "perf_counter"),
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
             sweep_tokens, sms_requested, sms_supported, cases},
@@ -34,8 +35,27 @@ RECORD_KEYS = ("case", "impl", "op", "mode", "format", "tokens", "hidden", "topk
                "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
                "per_rank_median_us", "host_call_us", "wall_us", "bytes", "link_bytes_max", "local_bytes_max",
                "link_gbps", "local_gbps", "floor", "ratio_to_floor", "ratio_to_nccl", "sms")
-TOP_KEYS = ("schema", "date", "command", "backend", "topology", "world_size", "nodes", "devices", "torch", "timer",
+TOP_KEYS = ("schema", "date", "command", "code", "backend", "topology", "world_size", "nodes", "devices", "torch", "timer",
             "settings", "links", "floor_bandwidth", "results", "errors", "notes", "ok")
+
+
+def code_identity() -> dict:
+    """Which code measured: git commit and dirty flag where the tree is a checkout, and the kernel sources' hash."""
+    import subprocess
+    from pathlib import Path
+
+    from ..backends.gpu import jit
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        try:
+            p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+            return p.stdout.strip() if p.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status), "kernel_source": jit.source_hash()}
 
 
 def fmt_num(v, spec: str = ".1f", na: str = "n/a") -> str:

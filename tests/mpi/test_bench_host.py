@@ -27,6 +27,11 @@ def test_bench_quick_host(tmp_path):
     assert doc["schema"] == report.SCHEMA and doc["backend"] == "host" and doc["world_size"] == 4
     assert doc["timer"] == "perf_counter" and doc["ok"] is True and doc["errors"] == []
     assert doc["links"]["status"] == "n/a"
+    from epcomm.backends.gpu import jit
+    assert doc["code"]["kernel_source"] == jit.source_hash()   # which kernels, with or without git
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert doc["code"]["commit"] == head.stdout.strip() and isinstance(doc["code"]["dirty"], bool)
     recs = doc["results"]
     for r in recs:
         assert set(report.RECORD_KEYS) <= set(r), set(report.RECORD_KEYS) - set(r)
