@@ -1,4 +1,5 @@
-"""CPU-only: the host's choice of tokens per send work item (Params.ch) keeps the kernel's limits for every shape."""
+"""CPU-only: the host's choice of tokens per send work item (Params.ch) keeps the kernel's limits for every shape, and
+the symmetric buffer layout keeps the kernel's 16-byte stores aligned."""
 from __future__ import annotations
 
 import itertools
@@ -34,3 +35,16 @@ def test_ht_waves_split_large_items():
     two = send_chunk_tokens(4096, 2, 132, True, 256, waves=2)
     assert one == 63 and two == 32
     assert send_chunk_tokens(128, 2, 132, True, 256, waves=2) == 2   # small items are not split further
+
+
+@pytest.mark.parametrize("M,K", [(61, 3), (64, 4), (1001, 2), (7, 1)])
+def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
+    """ep.cu copies each source's [M, K] weights with 16-byte stores at off_wrecv + s * WST floats and stages combine
+    rows after R * WST floats of cstage: every such address must be 16-byte aligned whatever M * K is."""
+    R = 4
+    cfg = EPConfig(hidden=256, topk=K, num_experts=8, max_tokens_per_rank=M, world_size=R, mode="ht")
+    L = Layout(cfg, any_remote=True)
+    assert L.WST >= M * K and L.WST % 4 == 0 and L.WST - M * K < 4
+    assert all(off % 16 == 0 for off in L.off.values())
+    assert all((L.off["wrecv"] + (par * R + s) * L.WST * 4) % 16 == 0 for par in (0, 1) for s in range(R))
+    assert (L.off["cstage"] + R * L.WST * 4) % 16 == 0

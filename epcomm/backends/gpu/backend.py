@@ -54,7 +54,8 @@ class Layout:
         self.CHMAX = max(256 if R <= 32 else 128, -(-M // 64)) if ht else 1
         self.CROW = (NL + 2 + self.CHMAX + 1 + 3) // 4 * 4 if ht else self.HROW
         self.RB = 2 * H
-        MSG, RB, CROW = self.MSG, self.RB, self.CROW
+        self.WST = (M * K + 3) // 4 * 4   # ht combine: one source's weights in floats, padded to 16 bytes (ep.cu WST)
+        MSG, RB, CROW, WST = self.MSG, self.RB, self.CROW, self.WST
         sizes = [
             ("drecv", 2 * R * M * MSG if ht else 2 * NL * R * M * MSG),
             ("dhist", 2 * R * CROW * 4),
@@ -63,9 +64,9 @@ class Layout:
             ("hstage", R * CROW * 4),
             ("crecv", 2 * R * M * RB if ht else 2 * M * K * RB),
             ("csig", 2 * R * 8),
-            ("wrecv", 2 * R * M * K * 4 if ht else 0),
+            ("wrecv", 2 * R * WST * 4 if ht else 0),
             ("wsig", 2 * R * 8),
-            ("cstage", (R * M * K * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
+            ("cstage", (R * WST * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
             ("abort", R * 8),
             ("dflag", 2 * R * self.CHMAX * 8 if ht else 0),
             ("cflag", 2 * R * self.CHMAX * 8 if ht else 0),

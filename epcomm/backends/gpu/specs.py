@@ -17,6 +17,9 @@ def test_configs(world_size: int = 2) -> list[EPConfig]:
             out.append(EPConfig(**b))
             out.append(EPConfig(**b, fused_shared_expert=True))
             out.append(EPConfig(**b, fused_shared_expert=True, skip_a2a=True, allreduce_world_size=2))
+    # M * K not a multiple of 4: the ht combine's per-source weight stride must still be 16-byte aligned
+    out.append(EPConfig(**dict(TEST_BASE, max_tokens_per_rank=61, topk=3), world_size=world_size, mode="ht",
+                        token_format="bf16"))
     return out
 
 

@@ -56,6 +56,9 @@ constexpr int CH = 64;                      // most tokens per send work item (t
 constexpr int CHMAX = HT ? ((M + CH - 1) / CH > (R <= 32 ? 256 : 128) ? (M + CH - 1) / CH : (R <= 32 ? 256 : 128)) : 1;
 constexpr int CROW = HT ? (NL + 2 + CHMAX + 1 + 3) / 4 * 4 : HROW;
 constexpr int RB = 2 * H;                   // bf16 row bytes (combine)
+// ht combine: floats of one source's [M, K] weights in wrecv / cstage, padded to 16 bytes: the weights are copied
+// with uint4 stores and M * K need not be a multiple of 4 (unpadded, such a stride misaligns those stores)
+constexpr int WST = (M * K + 3) / 4 * 4;
 
 // Rows are cut into slices so that several warps share one row (latency hiding when there are few rows).
 constexpr int NCH = H / 8;                          // 16-byte chunks of a bf16 row
@@ -953,9 +956,9 @@ __device__ void combine_send(const Params& p, bool fused) {
       const bool wal = (reinterpret_cast<uintptr_t>(p.weights) & 15) == 0;
       for (int d = 0; d < R; ++d) {
         if (SKIP && d != p.me) continue;
-        size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
+        size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WST) * 4;
         float* dst = same_node(p, d) ? reinterpret_cast<float*>(p.peer[d] + off)
-                                     : reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;
+                                     : reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WST;
         if (wal) {
           for (int i = threadIdx.x; i < nv; i += THREADS) reinterpret_cast<uint4*>(dst)[i] = wsrc[i];
           for (int i = nv * 4 + threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
@@ -964,7 +967,7 @@ __device__ void combine_send(const Params& p, bool fused) {
         }
       }
       __syncthreads();  // every thread's weight stores before each signalling thread's release (st.release.sys)
-      const size_t off = p.off_wrecv + (((size_t)par * R + p.me) * M * K) * 4;
+      const size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WST) * 4;
       const size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
       for (int d = threadIdx.x; d < R; d += THREADS) {
         if (SKIP && d != p.me) continue;
@@ -976,7 +979,7 @@ __device__ void combine_send(const Params& p, bool fused) {
       bool any_remote = false;
       for (int d = 0; d < R; ++d) {  // block-uniform conditions
         if ((SKIP && d != p.me) || same_node(p, d)) continue;
-        float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * M * K;
+        float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WST;
         nvshmemx_putmem_signal_nbi_block(p.sym + off, stg, (size_t)nw * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
                                          round, NVSHMEM_SIGNAL_SET, d);
         any_remote = true;
@@ -997,7 +1000,7 @@ __device__ void combine_send(const Params& p, bool fused) {
       const unsigned long long t0 = gtime();
       const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
       if (!block_wait(p, wsig, round, 2, -1, t0)) return;
-      const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * M * K;
+      const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WST;
       // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
       // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
       // finishes its chunks in about the same order); taken from a counter by whole blocks. The block's warps share
@@ -1033,10 +1036,10 @@ __device__ void combine_send(const Params& p, bool fused) {
           for (int k = 0; k < K; ++k) {
             rows[k] = hi[2 + k];
             if (rows[k] >= p.maxr) rows[k] = -1;
-            w8[k] = wr[(size_t)s * M * K + t * K + k];
+            w8[k] = wr[(size_t)s * WST + t * K + k];
           }
           size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * RB;
-          char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * M * K * 4 + ((size_t)s * M + i) * RB;
+          char* dst = local ? p.peer[s] + off : p.sym + p.off_cstage + (size_t)R * WST * 4 + ((size_t)s * M + i) * RB;
           // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
           constexpr int CU = 2;
           const int v0 = sl * CPS, v1 = min(NCH, (sl + 1) * CPS);

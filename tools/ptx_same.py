@@ -1,0 +1,87 @@
+"""Is a kernel change a pure refactor? Compare the PTX of every kernel specialisation between the ep.cu of a git
+revision and the working tree's (no GPU needed; nvcc and the NVSHMEM headers as for the JIT).
+
+    python tools/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
+    python tools/ptx_same.py aafa508 --only ht  # modes containing "ht"
+
+Lines that only name the source (.file, .loc, comments) and nvcc's per-file hash in internal symbol names are
+ignored, so a comment or a renamed local that compiles to the same instructions reports SAME. Exit 0 when every
+spec is the same, 1 otherwise (the first differing lines are printed), 2 on a build error.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from epcomm.backends.gpu import jit, specs  # noqa: E402
+
+SOURCE = "epcomm/backends/gpu/kernels/ep.cu"
+FILE_HASH = re.compile(r"(?<=_)[0-9a-f]{8}(?=_\d+_ep_cu)")   # nvcc's hash of the file in internal names
+
+
+def ptx_lines(src: Path, defines: dict, arch: str) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="epcomm-ptx-") as tmp:
+        out = Path(tmp) / "ep.ptx"
+        cmd = [jit.find_nvcc(), "-rdc=true", f"-arch={arch}", "-O3", "-std=c++17", "-diag-suppress=177",
+               f"-I{jit.nvshmem_home() / 'include'}", *[f"-D{k}={int(v)}" for k, v in sorted(defines.items())],
+               "-ptx", str(src), "-o", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{src}: nvcc failed:\n{r.stderr[-2000:]}")
+        keep = [ln for ln in out.read_text().splitlines() if not ln.strip().startswith((".file", ".loc", "//"))]
+    return [FILE_HASH.sub("<file>", ln) for ln in keep]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rev", help="git revision whose ep.cu is the baseline")
+    ap.add_argument("--only", default="", help="only specs whose '<mode>-<format>' contains this")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args(argv)
+    old = subprocess.run(["git", "show", f"{a.rev}:{SOURCE}"], cwd=ROOT, capture_output=True)
+    if old.returncode != 0:
+        print(f"ptx_same: cannot read {SOURCE} at {a.rev}: {old.stderr.decode().strip()}", file=sys.stderr)
+        return 2
+    seen = {}
+    for c in specs.all_configs(2):
+        if a.only in f"{c.mode}-{c.token_format}":
+            seen.setdefault(tuple(sorted(jit.defines_for(c).items())), c)
+    with tempfile.TemporaryDirectory(prefix="epcomm-ptx-old-") as tmp:
+        old_src = Path(tmp) / "ep.cu"
+        old_src.write_bytes(old.stdout)
+
+        def one(item):
+            d, c = dict(item[0]), item[1]
+            return c, ptx_lines(old_src, d, a.arch), ptx_lines(ROOT / SOURCE, d, a.arch)
+        try:
+            with ThreadPoolExecutor(a.jobs) as ex:
+                results = list(ex.map(one, seen.items()))
+        except RuntimeError as e:
+            print(f"ptx_same: {e}", file=sys.stderr)
+            return 2
+    differ = 0
+    for c, x, y in results:
+        name = (f"{c.mode}-{c.token_format} M={c.max_tokens_per_rank} K={c.topk} fused={int(c.fused_shared_expert)} "
+                f"skip={int(c.skip_a2a)}")
+        if x == y:
+            print(f"SAME    {name}")
+            continue
+        differ += 1
+        first = next(i for i, (p, q) in enumerate(zip(x + [""], y + [""])) if p != q)
+        print(f"DIFFERS {name}: {len(x)} vs {len(y)} lines, first at line {first}:\n  - {x[first] if first < len(x) else ''}"
+              f"\n  + {y[first] if first < len(y) else ''}")
+    print(f"{len(results) - differ} of {len(results)} specialisations compile to the same PTX as {a.rev}")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
