@@ -111,6 +111,7 @@ class Checker:
               f"{'-skip' + str(cfg.allreduce_world_size) if cfg.skip_a2a else ''}"
         t0 = time.time()
         be = GpuBackend(cfg, self.ctx)
+        self.memory(be, cfg, tag)
         M = cfg.max_tokens_per_rank
         cases = [("uniform", None, 1), ("uniform", "ragged", 2), ("hot", None, 3), ("empty_rank", None, 4),
                  ("minus1", "ragged", 5), ("all_minus1", None, 6), ("skewed", 37, 7), ("uniform", 0, 8),
@@ -159,6 +160,18 @@ class Checker:
         yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
         p += ref.compare_combine(y, yx[me], mag[me])
         self.ok(f"{cfg.mode}-{cfg.token_format} {n} back-to-back rounds ({dt / n * 1e6:.0f} us/round)", p)
+
+    def memory(self, be, cfg, tag):
+        """epcomm.memory's estimate (capacity planning, no GPU) is what the backend really allocates."""
+        from epcomm.memory import estimate
+        nodes = self.ctx.topology.num_nodes
+        est = estimate(cfg, nodes if cfg.world_size % nodes == 0 else 1)
+        arrays = [be.state, be.hist_acc, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
+        real = sum(int(a.nbytes) for a in arrays)   # torch and cupy arrays both have nbytes
+        problems = [] if real == est["local_bytes"] else [f"device arrays {real} B, estimate {est['local_bytes']} B"]
+        if est["symmetric_bytes"] != be.L.total:
+            problems.append(f"symmetric {be.L.total} B, estimate {est['symmetric_bytes']} B")
+        self.ok(f"{tag} memory estimate", problems)
 
     def graph(self, be, cfg, replays=4):
         torch = self.torch

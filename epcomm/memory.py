@@ -1,0 +1,122 @@
+"""GPU memory of an EPBuffer before you make one (capacity planning): the NVSHMEM symmetric buffer, the NVSHMEM heap
+that the first buffer of a process reserves, and the ordinary device arrays (outputs, handles, counters).
+
+    python -m epcomm.memory --tokens 4096 --world 16 --nodes 2 --format fp8
+    python -m epcomm.memory --tokens 128 --world 8 --mode ll --json mem.json
+
+In code: `epcomm.memory.estimate(cfg, nodes=1)`. The figures are those of the GPU backend's own layout
+(epcomm/backends/gpu/backend.py Layout and GpuBackend.__init__), per rank. The host backend needs no GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .config import EPConfig
+
+BYTES = {"bf16": 2, "fp8": 1, "f32": 4, "i32": 4, "u32": 4}
+MiB = 1 << 20
+
+
+def local_buffers(cfg: EPConfig) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every device array GpuBackend.__init__ allocates outside the symmetric heap."""
+    from .backends.gpu.backend import Layout
+    L = Layout(cfg, any_remote=False)
+    H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
+    fmt = "fp8" if cfg.token_format == "fp8" else "bf16"
+    out: list[tuple[str, tuple[int, ...], str]] = [("state", (64,), "i32"), ("hist_acc", (R * L.HROW,), "i32")]
+    for s in range(2):   # two output sets: a result stays valid until the second dispatch after it
+        out += [(f"set{s}.expert_x", (maxr, H), fmt)]
+        if fmt == "fp8":
+            out += [(f"set{s}.expert_scales", (maxr, L.SC), "f32")]
+        out += [(f"set{s}.row_offsets", (L.NG + 1,), "u32"), (f"set{s}.expert_ids", (L.NG,), "i32"),
+                (f"set{s}.src_info", (maxr, 3), "i32"), (f"set{s}.tokens_per_expert", (L.NL,), "i32"),
+                (f"set{s}.ids", (M * K,), "i32"), (f"set{s}.hinfo", (R * M * (2 + K),), "i32"),
+                (f"set{s}.hcount", (R,), "i32"), (f"set{s}.hchunk", (R * (L.CHMAX + 1) + R,), "i32")]
+    out += [(f"y{s}", (M, H), "bf16") for s in range(2)]
+    return out
+
+
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    n = BYTES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def heap_reserved(symmetric_bytes: int) -> int:
+    """NVSHMEM_SYMMETRIC_SIZE that the GPU runtime sets for the first buffer of a process (runtime._set_safe_env)."""
+    need = 2 * symmetric_bytes + (512 << 20)     # what GpuBackend asks the runtime for
+    return max(int(need * 1.25) + (256 << 20), 1 << 30)
+
+
+def estimate(cfg: EPConfig, nodes: int = 1) -> dict[str, Any]:
+    """Bytes per rank: symmetric buffer (exact), the heap reserved at NVSHMEM init, device arrays, their sum."""
+    from .backends.gpu.backend import Layout
+    if nodes < 1 or cfg.world_size % nodes:
+        raise ValueError(f"nodes must divide world_size {cfg.world_size}, got {nodes}")
+    L = Layout(cfg, any_remote=nodes > 1)
+    bufs = [{"name": n, "shape": list(s), "dtype": d, "bytes": nbytes(s, d)} for n, s, d in local_buffers(cfg)]
+    local = sum(b["bytes"] for b in bufs)
+    regions = {name: nxt - off for (name, off), nxt in
+               zip(sorted(L.off.items(), key=lambda kv: kv[1]),
+                   [o for _, o in sorted(L.off.items(), key=lambda kv: kv[1])][1:] + [L.total])}
+    reserved = heap_reserved(L.total)
+    return {"config": {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
+                       "max_tokens_per_rank": cfg.max_tokens_per_rank, "world_size": cfg.world_size, "nodes": nodes,
+                       "mode": cfg.mode, "token_format": cfg.token_format,
+                       "fused_shared_expert": cfg.fused_shared_expert, "max_recv_rows": cfg.max_recv_rows},
+            "symmetric_bytes": L.total, "symmetric_regions": regions, "heap_reserved_bytes": reserved,
+            "local_bytes": local, "local_buffers": bufs, "total_bytes": reserved + local}
+
+
+def table(est: dict[str, Any]) -> str:
+    c = est["config"]
+    lines = [f"EPBuffer on the GPU backend, per rank: hidden {c['hidden']}, top-{c['topk']} of {c['num_experts']}, "
+             f"{c['max_tokens_per_rank']} tokens, {c['world_size']} ranks on {c['nodes']} node(s), mode {c['mode']}, "
+             f"{c['token_format']}{', shared expert' if c['fused_shared_expert'] else ''} "
+             f"(max_recv_rows {c['max_recv_rows']})"]
+    lines.append(f"  symmetric buffer        {est['symmetric_bytes'] / MiB:10.1f} MiB   "
+                 + ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(est["symmetric_regions"].items(),
+                                                                    key=lambda kv: -kv[1]) if v >= MiB))
+    lines.append(f"  NVSHMEM heap reserved   {est['heap_reserved_bytes'] / MiB:10.1f} MiB   (first buffer of the "
+                 f"process; NVSHMEM_SYMMETRIC_SIZE overrides)")
+    big = sorted(est["local_buffers"], key=lambda b: -b["bytes"])[:4]
+    lines.append(f"  device arrays           {est['local_bytes'] / MiB:10.1f} MiB   largest: "
+                 + ", ".join(f"{b['name']} {b['bytes'] / MiB:.1f}" for b in big))
+    lines.append(f"  total                   {est['total_bytes'] / MiB:10.1f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m epcomm.memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=4096, help="max_tokens_per_rank (default 4096)")
+    ap.add_argument("--world", type=int, default=8, help="ranks (GPUs) in the EP group (default 8)")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes they span: other-node traffic needs staging (default 1)")
+    ap.add_argument("--mode", choices=("ht", "ll"), default="ht")
+    ap.add_argument("--format", choices=("bf16", "fp8"), default="bf16", help="dispatch token format")
+    ap.add_argument("--shared", action="store_true", help="fused shared expert")
+    ap.add_argument("--json", metavar="PATH", help="also write the estimate as JSON")
+    a = ap.parse_args(argv)
+    try:
+        cfg = EPConfig(hidden=a.hidden, topk=a.topk, num_experts=a.experts, max_tokens_per_rank=a.tokens,
+                       world_size=a.world, mode=a.mode, token_format=a.format, fused_shared_expert=a.shared)
+        est = estimate(cfg, a.nodes)
+    except ValueError as e:   # EPInputError is a ValueError
+        print(f"epcomm.memory: {e}", file=sys.stderr)
+        return 2
+    print(table(est))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(est, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

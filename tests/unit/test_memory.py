@@ -1,0 +1,49 @@
+"""epcomm.memory: per-rank GPU memory of an EPBuffer from its config (CPU only; the GPU worker checks it against
+the backend's real allocations)."""
+import json
+
+import pytest
+
+from epcomm import memory
+from epcomm.backends.gpu.backend import Layout
+from epcomm.config import EPConfig
+
+
+def cfg(**kw):
+    base = dict(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=4096, world_size=8, mode="ht",
+                token_format="fp8")
+    base.update(kw)
+    return EPConfig(**base)
+
+
+def test_estimate_adds_up():
+    c = cfg()
+    est = memory.estimate(c)
+    assert est["symmetric_bytes"] == Layout(c, any_remote=False).total
+    assert sum(est["symmetric_regions"].values()) == est["symmetric_bytes"]
+    assert est["local_bytes"] == sum(b["bytes"] for b in est["local_buffers"])
+    assert est["total_bytes"] == est["heap_reserved_bytes"] + est["local_bytes"]
+    ex = {b["name"]: b for b in est["local_buffers"]}
+    assert ex["set0.expert_x"]["bytes"] == c.max_recv_rows * c.hidden          # fp8: one byte per channel
+    assert ex["set1.expert_scales"]["bytes"] == c.max_recv_rows * (c.hidden // 128) * 4
+    assert ex["y0"]["bytes"] == c.max_tokens_per_rank * c.hidden * 2            # bf16 combine output
+    assert est["heap_reserved_bytes"] >= 2 * est["symmetric_bytes"]
+
+
+def test_other_nodes_need_staging_and_bf16_no_scales():
+    one, two = memory.estimate(cfg()), memory.estimate(cfg(), nodes=2)
+    assert two["symmetric_bytes"] > one["symmetric_bytes"] and two["symmetric_regions"]["stage"] > 0
+    bf = memory.estimate(cfg(token_format="bf16"))
+    assert not any("scales" in b["name"] for b in bf["local_buffers"])
+    with pytest.raises(ValueError, match="nodes must divide"):
+        memory.estimate(cfg(), nodes=3)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert memory.main(["--tokens", "128", "--world", "2", "--mode", "ll", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "symmetric buffer" in text and "total" in text
+    assert json.loads(out.read_text())["config"]["mode"] == "ll"
+    assert memory.main(["--world", "3"]) == 2
+    assert "divisible by world_size=3" in capsys.readouterr().err
