@@ -12,7 +12,7 @@ from pathlib import Path
 
 from epcomm.errors import EPInputError
 from epcomm.topology import Topology, is_local_host
-from launch.rank_env import global_environment
+from launch.rank_env import forwarded_names, global_environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -136,6 +136,8 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
             argv += ["--mca", "osc", "^ucx"]
         for k, v in env.items():
             argv += ["-x", f"{k}={v}"]
+        for k in forwarded_names(os.environ, env):   # the shell's value, to remote nodes too
+            argv += ["-x", k]
     elif flavor == "mpich":
         argv = [exe, "-n", n, "-hosts", hosts]
         counts = {k for _, k in slots}

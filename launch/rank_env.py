@@ -37,6 +37,19 @@ def global_environment(topo: Topology) -> dict[str, str]:
     return env
 
 
+# The shell's variables that every rank must see on every node, also where the MPI forwards nothing by itself
+# (Open MPI sends only what -x names to other nodes; MPICH's Hydra forwards the whole environment).
+FORWARD_PREFIXES = ("NVSHMEM_", "NCCL_", "UCX_", "CUDA_", "TORCH_", "EPCOMM_", "OMP_", "PYTORCH_")
+PER_RANK = ("EPCOMM_RANK", "EPCOMM_WORLD_SIZE", "EPCOMM_NODE", "EPCOMM_NUM_NODES", "EPCOMM_LOCAL_RANK",
+            "EPCOMM_LOCAL_SIZE", "EPCOMM_DEVICE", "EPCOMM_NIC", "EPCOMM_TOPOLOGY")
+
+
+def forwarded_names(environ, exported) -> list[str]:
+    """Names of the launching shell's variables to pass on to every rank (Open MPI: `-x NAME`), sorted; the ones the
+    launcher exports itself (`exported`) and the per-rank ones are not among them."""
+    return sorted(k for k in environ if k.startswith(FORWARD_PREFIXES) and k not in exported and k not in PER_RANK)
+
+
 def rank_environment(topo: Topology, rank: int) -> dict[str, str]:
     """Every epcomm variable of one rank (global ones included)."""
     env = global_environment(topo)
@@ -121,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _check_host(topo, rank)
-    os.environ.update(rank_environment(topo, rank))
+    # global values already here came from mpirun (-x / -genv), with the operator's `launch -x NAME=VALUE` overrides
+    # in them: keep those; set the per-rank ones and any global one that did not arrive
+    glob = global_environment(topo)
+    for k, v in rank_environment(topo, rank).items():
+        if not (k in glob and k in os.environ):
+            os.environ[k] = v
     _die_with_parent()
     sys.stdout.flush()
     try:

@@ -117,6 +117,35 @@ def test_rank_env_wrapper_without_mpirun():
     assert r.returncode == 2 and "started 4 ranks but topology sim-2x4gpu has 8" in r.stderr
 
 
+def test_shell_variables_reach_every_node(monkeypatch):
+    """Open MPI passes only what -x names to other nodes: the shell's NCCL_ / NVSHMEM_ / CUDA_ / EPCOMM_ settings are
+    forwarded by name; per-rank and launcher-set ones are not doubled."""
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.setenv("EPCOMM_BLOCKS", "24")
+    monkeypatch.setenv("EPCOMM_RANK", "3")                # stale, from an outer job: must not travel
+    monkeypatch.setenv("NVSHMEM_REMOTE_TRANSPORT", "ibgda")   # the topology sets it: its -x NAME=VALUE wins
+    a = build_command(_topo("h100-2x8"), ["prog"], mpi="openmpi", mpirun=sys.executable).command
+    named = {a[i + 1] for i, x in enumerate(a) if x == "-x" and "=" not in a[i + 1]}
+    assert {"NCCL_IB_HCA", "CUDA_VISIBLE_DEVICES", "EPCOMM_BLOCKS"} <= named
+    assert not named & {"EPCOMM_RANK", "NVSHMEM_REMOTE_TRANSPORT", "HOME", "PATH"}
+    assert "NVSHMEM_REMOTE_TRANSPORT=ibrc" in a
+
+
+def test_launch_x_override_survives_the_rank_wrapper():
+    """`launch run -x NAME=VALUE` reaches the rank as given even where the topology sets NAME (the wrapper used to
+    write the topology's value over it); without it the topology's value is set."""
+    code = "import os; print(os.environ['NVSHMEM_REMOTE_TRANSPORT'], os.environ['EPCOMM_RANK'])"
+    cfg = str(REPO_ROOT / "configs" / "h100-2x8.yaml")
+    base = {k: v for k, v in os.environ.items() if k != "NVSHMEM_REMOTE_TRANSPORT"}
+    for extra, want in (({"NVSHMEM_REMOTE_TRANSPORT": "ibgda"}, "ibgda"), ({}, "ibrc")):
+        env = dict(base, OMPI_COMM_WORLD_RANK="3", OMPI_COMM_WORLD_SIZE="16", **extra)
+        r = subprocess.run([sys.executable, "-m", "launch.rank_env", "-t", cfg, "--", sys.executable, "-c", code],
+                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [want, "3"]
+
+
 def test_cli_plan_h100_and_json():
     r = _launch("plan", "-t", "configs/h100-2x8.yaml")
     assert r.returncode == 0, r.stderr
