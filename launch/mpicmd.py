@@ -116,6 +116,7 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
     made_file = not topo.source
     topo_path = _topo_arg(topo)  # before the env: single_node topologies get a file here
     env = global_environment(topo)
+    env["EPCOMM_MPI_FLAVOR"] = flavor   # which rank variables the wrapper reads first
     env.update(extra_env or {})
     pypath = os.environ.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pypath if pypath else "")

@@ -14,6 +14,10 @@ from epcomm.topology import Topology
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# read first for the MPI the launcher built the command for (EPCOMM_MPI_FLAVOR): under MPICH, whose Hydra forwards
+# the whole environment, a PMIX_RANK left in the shell by an outer job must not win over PMI_RANK
+RANK_VARS_OF = {"openmpi": ("OMPI_COMM_WORLD_RANK", "PMIX_RANK"), "mpich": ("PMI_RANK",)}
+LOCAL_RANK_VARS_OF = {"openmpi": ("OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK"), "mpich": ("MPI_LOCALRANKID",)}
 
 
 def topology_ref(topo: Topology) -> str:
@@ -72,8 +76,31 @@ def rank_environment(topo: Topology, rank: int) -> dict[str, str]:
     return env
 
 
+def _first_int(environ, names) -> int | None:
+    return next((int(environ[v]) for v in names if environ.get(v, "").isdigit()), None)
+
+
+def mpi_local_rank(environ) -> int | None:
+    """This process's index among the ranks on its host, as the MPI that started it says (None: not told)."""
+    flavor = environ.get("EPCOMM_MPI_FLAVOR", "")
+    names = LOCAL_RANK_VARS_OF.get(flavor) or sum(LOCAL_RANK_VARS_OF.values(), ())
+    return _first_int(environ, names)
+
+
+def expected_local_rank(topo: Topology, rank: int) -> int:
+    """This rank's index among the ranks mpirun starts on its host (`--host a:n,b:m` in rank order; the topology
+    lists the nodes of one host consecutively, so each host is one group)."""
+    start = 0
+    for _, n in topo.host_slots():
+        if rank < start + n:
+            return rank - start
+        start += n
+    raise ValueError(f"rank {rank} is not in topology {topo.name} ({topo.world_size} ranks)")
+
+
 def mpi_rank_and_size(environ: dict[str, str] | os._Environ) -> tuple[int | None, int | None]:
-    rank = next((int(environ[v]) for v in RANK_VARS if environ.get(v, "").isdigit()), None)
+    flavor = environ.get("EPCOMM_MPI_FLAVOR", "")
+    rank = _first_int(environ, RANK_VARS_OF.get(flavor, ()) + RANK_VARS)
     size = next((int(environ[v]) for v in SIZE_VARS if environ.get(v, "").isdigit()), None)
     return rank, size
 
@@ -134,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _check_host(topo, rank)
+    got, want = mpi_local_rank(os.environ), expected_local_rank(topo, rank)
+    if got is not None and got != want:
+        node, local = topo.rank_to_node(rank)
+        print(f"launch.rank_env: rank {rank} is local rank {got} on its host, but topology {topo.name} expects local "
+              f"rank {want} there (node {node}, GPU {topo.device(rank)}): mpirun placed the ranks otherwise than the "
+              f"YAML says (an extra --hostfile or --map-by?); not starting, since ranks would share a GPU or NIC",
+              file=sys.stderr)
+        return 2
     # global values already here came from mpirun (-x / -genv), with the operator's `launch -x NAME=VALUE` overrides
     # in them: keep those; set the per-rank ones and any global one that did not arrive
     glob = global_environment(topo)

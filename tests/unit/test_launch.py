@@ -146,6 +146,37 @@ def test_launch_x_override_survives_the_rank_wrapper():
         assert r.stdout.split() == [want, "3"]
 
 
+def _wrapper(cfg: str, code: str, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MPI_", "EPCOMM_"))}
+    return subprocess.run([sys.executable, "-m", "launch.rank_env", "-t", str(REPO_ROOT / "configs" / f"{cfg}.yaml"),
+                           "--", sys.executable, "-c", code], env=dict(full, **env), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_expected_local_rank_follows_the_host_list():
+    from launch.rank_env import expected_local_rank
+    assert [expected_local_rank(_topo("h100-2x8"), r) for r in (0, 7, 8, 9, 15)] == [0, 7, 0, 1, 7]
+    assert [expected_local_rank(_topo("sim-2node"), r) for r in (0, 1)] == [0, 1]   # two nodes, one host
+    assert [expected_local_rank(_topo("cpu-2x4"), r) for r in (3, 4)] == [3, 4]
+
+
+def test_wrapper_refuses_a_placement_other_than_the_yaml():
+    code = "import os; print(os.environ['EPCOMM_RANK'], os.environ['EPCOMM_DEVICE'])"
+    ok = _wrapper("h100-2x8", code, OMPI_COMM_WORLD_RANK="9", OMPI_COMM_WORLD_LOCAL_RANK="1",
+                  EPCOMM_MPI_FLAVOR="openmpi")
+    assert ok.returncode == 0 and ok.stdout.split() == ["9", "1"], ok.stderr
+    bad = _wrapper("h100-2x8", code, OMPI_COMM_WORLD_RANK="9", OMPI_COMM_WORLD_LOCAL_RANK="0",
+                   EPCOMM_MPI_FLAVOR="openmpi")
+    assert bad.returncode == 2 and "rank 9 is local rank 0 on its host" in bad.stderr, bad.stderr
+    assert "expects local rank 1 there (node 1, GPU 1)" in bad.stderr
+
+
+def test_wrapper_reads_the_rank_of_the_mpi_it_was_built_for():
+    code = "import os; print(os.environ['EPCOMM_RANK'])"
+    r = _wrapper("cpu-4rank", code, PMIX_RANK="0", PMI_RANK="3", EPCOMM_MPI_FLAVOR="mpich")   # PMIX_RANK: stale
+    assert r.returncode == 0 and r.stdout.split() == ["3"], r.stderr
+
+
 def test_cli_plan_h100_and_json():
     r = _launch("plan", "-t", "configs/h100-2x8.yaml")
     assert r.returncode == 0, r.stderr
