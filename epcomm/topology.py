@@ -218,6 +218,12 @@ class Topology:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def fingerprint(self) -> str:
+        """16 hex digits of the topology's content (not of its file's layout or comments): the launcher's copy and a
+        rank's copy on another host must agree, or the ranks would disagree on GPUs, NICs and nodes."""
+        import hashlib
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
     @classmethod
     def from_json(cls, s: str) -> "Topology":
         try:

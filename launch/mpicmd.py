@@ -117,6 +117,7 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
     topo_path = _topo_arg(topo)  # before the env: single_node topologies get a file here
     env = global_environment(topo)
     env["EPCOMM_MPI_FLAVOR"] = flavor   # which rank variables the wrapper reads first
+    env["EPCOMM_TOPOLOGY_SHA"] = topo.fingerprint()   # every host's copy of the file must say the same
     env.update(extra_env or {})
     pypath = os.environ.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pypath if pypath else "")

@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     if topo is None:
         print("launch.rank_env: no topology (-t or EPCOMM_TOPOLOGY)", file=sys.stderr)
         return 2
+    want_sha = os.environ.get("EPCOMM_TOPOLOGY_SHA")
+    if want_sha and topo.fingerprint() != want_sha:
+        import socket
+        print(f"launch.rank_env: on {socket.gethostname()}, topology {topo_arg or os.environ.get('EPCOMM_TOPOLOGY')} "
+              f"differs from the launching host's copy (fingerprint {topo.fingerprint()} vs {want_sha}): copy the "
+              f"same file to every host", file=sys.stderr)
+        return 2
     rank, size = mpi_rank_and_size(os.environ)
     if rank is None:
         print(f"launch.rank_env: not started by mpirun (none of {', '.join(RANK_VARS)} set)", file=sys.stderr)

@@ -177,6 +177,16 @@ def test_wrapper_reads_the_rank_of_the_mpi_it_was_built_for():
     assert r.returncode == 0 and r.stdout.split() == ["3"], r.stderr
 
 
+def test_wrapper_refuses_another_hosts_different_topology(tmp_path):
+    code = "import os; print(os.environ['EPCOMM_RANK'])"
+    sha = _topo("cpu-4rank").fingerprint()
+    assert _wrapper("cpu-4rank", code, OMPI_COMM_WORLD_RANK="1", EPCOMM_TOPOLOGY_SHA=sha).stdout.split() == ["1"]
+    r = _wrapper("cpu-4rank", code, OMPI_COMM_WORLD_RANK="1", EPCOMM_TOPOLOGY_SHA="0" * 16)
+    assert r.returncode == 2 and "differs from the launching host's copy" in r.stderr, r.stderr
+    a = build_command(_topo("cpu-4rank"), ["prog"], mpi="openmpi", mpirun=sys.executable).command
+    assert f"EPCOMM_TOPOLOGY_SHA={sha}" in a
+
+
 def test_cli_plan_h100_and_json():
     r = _launch("plan", "-t", "configs/h100-2x8.yaml")
     assert r.returncode == 0, r.stderr
