@@ -17,7 +17,9 @@ Rules:
 * A handle is valid for one combine: it must come from this buffer's latest dispatch, and that round must not have
   been combined already.
 * Operations are issued in order; starting a new one completes earlier outstanding ones (their results are kept
-  for their *_wait). All ranks must issue the same sequence of operations.
+  for their *_wait), and waiting for one completes the outstanding ones issued before it: the backends see every
+  send / receive pair in issue order on every rank. All ranks must issue the same sequence of operations.
+* GPU: a *_wait runs on the caller's current stream; one other than the *_async's is made to wait for it first.
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ class Pending:
     inner: Any
     num_tokens: int
     waited: bool = False
+    completed: bool = False     # the backend's receive ran (by the *_wait, or by a later operation)
+    result: Any = None
 
 
 def _fail(msg: str):
@@ -70,6 +74,7 @@ class EPBuffer:
         self.cfg, self.ctx, self.check_ids = cfg, ctx, check_ids
         self._serial = next(_serials)
         self._round = 0                 # dispatches issued
+        self._outstanding: list[Pending] = []   # *_async calls whose receive has not run yet, in issue order
         self._combined: set[int] = set()
         self._closed = False
         self._failed: str | None = None
@@ -164,10 +169,23 @@ class EPBuffer:
                     pass
             raise
 
+    def _complete(self, upto: Pending | None = None) -> None:
+        """Run the receive of outstanding *_async calls in issue order (all, or up to and including `upto`): every
+        backend then sees send / receive pairs in one order on every rank, whatever order the user waits in."""
+        while self._outstanding:
+            p = self._outstanding[0]
+            wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
+            p.result = self._call(wait, p.inner)
+            p.completed = True
+            self._outstanding.pop(0)
+            if p is upto:
+                return
+
     def dispatch(self, x, topk_ids) -> DispatchResult:
         """Send and receive in one call (one kernel launch on GPUs)."""
         self._usable()
         t = self._call(self._check_tokens, x, topk_ids)
+        self._complete()
         res = self._call(self._backend.dispatch, x, topk_ids)
         res.handle = Handle(self._serial, self._round, t, res.handle)
         self._round += 1
@@ -176,8 +194,10 @@ class EPBuffer:
     def dispatch_async(self, x, topk_ids) -> Pending:
         self._usable()
         t = self._call(self._check_tokens, x, topk_ids)
+        self._complete()
         inner = self._call(self._backend.dispatch_async, x, topk_ids)
         p = Pending("dispatch", self._round, self._serial, inner, t)
+        self._outstanding.append(p)
         self._round += 1
         return p
 
@@ -190,7 +210,8 @@ class EPBuffer:
     def dispatch_wait(self, pending: Pending) -> DispatchResult:
         self._usable()
         self._call(self._check_pending, pending, "dispatch")
-        res = self._call(self._backend.dispatch_wait, pending.inner)
+        self._complete(upto=pending)
+        res, pending.result = pending.result, None
         pending.waited = True
         res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
         return res
@@ -199,6 +220,7 @@ class EPBuffer:
         """Send expert rows back and reduce them in one call (one kernel launch on GPUs)."""
         self._usable()
         self._call(self._check_combine, expert_y, handle, topk_weights)
+        self._complete()
         y = self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights)
         self._mark_combined(handle.round)
         return y
@@ -206,9 +228,12 @@ class EPBuffer:
     def combine_async(self, expert_y, handle, topk_weights) -> Pending:
         self._usable()
         self._call(self._check_combine, expert_y, handle, topk_weights)
+        self._complete()
         inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights)
         self._mark_combined(handle.round)
-        return Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
+        p = Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
+        self._outstanding.append(p)
+        return p
 
     def _mark_combined(self, rnd: int) -> None:
         self._combined.add(rnd)
@@ -217,7 +242,8 @@ class EPBuffer:
     def combine_wait(self, pending: Pending):
         self._usable()
         self._call(self._check_pending, pending, "combine")
-        y = self._call(self._backend.combine_wait, pending.inner)
+        self._complete(upto=pending)
+        y, pending.result = pending.result, None
         pending.waited = True
         return y
 
