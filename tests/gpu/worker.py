@@ -57,14 +57,27 @@ class Checker:
         for y in be.ybufs:
             y.fill_(float("nan"))
 
-    def one_round(self, be, cfg, world, use_async: bool, check=True):
+    def _async_wait(self, be, start, wait, cross_stream: bool):
+        """start() then wait(pending); cross_stream: start on a side stream, wait on the current one (the backend
+        must order the wait after the send)."""
+        if not cross_stream:
+            return wait(start())
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())   # the inputs written on the current stream come first
+        with torch.cuda.stream(side):
+            pending = start()
+        return wait(pending)
+
+    def one_round(self, be, cfg, world, use_async: bool, check=True, cross_stream=False):
         torch = self.torch
         me = self.me
         x = tb16(world.xs[me], self.dev)
         ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
         w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
         self.poison(be)
-        res = be.dispatch_wait(be.dispatch_async(x, ids)) if use_async else be.dispatch(x, ids)
+        res = self._async_wait(be, lambda: be.dispatch_async(x, ids), be.dispatch_wait, cross_stream) \
+            if use_async else be.dispatch(x, ids)
         be.synchronize()
         refs = ref.dispatch(cfg, world.xs, world.topk_ids)
         problems = ref.compare_dispatch(cfg, res, refs[me]) if check else []
@@ -73,7 +86,8 @@ class Checker:
         n = int(refs[me].row_offsets[-1])
         ey[n:] = np.float32("nan")  # rows past the end must never be read
         eyg = tb16(ey, self.dev)
-        y = be.combine_wait(be.combine_async(eyg, res.handle, w)) if use_async else be.combine(eyg, res.handle, w)
+        y = self._async_wait(be, lambda: be.combine_async(eyg, res.handle, w), be.combine_wait, cross_stream) \
+            if use_async else be.combine(eyg, res.handle, w)
         be.synchronize()
         if check:
             yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
@@ -126,6 +140,13 @@ class Checker:
                 p = [f"{type(e).__name__}: {e}"]
                 traceback.print_exc()
             self.ok(f"{tag} {kind} T={nt if nt is not None else M} {'async' if i % 2 else 'fused'}", p)
+        try:   # async send on a side stream, wait on the current one
+            p = self.one_round(be, cfg, make_world(cfg, seed=78, routing_kind="skewed", num_tokens="ragged"),
+                               use_async=True, cross_stream=True)
+        except Exception as e:
+            p = [f"{type(e).__name__}: {e}"]
+            traceback.print_exc()
+        self.ok(f"{tag} async across streams", p)
         try:
             p = self.one_round_cupy(be, cfg, make_world(cfg, seed=77, routing_kind="minus1", num_tokens="ragged"))
         except Exception as e:

@@ -114,7 +114,17 @@ def _kind(a) -> str:
     raise EPInputError(f"gpu backend takes torch tensors or cupy arrays on the GPU, got {type(a).__name__}")
 
 
+def _aligned(ptr: int, what: str) -> int:
+    """x and expert_y are read with 16-byte loads: a view that starts mid-vector would fault the whole context."""
+    if ptr % 16:
+        raise EPInputError(f"gpu backend: {what} must start at a 16-byte aligned address (a view with an element "
+                           f"offset that is not a multiple of 8?); pass a fresh or .clone()d tensor")
+    return ptr
+
+
 def _ptr(a, kind: str, device: int | None = None) -> int:
+    if kind == "cupy" and device is not None and a.device.id != device:
+        raise EPInputError(f"gpu backend: array is on GPU {a.device.id}, this rank uses GPU {device}")
     if kind == "torch":
         if not a.is_cuda:
             raise EPInputError("gpu backend: tensor is on the CPU; pass a CUDA tensor")
@@ -386,7 +396,7 @@ class GpuBackend:
         if T > self.cfg.max_tokens_per_rank:
             raise EPInputError(f"{T} tokens > max_tokens_per_rank={self.cfg.max_tokens_per_rank}")
         dev = self.ctx.device
-        return kind, T, _ptr(x, kind, dev), _ptr(topk_ids, _kind(topk_ids), dev)
+        return kind, T, _aligned(_ptr(x, kind, dev), "x"), _ptr(topk_ids, _kind(topk_ids), dev)
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
@@ -415,9 +425,22 @@ class GpuBackend:
         self._launch("ep_dispatch_send", p, st)
         return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids))
 
+    @staticmethod
+    def _after(pending, stream: int) -> None:
+        """A wait on another stream than its *_async must not start before the send: that stream waits for all the
+        async call's stream has queued so far (fork / join with an event; nothing to do on the same stream)."""
+        if stream == pending.stream:
+            return
+        from cuda.bindings import driver
+        ev = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        _check(driver.cuEventRecord(ev, driver.CUstream(pending.stream)), "cuEventRecord")
+        _check(driver.cuStreamWaitEvent(driver.CUstream(stream), ev, 0), "cuStreamWaitEvent")
+        _check(driver.cuEventDestroy(ev), "cuEventDestroy")   # released once it has completed
+
     def dispatch_wait(self, pending) -> DispatchResult:
         self._check_open()
         st = _stream_of(pending.kind, self.ctx.device)
+        self._after(pending, st)
         self._launch("ep_dispatch_recv", pending.params, st)
         return self._result(pending.hp, pending.num_tokens, pending.kind)
 
@@ -429,7 +452,7 @@ class GpuBackend:
         kind = _kind(expert_y)
         T = handle.num_tokens
         p = self._base_params(handle.hp, T)
-        p.expert_y = _ptr(expert_y, kind, self.ctx.device)
+        p.expert_y = _aligned(_ptr(expert_y, kind, self.ctx.device), "expert_y")
         p.weights = _ptr(topk_weights, _kind(topk_weights), self.ctx.device)
         cp = self._cp & 1
         self._cp += 1
@@ -453,6 +476,7 @@ class GpuBackend:
     def combine_wait(self, pending):
         self._check_open()
         st = _stream_of(pending.kind, self.ctx.device)
+        self._after(pending, st)
         self._launch("ep_combine_recv", pending.params, st)
         return self._y(pending.hp, pending.num_tokens, pending.kind)
 
