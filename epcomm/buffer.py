@@ -247,6 +247,16 @@ class EPBuffer:
         pending.waited = True
         return y
 
+    def check(self) -> None:
+        """Raise now an error that a kernel has recorded since the calls returned (GPU: a timeout or a peer's abort
+        seen on the device; read from pinned host memory, no synchronisation). GPU calls return before their
+        kernels run, so their outputs are only trustworthy once the stream has passed them: a server calls this
+        (or synchronize) before handing results on. Host backend: errors are raised by the calls themselves."""
+        self._usable()
+        raise_pending = getattr(self._backend, "raise_pending", None)
+        if raise_pending is not None:
+            self._call(raise_pending)
+
     def synchronize(self) -> None:
         self._usable()
         self._call(self._backend.synchronize)

@@ -85,3 +85,19 @@ def test_a_peers_abort_is_not_passed_on(monkeypatch):
     assert be.aborts == []
     buf.close()
     assert be.closed_broken is not None
+
+
+def test_check_raises_a_recorded_device_error_and_aborts(monkeypatch):
+    be = FakeBackend(EPTimeoutError("rank 1 (node 0) did not arrive", rank=1, node=0))
+    be.raise_pending = be._fail
+    buf = make(monkeypatch, be)
+    with pytest.raises(EPTimeoutError, match="did not arrive"):
+        buf.check()
+    assert be.aborts and "did not arrive" in be.aborts[0]
+    with pytest.raises(EPError, match="unusable after an earlier failure"):
+        buf.check()
+
+
+def test_check_without_a_device_record_is_a_no_op(monkeypatch):
+    buf = make(monkeypatch, FakeBackend())   # the host backend has no raise_pending
+    buf.check()

@@ -486,6 +486,10 @@ class GpuBackend:
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
         self._raise_recorded()
 
+    def raise_pending(self) -> None:
+        """Raise the error a kernel recorded (timeout, abort, bad entry), if any: pinned memory, no synchronisation."""
+        self._raise_recorded()
+
     def pending_error(self) -> dict | None:
         """The device error record, read from pinned memory without synchronising (None if none)."""
         return self.err.read()
