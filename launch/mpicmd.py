@@ -59,7 +59,8 @@ def flavor_from_version(text: str) -> str:
     low = text.lower()
     if "open mpi" in low or "open-mpi" in low or "openrte" in low or "prte" in low:
         return "openmpi"
-    if "hydra" in low or "mpich" in low:
+    # Intel MPI and MVAPICH start ranks with MPICH's Hydra (same -hosts / -ppn / -genv flags)
+    if "hydra" in low or "mpich" in low or "intel(r) mpi" in low or "mvapich" in low:
         return "mpich"
     return "unknown"
 

@@ -76,6 +76,7 @@ def test_mpich_sim_nodes_merge_on_one_host():
 def test_flavor_detection():
     assert flavor_from_version("mpirun (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/") == "openmpi"
     assert flavor_from_version("HYDRA build details:\n    Version: 4.3.0\n") == "mpich"
+    assert flavor_from_version("Intel(R) MPI Library for Linux* OS, Version 2021.13 Build 20240701") == "mpich"
     assert flavor_from_version("something else") == "unknown"
 
 
