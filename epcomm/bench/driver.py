@@ -24,6 +24,7 @@ import traceback
 
 import numpy as np
 
+from ..provenance import code_identity
 from . import compare
 from . import floor as floormod
 from . import report
@@ -126,7 +127,7 @@ class Bench:
         self.rank, self.world = ctx.rank, ctx.world_size
         self.gpu = torch is not None
         self.log = Logger(self.rank)
-        self.code = report.code_identity() if self.rank == 0 else None   # rank 0 writes the document
+        self.code = code_identity() if self.rank == 0 else None   # rank 0 writes the document
         if self.gpu:
             from .timing import CudaTimer
             self.timer = CudaTimer(comm, torch)

@@ -39,25 +39,6 @@ TOP_KEYS = ("schema", "date", "command", "code", "backend", "topology", "world_s
             "settings", "links", "floor_bandwidth", "results", "errors", "notes", "ok")
 
 
-def code_identity() -> dict:
-    """Which code measured: git commit and dirty flag where the tree is a checkout, and the kernel sources' hash."""
-    import subprocess
-    from pathlib import Path
-
-    from ..backends.gpu import jit
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        try:
-            p = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-            return p.stdout.strip() if p.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status), "kernel_source": jit.source_hash()}
-
-
 def fmt_num(v, spec: str = ".1f", na: str = "n/a") -> str:
     if v is None:
         return na

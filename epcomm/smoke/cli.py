@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..provenance import code_identity
 from . import analysis, report as rep
 from .analysis import STAGES, Failure
 from .comm import READY, RESULT, START, STOP_TAG, Deadline, Messenger, StageTimeout, guarded, tag
@@ -333,7 +334,7 @@ class Coordinator:
         code = analysis.exit_code(self.failures)
         report = {
             "schema": rep.SCHEMA, "ok": code == 0, "exit_code": code, "verdict": verdict,
-            "started": self.started, "duration_s": round(time.monotonic() - self.t0, 3),
+            "started": self.started, "duration_s": round(time.monotonic() - self.t0, 3), "code": code_identity(),
             "topology": {"name": topo.name, "source": topo.source, "world_size": topo.world_size,
                          "num_nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
                          "backend": topo.backend, "gpu": env.gpu},

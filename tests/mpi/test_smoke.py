@@ -44,6 +44,8 @@ def test_healthy(config, tmp_path):
     assert p.returncode == 0, _show(p)
     assert report is not None and report["ok"], _show(p)
     assert validate(report) == []
+    from epcomm.backends.gpu import jit
+    assert report["code"]["kernel_source"] == jit.source_hash()   # which epcomm ran
     assert set(report["stages"]) == {"inventory", "links", "ep", "speed"}
     assert all(st["status"] == "ok" for st in report["stages"].values()), report["stages"]
     n = report["topology"]["world_size"]

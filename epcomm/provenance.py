@@ -1,0 +1,24 @@
+"""Which code produced a result: the "code" entry of the bench and smoke JSON documents."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        p = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_identity() -> dict:
+    """git commit and dirty flag where the tree is a checkout (else None), and the hash of the kernel sources, which
+    names the kernels with or without git (the device machines get a copy of the tree)."""
+    from .backends.gpu import jit
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status), "kernel_source": jit.source_hash()}
