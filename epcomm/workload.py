@@ -94,3 +94,23 @@ def identity_experts(cfg: EPConfig, expert_x, expert_scales=None) -> np.ndarray:
     if cfg.token_format == "fp8":
         return dequantize_fp8(x, expert_scales).astype(BF16)
     return x.astype(BF16)
+
+
+def expert_factor(expert_id: int) -> float:
+    """Scale of `distinct_experts`' expert e: 1 for the shared expert (-1), else one of 61 values in [1, 2)."""
+    return 1.0 if expert_id < 0 else 1.0 + ((expert_id * 37) % 61) / 64.0
+
+
+def distinct_experts(cfg: EPConfig, result) -> np.ndarray:
+    """expert_y for experts that differ: the rows of expert e are its tokens times expert_factor(e), bf16.
+    With identity experts every row of a token is the same, so a combine that applies a token's weights to the wrong
+    slots, or sends a row back to the wrong slot, gives the right answer; with these it does not. `result` is a
+    DispatchResult (the reference's, or a backend's on the host)."""
+    from .formats import BF16
+    from .reference import to_numpy
+    y = identity_experts(cfg, to_numpy(result.expert_x), to_numpy(result.expert_scales)
+                         if result.expert_scales is not None else None).astype(np.float32)
+    ro, ids = to_numpy(result.row_offsets).astype(np.int64), to_numpy(result.expert_ids).astype(np.int64)
+    for g, e in enumerate(ids):
+        y[ro[g]:ro[g + 1]] *= np.float32(expert_factor(int(e)))
+    return y.astype(BF16)

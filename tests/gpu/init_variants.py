@@ -17,7 +17,7 @@ import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.backends.gpu.runtime import Runtime, torch_context, uid_context  # noqa: E402
 from epcomm.backends.gpu.specs import test_configs  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+from epcomm.workload import distinct_experts, make_world  # noqa: E402
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
     res = buf.dispatch(x, ids)
     refs = ref.dispatch(cfg, w.xs, w.topk_ids)
     probs = ref.compare_dispatch(cfg, res, refs[rank])
-    eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+    eys = [distinct_experts(cfg, r) for r in refs]
     ey = torch.from_numpy(eys[rank].view(np.int16)).view(torch.bfloat16).to(dev)
     y = buf.combine(ey, res.handle, torch.from_numpy(w.topk_weights[rank]).to(dev))
     buf.synchronize()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
 from epcomm.errors import EPTimeoutError  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+from epcomm.workload import distinct_experts, make_world  # noqa: E402
 
 
 def tb16(a: np.ndarray, dev):
@@ -81,7 +81,7 @@ class Checker:
         be.synchronize()
         refs = ref.dispatch(cfg, world.xs, world.topk_ids)
         problems = ref.compare_dispatch(cfg, res, refs[me]) if check else []
-        eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+        eys = [distinct_experts(cfg, r) for r in refs]
         ey = eys[me].copy()
         n = int(refs[me].row_offsets[-1])
         ey[n:] = np.float32("nan")  # rows past the end must never be read
@@ -111,7 +111,7 @@ class Checker:
                 problems.append(f"outputs are {type(res.expert_x).__name__}, not cupy")
             refs = ref.dispatch(cfg, world.xs, world.topk_ids)
             problems += ref.compare_dispatch(cfg, res, refs[me])
-            eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+            eys = [distinct_experts(cfg, r) for r in refs]
             ey = cp.asarray(np.ascontiguousarray(eys[me]).view(np.uint16))
             y = be.combine(ey, res.handle, w)
             be.synchronize()
@@ -164,7 +164,7 @@ class Checker:
         ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
         w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
         refs = ref.dispatch(cfg, world.xs, world.topk_ids)
-        eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+        eys = [distinct_experts(cfg, r) for r in refs]
         eyg = tb16(eys[me], self.dev)
         be.synchronize()
         t0 = time.time()
@@ -226,7 +226,7 @@ class Checker:
             torch.cuda.synchronize()
             refs = ref.dispatch(cfg, wd.xs, wd.topk_ids)
             problems += ref.compare_dispatch(cfg, res, refs[me])
-            eys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
+            eys = [distinct_experts(cfg, r) for r in refs]
             sey.copy_(tb16(eys[me], self.dev))
             g2.replay()
             torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import epcomm  # noqa: E402
 from epcomm import reference as ref  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+from epcomm.workload import distinct_experts, identity_experts, make_world  # noqa: E402
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
                 H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0)
@@ -63,8 +63,8 @@ def check_round(cfg, ctx, buf, world, use_async: bool) -> list[str]:
         out = buf.dispatch(world.xs[me], world.topk_ids[me])
     exp = ref.dispatch(cfg, world.xs, world.topk_ids)
     problems = ["dispatch: " + p for p in ref.compare_dispatch(cfg, out, exp[me])]
-    eys = [identity_experts(cfg, e.expert_x, e.expert_scales) for e in exp]
-    my_ey = identity_experts(cfg, out.expert_x, out.expert_scales)
+    eys = [distinct_experts(cfg, e) for e in exp]
+    my_ey = distinct_experts(cfg, out)
     my_ey[int(np.asarray(out.row_offsets)[-1]):] = np.float32("nan")   # rows past the end must never be read
     if use_async:
         y = buf.combine_wait(buf.combine_async(my_ey, out.handle, world.topk_weights[me]))

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from epcomm import reference
 from epcomm.config import EPConfig
 from epcomm.formats import BF16, dequantize_fp8, quantize_fp8
-from epcomm.workload import ROUTINGS, identity_experts, make_world
+from epcomm.workload import ROUTINGS, distinct_experts, identity_experts, make_world
 
 
 def small_cfg(**kw):
@@ -138,10 +138,27 @@ def test_compare_helpers_catch_errors():
     bad.expert_scales = bad.expert_scales.copy()
     bad.expert_scales[0, 0] += 1
     assert reference.compare_dispatch(cfg, bad, good)
-    eys = [identity_experts(cfg, o.expert_x, o.expert_scales) for o in outs]
+    eys = [distinct_experts(cfg, o) for o in outs]
     exact, mag = reference.combine_exact(cfg, eys, outs, world.topk_weights)
     y = reference.combine(cfg, eys, outs, world.topk_weights)
     assert reference.compare_combine(y[0], exact[0], mag[0]) == []
     wrong = y[0].astype(np.float32)
     wrong[0, 0] += 1.0
     assert reference.compare_combine(wrong.astype(BF16), exact[0], mag[0])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_combine_check_sees_weights_on_the_wrong_slots(fmt):
+    """With experts that differ (distinct_experts), a combine that uses a token's weights in another slot order, or
+    sends a row back to another slot, fails the check; identity experts could not tell."""
+    cfg = small_cfg(token_format=fmt)
+    world = make_world(cfg, seed=11)
+    outs = reference.dispatch(cfg, world.xs, world.topk_ids)
+    eys = [distinct_experts(cfg, o) for o in outs]
+    exact, mag = reference.combine_exact(cfg, eys, outs, world.topk_weights)
+    swapped = [w[:, ::-1].copy() for w in world.topk_weights]
+    y = reference.combine(cfg, eys, outs, swapped)
+    assert reference.compare_combine(y[0], exact[0], mag[0])
+    ids = [identity_experts(cfg, o.expert_x, o.expert_scales) for o in outs]
+    ex_i, mag_i = reference.combine_exact(cfg, ids, outs, world.topk_weights)
+    assert reference.compare_combine(reference.combine(cfg, ids, outs, swapped)[0], ex_i[0], mag_i[0]) == []
