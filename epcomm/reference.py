@@ -124,9 +124,34 @@ def to_numpy(a):
     return np.asarray(a)
 
 
-def compare_dispatch(cfg: EPConfig, actual: DispatchResult, expected: DispatchResult) -> list[str]:
-    """Mismatches between one rank's dispatch output and the reference (empty list = equal). bf16 and fp8 bit-exact."""
-    problems = []
+def _layout_problems(cfg: EPConfig, actual: DispatchResult, expected: DispatchResult, rows_trimmed: bool) -> list[str]:
+    """Shapes and element sizes: outputs are [max_recv_rows, ...] whatever the routing (rows_trimmed: the caller
+    copied only the received rows of expert_x / expert_scales)."""
+    out = []
+    arrays = [("expert_x", actual.expert_x, expected.expert_x), ("src_info", actual.src_info, expected.src_info)]
+    if cfg.token_format == "fp8":
+        if actual.expert_scales is None:
+            return ["expert_scales missing (fp8 needs them)"]
+        arrays.append(("expert_scales", actual.expert_scales, expected.expert_scales))
+    for name, a, e in arrays:
+        a = to_numpy(a)
+        shape_ok = a.shape[1:] == e.shape[1:] and (a.shape[0] == e.shape[0] or
+                                                   (rows_trimmed and name != "src_info"
+                                                    and a.shape[0] >= int(expected.row_offsets[-1])))
+        if not shape_ok:
+            out.append(f"{name} has shape {list(a.shape)}, expected {list(e.shape)}")
+        elif a.dtype.itemsize != e.dtype.itemsize:
+            out.append(f"{name} has {a.dtype.itemsize}-byte elements ({a.dtype}), expected {e.dtype.itemsize} ({e.dtype})")
+    return out
+
+
+def compare_dispatch(cfg: EPConfig, actual: DispatchResult, expected: DispatchResult,
+                     rows_trimmed: bool = False) -> list[str]:
+    """Mismatches between one rank's dispatch output and the reference (empty list = equal). bf16 and fp8 bit-exact;
+    shapes and element sizes too (rows_trimmed: expert_x / expert_scales hold only the received rows)."""
+    problems = _layout_problems(cfg, actual, expected, rows_trimmed)
+    if problems:
+        return problems
     ro_a = to_numpy(actual.row_offsets).astype(np.int64)
     ro_e = expected.row_offsets.astype(np.int64)
     if not np.array_equal(ro_a, ro_e):
@@ -164,6 +189,8 @@ def compare_combine(y_actual, y_exact: np.ndarray, magnitude: np.ndarray) -> lis
         return [f"combine shape {ya.shape} != expected {y_exact.shape}"]
     if not np.isfinite(ya).all():
         return ["combine output has NaN/inf"]
+    if not np.isfinite(y_exact).all():   # err > tol is False for NaN: such an expectation would pass anything
+        return ["the expected combine output has NaN/inf: non-finite inputs are not a defined case"]
     tol = 2.0 ** -8 * np.abs(y_exact) + 2.0 ** -7 * magnitude + 1e-6
     err = np.abs(ya - y_exact)
     bad = np.argwhere(err > tol)

@@ -1,4 +1,6 @@
 """Properties of the executable spec. If these fail, every backend check built on the reference is meaningless."""
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -162,3 +164,28 @@ def test_combine_check_sees_weights_on_the_wrong_slots(fmt):
     ids = [identity_experts(cfg, o.expert_x, o.expert_scales) for o in outs]
     ex_i, mag_i = reference.combine_exact(cfg, ids, outs, world.topk_weights)
     assert reference.compare_combine(reference.combine(cfg, ids, outs, swapped)[0], ex_i[0], mag_i[0]) == []
+
+
+def test_dispatch_check_wants_full_shapes_and_element_sizes():
+    """Outputs are [max_recv_rows, ...] whatever the routing, in the format's element size: a backend that returns
+    only the received rows, or widened integers / floats, fails the check (the bench copies the received rows only
+    and says so)."""
+    cfg = small_cfg(token_format="fp8")
+    world = make_world(cfg, seed=12)
+    good = reference.dispatch(cfg, world.xs, world.topk_ids)[0]
+    n = int(good.row_offsets[-1])
+    cut = dataclasses.replace(good, expert_x=good.expert_x[:n], expert_scales=good.expert_scales[:n])
+    assert any("expert_x has shape" in p for p in reference.compare_dispatch(cfg, cut, good))
+    assert reference.compare_dispatch(cfg, cut, good, rows_trimmed=True) == []
+    short_info = dataclasses.replace(good, src_info=good.src_info[:n])
+    assert reference.compare_dispatch(cfg, short_info, good, rows_trimmed=True)
+    wide = dataclasses.replace(good, src_info=good.src_info.astype(np.int64))
+    assert any("8-byte elements" in p for p in reference.compare_dispatch(cfg, wide, good))
+    assert reference.compare_dispatch(cfg, dataclasses.replace(good, expert_scales=None), good) == [
+        "expert_scales missing (fp8 needs them)"]
+
+
+def test_combine_check_refuses_a_non_finite_expectation():
+    y = np.ones((1, 256), BF16)
+    e = np.array([[np.nan] + [1.0] * 255], np.float32)
+    assert reference.compare_combine(y, e, np.nan_to_num(e))
