@@ -54,8 +54,7 @@ class Pending:
     inner: Any
     num_tokens: int
     waited: bool = False
-    completed: bool = False     # the backend's receive ran (by the *_wait, or by a later operation)
-    result: Any = None
+    result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
 
 
 def _fail(msg: str):
@@ -176,7 +175,6 @@ class EPBuffer:
             p = self._outstanding[0]
             wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
             p.result = self._call(wait, p.inner)
-            p.completed = True
             self._outstanding.pop(0)
             if p is upto:
                 return
