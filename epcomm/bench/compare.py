@@ -29,7 +29,7 @@ SAME_SETTINGS = ("hidden", "topk", "num_experts", "routing", "sms_requested")
 
 
 class NotComparable(ValueError):
-    pass
+    """The two documents cannot be compared row by row (unreadable, not a bench document, other shapes)."""
 
 
 def load(path: str) -> dict[str, Any]:
@@ -41,8 +41,9 @@ def load(path: str) -> dict[str, Any]:
         raise NotComparable(f"{path}: cannot read ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise NotComparable(f"{path}: not JSON ({e})") from None
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("epcomm.bench/"):
-        raise NotComparable(f"{path}: not an epcomm.bench document (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if not str(schema).startswith("epcomm.bench/"):
+        raise NotComparable(f"{path}: not an epcomm.bench document (schema {schema!r})")
     return doc
 
 
