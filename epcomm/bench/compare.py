@@ -56,8 +56,15 @@ def _side(doc: dict) -> dict[str, Any]:
             "cards": _cards(doc), "code": doc.get("code")}
 
 
-def _key(rec: dict) -> tuple:
-    return tuple(rec.get(k) for k in KEY)
+def _keyed(results: list[dict]) -> dict[tuple, dict]:
+    """Records by (KEY fields, occurrence): the ht case has two combine rows with the same fields (after the bf16
+    and after the fp8 dispatch), told apart by their order."""
+    out: dict[tuple, dict] = {}
+    for rec in results:
+        base = tuple(rec.get(k) for k in KEY)
+        n = sum(1 for k in out if k[:-1] == base)
+        out[base + (n,)] = rec
+    return out
 
 
 def _median(rec: dict | None) -> float | None:
@@ -102,8 +109,7 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
     if not tolerance > 0:
         raise NotComparable(f"tolerance must be > 0, got {tolerance}")
     warnings = check_comparable(old, new)
-    olds = {_key(r): r for r in old.get("results", [])}
-    news = {_key(r): r for r in new.get("results", [])}
+    olds, news = _keyed(old.get("results", [])), _keyed(new.get("results", []))
     ran = set((new.get("settings") or {}).get("cases") or [r.get("case") for r in new.get("results", [])])
     skipped = sorted({k[0] for k in olds if k[0] not in ran and k not in news})
     if skipped:
@@ -122,7 +128,7 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
             verdict = "failed" if n is not None else "missing"   # timed before, not now
         else:
             continue   # timed in neither run (n/a: no NCCL on the host backend, say)
-        rows.append({**dict(zip(KEY, k)), "old_us": mo, "new_us": mn, "ratio": _ratio(mn, mo),
+        rows.append({**dict(zip(KEY, k)), "occurrence": k[-1], "old_us": mo, "new_us": mn, "ratio": _ratio(mn, mo),
                      "old_x_floor": (o or {}).get("ratio_to_floor"), "new_x_floor": (n or {}).get("ratio_to_floor"),
                      "x_floor_ratio": _ratio((n or {}).get("ratio_to_floor"), (o or {}).get("ratio_to_floor")),
                      "new_status": (n or {}).get("status"), "verdict": verdict})
@@ -142,7 +148,8 @@ def table(cmp: dict, only_changes: bool = False) -> str:
     for r in cmp["rows"]:
         if only_changes and r["verdict"] == "same":
             continue
-        lines.append(f"{r['case']:>8} {r['impl']:>6} {r['op']:>9} {r['mode'] or '-':>4} {r['format']:>4} "
+        op = r["op"] + (f"#{r['occurrence'] + 1}" if r["occurrence"] else "")   # the 2nd row with these fields
+        lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>4} {r['format']:>4} "
                      f"{r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} {_f(r['old_us']):>9} {_f(r['new_us']):>9} "
                      f"{_f(r['ratio'], '.2f'):>7} {_f(r['old_x_floor'], '.2f'):>7} {_f(r['new_x_floor'], '.2f'):>7}  "
                      f"{r['verdict']}")

@@ -41,7 +41,10 @@ class HostTimer:
 
 class CudaTimer:
     name = "cuda_events"
-    SPIN_CYCLES = 200_000  # ~100 us at H100 clocks: longer than the Python launch of one op
+    # The GPU spins while the host launches the op, so the start event fires only once the op is queued. ~2 ms at
+    # H100 clocks: 200k cycles (~100 us) was shorter than some launches (the ht combine after an fp8 dispatch took
+    # ~240 us on the host), and the idle GPU time inside the window inflated that row by ~90 us.
+    SPIN_CYCLES = 4_000_000
 
     def __init__(self, comm, torch):
         self.comm, self.torch = comm, torch

@@ -78,7 +78,7 @@ def test_bench_compare_against_a_recorded_run(tmp_path):
     cmp = json.loads(second.read_text())["compare"]
     assert cmp["ok"] and cmp["against"] == str(first)
     assert {r["verdict"] for r in cmp["rows"]} == {"same", "new"}   # the sweep rows are new
-    assert cmp["counts"]["same"] == 5   # ht: bf16 dispatch, combine, round trip; fp8 dispatch, round trip
+    assert cmp["counts"]["same"] == 6   # ht: dispatch, combine, round trip after a bf16 and after an fp8 dispatch
     assert "compare: OK" in proc.stdout
     proc = subprocess.run(base + ["--hidden", "128", "--compare", str(first)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)

@@ -97,3 +97,20 @@ def test_cli_exit_status(tmp_path, capsys):
     assert C.main([str(a), str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert "not an epcomm.bench document" in err and "cannot read" in err
+
+
+def test_rows_with_the_same_fields_are_told_apart_by_order():
+    """The ht case records two bf16 combines (after the bf16 and after the fp8 dispatch): both are compared."""
+    old = doc([rec(295.6, op="combine"), rec(383.0, op="combine")])
+    new = doc([rec(296.0, op="combine"), rec(300.0, op="combine")])
+    cmp = C.compare(old, new)
+    assert [r["verdict"] for r in cmp["rows"]] == ["same", "faster"] and [r["occurrence"] for r in cmp["rows"]] == [0, 1]
+
+
+def test_the_recorded_files_compare_with_themselves_row_for_row():
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[2] / "docs" / "perf").glob("bench-*.json")):
+        d = C.load(str(path))
+        cmp = C.compare(d, d)
+        timed = [r for r in d["results"] if r.get("status") == "ok" and (r.get("time_us") or {}).get("median")]
+        assert cmp["ok"] and cmp["counts"]["same"] == len(timed), path.name
