@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_host(topo, rank)
     got, want = mpi_local_rank(os.environ), expected_local_rank(topo, rank)
     if got is not None and got != want:
-        node, local = topo.rank_to_node(rank)
         print(f"launch.rank_env: rank {rank} is local rank {got} on its host, but topology {topo.name} expects local "
-              f"rank {want} there (node {node}, GPU {topo.device(rank)}): mpirun placed the ranks otherwise than the "
+              f"rank {want} there (node {topo.node_of(rank)}, GPU {topo.device(rank)}): mpirun placed the ranks otherwise than the "
               f"YAML says (an extra --hostfile or --map-by?); not starting, since ranks would share a GPU or NIC",
               file=sys.stderr)
         return 2
