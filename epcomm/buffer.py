@@ -61,6 +61,17 @@ def _fail(msg: str):
     raise EPInputError(msg)
 
 
+def _capturing(kind: str) -> bool:
+    """Is the caller's current stream being captured into a CUDA graph (torch / cupy)?"""
+    if kind == "torch":
+        import torch
+        return bool(torch.cuda.is_current_stream_capturing())
+    if kind == "cupy":
+        import cupy
+        return bool(getattr(cupy.cuda.get_current_stream(), "is_capturing", lambda: False)())
+    return False
+
+
 class EPBuffer:
     def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False):
         if not isinstance(cfg, EPConfig):
@@ -104,6 +115,9 @@ class EPBuffer:
             _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
         self._check_kind(xi, "dispatch")
         if t and (ii.on_host or self.check_ids):
+            if not ii.on_host and _capturing(ii.kind):
+                _fail("dispatch: check_ids=True reads the ids back to the host, which a CUDA-graph capture forbids; "
+                      "make the buffer for captured calls with check_ids=False")
             ids = topk_ids if ii.kind == "numpy" else (topk_ids.cpu().numpy() if ii.kind == "torch"
                                                          else topk_ids.get())
             lo, hi = int(ids.min()), int(ids.max())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import epcomm.backends
-from epcomm import EPBuffer, EPConfig, EPError, EPTimeoutError
+from epcomm import EPBuffer, EPConfig, EPError, EPInputError, EPTimeoutError
 from epcomm.formats import BF16
 
 
@@ -101,3 +101,26 @@ def test_check_raises_a_recorded_device_error_and_aborts(monkeypatch):
 def test_check_without_a_device_record_is_a_no_op(monkeypatch):
     buf = make(monkeypatch, FakeBackend())   # the host backend has no raise_pending
     buf.check()
+
+
+def test_check_ids_inside_a_graph_capture_is_refused_clearly(monkeypatch):
+    """Reading ids back during stream capture would invalidate the capture with a CUDA error; say what to do."""
+    import sys
+
+    class Dev:
+        type, index = "cuda", 0
+
+    class Tensor:   # just enough of a torch tensor for EPBuffer's checks
+        __module__ = "torch"
+
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype, self.device = shape, dtype, Dev()
+
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_current_stream_capturing=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(epcomm.backends, "make_backend", lambda cfg, ctx: FakeBackend())
+    ctx = types.SimpleNamespace(world_size=2, backend="gpu", _buffers=weakref.WeakSet())
+    cfg = EPConfig(hidden=128, topk=2, num_experts=4, max_tokens_per_rank=4, world_size=2, timeout_s=1.0)
+    buf = EPBuffer(cfg, ctx, check_ids=True)
+    with pytest.raises(EPInputError, match="CUDA-graph capture forbids"):
+        buf.dispatch(Tensor((2, 128), "torch.bfloat16"), Tensor((2, 2), "torch.int32"))
