@@ -11,7 +11,8 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
   floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
   results [record], errors [str], notes [str] (e.g. --sms not supported, graph fallback), ok (bool: every record verified and no error).
   compare (only with --compare): {against (path), schema "epcomm.bench-compare/1", tolerance, old, new, warnings,
-           rows [{case..graph, old_us, new_us, ratio, old_x_floor, new_x_floor, x_floor_ratio, new_status, verdict}],
+           rows [{case..graph, occurrence, old_us, new_us, ratio, old_x_floor, new_x_floor, x_floor_ratio, new_status,
+           verdict}],
            counts, ok} (epcomm/bench/compare.py).
 record:
   case ("ht" | "ll" | "sweep" | "baseline"), impl ("epcomm" | "nccl"), op ("dispatch" | "combine" | "roundtrip"),
