@@ -29,7 +29,7 @@ NVSHMEM_DEFAULTS: dict[str, Any] = {
 }
 
 _TOP_KEYS = {"name", "backend", "mpi", "nodes", "gpus_per_node", "ranks_per_node", "env", "nvshmem", "ep"}
-_NODE_KEYS = {"hostname", "gpus", "nics", "ranks"}
+_NODE_KEYS = {"hostname", "gpus", "nics", "ranks", "share_gpus"}
 _EP_KEYS = {"num_experts"}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -38,8 +38,9 @@ _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 @dataclass(frozen=True)
 class Node:
     hostname: str
-    gpus: list[int] = field(default_factory=list)  # empty for host-only (CPU) nodes
-    nics: list[str] | None = None  # one NIC per GPU (same order), or None
+    gpus: list[int] = field(default_factory=list)  # GPU of each local rank, in order; empty for host-only nodes
+    nics: list[str] | None = None  # one NIC per rank (same order), or None
+    share_gpus: bool = False  # the YAML allowed several ranks on one GPU (a GPU index may repeat in `gpus`)
 
     @property
     def is_local(self) -> bool:
@@ -134,8 +135,47 @@ class Topology:
         for r in range(self.world_size):
             node, local = self.rank_to_node(r)
             rows.append({"rank": r, "host": self.nodes[node].hostname, "node": node, "local_rank": local,
-                         "device": self.device(r), "nic": self.nic(r)})
+                         "device": self.device(r), "nic": self.nic(r), "gpu_shared_by": self.ranks_per_gpu(r)})
         return rows
+
+    # ---- GPU sharing (several ranks on one GPU: `share_gpus: true`) ------------------------------------------
+    def gpu_peers(self, rank: int) -> list[int]:
+        """Ranks that run on the same GPU as `rank` (itself included): same host, same device index. [rank] on
+        host-only topologies and whenever every rank has its own GPU."""
+        dev = self.device(rank)
+        if dev is None:
+            return [rank]
+        host = self.host_of(rank)
+        return [r for r in range(self.world_size) if self.device(r) == dev and self.host_of(r) == host]
+
+    def ranks_per_gpu(self, rank: int) -> int:
+        """How many ranks (processes) share `rank`'s GPU: they run concurrently (MPS) or time-slice it, so each
+        one's persistent kernels may count on 1/n of the GPU's SMs at most."""
+        return len(self.gpu_peers(rank))
+
+    def shared_gpus(self) -> list[tuple[str, int, list[int]]]:
+        """[(host, GPU index, ranks on it)] for every GPU that carries more than one rank, in rank order."""
+        out: list[tuple[str, int, list[int]]] = []
+        seen: set[tuple[str, int]] = set()
+        for r in range(self.world_size):
+            dev = self.device(r)
+            if dev is None or (self.host_of(r), dev) in seen:
+                continue
+            seen.add((self.host_of(r), dev))
+            peers = self.gpu_peers(r)
+            if len(peers) > 1:
+                out.append((self.host_of(r), dev, peers))
+        return out
+
+    @property
+    def shares_gpus(self) -> bool:
+        """True when some GPU carries several ranks: timings there are not link figures (docs/TOPOLOGY.md)."""
+        return bool(self.shared_gpus())
+
+    def sharing_lines(self) -> list[str]:
+        """One line per shared GPU, e.g. 'GPU 0 on localhost shared by ranks 0-3 (4 ranks)'."""
+        return [f"GPU {dev} on {host} shared by ranks {rank_ranges(ranks)} ({len(ranks)} ranks)"
+                for host, dev, ranks in self.shared_gpus()]
 
     def resolved_backend(self, gpus_available: bool | None = None) -> str:
         """'host' or 'gpu'. 'auto' picks gpu when the topology names GPUs and GPUs are available."""
@@ -204,7 +244,8 @@ class Topology:
         d: dict[str, Any] = {"name": self.name, "backend": self.backend, "mpi": self.mpi}
         if self.has_gpus:
             d["nodes"] = [{"hostname": n.hostname, "gpus": list(n.gpus),
-                           **({"nics": list(n.nics)} if n.nics else {})} for n in self.nodes]
+                           **({"nics": list(n.nics)} if n.nics else {}),
+                           **({"share_gpus": True} if n.share_gpus else {})} for n in self.nodes]
         else:
             d["ranks_per_node"] = self.ranks_per_node
             d["nodes"] = [{"hostname": n.hostname} for n in self.nodes]
@@ -248,6 +289,17 @@ def count_local_gpus() -> int:
     if out.returncode != 0:
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def rank_ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 3, 6] -> '0-3, 6'."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # ---- parsing / validation --------------------------------------------------------------------------
@@ -320,6 +372,9 @@ def _parse(d: Any, source: str) -> Topology:
                        "nodes on one host must be listed consecutively (ranks are mapped node by node)")
         seen_hosts.append(host)
 
+        share = rn.get("share_gpus", False)
+        if not isinstance(share, bool):
+            raise fail(f"{key}.share_gpus", f"expected true/false, got {_tname(share)} {share!r}")
         gpus: list[int] = []
         if "gpus" in rn:
             if rpn_given is not None:
@@ -329,18 +384,27 @@ def _parse(d: Any, source: str) -> Topology:
                 raise fail(f"{key}.gpus", f"expected a non-empty list of GPU indices, got {raw_gpus!r}")
             for j, g in enumerate(raw_gpus):
                 want_int(f"{key}.gpus[{j}]", g, 0)
-                if g in gpus:
-                    raise fail(f"{key}.gpus", f"duplicate GPU {g} (each GPU runs exactly one rank)")
+                if g in gpus and not share:
+                    raise fail(f"{key}.gpus", f"duplicate GPU {g} (each GPU runs exactly one rank; "
+                               "`share_gpus: true` on the node puts several ranks on one GPU)")
                 gpus.append(g)
         elif gpus_per_node is not None:
             gpus = list(range(gpus_per_node))
+        elif share:
+            raise fail(f"{key}.share_gpus", "this node has no GPUs to share")
         if gpus_per_node is not None and len(gpus) != gpus_per_node:
             raise fail(f"{key}.gpus", f"{len(gpus)} GPUs listed but gpus_per_node is {gpus_per_node}")
 
         if "ranks" in rn:
             r = want_int(f"{key}.ranks", rn["ranks"], 1)
-            if gpus and r != len(gpus):
-                raise fail(f"{key}.ranks", f"{r} ranks but {len(gpus)} GPUs (one rank per GPU)")
+            if gpus and share:
+                if r % len(gpus):
+                    raise fail(f"{key}.ranks", f"{r} ranks cannot be spread evenly over {len(gpus)} GPUs")
+                # ranks in blocks over the listed GPUs: ranks 8, gpus [0, 1] -> local ranks 0-3 on GPU 0, 4-7 on 1
+                gpus = [g for g in gpus for _ in range(r // len(gpus))]
+            elif gpus and r != len(gpus):
+                raise fail(f"{key}.ranks", f"{r} ranks but {len(gpus)} GPUs (one rank per GPU; "
+                           "`share_gpus: true` puts several ranks on one GPU)")
             if rpn_given is not None and r != rpn_given:
                 raise fail(f"{key}.ranks", f"{r} ranks but ranks_per_node is {rpn_given}")
             nranks = r
@@ -361,7 +425,15 @@ def _parse(d: Any, source: str) -> Topology:
             if len(raw_nics) != len(gpus):
                 raise fail(f"{key}.nics", f"{len(raw_nics)} NICs for {len(gpus)} GPUs (need one per GPU)")
             nics = [want_str(f"{key}.nics[{j}]", n) for j, n in enumerate(raw_nics)]
-        nodes.append(Node(hostname=host, gpus=gpus, nics=nics))
+        # a GPU of this host already used by an earlier (simulated) node: only when both nodes allow sharing
+        for j, prev in enumerate(nodes):
+            if prev.hostname != host or not gpus:
+                continue
+            common = sorted(set(prev.gpus) & set(gpus))
+            if common and not (share and prev.share_gpus):
+                raise fail(f"{key}.gpus", f"GPU {common[0]} of host {host!r} is also used by nodes[{j}] (each GPU "
+                           "runs exactly one rank; `share_gpus: true` on both nodes puts several ranks on one GPU)")
+        nodes.append(Node(hostname=host, gpus=gpus, nics=nics, share_gpus=share))
         node_ranks.append(nranks)
 
     has_gpus = [bool(n.gpus) for n in nodes]
