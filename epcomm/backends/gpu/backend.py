@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ...errors import EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
-from . import jit
+from . import jit, occupancy
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -253,8 +253,11 @@ class GpuBackend:
         log.info("epcomm gpu: kernels %s in %.2f s (%s)", built.key, time.perf_counter() - t0,
                  "cached" if built.cached else "built")
         self.threads = threads
-        want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or self.rt.num_sms
-        self.grid = int(max(1, min(self.rt.num_sms, want)))   # persistent grid: one block per SM at most
+        want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or None
+        # persistent grid: every block resident at once (MPS / green contexts / ranks sharing the GPU), occupancy.py
+        self.grid_choice = occupancy.persistent_grid(self.kernels.functions, threads, self.rt.num_sms, want,
+                                                     topo.ranks_per_gpu(self.me) if topo is not None else 1, self.me)
+        self.grid = self.grid_choice.grid
         # ht tuning knobs, read once (docs/GPU-LOG.md call 13 measured the defaults on 2 x H100):
         # EPCOMM_SEND_WAVES=w: about w send items per block (1 wave 332 us bf16 dispatch at 4096 tokens, 2 waves 361)
         # EPCOMM_CRECV_BLOCKS=n: in the fused combine, n blocks sum arriving rows from the start instead of sending
@@ -369,9 +372,8 @@ class GpuBackend:
             node = self.node_of(peer) if known else None
             holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
             raise EPTimeoutError(
-                f"epcomm gpu: rank {rec['waiter']} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
-                f"{phase} round {rec['round']}: rank {peer} (node {node}) did not arrive{holds}; this EPBuffer is "
-                f"unusable now", rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"],
+                occupancy.timeout_message(rec["waiter"], peer, self.cfg.timeout_s, node, phase, rec["round"], holds),
+                rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"],
                 experts=self.cfg.experts_of(peer) if known else None)
         if code == 2:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
