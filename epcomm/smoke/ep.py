@@ -29,6 +29,15 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     return c
 
 
+def case_config(case: dict[str, Any], topo, world: int, quick: bool, timeout_s: float = 30.0):
+    """The EPConfig of one correctness case (also what tools/rig_prebuild.py compiles ahead of a GPU run)."""
+    from ..config import EPConfig
+    e = num_experts(topo, world, 4)
+    return EPConfig(hidden=256, topk=min(4, e), num_experts=e, max_tokens_per_rank=16 if quick else 48,
+                    world_size=world, token_format=case["token_format"], mode=case.get("mode", "ht"),
+                    fused_shared_expert=case.get("fused_shared_expert", False), timeout_s=timeout_s)
+
+
 def num_experts(topo, world: int, per_rank: int) -> int:
     e = getattr(topo, "num_experts", None)
     if isinstance(e, int) and e > 0 and e % world == 0:
@@ -102,7 +111,6 @@ def run_correctness(env) -> dict[str, Any]:
     (the peers' next collective would not match)."""
     from .. import reference
     from ..buffer import EPBuffer
-    from ..config import EPConfig
     from ..errors import EPInputError, EPTimeoutError
     from ..workload import identity_experts, make_world
 
@@ -116,10 +124,7 @@ def run_correctness(env) -> dict[str, Any]:
         rec: dict[str, Any] = {"name": case["name"]}
         out.append(rec)
         try:
-            cfg = EPConfig(hidden=256, topk=min(4, num_experts(env.topo, R, 4)),
-                           num_experts=num_experts(env.topo, R, 4), max_tokens_per_rank=16 if quick else 48,
-                           world_size=R, token_format=case["token_format"], mode=case.get("mode", "ht"),
-                           fused_shared_expert=case.get("fused_shared_expert", False), timeout_s=timeout)
+            cfg = case_config(case, env.topo, R, quick, timeout)
         except EPInputError as e:
             rec.update(status="skipped", error=str(e))
             continue
