@@ -183,7 +183,8 @@ def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], 
     """Named failures of the inventory stage. per_rank[r]: what rank r reported (None = nothing arrived).
 
     Checks: hostname consistent within a topology node; on GPU topologies: the rank's GPU present, the GPUs
-    visible on a host at least those the topology uses there, no GPU (UUID) shared by two ranks of a host;
+    visible on a host at least those the topology uses there, no GPU (UUID) shared by two ranks of a host unless
+    the topology gives them the same GPU (`share_gpus: true`);
     versions (VERSION_KEYS) identical on every rank that reports them.
     """
     out: list[Failure] = []
@@ -222,6 +223,8 @@ def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], 
                 out.append(Failure("inventory", "gpu_count", f"host {host}: topology uses {len(used)} GPU(s) "
                                    f"{sorted(used)} but {vis} are visible", host=host))
         for (host, uuid), ranks in sorted(uuids.items()):
+            if len({places[r].device for r in ranks}) == 1:
+                continue   # one GPU index for all of them: the topology put them there (only `share_gpus` allows it)
             if len(ranks) > 1:
                 pl = places[ranks[1]]
                 out.append(Failure("inventory", "gpu_shared", f"host {host}: ranks {_ranges(ranks)} all use GPU "

@@ -239,6 +239,8 @@ class Coordinator:
         per_rank = [self.inventory.get(r) for r in range(self.env.world)]
         st["per_rank"] = per_rank
         self.failures += analysis.check_inventory(per_rank, self.places, self.env.topo.has_gpus)
+        if self.env.topo.shares_gpus:   # `share_gpus: true`: the report says so next to the rank table
+            st["shared_gpus"] = self.env.topo.sharing_lines()
 
     def _analyse_links(self, st: dict, values: dict[int, Any]) -> None:
         from . import links

@@ -94,6 +94,8 @@ def table(report: dict[str, Any]) -> str:
         dev = "-" if r.get("device") is None else str(r["device"])
         lines.append(f"{r['rank']:>4} {r['node']:>4} {str(p.get('hostname', r['host']))[:18]:<18} {dev:>4}  "
                      f"{str(p.get('pid', '-')):>7}  {detail}")
+    for line in report["stages"].get("inventory", {}).get("shared_gpus") or []:
+        lines.append(f"shared: {line} (share_gpus): checks only, timings here are not link figures")
     lines.append("stages: " + "  ".join(f"{k}={v.get('status')} ({v.get('duration_s', 0):.1f}s)"
                                         for k, v in report["stages"].items()))
     links = report["stages"].get("links", {})

@@ -87,6 +87,19 @@ def test_inventory_checks():
     assert {f.what for f in A.check_inventory(info, places(4, 2), gpu=False)} == {"host_mismatch"}
 
 
+def test_inventory_accepts_the_gpu_sharing_the_topology_asked_for():
+    """`share_gpus: true` gives several ranks one GPU index: one UUID for them is what was asked, not a failure;
+    the same UUID behind two different GPU indices (CUDA_VISIBLE_DEVICES gone wrong) still is one."""
+    from epcomm.topology import Topology
+    topo = Topology.load("configs/one-gpu-2x4.yaml")
+    pl = A.place_table(topo.rank_table(), {r: "h" for r in range(8)})
+    ok = {"hostname": "h", "versions": {"python": "3.12"}, "gpu": {"present": True, "device_count": 1, "uuid": "u0"}}
+    assert A.check_inventory([dict(ok) for _ in range(8)], pl, gpu=True) == []
+    pl = places(4, 2, gpu=True)
+    info = [dict(ok, hostname=f"h{r // 2}", gpu=dict(ok["gpu"], device_count=2)) for r in range(4)]
+    assert {f.what for f in A.check_inventory(info, pl, gpu=True)} == {"gpu_shared"}
+
+
 def test_slow_ranks():
     med, fs = A.flag_slow_ranks([100, 110, 95, 400], places(4))
     assert med == 105 and [f.rank for f in fs] == [3]
