@@ -2,6 +2,7 @@
 
     python -m launch run -t configs/cpu-2x4.yaml -- python -m epcomm.demo      (what `make demo` runs without GPUs)
     python -m launch run -t configs/local-2gpu.yaml -- python -m epcomm.demo   (with 2 GPUs)
+    python -m launch run -t configs/one-gpu-2.yaml -- python -m epcomm.demo    (with 1 GPU: 2 ranks share it)
 
 Every rank builds the same random world from --seed, dispatches its tokens, applies identity experts, combines, and
 compares both outputs with the reference (dispatch bit-exact, combine within bf16 rounding). Then it repeats the
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
         summary = dict(backend=ctx.backend, topology=ctx.topology.name, ranks=world, nodes=ctx.num_nodes,
                        tokens_per_rank=cfg.max_tokens_per_rank, hidden=cfg.hidden, experts=cfg.num_experts,
                        topk=cfg.topk, format=cfg.token_format, mode=cfg.mode, seed=seed, repeat=args.repeat,
-                       check="ok" if ok else "FAILED", per_rank=rows_all)
+                       check="ok" if ok else "FAILED", per_rank=rows_all,
+                       shared_gpus=ctx.topology.sharing_lines() if on_gpu else [])
         print(f"epcomm demo: backend {ctx.backend}, {world} ranks on {ctx.num_nodes} node(s) ({ctx.topology.name}), "
               f"{cfg.num_experts} experts top-{cfg.topk}, hidden {cfg.hidden}, {cfg.max_tokens_per_rank} tokens/rank, "
               f"{cfg.token_format}, mode {cfg.mode}, seed {seed}")
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
             print(f"{r['rank']:>4} {r['node']:>4} {r['rows']:>8} {r['dispatch_us']:>12.1f} {r['combine_us']:>11.1f}  "
                   f"{status}")
         print(f"(median of {args.repeat} rounds; {'CUDA events' if on_gpu else 'wall clock incl. barrier'})")
+        for line in ctx.topology.sharing_lines() if on_gpu else []:
+            print(f"note: {line}: the ranks share one GPU (share_gpus), so these times are not link figures")
         print("demo: dispatch and combine match the reference" if ok else "demo: FAILED")
         if args.json:
             with open(args.json, "w") as f:

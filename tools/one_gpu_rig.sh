@@ -14,6 +14,7 @@
 #   w2x8      the same, 2 simulated nodes x 8 (16 ranks)                                   configs/one-gpu-2x8.yaml
 #   smoke8    smoke's inventory + EP-correctness stages at 8 ranks                         configs/one-gpu-8.yaml
 #   moe       examples/moe_layer.py (ll/fp8 and ht/bf16) under the launcher, 2 ranks      configs/one-gpu-2.yaml
+#   demo      `make demo` on this one-GPU machine: GPU backend, 2 ranks sharing GPU 0, checked against the reference
 #   mps100, mps50, mps12   under MPS (daemon started here, stopped at the end): the full worker at 2 ranks with
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 560 s
@@ -25,7 +26,7 @@
 # Split across calls if one does not suffice, e.g.  bash tools/one_gpu_rig.sh prebuild,w2,sim2,w8,w2x4,smoke8,moe
 # then  bash tools/one_gpu_rig.sh prebuild,w2x8,mps
 set -o pipefail
-STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,mps},"
+STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,demo,mps},"
 STEPS=${STEPS//,mps,/,mps100,mps50,mps12,}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RIG_BUDGET=${RIG_BUDGET:-560}
@@ -96,6 +97,14 @@ if has moe; then
     rc=$?; grep -E "moe_layer|Error" "$OUT/$step.log" | head -4
     record "$step" one-gpu-2 2 "" "$rc" $((SECONDS - t0)) "$OUT/$step.log" moe
   done
+fi
+if has demo; then
+  l=$(limit demo "${T_DEMO:-60}")
+  if (( l == 0 )); then record demo one-gpu-2 2 "" skip 0 "$OUT/demo.log" demo; else
+    echo "=== demo: make demo (limit ${l} s)"; t0=$SECONDS
+    timeout $((l + 20)) make demo SYSTEM_PYTHON=1 TIMEOUT="$l" ARGS="--json $OUT/demo.json" > "$OUT/demo.log" 2>&1
+    rc=$?; tail -7 "$OUT/demo.log"; record demo one-gpu-2 2 "" "$rc" $((SECONDS - t0)) "$OUT/demo.log" demo
+  fi
 fi
 if has mps100 || has mps50 || has mps12; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log

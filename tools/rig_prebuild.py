@@ -1,5 +1,5 @@
 """Compile every kernel the one-GPU rig (tools/one_gpu_rig.sh) needs, in parallel, before any rank starts: the GPU
-worker's suites at 2, 8 and 16 ranks, the MoE example at 2, and smoke's EP cases at 8. Without it each of 8 or 16
+worker's suites at 2, 8 and 16 ranks, the MoE example and `make demo` at 2, and smoke's EP cases at 8. Without it each of 8 or 16
 ranks would compile the same kernel on first use at the same time (the cache is shared, the work is not).
 
     python tools/rig_prebuild.py [--worlds 2,8,16] [--smoke-world 8] [--jobs N]
@@ -20,8 +20,14 @@ from epcomm.smoke import ep as smoke_ep  # noqa: E402
 from epcomm.topology import Topology  # noqa: E402
 
 
+def demo_config():
+    """What `make demo` runs on one GPU (python -m epcomm.demo's GPU defaults, 2 ranks)."""
+    from epcomm.config import EPConfig
+    return EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=128, world_size=2, mode="ht")
+
+
 def rig_configs(worlds: list[int], smoke_world: int | None, smoke_quick: bool = False) -> list:
-    out = []
+    out = [demo_config()]
     for w in worlds:
         out += specs.test_configs(w) + specs.example_configs(w)
     if smoke_world:

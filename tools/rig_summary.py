@@ -27,6 +27,10 @@ def per_rank(kind: str, log: Path, out: Path) -> dict[int, tuple[int, int]]:
     elif kind == "moe":
         for r, ok in MOE.findall(text):
             got[int(r)] = (int(ok == "OK"), 1)
+    elif kind == "demo":   # rank 0 prints one row per rank: "<rank> <node> <rows> <us> <us>  ok"
+        if "demo: dispatch and combine match the reference" in text:
+            for r, status in re.findall(r"^\s*(\d+)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+(ok|MISMATCH)", text, re.M):
+                got[int(r)] = (int(status == "ok"), 1)
     elif kind == "smoke":
         try:
             rep = json.loads((out / "smoke8.json").read_text())

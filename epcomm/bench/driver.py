@@ -121,6 +121,15 @@ class Logger:
             print(f"[bench +{time.perf_counter() - self.t0:6.1f}s{who}] {msg}", flush=True)
 
 
+def shared_gpu_note(topo) -> str | None:
+    """The bench's note when the topology puts several ranks on one GPU (`share_gpus`), else None."""
+    lines = topo.sharing_lines() if topo is not None and hasattr(topo, "sharing_lines") else []
+    if not lines:
+        return None
+    return (f"{'; '.join(lines)}: the ranks time-slice one GPU (or split its SMs under MPS), so these timings are "
+            f"not link figures: no floor ratio, no bandwidth, no NCCL baseline (NCCL refuses two ranks on one GPU)")
+
+
 class Bench:
     def __init__(self, args, ctx, comm, torch=None):
         self.args, self.ctx, self.comm, self.torch = args, ctx, comm, torch
@@ -146,6 +155,11 @@ class Bench:
         self.local_gbps = args.local_gbps
         self.floor_source = "command line" if (args.link_gbps or args.local_gbps) else "n/a"
         self.sms_supported = self._sms_supported()
+        self.shared = shared_gpu_note(ctx.topology)
+        if self.shared:   # no link exists between ranks of one GPU: no floor, no GB/s, no NCCL baseline
+            self.link_gbps = self.local_gbps = None
+            self.floor_source = "none: ranks share a GPU"
+            self.notes.append(self.shared)
 
     # ---------------------------------------------------------------- configuration
     def _sms_supported(self) -> bool:
@@ -326,7 +340,7 @@ class Bench:
             if all(p.get("wall_us") for p in per_rank):
                 rec["wall_us"] = max(median(p["wall_us"]) for p in per_rank)
             m = rec["time_us"]["median"]
-            if m > 0:
+            if m > 0 and not self.shared:
                 rec["link_gbps"] = fl["link_bytes_max"] / (m * 1e3)
                 rec["local_gbps"] = fl["local_bytes_max"] / (m * 1e3)
         self.results.append(rec)
@@ -342,6 +356,9 @@ class Bench:
 
     # ---------------------------------------------------------------- cases
     def case_links(self):
+        if self.shared:
+            self.links = {"status": "n/a", "reason": "ranks share a GPU: no link between them to measure"}
+            return
         if not self.gpu:
             self.links = {"status": "n/a", "reason": "host backend: no GPU copy engine"}
             return
@@ -359,11 +376,12 @@ class Bench:
 
     def case_baseline(self):
         a = self.args
-        if not self.gpu:
+        if not self.gpu or self.shared:
+            why = "ranks share a GPU: NCCL refuses two ranks on one GPU" if self.shared else \
+                "host backend: no NCCL baseline"
             cfg = self.cfg("bf16", "ht", a.tokens)
             for op in ("dispatch", "combine", "roundtrip"):
-                self.record("baseline", "nccl", op, cfg, a.tokens, status="n/a",
-                            error="host backend: no NCCL baseline")
+                self.record("baseline", "nccl", op, cfg, a.tokens, status="n/a", error=why)
             return
         from .gpu import A2ABaseline, init_torch_dist
         torch = self.torch
@@ -651,6 +669,8 @@ def main(argv=None) -> int:
                                   "memory_gib": round(p.total_memory / 2**30, 1)})
     bench = Bench(args, ctx, comm, torch)
     log = bench.log
+    if bench.shared:
+        log(f"note: {bench.shared}")
     log(f"{ctx.world_size} ranks, topology {ctx.topology.name}, backend {ctx.backend}, cases {','.join(args.cases)}, "
         f"hidden {args.hidden}, top-{args.topk} of {args.experts}, ht {args.tokens} / ll {args.ll_tokens} tokens, "
         f"iters {args.iters}, warmup {args.warmup}, sets {args.sets}")

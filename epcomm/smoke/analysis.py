@@ -93,6 +93,16 @@ def flag_links(pairs: list[dict[str, Any]], bw_factor: float = BW_FACTOR, lat_fa
     return medians
 
 
+SHARED_GPU_NOTE = ("ranks share a GPU (share_gpus): pair copies and EP times there are not link figures, so no "
+                   "bandwidth, latency or slow-rank verdict (data checks still apply)")
+
+
+def drop_speed_flags(pairs: list[dict[str, Any]]) -> None:
+    """Ranks on one GPU: clear the bandwidth / latency flags of flag_links (no link to judge); data checks stay."""
+    for p in pairs:
+        p["flags"] = [f for f in p.get("flags", []) if f not in ("slow_bw", "slow_latency")]
+
+
 def blame_pairs(bad: list[tuple[int, int]], world: int) -> tuple[str, int | None]:
     """Who is to blame for a set of bad (src, dst) pairs: ("src", r) when every bad pair leaves rank r and r's
     pairs are all bad (at least 2 of them), ("dst", r) likewise for receivers, else ("pair", None)."""

@@ -249,6 +249,9 @@ class Coordinator:
         slack = opts.lat_slack_us if opts.lat_slack_us is not None else (5.0 if self.env.gpu else 50.0)
         bw_factor = opts.bw_factor if opts.bw_factor is not None else (analysis.BW_FACTOR if self.env.gpu else 0.2)
         medians = analysis.flag_links(pairs, bw_factor, opts.lat_factor, slack)
+        if self.env.topo.shares_gpus:
+            analysis.drop_speed_flags(pairs)
+            st["note"] = analysis.SHARED_GPU_NOTE
         bw, lat = links.matrices(pairs, self.env.world)
         for v in values.values():
             for s in v.get("stuck_senders", []):
@@ -321,7 +324,10 @@ class Coordinator:
     def _analyse_speed(self, st: dict, values: dict[int, Any]) -> None:
         times = [(values.get(r) or {}).get("median_us") for r in range(self.env.world)]
         med, fails = analysis.flag_slow_ranks(times, self.places, self.env.opts.slow_factor)
-        self.failures += fails
+        if self.env.topo.shares_gpus:
+            st["note"] = analysis.SHARED_GPU_NOTE
+        else:
+            self.failures += fails
         shape = next((v.get("shape") for v in values.values() if v), None)
         st.update(per_rank_us=times, median_us=med, shape=shape, factor=self.env.opts.slow_factor)
 

@@ -96,6 +96,9 @@ def table(report: dict[str, Any]) -> str:
                      f"{str(p.get('pid', '-')):>7}  {detail}")
     for line in report["stages"].get("inventory", {}).get("shared_gpus") or []:
         lines.append(f"shared: {line} (share_gpus): checks only, timings here are not link figures")
+    for name, st in report["stages"].items():
+        if st.get("note"):
+            lines.append(f"{name}: {st['note']}")
     lines.append("stages: " + "  ".join(f"{k}={v.get('status')} ({v.get('duration_s', 0):.1f}s)"
                                         for k, v in report["stages"].items()))
     links = report["stages"].get("links", {})

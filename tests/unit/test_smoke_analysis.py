@@ -211,3 +211,12 @@ def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
     monkeypatch.setattr(cli, "_stage_fn", lambda name: fine)
     out = cli.run_local("links", env, threaded=True)
     assert out["status"] == "ok" and out["value"] == "done" and "waited_on" not in out
+
+
+def test_shared_gpu_drops_speed_flags_but_keeps_data_checks():
+    ps = pairs(4, 2, special={(1, 3): {"bw_gbps": 1.2}, (2, 0): {"data_ok": False}})
+    med = A.flag_links(ps)
+    A.drop_speed_flags(ps)
+    fs = A.link_failures(ps, places(4, 2, gpu=True), med)
+    assert {f.what for f in fs} == {"link_data"}
+    assert "not link figures" in A.SHARED_GPU_NOTE
