@@ -21,7 +21,9 @@ class EPConfig:
     skip_a2a: tokens go only to experts that live on their own rank (experts replicated; an outside all-reduce
     finishes the sum). allreduce_world_size: ranks that share that all-reduce (shared-expert rows are split among them).
     timeout_s: deadline of every wait for a peer. num_sms: the most SMs (thread blocks of the persistent grid) the
-    GPU kernels may use, leaving the rest to overlapped compute; None = all of them. The host backend ignores it.
+    GPU kernels may use, leaving the rest to overlapped compute; None = all that this context can keep resident (one
+    per SM; fewer under MPS / green contexts / ranks sharing a GPU, and a larger value is clamped to that: see
+    docs/ARCHITECTURE.md "Grid size"). The host backend ignores it.
     """
 
     hidden: int
