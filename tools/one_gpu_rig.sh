@@ -68,7 +68,7 @@ run_worker() {
 }
 
 if has prebuild; then
-  l=$(limit prebuild "${T_PREBUILD:-180}")
+  l=$(limit prebuild "${T_PREBUILD:-180}"); (( l > 0 )) || l=30
   echo "=== prebuild (limit ${l} s, $(date -u +%T))"; t0=$SECONDS
   timeout "$l" python3 tools/rig_prebuild.py --jobs "$(nproc)" > "$OUT/prebuild.log" 2>&1
   rc=$?; tail -3 "$OUT/prebuild.log"; record prebuild - - - "$rc" $((SECONDS - t0)) "$OUT/prebuild.log" build
@@ -110,8 +110,9 @@ if has mps100 || has mps50 || has mps12; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
-  stop_mps() { echo quit | "$MPSCTL" 2>/dev/null; sleep 1; }
+  stop_mps() { echo quit | timeout 20 "$MPSCTL" >/dev/null 2>&1; sleep 1; }
   trap stop_mps EXIT
+  stop_mps   # a daemon left on this pipe directory by an earlier run of this script (a warm machine)
   if "$MPSCTL" -d; then
     sleep 1; echo "=== MPS daemon started ($MPSCTL)"
     has mps100 && run_worker mps100 one-gpu-2 2 100 "${T_MPS100:-90}"
