@@ -17,7 +17,7 @@
 #   demo      `make demo` on this one-GPU machine: GPU backend, 2 ranks sharing GPU 0, checked against the reference
 #   mps100, mps50, mps12   under MPS (daemon started here, stopped at the end): the full worker at 2 ranks with
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
-# Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 560 s
+# Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
 # after the install): a step that would not fit gets what is left, or is skipped ("no time") when under 30 s remain,
 # so the summary is always written inside one 600 s call.
 # Trims (so that it fits; all suites always run): the soak check runs 200 back-to-back rounds above 2 ranks (the
@@ -29,7 +29,7 @@ set -o pipefail
 STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,demo,mps},"
 STEPS=${STEPS//,mps,/,mps100,mps50,mps12,}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RIG_BUDGET=${RIG_BUDGET:-560}
+RIG_BUDGET=${RIG_BUDGET:-540}
 [ -n "$RIG_SKIP_INSTALL" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=/tmp/epcomm-cache
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
