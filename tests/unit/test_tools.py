@@ -60,3 +60,17 @@ def test_rig_summary_table_and_json(tmp_path):
     assert by["mps50"]["checks"]["0"] == {"passed": 160, "run": 167}
     assert "7 ranks silent" in by["w8"]["checks_text"]
     assert not s["ok"]
+
+
+def test_one_gpu_rig_script_parses_and_names_real_files():
+    import re
+    import subprocess
+    script = ROOT / "tools" / "one_gpu_rig.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for cfg in set(re.findall(r"configs/([\w-]+)\.yaml", text)) | set(re.findall(r"\b(one-gpu-[\w-]+)\b", text)):
+        assert (ROOT / "configs" / f"{cfg}.yaml").is_file(), cfg
+    for tool in re.findall(r"tools/([\w]+\.py)", text):
+        assert (ROOT / "tools" / tool).is_file(), tool
+    # the safety environment is set for every step
+    assert "NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in text
