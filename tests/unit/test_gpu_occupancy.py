@@ -64,3 +64,12 @@ def test_waiting_for_itself_names_the_grid_not_a_peer():
     msg = timeout_message(0, 1, 5.0, 1, "combine", 3, " (it holds experts 4-7)")
     assert "rank 0 waited 5 s for rank 1 (node 1) in combine round 3" in msg and "experts 4-7" in msg
     assert SELF_WAIT_CAUSE not in msg
+
+
+def test_headroom_knob():
+    from epcomm.backends.gpu.occupancy import headroom_from_env
+    assert headroom_from_env({}) == SHARED_HEADROOM
+    assert headroom_from_env({"EPCOMM_GRID_HEADROOM": "0.9"}) == 0.9
+    for bad in ("0", "1.5", "x", "-1"):
+        assert headroom_from_env({"EPCOMM_GRID_HEADROOM": bad}) == SHARED_HEADROOM
+    assert grid_size(None, H200, 66, 1, ranks_per_gpu=2, headroom=0.9).grid == 59

@@ -109,6 +109,23 @@ def blocks_per_sm(functions, threads: int, dynamic_smem: int = 0) -> int:
     return 1 if best is None else best
 
 
+def headroom_from_env(environ=None) -> float:
+    """EPCOMM_GRID_HEADROOM (0 < h <= 1) replaces SHARED_HEADROOM: a knob for measuring on a shared GPU, not a
+    setting to keep (a value that does not parse or is out of range is ignored with a warning)."""
+    import os
+    raw = (os.environ if environ is None else environ).get("EPCOMM_GRID_HEADROOM")
+    if not raw:
+        return SHARED_HEADROOM
+    try:
+        h = float(raw)
+    except ValueError:
+        h = -1.0
+    if not 0.0 < h <= 1.0:
+        log.warning("epcomm gpu: EPCOMM_GRID_HEADROOM=%r ignored (want 0 < h <= 1); using %g", raw, SHARED_HEADROOM)
+        return SHARED_HEADROOM
+    return h
+
+
 PERSISTENT = ("ep_dispatch_send", "ep_dispatch_recv", "ep_dispatch", "ep_combine_send", "ep_combine_recv",
               "ep_combine")
 
@@ -117,7 +134,8 @@ def persistent_grid(functions: dict, threads: int, device_sms: int, want: int | 
                     rank: int | None = None) -> GridChoice:
     """grid_size() with the driver's answers for this context; logs the choice (a warning when `want` is clamped)."""
     fns = [f for n, f in functions.items() if n in PERSISTENT] or list(functions.values())
-    choice = grid_size(want, device_sms, context_sm_count(device_sms), blocks_per_sm(fns, threads), ranks_per_gpu)
+    choice = grid_size(want, device_sms, context_sm_count(device_sms), blocks_per_sm(fns, threads), ranks_per_gpu,
+                       headroom_from_env())
     who = f"rank {rank}: " if rank is not None else ""
     if choice.clamped:
         log.warning("epcomm gpu: %s%d blocks asked (num_sms / EPCOMM_BLOCKS), %d used: more would not all be "
