@@ -17,6 +17,8 @@
 #   demo      `make demo` on this one-GPU machine: GPU backend, 2 ranks sharing GPU 0, checked against the reference
 #   mps100, mps50, mps12   under MPS (daemon started here, stopped at the end): the full worker at 2 ranks with
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
+#   mpsbench  under MPS 50 %: tests/gpu/bench_quick.py --only ll-fp8 --steady-only --tokens 1,128, 2 ranks: the
+#             graph-replayed back-to-back rounds that hung with a device-sized grid (issue 10); passes when it ends
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
 # after the install): a step that would not fit gets what is left, or is skipped ("no time") when under 30 s remain,
 # so the summary is always written inside one 600 s call.
@@ -26,7 +28,7 @@
 # Split across calls if one does not suffice, e.g.  bash tools/one_gpu_rig.sh prebuild,w2,sim2,w8,w2x4,smoke8,moe
 # then  bash tools/one_gpu_rig.sh prebuild,w2x8,mps
 set -o pipefail
-STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,demo,mps},"
+STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,demo,mps,mpsbench},"
 STEPS=${STEPS//,mps,/,mps100,mps50,mps12,}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RIG_BUDGET=${RIG_BUDGET:-540}
@@ -106,7 +108,7 @@ if has demo; then
     rc=$?; tail -7 "$OUT/demo.log"; record demo one-gpu-2 2 "" "$rc" $((SECONDS - t0)) "$OUT/demo.log" demo
   fi
 fi
-if has mps100 || has mps50 || has mps12; then
+if has mps100 || has mps50 || has mps12 || has mpsbench; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
@@ -118,11 +120,22 @@ if has mps100 || has mps50 || has mps12; then
     has mps100 && run_worker mps100 one-gpu-2 2 100 "${T_MPS100:-90}"
     has mps50  && run_worker mps50  one-gpu-2 2 50  "${T_MPS50:-90}"
     has mps12  && run_worker mps12  one-gpu-8 8 12  "${T_MPS12:-130}"
+    if has mpsbench; then
+      l=$(limit mpsbench "${T_MPSBENCH:-60}")
+      if (( l == 0 )); then record mpsbench one-gpu-2 2 50 skip 0 "$OUT/mpsbench.log" bench; else
+        echo "=== mpsbench: bench_quick ll-fp8 steady pairs at 1 and 128 tokens, MPS 50 % (limit ${l} s)"; t0=$SECONDS
+        ( export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50
+          timeout $((l + 20)) python3 -m launch run -t configs/one-gpu-2.yaml --timeout "$l" -- \
+            python3 tests/gpu/bench_quick.py --only ll-fp8 --steady-only --tokens 1,128 ) > "$OUT/mpsbench.log" 2>&1
+        rc=$?; grep -E "steady|waited|rror" "$OUT/mpsbench.log" | head -8
+        record mpsbench one-gpu-2 2 50 "$rc" $((SECONDS - t0)) "$OUT/mpsbench.log" bench
+      fi
+    fi
     stop_mps; trap - EXIT
     cp "$CUDA_MPS_LOG_DIRECTORY"/*.log "$OUT/" 2>/dev/null
   else
     echo "=== MPS daemon did not start: MPS steps not run"
-    for s in mps100 mps50 mps12; do has $s && record "$s" - - - no-mps 0 - worker; done
+    for s in mps100 mps50 mps12 mpsbench; do has $s && record "$s" - - - no-mps 0 - worker; done
   fi
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi

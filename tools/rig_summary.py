@@ -62,10 +62,10 @@ def main(argv: list[str]) -> int:
     for line in tsv.read_text().splitlines() if tsv.is_file() else []:
         step, config, ranks, mps, rc, secs, log, kind = (line.split("\t") + [""] * 8)[:8]
         n = int(ranks) if ranks.isdigit() else 0
-        got = per_rank(kind, Path(log), out) if kind != "build" else {}
+        got = per_rank(kind, Path(log), out) if kind not in ("build", "bench") else {}
         if rc in ("skip", "no-mps"):
             status = "NOT RUN" if rc == "skip" else "NO MPS"
-        elif rc == "0" and (kind == "build" or (len(got) == n and all(p == t for p, t in got.values()))):
+        elif rc == "0" and (kind in ("build", "bench") or (len(got) == n and all(p == t for p, t in got.values()))):
             status = "PASS"
         else:
             status = "TIMEOUT" if rc in ("124", "137") else "FAIL"
