@@ -90,6 +90,9 @@ def main(argv: list[str]) -> int:
         print(f"{r['step']:<12} {r['config']:<16} {r['ranks'] or '-':>5} {r['mps_percent'] or '-':>5}  "
               f"{r['status']:<8} {r['checks_text']:<30} {r['seconds']:>4}")
     print(f"total {sum(r['seconds'] for r in rows)} s; shared-GPU timings are not link figures")
+    left = list(dict.fromkeys(r["step"].split("-")[0] for r in rows if r["status"] == "NOT RUN"))
+    if left:
+        print(f"not run for lack of time: bash tools/one_gpu_rig.sh prebuild,{','.join(left)}")
     summary = {"ok": ok, "commit": commit, "gpu": gpu, "steps": rows}
     (out / "rig-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if ok else 1
