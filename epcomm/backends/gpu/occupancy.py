@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ...errors import EPError
+
 log = logging.getLogger("epcomm.gpu")
 
 # Fraction of the computed share a rank's grid may take when its SMs are shared (MPS limit or several ranks per GPU).
@@ -59,9 +61,8 @@ def grid_size(want: int | None, device_sms: int, context_sms: int | None, blocks
     ctx = device_sms if not context_sms or context_sms < 1 else min(int(context_sms), device_sms)
     share = min(ctx, device_sms // ranks) if ranks > 1 else ctx
     if blocks_per_sm < 1:
-        from ...errors import EPError
-        raise EPError(f"epcomm gpu: the persistent kernels cannot run at their block size (occupancy 0 blocks per SM: "
-                      f"too many registers or too much shared memory per block)")
+        raise EPError("epcomm gpu: the persistent kernels cannot run at their block size (occupancy 0 blocks per SM: "
+                      "too many registers or too much shared memory per block)")
     # one block per SM at most, as on an unshared GPU: a second resident block per SM would only add spinning
     # waiters, so occupancy matters when it is below one (refused above); shared SMs keep headroom
     limit = max(1, share)
