@@ -41,7 +41,7 @@ mkdir -p /tmp/epcomm-cache ~/.cache && ln -sfn /tmp/epcomm-cache ~/.cache/epcomm
 RIG_T0=$SECONDS
 TSV="$OUT/rig-steps.tsv"; : > "$TSV"
 { date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader;
-  git log -1 --format='commit %H %s' 2>/dev/null; echo "steps $STEPS"; } | tee "$OUT/info.log"
+  echo "commit ${EPCOMM_COMMIT:-$(git log -1 --format=%H 2>/dev/null)} (EPCOMM_COMMIT: the tree's commit where the copy's .git is stale)"; echo "steps $STEPS"; } | tee "$OUT/info.log"
 has() { [[ "$STEPS" == *",$1,"* ]]; }
 
 # limit STEP DEFAULT: this step's deadline, within what is left of the budget (0: no time left)
@@ -140,3 +140,5 @@ if has mps100 || has mps50 || has mps12 || has mpsbench; then
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
 python3 tools/rig_summary.py "$TSV" "$OUT" | tee "$OUT/rig-summary.txt"
+# The device tool brings back at most 8 files from $OUT: keep the summaries and info at the top, the logs in one tarball.
+( cd "$OUT" && tar czf rig-logs.tgz --remove-files $(ls | grep -vE '^(rig-summary\.(txt|json)|info\.log|rig-logs\.tgz)$') 2>/dev/null )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def main(argv: list[str]) -> int:
                      "checks": {str(r): {"passed": p, "run": t} for r, (p, t) in sorted(got.items())},
                      "checks_text": counts_text(n, got), "log": log})
     try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%H"], capture_output=True, text=True).stdout.strip()
+        commit = os.environ.get("EPCOMM_COMMIT") or subprocess.run(
+            ["git", "log", "-1", "--format=%H"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     try:
