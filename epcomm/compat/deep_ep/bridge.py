@@ -84,6 +84,9 @@ def make_context(group: Group, backend: str, symmetric_bytes: int | None):
 def to_backend(t: torch.Tensor, host: bool):
     """What EPBuffer takes: the tensor itself (GPU backend) or a numpy view of a CPU tensor (host backend)."""
     if not host:
+        # the GPU kernels take contiguous rows read with 16-byte loads: copy a strided or mid-vector view
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            t = t.clone(memory_format=torch.contiguous_format)
         return t
     if t.device.type != "cpu":
         raise EPInputError(f"the host backend takes CPU tensors, got one on {t.device}")
