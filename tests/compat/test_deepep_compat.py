@@ -34,3 +34,8 @@ def test_two_ranks(seed):
 
 def test_four_ranks(seed):
     run("cpu-4rank", seed)
+
+
+def test_example_switch_runs():
+    proc = run_launched("tests/compat/cpu-2rank.yaml", ["examples/deepep_switch.py"], timeout=200)
+    assert proc.returncode == 0 and proc.stdout.count("max rel error") == 4, (proc.stdout + proc.stderr)[-4000:]
