@@ -268,6 +268,11 @@ def normal_suite(c: Checker, buf):
     c.raises(lambda: buf.dispatch(x.to(c.device), handle=handle, topk_idx=ids.to(c.device)), EPInputError,
              "cached dispatch with topk_idx")
     c.raises(lambda: buf.dispatch(x.float().to(c.device), is_token_in_rank=in_rank), EPInputError, "fp32 x")
+    # one rank's bad input fails every rank at once (none waits for it), and the Buffer stays usable
+    bad = x.float() if c.rank == 0 else x
+    c.raises(lambda: buf.dispatch(bad.to(c.device), is_token_in_rank=in_rank.to(c.device)), EPInputError,
+             "rank 0's fp32 x refused on every rank")
+    normal_case(c, buf, h, k, pr, "uniform", 6, tag="normal after a refused call")
 
 
 # ------------------------------------------------------------------------------------------------ low latency

@@ -208,23 +208,19 @@ class Buffer:
     def _cfg(self, **kw) -> EPConfig:
         return EPConfig(world_size=self.group_size, timeout_s=self._timeout_s, num_sms=Buffer._sms_set, **kw)
 
-    def _normal_pool(self, t: int, hidden: int, topk: int, width: int, carrier: L.Carrier,
-                     num_worst_tokens: int) -> Pool:
+    def _normal_pool(self, width: int, carrier: L.Carrier, num_worst_tokens: int,
+                     group_max_tokens: int | None) -> Pool:
+        """The pool of a normal-mode shape, with its capacity: the Buffer's hint, else num_worst_tokens / ranks, else
+        the group's largest T (all-reduced by the caller), rounded up to a power of two and never shrinking."""
         key = ("normal", carrier.width, width)
         pool = self._pools.get(key)
         have = pool.cfg.max_tokens_per_rank if pool is not None else 0
         if self._max_tokens is not None:
             cap = self._max_tokens
-        elif num_worst_tokens:
+        elif group_max_tokens is None:
             cap = max(have, math.ceil(num_worst_tokens / self.group_size))
         else:
-            # DeepEP's normal dispatch syncs on the host anyway; one small all-reduce agrees on the capacity
-            # (and checks the shape) whatever T each rank has.
-            mx = self._group.allreduce_max([t, hidden, topk, -hidden, -topk])
-            if mx[1] != -mx[3] or mx[2] != -mx[4]:
-                raise EPInputError(f"dispatch: ranks disagree on hidden ({-mx[3]}..{mx[1]}) or top-k "
-                                   f"({-mx[4]}..{mx[2]})")
-            cap = have if have >= mx[0] else 1 << max(mx[0] - 1, 0).bit_length()
+            cap = have if have >= group_max_tokens else 1 << max(group_max_tokens - 1, 0).bit_length()
         if pool is not None and pool.cfg.max_tokens_per_rank == cap:
             return pool
         return self._pool(key, self._cfg(hidden=carrier.width, topk=width, num_experts=self.group_size,
@@ -257,40 +253,37 @@ class Buffer:
                  async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event), token-major."""
         self._usable()
-        x, x_scales = self._split_x(x)
-        if not isinstance(expert_alignment, int) or expert_alignment < 1:
-            raise EPInputError(f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
-        if num_worst_tokens < 0:
-            raise EPInputError(f"dispatch: num_worst_tokens must be >= 0, got {num_worst_tokens}")
+        if handle is not None:
+            x, x_scales = self._split_x(x)
+            wait_previous(previous_event)
+            return self._cached_dispatch(x, x_scales, handle, topk_idx, topk_weights, async_finish)
+        problem, shape = None, (0, 0, 0)
+        try:
+            x, x_scales, topk, num_experts = self._check_dispatch(x, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                                                  topk_weights, expert_alignment, num_worst_tokens)
+            shape = (x.shape[0], x.shape[1], topk)
+        except EPInputError as e:
+            problem = e
+        group_max_tokens = None
+        if self._max_tokens is None and not (isinstance(num_worst_tokens, int) and num_worst_tokens > 0):
+            # DeepEP's normal dispatch syncs on the host anyway; one small all-reduce agrees on the capacity, checks
+            # the shape, and fails every rank at once when one rank's input was refused (none is left waiting here)
+            t_, h_, k_ = shape
+            mx = self._group.allreduce_max([t_, h_, k_, -h_, -k_, int(problem is not None)])
+            if mx[5]:
+                raise problem or EPInputError("dispatch: another rank's input was refused (its error says why); "
+                                              "nothing was sent")
+            if mx[1] != -mx[3] or mx[2] != -mx[4]:
+                raise EPInputError(f"dispatch: ranks disagree on hidden ({-mx[3]}..{mx[1]}) or top-k "
+                                   f"({-mx[4]}..{mx[2]})")
+            group_max_tokens = mx[0]
+        elif problem is not None:
+            raise problem
         wait_previous(previous_event)
         t, hidden = x.shape
-        if handle is not None:
-            return self._cached_dispatch(x, x_scales, handle, topk_idx, topk_weights, async_finish)
-        if is_token_in_rank is None:
-            raise EPInputError("dispatch: is_token_in_rank is required without a handle (get_dispatch_layout gives it)")
-        check_tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), 2, "dispatch")
-        if tuple(is_token_in_rank.shape) != (t, self.group_size):
-            raise EPInputError(f"dispatch: is_token_in_rank must be [T={t}, ranks={self.group_size}], "
-                               f"got {list(is_token_in_rank.shape)}")
-        if (topk_idx is None) != (topk_weights is None):
-            raise EPInputError("dispatch: pass topk_idx and topk_weights together (or neither)")
-        topk = 0
-        if topk_idx is not None:
-            check_tensor("topk_idx", topk_idx, _IDS, 2, "dispatch")
-            check_tensor("topk_weights", topk_weights, (torch.float32,), 2, "dispatch")
-            topk = topk_idx.shape[1]
-            if topk_idx.shape[0] != t or tuple(topk_weights.shape) != tuple(topk_idx.shape):
-                raise EPInputError(f"dispatch: topk_idx and topk_weights must be [T={t}, topk], got "
-                                   f"{list(topk_idx.shape)} and {list(topk_weights.shape)}")
-        if num_tokens_per_expert is None and topk_idx is not None:
-            raise EPInputError("dispatch: num_tokens_per_expert is required with topk_idx (get_dispatch_layout "
-                               "gives it; its length is the number of experts)")
-        num_experts = num_tokens_per_expert.numel() if num_tokens_per_expert is not None else 0
-        if num_experts % self.group_size:
-            raise EPInputError(f"dispatch: {num_experts} experts are not divisible by {self.group_size} ranks")
         width = min(topk, self.group_size) if topk else self.group_size
         carrier = L.Carrier(hidden, topk)
-        pool = self._normal_pool(t, hidden, topk, width, carrier, num_worst_tokens)
+        pool = self._normal_pool(width, carrier, num_worst_tokens, group_max_tokens)
         routes = L.rank_routes(is_token_in_rank, width)
         ids32 = topk_idx.to(torch.int32) if topk_idx is not None else None
         rows = carrier.pack(x, x_scales, topk_weights, ids32)
@@ -339,6 +332,39 @@ class Buffer:
         out_x = (recv_x, recv_scales) if fp8 else recv_x
         return (out_x, recv_topk_idx, recv_topk_weights, count_list, handle,
                 self._event(async_finish, (recv_x,)))
+
+    def _check_dispatch(self, x, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                        expert_alignment, num_worst_tokens):
+        """Local checks of a dispatch without handle: (x, x_scales, topk, num_experts) or EPInputError."""
+        x, x_scales = self._split_x(x)
+        if not isinstance(expert_alignment, int) or expert_alignment < 1:
+            raise EPInputError(f"dispatch: expert_alignment must be an int >= 1, got {expert_alignment!r}")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise EPInputError(f"dispatch: num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+        t = x.shape[0]
+        if is_token_in_rank is None:
+            raise EPInputError("dispatch: is_token_in_rank is required without a handle (get_dispatch_layout gives it)")
+        check_tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), 2, "dispatch")
+        if tuple(is_token_in_rank.shape) != (t, self.group_size):
+            raise EPInputError(f"dispatch: is_token_in_rank must be [T={t}, ranks={self.group_size}], "
+                               f"got {list(is_token_in_rank.shape)}")
+        if (topk_idx is None) != (topk_weights is None):
+            raise EPInputError("dispatch: pass topk_idx and topk_weights together (or neither)")
+        topk = 0
+        if topk_idx is not None:
+            check_tensor("topk_idx", topk_idx, _IDS, 2, "dispatch")
+            check_tensor("topk_weights", topk_weights, (torch.float32,), 2, "dispatch")
+            topk = topk_idx.shape[1]
+            if topk_idx.shape[0] != t or tuple(topk_weights.shape) != tuple(topk_idx.shape):
+                raise EPInputError(f"dispatch: topk_idx and topk_weights must be [T={t}, topk], got "
+                                   f"{list(topk_idx.shape)} and {list(topk_weights.shape)}")
+            if num_tokens_per_expert is None:
+                raise EPInputError("dispatch: num_tokens_per_expert is required with topk_idx (get_dispatch_layout "
+                                   "gives it; its length is the number of experts)")
+        num_experts = num_tokens_per_expert.numel() if num_tokens_per_expert is not None else 0
+        if num_experts % self.group_size:
+            raise EPInputError(f"dispatch: {num_experts} experts are not divisible by {self.group_size} ranks")
+        return x, x_scales, topk, num_experts
 
     def _split_x(self, x):
         if isinstance(x, tuple):
