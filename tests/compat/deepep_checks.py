@@ -330,7 +330,7 @@ def ll_case(c: Checker, buf, h, k, pr, m, kind, t, use_fp8, round_scale=False, u
             c.equal(rx[le, :n].cpu().view(torch.uint8), q, f"{tag} fp8 (pow2 scales) expert {le}")
             got = recv[1][le, :n].cpu().contiguous()
             if ue8m0:
-                got = (got.reshape(-1).view(torch.uint8).to(torch.int32) << 23).view(torch.float32).reshape(n, -1)
+                got = (got.flatten().clone(memory_format=torch.contiguous_format).view(torch.uint8).to(torch.int32) << 23).view(torch.float32).reshape(n, -1)
             c.equal(got, s, f"{tag} pow2 scales expert {le}")
 
     # combine: expert e's outputs are its inputs times (1 + e/8); y[t] = sum_k w[t,k] * that

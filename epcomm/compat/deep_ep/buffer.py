@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -543,12 +543,12 @@ class Buffer:
                 cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
             handle.ready = True
 
-        hook = None
-        if return_recv_hook:
-            def hook():
-                if not handle.ready:
-                    fill(lane.ep.dispatch_wait(out))
-        else:
+        def receive():
+            if not handle.ready:
+                fill(lane.ep.dispatch_wait(out))
+
+        hook = receive if return_recv_hook else None
+        if not return_recv_hook:
             fill(out)
         packed = (recv_x, scales) if use_fp8 else recv_x
         return packed, recv_count, handle, self._event(async_finish, (x, topk_idx, recv_x, recv_count)), hook
@@ -632,10 +632,11 @@ class Buffer:
             lane.open_round = None
             done = []
 
-            def hook():
+            def receive():
                 if not done:
                     result.copy_(from_backend(lane.ep.combine_wait(pending)))
                     done.append(True)
+            hook = receive
         else:
             result.copy_(from_backend(lane.ep.combine(*args)))
             lane.open_round = None
