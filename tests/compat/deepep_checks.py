@@ -243,6 +243,14 @@ def normal_suite(c: Checker, buf):
     r2, a, b, cl, hh, ev = buf.dispatch(x2.to(c.device), handle=handle)
     c.check(a is None and b is None and cl is None and hh is None, "cached dispatch returns Nones")
     c.equal(r2, exp2, "cached dispatch recv_x")
+    q, sc = quantize_fp8(x2.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+    q = torch.from_numpy(q.view(np.uint8))
+    qs = gather(q)
+    exp_q = torch.cat([qs[s][ins[s][:, c.rank]] for s in range(c.world)])
+    (rq, rs), *_ = buf.dispatch((q.view(torch.float8_e4m3fn).to(c.device), torch.from_numpy(sc).to(c.device)),
+                                handle=handle)
+    c.equal(rq.cpu().view(torch.uint8), exp_q, "cached fp8 dispatch recv_x")
+    c.check(rs.shape == (exp_q.shape[0], 2) and rs.dtype == torch.float32, "cached fp8 dispatch scales")
     for rep in range(2):
         comb, comb_w, _ = buf.combine(r2, handle)
         exp = sum((xs2[c.rank].float() * ins[c.rank][:, r:r + 1].float()) for r in range(c.world))
