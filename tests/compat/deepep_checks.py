@@ -400,6 +400,23 @@ def ll_suite(c: Checker, buf):
         exp = x.float() * (ids >= 0).sum(1, keepdim=True).float()
         c.close(comb.cpu(), exp, exp.abs(), f"ll outstanding dispatch {i} combined late")
 
+    # two micro-batches with zero-copy combine inputs: each handle gets its own buffer
+    pair = []
+    for i in range(2):
+        x = tokens(c.rng, 5, h2)
+        ids = routing(c.rng, 5, k, pr * c.world, "minus1", c.world)
+        recv, _, handle, _, _ = buf.low_latency_dispatch(x.to(c.device), ids.to(c.device), 8, pr * c.world,
+                                                         use_fp8=False)
+        zc = buf.get_next_low_latency_combine_buffer(handle)
+        zc.copy_(recv)
+        pair.append((x, ids, handle, zc))
+    c.check(pair[0][3].data_ptr() != pair[1][3].data_ptr(), "zero-copy buffers of two outstanding handles differ")
+    for x, ids, handle, zc in pair:
+        w = torch.ones(ids.shape, dtype=torch.float32)
+        comb, _, _ = buf.low_latency_combine(zc, ids.to(c.device), w.to(c.device), handle, zero_copy=True)
+        exp = x.float() * (ids >= 0).sum(1, keepdim=True).float()
+        c.close(comb.cpu(), exp, exp.abs(), "ll micro-batch zero-copy combine")
+
     c.raises(lambda: buf.low_latency_dispatch(tokens(c.rng, 2, 512).to(c.device), torch.zeros(2, 4, dtype=torch.int64,
              device=c.device), 8, 4 * c.world, use_ue8m0=True), EPInputError, "use_ue8m0 without round_scale")
     c.raises(lambda: buf.low_latency_dispatch(tokens(c.rng, 9, 512).to(c.device), torch.zeros(9, 4, dtype=torch.int64,

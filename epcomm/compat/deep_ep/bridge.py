@@ -123,7 +123,8 @@ class Lane:
         self.ep = ep
         self.open_round: int | None = None    # the latest dispatch, while it has not been combined
         self.closed = False
-        self.scratch = None                   # per-lane combine input, allocated on first use
+        self.scratch = None                   # normal-mode combine rows, allocated on first use
+        self.zero_copy_input = None           # low-latency get_next_low_latency_combine_buffer tensor
 
     def dispatch(self, x, ids, host: bool, async_: bool = False):
         args = (to_backend(x, host), to_backend(ids, host))

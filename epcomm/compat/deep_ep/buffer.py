@@ -75,6 +75,7 @@ class LowLatencyHandle:
     ep_handle: Any = None
     row_offsets: torch.Tensor | None = None
     ready: bool = False
+    combine_input: torch.Tensor | None = None   # what get_next_low_latency_combine_buffer gave for this handle
 
     def __getitem__(self, i):
         return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
@@ -120,7 +121,6 @@ class Buffer:
         hint = self.num_nvl_bytes + self.num_rdma_bytes
         self.ctx = make_context(self._group, self._backend, max(hint, 4 << 30))
         self._pools: dict[tuple, Pool] = {}
-        self._combine_inputs: dict[tuple, torch.Tensor] = {}    # low-latency zero-copy buffers, per shape
         self._destroyed = False
 
     # ------------------------------------------------------------------------------------------ static helpers
@@ -180,7 +180,6 @@ class Buffer:
         for key in sorted(self._pools, key=repr):
             self._pools[key].close()
         self._pools.clear()
-        self._combine_inputs.clear()
 
     # ------------------------------------------------------------------------------------------ pools
     def _usable(self):
@@ -584,17 +583,18 @@ class Buffer:
         return handle.lane
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """A bf16 [local experts, M * ranks, hidden] tensor to write expert outputs into for a zero_copy combine."""
+        """A bf16 [local experts, M * ranks, hidden] tensor to write expert outputs into for a zero_copy combine of
+        this handle. One per lane (two per shape), so the two micro-batches of an overlapped pair do not share one."""
         if not isinstance(handle, LowLatencyHandle):
             raise EPInputError("get_next_low_latency_combine_buffer: handle must come from low_latency_dispatch")
-        key = handle.key
-        buf = self._combine_inputs.get(key)
-        if buf is None:
-            g = handle.num_experts // self.group_size
-            buf = self._combine_inputs[key] = torch.zeros(
-                g, handle.num_max_dispatch_tokens_per_rank * self.group_size, handle.hidden, dtype=torch.bfloat16,
-                device=handle.src_info.device)
-        return buf
+        if handle.combine_input is None:
+            lane = handle.lane
+            if lane.zero_copy_input is None:
+                g = handle.num_experts // self.group_size
+                lane.zero_copy_input = torch.zeros(g, handle.num_max_dispatch_tokens_per_rank * self.group_size,
+                                                   handle.hidden, dtype=torch.bfloat16, device=handle.src_info.device)
+            handle.combine_input = lane.zero_copy_input
+        return handle.combine_input
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
