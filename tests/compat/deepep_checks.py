@@ -222,6 +222,25 @@ def t_max(c: Checker) -> int:
     return 12
 
 
+def micro_batches(c: Checker, buf, h, k, pr, order):
+    """Dispatches outstanding together, combined in `order`: with two lanes A and B overlap freely; a third (or a
+    second with one lane) takes a lane from an earlier one, whose combine then re-dispatches. All must be right."""
+    outs = []
+    for i in range(len(order)):
+        xi = tokens(c.rng, 8, h)
+        idsi = routing(c.rng, 8, k, pr * c.world, "uniform", c.world)
+        _, _, _, inr, _ = buf.get_dispatch_layout(idsi.to(c.device), pr * c.world)
+        ne = torch.zeros(pr * c.world, dtype=torch.int32, device=c.device)
+        rx, _, _, _, hd, _ = buf.dispatch(xi.to(c.device), is_token_in_rank=inr, num_tokens_per_expert=ne,
+                                          num_tokens_per_rank=inr.sum(0))
+        outs.append((xi, inr.cpu(), rx, hd))
+    for i in order:
+        xi, inr, rx, hd = outs[i]
+        comb, _, _ = buf.combine(rx, hd)
+        exp = xi.float() * inr.sum(1, keepdim=True).float()
+        c.close(comb.cpu(), exp, exp.abs(), f"micro-batch combine {i} of {len(order)} (order {order})")
+
+
 def normal_suite(c: Checker, buf):
     h, k, pr = 256, 4, 4
     cases = [("uniform", "max"), ("minus1", "ragged"), ("skip_last", "ragged"), ("hot", "max"), ("uniform", "zero")]
@@ -257,21 +276,7 @@ def normal_suite(c: Checker, buf):
         c.close(comb.cpu(), exp, exp.abs(), f"combine of a cached dispatch #{rep}")
         c.check(comb_w is None, "combine without topk_weights returns None weights")
 
-    # two micro-batches: dispatch A, dispatch B, combine A, combine B; then a third outstanding (stale lane)
-    outs = []
-    for i in range(3):
-        xi = tokens(c.rng, 8, h)
-        idsi = routing(c.rng, 8, k, pr * c.world, "uniform", c.world)
-        _, _, _, inr, _ = buf.get_dispatch_layout(idsi.to(c.device), pr * c.world)
-        ne = torch.zeros(pr * c.world, dtype=torch.int32, device=c.device)
-        rx, _, _, _, hd, _ = buf.dispatch(xi.to(c.device), is_token_in_rank=inr, num_tokens_per_expert=ne,
-                                          num_tokens_per_rank=inr.sum(0))
-        outs.append((xi, inr.cpu(), rx, hd))
-    for i in (1, 0, 2):
-        xi, inr, rx, hd = outs[i]
-        comb, _, _ = buf.combine(rx, hd)
-        exp = xi.float() * inr.sum(1, keepdim=True).float()
-        c.close(comb.cpu(), exp, exp.abs(), f"micro-batch combine {i} (out of order)")
+    micro_batches(c, buf, h, k, pr, order=(1, 0, 2))
 
     c.raises(lambda: buf.dispatch(x.to(c.device), handle=handle, topk_idx=ids.to(c.device)), EPInputError,
              "cached dispatch with topk_idx")
@@ -452,8 +457,9 @@ def run_all(rank: int, world: int, device: str, seed: int, suites=("static", "no
         normal_suite(c, buf)
     if "ll" in suites:
         ll_suite(c, buf)
-    b2 = deep_ep.Buffer(dist.group.WORLD, explicitly_destroy=True)
+    b2 = deep_ep.Buffer(dist.group.WORLD, explicitly_destroy=True, lanes_per_shape=1, num_max_tokens_per_rank=8)
     normal_case(c, b2, 128, 2, 2, "uniform", 4, tag="second Buffer")
+    micro_batches(c, b2, 128, 2, 2, order=(0, 1))
     b2.destroy()
     c.elapsed = time.monotonic() - t0
     return c

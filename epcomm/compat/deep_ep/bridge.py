@@ -13,7 +13,7 @@ import torch
 
 from ...errors import EPError, EPInputError
 
-MAX_LANES = 2   # EPBuffers per shape: two dispatches may be outstanding (dual micro-batch) before one is reused
+LANES = 2   # EPBuffers per shape by default: two dispatches may be outstanding (dual micro-batch) before one is reused
 
 
 class Group:
@@ -146,8 +146,8 @@ class Pool:
     (collective: every rank issues the same calls, so every rank decides the same), else reuses the lane whose open
     dispatch is oldest (that dispatch's handle is then re-dispatched if it is combined later)."""
 
-    def __init__(self, make_ep, cfg):
-        self.make_ep, self.cfg = make_ep, cfg
+    def __init__(self, make_ep, cfg, max_lanes: int = LANES):
+        self.make_ep, self.cfg, self.max_lanes = make_ep, cfg, max_lanes
         self.lanes: list[Lane] = []
         self._age = 0
         self._used: dict[int, int] = {}
@@ -156,7 +156,7 @@ class Pool:
         free = [ln for ln in self.lanes if ln.open_round is None]
         if free:
             lane = free[0]
-        elif len(self.lanes) < MAX_LANES:
+        elif len(self.lanes) < self.max_lanes:
             lane = Lane(self.make_ep(self.cfg))
             self.lanes.append(lane)
         else:

@@ -98,12 +98,15 @@ class Buffer:
                  num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
                  allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
                  enable_shrink: bool = False, comm=None, *, num_max_tokens_per_rank: int | None = None,
-                 timeout_s: float = 30.0, epcomm_backend: str = "auto", low_latency_epcomm_mode: str = "ll"):
+                 timeout_s: float = 30.0, epcomm_backend: str = "auto", low_latency_epcomm_mode: str = "ll",
+                 lanes_per_shape: int = 2):
         if enable_shrink:
             unsupported("enable_shrink (masking ranks out of a running job)")
         if num_max_tokens_per_rank is not None and (not isinstance(num_max_tokens_per_rank, int)
                                                     or num_max_tokens_per_rank < 1):
             raise EPInputError(f"Buffer: num_max_tokens_per_rank must be an int >= 1, got {num_max_tokens_per_rank!r}")
+        if not isinstance(lanes_per_shape, int) or lanes_per_shape < 1:
+            raise EPInputError(f"Buffer: lanes_per_shape must be an int >= 1, got {lanes_per_shape!r}")
         if low_latency_epcomm_mode not in ("ll", "ht"):
             raise EPInputError(f"Buffer: low_latency_epcomm_mode must be 'll' or 'ht', got {low_latency_epcomm_mode!r}")
         self._group = Group(group, comm)
@@ -118,6 +121,7 @@ class Buffer:
         self._max_tokens = num_max_tokens_per_rank
         self._timeout_s = float(timeout_s)
         self._ll_mode = low_latency_epcomm_mode
+        self._lanes = lanes_per_shape
         hint = self.num_nvl_bytes + self.num_rdma_bytes
         self.ctx = make_context(self._group, self._backend, max(hint, 4 << 30))
         self._pools: dict[tuple, Pool] = {}
@@ -201,7 +205,7 @@ class Buffer:
         if pool is None or pool.cfg != cfg:
             if pool is not None:
                 pool.close()
-            pool = self._pools[key] = Pool(self._new_ep, cfg)
+            pool = self._pools[key] = Pool(self._new_ep, cfg, self._lanes)
         return pool
 
     def _cfg(self, **kw) -> EPConfig:
