@@ -435,8 +435,10 @@ def static_suite(c: Checker, buf):
             "get_dispatch_config / get_combine_config return Config")
     c.check(cfg.get_nvl_buffer_size_hint(7168 * 2, c.world) > 0, "Config size hint")
     c.check(deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, c.world, 32 * c.world) > 0, "rdma size hint")
+    before = deep_ep.Buffer.num_sms
     deep_ep.Buffer.set_num_sms(24)
     c.check(deep_ep.Buffer.num_sms == 24, "set_num_sms")
+    deep_ep.Buffer.set_num_sms(before)
     c.raises(lambda: deep_ep.Buffer.set_num_sms(23), EPInputError, "odd SM count")
     c.check(deep_ep.topk_idx_t is torch.int64, "topk_idx_t")
     with deep_ep.Buffer.capture():

@@ -46,6 +46,12 @@ def main():
     rank, world = rank_and_world()
     if not args.cpu:
         torch.cuda.set_device(rank % torch.cuda.device_count() if args.spread else 0)
+        if not args.spread:
+            # ranks share GPU 0, which the context made from the group does not know: give each rank its share of
+            # the SMs so every persistent grid stays resident
+            from epcomm.compat import deep_ep
+            sms = torch.cuda.get_device_properties(0).multi_processor_count // world
+            deep_ep.Buffer.set_num_sms(max(2, sms // 2 * 2))
     port = os.environ.get("MASTER_PORT", "29533")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     seed = [args.seed]
