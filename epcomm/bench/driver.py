@@ -24,6 +24,8 @@ import traceback
 
 import numpy as np
 
+from ..arrays import HostArrays, TorchArrays, to_numpy
+from ..checks import Round, identity, received_rows
 from ..provenance import code_identity
 from . import compare
 from . import floor as floormod
@@ -128,6 +130,7 @@ class Bench:
         self.gpu = torch is not None
         self.log = Logger(self.rank)
         self.code = code_identity() if self.rank == 0 else None   # rank 0 writes the document
+        self.arrays = TorchArrays(ctx.device) if self.gpu else HostArrays(comm)   # where inputs go
         if self.gpu:
             from .timing import CudaTimer
             self.timer = CudaTimer(comm, torch)
@@ -171,45 +174,19 @@ class Bench:
                                             num_tokens=t) for k in range(self.args.sets)]
         return self._worlds[key]
 
-    def expected_dispatch(self, cfg, t: int, k: int):
-        """epcomm.reference.dispatch for this rank only (slots bound elsewhere masked to -1: same rows here)."""
-        key = ("d", cfg.token_format, t, k)
+    def round(self, cfg, t: int, k: int) -> Round:
+        """Input set k of t tokens against the spec, for this rank only (computed once per format and shape)."""
+        key = (cfg.token_format, t, k)       # the spec does not depend on the mode
         if key not in self._expected:
-            from .. import reference
-            w = self.world_sets(cfg, t)[k]
-            r, n_local = self.rank, cfg.n_local_experts
-            ids = [np.where((i >= 0) & (i // n_local == r), i, -1).astype(np.int32) for i in w.topk_ids]
-            self._expected[key] = reference.dispatch(cfg, w.xs, ids)[r]
-        return self._expected[key]
-
-    def expected_combine(self, cfg, t: int, k: int):
-        """(y_exact, magnitude) of this rank from epcomm.reference with identity experts (other ranks' tokens
-        masked out: they do not contribute to this rank's y)."""
-        key = ("c", cfg.token_format, t, k)
-        if key not in self._expected:
-            from .. import reference
-            from ..workload import identity_experts
-            w = self.world_sets(cfg, t)[k]
-            r = self.rank
-            ids = [i if s == r else np.full_like(i, -1) for s, i in enumerate(w.topk_ids)]
-            refs = reference.dispatch(cfg, w.xs, ids)
-            ys = []
-            for res in refs:
-                n = int(res.row_offsets[-1])
-                ys.append(identity_experts(cfg, res.expert_x[:n],
-                                           None if res.expert_scales is None else res.expert_scales[:n]))
-            exact, mags = reference.combine_exact(cfg, ys, refs, w.topk_weights)
-            self._expected[key] = (exact[r], mags[r])
+            self._expected[key] = Round(cfg, self.world_sets(cfg, t)[k], self.rank, local_only=True)
         return self._expected[key]
 
     def device_sets(self, cfg, t: int) -> list[dict]:
         out = []
         for w in self.world_sets(cfg, t):
-            x, ids, wt = w.xs[self.rank], w.topk_ids[self.rank], w.topk_weights[self.rank]
-            if self.gpu:
-                from ..arrays import to_torch
-                x, ids, wt = (to_torch(a, self.device) for a in (x, ids, wt))
-            out.append({"x": x, "ids": ids, "w": wt})
+            put = self.arrays.put
+            out.append({"x": put(w.xs[self.rank]), "ids": put(w.topk_ids[self.rank]),
+                        "w": put(w.topk_weights[self.rank])})
         return out
 
     def agree(self, problems: list[str]) -> list[str]:
@@ -220,46 +197,32 @@ class Bench:
     def precompute(self, cfg, t: int, combine: bool, extra_set: bool = False) -> None:
         """Compute the reference before any device call of this shape, then line the ranks up: no rank sits in a
         device wait (with its deadline) while a peer is still busy in numpy."""
-        self.expected_dispatch(cfg, t, 0)
+        self.round(cfg, t, 0).dispatch
         if combine:
-            self.expected_combine(cfg, t, 0)
+            self.round(cfg, t, 0).y_exact
         if extra_set:
-            self.expected_dispatch(cfg, t, 1 % self.args.sets)
+            self.round(cfg, t, 1 % self.args.sets).dispatch
         self.comm.Barrier()
 
     def check_dispatch(self, cfg, res, t: int, k: int) -> list[str]:
-        from .. import reference
-        from ..results import DispatchResult
-        exp = self.expected_dispatch(cfg, t, k)
-        n = int(exp.row_offsets[-1])
-        trimmed = DispatchResult(res.expert_x[:n], None if res.expert_scales is None else res.expert_scales[:n],
-                                 res.row_offsets, res.expert_ids, res.src_info, res.tokens_per_expert)
-        return reference.compare_dispatch(cfg, trimmed, exp, rows_trimmed=True)
+        return self.round(cfg, t, k).check_dispatch(res, rows_trimmed=True)
 
     def check_combine(self, cfg, y, t: int, k: int) -> list[str]:
-        from .. import reference
-        exact, mag = self.expected_combine(cfg, t, k)
-        return reference.compare_combine(y, exact, mag)
-
-    # ---------------------------------------------------------------- helpers on arrays of either kind
-    def n_rows(self, res) -> int:
-        from ..reference import to_numpy
-        return int(np.asarray(to_numpy(res.row_offsets))[-1])
+        return self.round(cfg, t, k).check_combine(y)
 
     def identity_y(self, cfg, res, out=None):
         """expert_y for identity experts: the bf16 rows themselves, or the fp8 rows dequantised (into `out`)."""
-        if cfg.token_format == "bf16":
+        if not cfg.token_format.quantized:
             return res.expert_x
         if not self.gpu:
-            from ..workload import identity_experts
-            return identity_experts(cfg, res.expert_x, res.expert_scales)
+            return identity(cfg, res)
         from .gpu import dequant_fp8_into
-        dequant_fp8_into(self.torch, out, res.expert_x, res.expert_scales, self.n_rows(res))
+        dequant_fp8_into(self.torch, out, res.expert_x, res.expert_scales, received_rows(res))
         return out
 
     def new_expert_y(self, cfg):
         """A preallocated bf16 expert_y (random values) for fp8 shapes: combine's input after dequantisation."""
-        if cfg.token_format == "bf16":
+        if not cfg.token_format.quantized:
             return None
         if self.gpu:
             ey = self.torch.empty((cfg.max_recv_rows, cfg.hidden), dtype=self.torch.bfloat16, device=self.device)
@@ -387,7 +350,6 @@ class Bench:
             torch.cuda.empty_cache()
 
     def run_baseline_shape(self, bl, cfg, t: int):
-        from ..reference import to_numpy
         self.log(f"baseline T={t}: inputs, reference, verify")
         sets = self.device_sets(cfg, t)
         s0 = sets[0]
@@ -395,7 +357,7 @@ class Bench:
         st = bl.dispatch(s0["x"], s0["ids"], s0["w"])
         y = bl.combine(st["expert_x"], st)
         self.torch.cuda.synchronize()
-        exp = self.expected_dispatch(cfg, t, 0)
+        exp = self.round(cfg, t, 0).dispatch
         n = int(exp.row_offsets[-1])
         problems = []
         got = to_numpy(st["expert_x"])
@@ -520,7 +482,7 @@ class Bench:
             # first replay, checked
             load(sets[0])
             g_d.replay()
-            self.identity_y(cfg, gres, ey_buf) if cfg.token_format != "bf16" else ey_buf.copy_(gres.expert_x)
+            self.identity_y(cfg, gres, ey_buf) if cfg.token_format.quantized else ey_buf.copy_(gres.expert_x)
             g_c.replay()
             torch.cuda.synchronize()
             problems = self.check_dispatch(cfg, gres, t, 0) + self.check_combine(cfg, gy, t, 0)

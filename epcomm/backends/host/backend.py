@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from ...errors import EPError, EPTimeoutError
-from ...formats import BF16, FP8, quantize_fp8
+from ...formats import BF16
 from ...results import DispatchResult
 from . import faults as _faults
 
@@ -78,27 +77,26 @@ class HostHandle:
 
 @dataclass
 class _Pending:
+    """A sent operation whose receive has not run (EPBuffer runs the receives in issue order, each once)."""
     kind: str                 # "dispatch" | "combine"
     round: int
     state: dict = field(default_factory=dict)
-    result: Any = None
-    done: bool = False
 
 
 class HostBackend:
+    broken: str | None = None   # set by EPBuffer after a failure: close() then skips the collective free
+
     def __init__(self, cfg, ctx, fault: str | None = None):
         self.cfg, self.ctx = cfg, ctx
         self.comm = ctx.comm
         self.rank, self.R = ctx.rank, cfg.world_size
         self.M, self.K, self.H, self.L = cfg.max_tokens_per_rank, cfg.topk, cfg.hidden, cfg.n_local_experts
-        self.fp8 = cfg.token_format == "fp8"
+        self.fmt = cfg.token_format
         self.tb = cfg.token_bytes()
         self.ll = cfg.mode == "ll"
         self.faults = _faults.FaultSet(_faults.parse(fault) if fault is not None else _faults.from_env(), self.rank)
         self.round = 0
-        self._outstanding: list[_Pending] = []
         self._keep: list = []          # origin buffers alive until the next flush
-        self.broken: str | None = None
         self.win = None
         self.closed = False
         if cfg.skip_a2a:
@@ -172,8 +170,7 @@ class HostBackend:
             s = int(hit[0])
             raw = bytes(self.mem[self.o_reason + s * REASON_BYTES:self.o_reason + (s + 1) * REASON_BYTES])
             reason = raw.rstrip(b"\0").decode("utf-8", "replace")
-            self.broken = f"{self.ctx.describe(s)} aborted: {reason}"
-            raise EPError(self.broken)
+            raise EPError(f"{self.ctx.describe(s)} aborted: {reason}")
 
     def _wait(self, r: int, phase: str, words: list[int], peers: list[int], what: str) -> np.ndarray:
         """Counts carried by signal words `words` (one per peer in `peers`) once all show round r."""
@@ -196,20 +193,15 @@ class HostBackend:
                 if phase == "disp" and self.ll:
                     w0 = int(idx[np.nonzero(~ok)[0][0]])
                     what = f"{what} for expert {self.rank * self.L + w0 % self.L}"
-                more = f"; all missing: {sorted(set(missing))}" if len(set(missing)) > 1 else ""
-                msg = (f"{self.ctx.describe(self.rank)} timed out after {self.cfg.timeout_s:g} s waiting for "
-                       f"{what} (round {r}) from {self.ctx.describe(peer)}, which never signalled (it holds "
-                       f"{self.cfg.holds(peer)}){more}")
-                self.broken = msg
-                raise EPTimeoutError(msg, rank=peer, node=self.ctx.node_of(peer), what=f"{what} round {r}",
-                                     waiter=self.rank, experts=self.cfg.experts_of(peer))
+                raise EPTimeoutError.peer_missing(
+                    waiter=self.rank, waiter_node=self.ctx.node_of(self.rank), peer=peer,
+                    node=self.ctx.node_of(peer), experts=self.cfg.experts_of(peer), what=what, round=r,
+                    timeout_s=self.cfg.timeout_s, missing=missing)
             time.sleep(sleep)
             sleep = min(max(sleep * 2, 20e-6), 2e-3)
 
     def abort(self, reason: str) -> None:
         """Write this rank's abort word into every peer's window (best effort, never raises)."""
-        if self.broken is None:
-            self.broken = f"{self.ctx.describe(self.rank)} aborted: {reason}"
         if self.win is None or self.closed:
             return
         try:
@@ -231,44 +223,20 @@ class HostBackend:
         except Exception:  # noqa: BLE001 - abort is best effort
             pass
 
-    def _guard(self):
-        if self.closed:
-            raise EPError("EPBuffer is closed")
-        if self.broken is not None:
-            raise EPError(f"EPBuffer unusable after an earlier failure: {self.broken}")
-
-    def _complete_outstanding(self) -> None:
-        for p in list(self._outstanding):
-            self._finish(p)
-
-    def _finish(self, p: _Pending) -> None:
-        if not p.done:
-            try:
-                if p.kind == "dispatch":
-                    p.result = self._dispatch_recv(p)
-                else:
-                    p.result = self._combine_recv(p)
-            finally:
-                p.done = True
-                p.state = {}
-                if p in self._outstanding:
-                    self._outstanding.remove(p)
-
     # ------------------------------------------------------------------ dispatch
     def _payload(self, x: np.ndarray) -> np.ndarray:
+        """Token rows as they travel: the rows in the wire format, then their scales (if any), as bytes."""
         t = x.shape[0]
-        if self.fp8:
-            q, s = quantize_fp8(x)
-            return np.concatenate([q.view(np.uint8).reshape(t, self.H),
-                                   s.view(np.uint8).reshape(t, 4 * self.cfg.scale_cols)], axis=1)
-        return np.ascontiguousarray(x).view(np.uint8).reshape(t, 2 * self.H)
+        rows, scales = self.fmt.quantize(x)
+        parts = [np.ascontiguousarray(rows).view(np.uint8).reshape(t, self.fmt.element_bytes * self.H)]
+        if scales is not None:
+            parts.append(scales.view(np.uint8).reshape(t, 4 * self.fmt.scale_cols(self.H)))
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def dispatch(self, x, topk_ids) -> DispatchResult:
         return self.dispatch_wait(self.dispatch_async(x, topk_ids))
 
     def dispatch_async(self, x, topk_ids) -> _Pending:
-        self._guard()
-        self._complete_outstanding()
         r = self.round
         self.round += 1
         x = np.ascontiguousarray(x)
@@ -283,7 +251,6 @@ class HostBackend:
             skip = self.faults.hit("skip_dispatch", r) is not None
             dests = [self.rank] if skip else range(self.R)
             (self._send_ll if self.ll else self._send_ht)(p, r, payload, ids, dests)
-        self._outstanding.append(p)
         return p
 
     def _send_ht(self, p, r, payload, ids, dests) -> None:
@@ -332,15 +299,11 @@ class HostBackend:
             self._signal(d, self._sig_off(r, "disp", s * L), r, counts[d * L:(d + 1) * L])
         self._flush()
 
-    def dispatch_wait(self, p: _Pending) -> DispatchResult:
-        self._guard()
-        self._finish(p)
-        return p.result
-
-    def _dispatch_recv(self, p: _Pending) -> DispatchResult:
-        cfg, r, me = self.cfg, p.round, self.rank
+    def dispatch_wait(self, pending: _Pending) -> DispatchResult:
+        cfg, r, me = self.cfg, pending.round, self.rank
         K, L, M, tb = self.K, self.L, self.M, self.tb
-        payload, ids = p.state["payload"], p.state["ids"]
+        payload, ids, sent = pending.state["payload"], pending.state["ids"], pending.state.get("sent")
+        pending.state = {}
         T = ids.shape[0]
         row_msg = src_msgs = None
         if cfg.skip_a2a:
@@ -407,20 +370,18 @@ class HostBackend:
         src_info[:n_sh, 0], src_info[:n_sh, 1] = me, share
         src_info[n_sh:n_rows] = np.stack([row_src, row_tok, row_k], axis=1)
         allrows = np.concatenate([payload[share], rows]) if n_sh else rows
+        row_bytes = self.fmt.element_bytes * self.H
+        expert_x = np.zeros((mr, self.H), self.fmt.dtype)
+        expert_x.view(np.uint8)[:n_rows] = allrows[:, :row_bytes]
         scales = None
-        if self.fp8:
-            expert_x = np.zeros((mr, self.H), FP8)
-            expert_x.view(np.uint8)[:n_rows] = allrows[:, :self.H]
-            scales = np.zeros((mr, cfg.scale_cols), np.float32)
-            scales.view(np.uint8)[:n_rows] = allrows[:, self.H:tb]
-        else:
-            expert_x = np.zeros((mr, self.H), BF16)
-            expert_x.view(np.uint8)[:n_rows] = allrows
+        if self.fmt.quantized:
+            scales = np.zeros(self.fmt.scale_shape(mr, self.H), np.float32)
+            scales.view(np.uint8)[:n_rows] = allrows[:, row_bytes:tb]
         expert_ids = np.array(([-1] if cfg.fused_shared_expert else []) + [me * L + l for l in range(L)],
                               dtype=np.int32)
         handle = HostHandle(round=r, num_tokens=T, topk_ids=ids, n_shared=n_sh, shared_tokens=share,
                             row_src=row_src.astype(np.int32), row_tok=row_tok.astype(np.int32), row_k=row_k,
-                            row_msg=row_msg, src_msgs=src_msgs, sent_tokens=p.state.get("sent"))
+                            row_msg=row_msg, src_msgs=src_msgs, sent_tokens=sent)
         return DispatchResult(expert_x=expert_x, expert_scales=scales, row_offsets=row_offsets,
                               expert_ids=expert_ids, src_info=src_info,
                               tokens_per_expert=routed_counts.astype(np.int32), handle=handle)
@@ -430,8 +391,6 @@ class HostBackend:
         return self.combine_wait(self.combine_async(expert_y, handle, topk_weights))
 
     def combine_async(self, expert_y, handle: HostHandle, topk_weights) -> _Pending:
-        self._guard()
-        self._complete_outstanding()
         r, me, K = handle.round, self.rank, self.K
         ey = np.asarray(expert_y)
         w = np.ascontiguousarray(topk_weights, dtype=np.float32)
@@ -467,17 +426,12 @@ class HostBackend:
                 for s in range(self.R):
                     self._signal(s, self._sig_off(r, "comb", me), r, [counts[s]])
                 self._flush()
-        self._outstanding.append(p)
         return p
 
-    def combine_wait(self, p: _Pending):
-        self._guard()
-        self._finish(p)
-        return p.result
-
-    def _combine_recv(self, p: _Pending):
-        cfg, r, me, K, H = self.cfg, p.round, self.rank, self.K, self.H
-        ey, w, h = p.state["ey"], p.state["w"], p.state["h"]
+    def combine_wait(self, pending: _Pending):
+        cfg, r, me, K, H = self.cfg, pending.round, self.rank, self.K, self.H
+        ey, w, h = pending.state["ey"], pending.state["w"], pending.state["h"]
+        pending.state = {}
         T = h.num_tokens
         y = np.zeros((T, H), np.float32)
         n_sh = h.n_shared
@@ -544,20 +498,21 @@ class HostBackend:
 
     # ------------------------------------------------------------------ lifecycle
     def synchronize(self) -> None:
-        self._guard()
-        self._complete_outstanding()
+        """Nothing to wait for: every call finished its MPI operations before returning."""
+
+    def raise_pending(self) -> None:
+        """Errors are raised by the calls themselves: nothing is ever recorded for later."""
+
+    @property
+    def sms_used(self) -> None:
+        return None
 
     def close(self) -> None:
-        """Collective (frees the window) unless the buffer failed; then only local state is dropped."""
+        """Collective (frees the window) unless the buffer failed (broken); then only local state is dropped."""
         if self.closed:
             return
         self.closed = True
         if self.win is not None:
-            if self.broken is None:
-                try:
-                    self._complete_outstanding()
-                except Exception:  # noqa: BLE001
-                    self.broken = "failed while closing"
             if self.broken is None:
                 self.win.Unlock_all()
                 self.win.Free()
