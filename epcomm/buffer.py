@@ -27,12 +27,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import backends
 from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
+from .context import init
 from .errors import EPError, EPInputError
 from .results import DispatchResult
 
@@ -68,7 +67,6 @@ class EPBuffer:
         if not isinstance(cfg, EPConfig):
             _fail(f"EPBuffer: cfg must be an EPConfig, got {type(cfg).__name__}")
         if ctx is None:
-            from .context import init
             ctx = init()
         if cfg.world_size != ctx.world_size:
             _fail(f"EPConfig.world_size={cfg.world_size} but the context has {ctx.world_size} ranks")

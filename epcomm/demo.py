@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import numpy as np
 
 from .arrays import arrays_for
+from .buffer import EPBuffer
 from .checks import Round, received_rows
+from .config import EPConfig
+from .context import init
 from .formats import FORMAT_NAMES
+from .stats import median
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -44,21 +47,19 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import epcomm
-
-    ctx = epcomm.init(backend=args.backend)
+    ctx = init(backend=args.backend)
     comm, rank, world = ctx.comm, ctx.rank, ctx.world_size
     on_gpu = ctx.backend == "gpu"
     seed = comm.bcast(args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31), root=0)
     experts = args.experts or ctx.topology.num_experts or (256 if on_gpu else 4 * world)
-    cfg = epcomm.EPConfig(hidden=args.hidden or (7168 if on_gpu else 1024), topk=args.topk or (8 if on_gpu else 4),
+    cfg = EPConfig(hidden=args.hidden or (7168 if on_gpu else 1024), topk=args.topk or (8 if on_gpu else 4),
                           num_experts=experts, max_tokens_per_rank=args.tokens or (128 if on_gpu else 64),
                           world_size=world, token_format=args.format, mode=args.mode)
     arrays = arrays_for(ctx)
     rnd = Round.random(cfg, rank, seed, args.routing)        # identity experts
     x, ids, weights = (arrays.put(a) for a in rnd.inputs())
 
-    buf = epcomm.EPBuffer(cfg, ctx)
+    buf = EPBuffer(cfg, ctx)
     out = buf.dispatch(x, ids)
     expert_y = arrays.put(rnd.expert_y(out))
     y = buf.combine(expert_y, out.handle, weights)
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         buf.combine(expert_y, out.handle, weights)
         t_combine.append(done())
     buf.synchronize()
-    med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
+    med = lambda v: median(v) if v else float("nan")  # noqa: E731
 
     rows_all = comm.gather(dict(rank=rank, node=ctx.node, rows=rows, dispatch_us=med(t_dispatch),
                                 combine_us=med(t_combine), problems=problems), root=0)

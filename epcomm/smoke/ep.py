@@ -6,6 +6,7 @@ differ (from the reference src_info), so the report can name who sent bad data.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -15,7 +16,9 @@ from ..arrays import arrays_for, to_numpy
 from ..buffer import EPBuffer
 from ..checks import Round
 from ..config import EPConfig
+from ..context import init
 from ..errors import EPInputError, EPTimeoutError
+from ..stats import median
 from ..workload import make_world
 
 
@@ -44,10 +47,7 @@ def num_experts(topo, world: int, per_rank: int) -> int:
 
 
 def _ctx():
-    import os
-
-    import epcomm
-    ctx = epcomm.init()
+    ctx = init()
     if ctx.backend == "gpu" and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
         # the NVSHMEM heap is sized once, at the first EPBuffer (a small one here): make room for the speed stage
         R = ctx.world_size
@@ -103,7 +103,7 @@ def run_correctness(env) -> dict[str, Any]:
             continue
         rec["shape"] = {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
                         "max_tokens_per_rank": cfg.max_tokens_per_rank, "mode": cfg.mode,
-                        "token_format": cfg.token_format, "fused_shared_expert": cfg.fused_shared_expert}
+                        "token_format": str(cfg.token_format), "fused_shared_expert": cfg.fused_shared_expert}
         rnd = Round.random(cfg, me, seed=1000 + k, routing=case["routing"], num_tokens=case["num_tokens"])
         exp = rnd.dispatch
         x, ids, weights = rnd.inputs()
@@ -190,5 +190,5 @@ def run_speed(env) -> dict[str, Any]:
             pass
     return {"backend": ctx.backend, "shape": {"hidden": hidden, "topk": cfg.topk, "num_experts": e,
                                                "tokens": tokens},
-            "iters": len(times), "median_us": float(np.median(times)) * 1e6 if times else None,
+            "iters": len(times), "median_us": median(times) * 1e6 if times else None,
             "min_us": float(np.min(times)) * 1e6 if times else None}
