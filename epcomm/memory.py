@@ -25,11 +25,11 @@ def local_buffers(cfg: EPConfig) -> list[tuple[str, tuple[int, ...], str]]:
     from .backends.gpu.backend import Layout
     L = Layout(cfg, any_remote=False)
     H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
-    fmt = "fp8" if cfg.token_format == "fp8" else "bf16"
+    fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
     out: list[tuple[str, tuple[int, ...], str]] = [("state", (64,), "i32"), ("hist_acc", (R * L.HROW,), "i32")]
     for s in range(2):   # two output sets: a result stays valid until the second dispatch after it
         out += [(f"set{s}.expert_x", (maxr, H), fmt)]
-        if fmt == "fp8":
+        if fmt.quantized:
             out += [(f"set{s}.expert_scales", (maxr, L.SC), "f32")]
         out += [(f"set{s}.row_offsets", (L.NG + 1,), "u32"), (f"set{s}.expert_ids", (L.NG,), "i32"),
                 (f"set{s}.src_info", (maxr, 3), "i32"), (f"set{s}.tokens_per_expert", (L.NL,), "i32"),

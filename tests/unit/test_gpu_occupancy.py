@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from epcomm.backends.gpu.occupancy import SELF_WAIT_CAUSE, SHARED_HEADROOM, grid_size, timeout_message
+from epcomm.backends.gpu.occupancy import SELF_WAIT_CAUSE, SHARED_HEADROOM, grid_size, self_wait_message
 from epcomm.errors import EPError
 
 H200 = 132
@@ -57,12 +57,14 @@ def test_a_kernel_that_cannot_run_at_its_block_size_is_refused():
 
 
 def test_waiting_for_itself_names_the_grid_not_a_peer():
-    msg = timeout_message(0, 0, 5.0, 0, "dispatch", 662, " (it holds experts 0-3)")
+    msg = self_wait_message(0, 5.0, "dispatch", 662)
     assert SELF_WAIT_CAUSE in msg and "rank 0 waited 5 s in dispatch round 662" in msg
     assert "for rank 0" not in msg
     assert "MPS / shared GPU / num_sms" in msg
-    msg = timeout_message(0, 1, 5.0, 1, "combine", 3, " (it holds experts 4-7)")
-    assert "rank 0 waited 5 s for rank 1 (node 1) in combine round 3" in msg and "experts 4-7" in msg
+    from epcomm.errors import EPTimeoutError
+    msg = str(EPTimeoutError.peer_missing(waiter=0, waiter_node=0, peer=1, node=1, experts=range(4, 8),
+                                          what="combine", round=3, timeout_s=5.0))
+    assert "waiting for combine (round 3) from rank 1 (node 1)" in msg and "experts 4..7" in msg
     assert SELF_WAIT_CAUSE not in msg
 
 

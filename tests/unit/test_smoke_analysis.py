@@ -190,7 +190,7 @@ def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
     """A stage thread that hangs inside a put to rank 2 (env.talking_to) reports a timeout that waited on rank 2."""
     import threading
 
-    from epcomm.smoke import cli
+    from epcomm.smoke import cli, stages
     release = threading.Event()
 
     def stuck(env):
@@ -202,14 +202,14 @@ def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
         env.talking_to = None
         return "done"
 
-    env = cli.StageEnv(comm=None, msgr=None, rank=0, world=4, topo=None, opts=cli.Options(stage_timeout=0.3),
+    env = stages.StageEnv(comm=None, msgr=None, rank=0, world=4, topo=None, opts=cli.Options(stage_timeout=0.3),
                        faults=None, gpu=False, device=None)
-    monkeypatch.setattr(cli, "_stage_fn", lambda name: stuck)
-    out = cli.run_local("links", env, threaded=True)
+    monkeypatch.setattr(stages, "stage_function", lambda name: stuck)
+    out = stages.run_local("links", env, threaded=True)
     release.set()
     assert out["status"] == "timeout" and out["waited_on"] == 2 and "stuck talking to rank 2" in out["error"]
-    monkeypatch.setattr(cli, "_stage_fn", lambda name: fine)
-    out = cli.run_local("links", env, threaded=True)
+    monkeypatch.setattr(stages, "stage_function", lambda name: fine)
+    out = stages.run_local("links", env, threaded=True)
     assert out["status"] == "ok" and out["value"] == "done" and "waited_on" not in out
 
 

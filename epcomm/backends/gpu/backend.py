@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ...errors import EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
 from . import jit, occupancy
+from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -42,7 +43,7 @@ class Layout:
         self.NL = NL = cfg.n_local_experts
         self.NG = cfg.num_groups
         self.SC = H // 128
-        fp8 = cfg.token_format == "fp8"
+        fp8 = cfg.token_format.quantized
         ht = cfg.mode == "ht"
         a16 = lambda v: (v + 15) // 16 * 16
         self.DB = H if fp8 else 2 * H
@@ -102,118 +103,6 @@ def _params_struct(R: int):
     return Params
 
 
-# ------------------------------------------------------------------------------------------------ array interop
-def _kind(a) -> str:
-    mod = type(a).__module__ or ""
-    if mod.startswith("torch"):
-        return "torch"
-    if mod.startswith("cupy"):
-        return "cupy"
-    if hasattr(a, "__cuda_array_interface__"):
-        return "cai"
-    raise EPInputError(f"gpu backend takes torch tensors or cupy arrays on the GPU, got {type(a).__name__}")
-
-
-def _aligned(ptr: int, what: str) -> int:
-    """x and expert_y are read with 16-byte loads: a view that starts mid-vector would fault the whole context."""
-    if ptr % 16:
-        raise EPInputError(f"gpu backend: {what} must start at a 16-byte aligned address (a view with an element "
-                           f"offset that is not a multiple of 8?); pass a fresh or .clone()d tensor")
-    return ptr
-
-
-def _ptr(a, kind: str, device: int | None = None) -> int:
-    if kind == "cupy" and device is not None and a.device.id != device:
-        raise EPInputError(f"gpu backend: array is on GPU {a.device.id}, this rank uses GPU {device}")
-    if kind == "torch":
-        if not a.is_cuda:
-            raise EPInputError("gpu backend: tensor is on the CPU; pass a CUDA tensor")
-        if device is not None and a.device.index != device:
-            raise EPInputError(f"gpu backend: tensor is on cuda:{a.device.index}, this rank uses cuda:{device}")
-        if not a.is_contiguous():
-            raise EPInputError("gpu backend: tensor must be contiguous")
-        return a.data_ptr()
-    if kind == "cupy":
-        if not a.flags.c_contiguous:
-            raise EPInputError("gpu backend: array must be C-contiguous")
-        return int(a.data.ptr)
-    return int(a.__cuda_array_interface__["data"][0])
-
-
-def _stream_of(kind: str, device: int) -> int:
-    if kind == "torch":
-        import torch
-        return int(torch.cuda.current_stream(device).cuda_stream)
-    if kind == "cupy":
-        import cupy
-        return int(cupy.cuda.get_current_stream().ptr)
-    return 0
-
-
-class _Alloc:
-    """Preallocated device arrays (torch if present, else cupy) and zero-copy views in the caller's kind."""
-
-    def __init__(self, device: int):
-        self.device = device
-        try:
-            import torch
-            self.torch = torch
-        except ImportError:  # cupy-only environment
-            self.torch = None
-        self._cupy_cache = {}
-
-    def empty(self, shape, dtype: str):
-        if self.torch is not None:
-            t = self.torch
-            dt = {"bf16": t.bfloat16, "fp8": t.float8_e4m3fn, "f32": t.float32, "i32": t.int32,
-                  "u32": t.uint32}[dtype]
-            return t.empty(shape, dtype=dt, device=f"cuda:{self.device}")
-        import cupy
-        dt = {"bf16": cupy.uint16, "fp8": cupy.uint8, "f32": cupy.float32, "i32": cupy.int32,
-              "u32": cupy.uint32}[dtype]
-        with cupy.cuda.Device(self.device):
-            return cupy.empty(shape, dtype=dt)
-
-    def zeros(self, shape, dtype):
-        a = self.empty(shape, dtype)
-        if self.torch is not None:
-            a.zero_()
-        else:
-            a.fill(0)
-        return a
-
-    @staticmethod
-    def ptr(a) -> int:
-        return a.data_ptr() if hasattr(a, "data_ptr") else int(a.data.ptr)
-
-    def view(self, a, kind: str):
-        """a (own storage) as the caller's kind, no copy."""
-        if a is None:
-            return None
-        own = "torch" if self.torch is not None else "cupy"
-        if kind == own or kind == "cai":
-            return a
-        key = (id(a), kind)
-        v = self._cupy_cache.get(key)
-        if v is None:
-            if kind == "cupy":
-                import cupy
-                t = self.torch
-                if a.dtype == t.bfloat16:
-                    v = cupy.from_dlpack(a.view(t.int16)).view(cupy.uint16)
-                elif a.dtype == t.float8_e4m3fn:
-                    v = cupy.from_dlpack(a.view(t.uint8))
-                elif a.dtype == t.uint32:
-                    v = cupy.from_dlpack(a.view(t.int32)).view(cupy.uint32)
-                else:
-                    v = cupy.from_dlpack(a)
-            else:
-                raise EPInputError("torch tensors given to a cupy-only gpu backend")
-            self._cupy_cache[key] = (v, a)
-            return v
-        return v[0]
-
-
 @dataclass
 class GpuHandle:
     hp: int          # which output buffer set (host call parity)
@@ -234,6 +123,8 @@ class _Pending:
 
 
 class GpuBackend:
+    broken: str | None = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
+
     def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
                  blocks: int | None = None):
         self.cfg, self.ctx = cfg, ctx
@@ -266,20 +157,20 @@ class GpuBackend:
         self._crecv_blocks = max(0, int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))) if cfg.mode == "ht" else 0
         self.Params = _params_struct(R)
 
-        A = self.alloc = _Alloc(ctx.device)
+        A = self.alloc = DeviceArrays(ctx.device)
         self._sym_buf, self.sym, peers = self.rt.symmetric(self.L.total)
         self.peers = [p if (r == self.me or same(self.me, r)) else 0 for r, p in enumerate(peers)]
         if any(p == 0 for r, p in enumerate(self.peers) if same(self.me, r)):
             raise EPError("gpu backend: no peer pointer for a same-node rank (are the GPUs peer-accessible?)")
         H, K, M, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.max_recv_rows
-        fmt = "fp8" if cfg.token_format == "fp8" else "bf16"
+        fmt = cfg.token_format      # its name is the dtype tag of DeviceArrays ("bf16" / "fp8")
         self.state = A.zeros((64,), "i32")
         self.hist_acc = A.zeros((R * self.L.HROW,), "i32")
         self.sets = []
         for _ in range(2):
             s = {
                 "ex": A.empty((maxr, H), fmt),
-                "escale": A.empty((maxr, self.L.SC), "f32") if fmt == "fp8" else None,
+                "escale": A.empty((maxr, self.L.SC), "f32") if fmt.quantized else None,
                 "row_offsets": A.zeros((self.L.NG + 1,), "u32"),
                 "expert_ids": A.zeros((self.L.NG,), "i32"),
                 "src_info": A.zeros((maxr, 3), "i32"),
@@ -368,13 +259,15 @@ class GpuBackend:
         code, peer = rec["code"], rec["peer"]
         phase = {0: "dispatch", 1: "combine", 2: "combine (weights)"}.get(rec["phase"], "?")
         if code == 1:
-            known = 0 <= peer < self.cfg.world_size
-            node = self.node_of(peer) if known else None
-            holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
-            raise EPTimeoutError(
-                occupancy.timeout_message(rec["waiter"], peer, self.cfg.timeout_s, node, phase, rec["round"], holds),
-                rank=peer, node=node, what=f"{phase} round {rec['round']}", waiter=rec["waiter"],
-                experts=self.cfg.experts_of(peer) if known else None)
+            node = lambda r: self.node_of(r) if 0 <= r < self.cfg.world_size else None  # noqa: E731
+            experts = self.cfg.experts_of(peer) if node(peer) is not None else None
+            if peer == rec["waiter"]:   # waited for its own blocks: the grid, not a peer
+                raise EPTimeoutError(occupancy.self_wait_message(peer, self.cfg.timeout_s, phase, rec["round"]),
+                                     rank=peer, node=node(peer), what=f"{phase} round {rec['round']}", waiter=peer,
+                                     experts=experts)
+            raise EPTimeoutError.peer_missing(
+                waiter=rec["waiter"], waiter_node=node(rec["waiter"]), peer=peer, node=node(peer),
+                experts=experts, what=phase, round=rec["round"], timeout_s=self.cfg.timeout_s)
         if code == 2:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
@@ -393,12 +286,13 @@ class GpuBackend:
         self._raise_recorded()
 
     def _inputs(self, x, topk_ids):
-        kind = _kind(x)
+        kind = array_kind(x)
         T = int(x.shape[0])
         if T > self.cfg.max_tokens_per_rank:
             raise EPInputError(f"{T} tokens > max_tokens_per_rank={self.cfg.max_tokens_per_rank}")
         dev = self.ctx.device
-        return kind, T, _aligned(_ptr(x, kind, dev), "x"), _ptr(topk_ids, _kind(topk_ids), dev)
+        x_ptr = aligned(device_pointer(x, kind, dev), "x")
+        return kind, T, x_ptr, device_pointer(topk_ids, array_kind(topk_ids), dev)
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
@@ -408,7 +302,7 @@ class GpuBackend:
         self._hp += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
-        return kind, T, hp, p, _stream_of(kind, self.ctx.device)
+        return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
@@ -441,7 +335,7 @@ class GpuBackend:
 
     def dispatch_wait(self, pending) -> DispatchResult:
         self._check_open()
-        st = _stream_of(pending.kind, self.ctx.device)
+        st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_dispatch_recv", pending.params, st)
         return self._result(pending.hp, pending.num_tokens, pending.kind)
@@ -451,15 +345,15 @@ class GpuBackend:
         self._check_open()
         if not isinstance(handle, GpuHandle):
             raise EPInputError("combine: handle must come from this GPU buffer's dispatch")
-        kind = _kind(expert_y)
+        kind = array_kind(expert_y)
         T = handle.num_tokens
         p = self._base_params(handle.hp, T)
-        p.expert_y = _aligned(_ptr(expert_y, kind, self.ctx.device), "expert_y")
-        p.weights = _ptr(topk_weights, _kind(topk_weights), self.ctx.device)
+        p.expert_y = aligned(device_pointer(expert_y, kind, self.ctx.device), "expert_y")
+        p.weights = device_pointer(topk_weights, array_kind(topk_weights), self.ctx.device)
         cp = self._cp & 1
         self._cp += 1
         p.y = self.alloc.ptr(self.ybufs[cp])
-        return kind, T, cp, p, _stream_of(kind, self.ctx.device)
+        return kind, T, cp, p, current_stream(kind, self.ctx.device)
 
     def _y(self, cp, T, kind):
         return self.alloc.view(self.ybufs[cp][:T], kind) if kind != "cupy" else \
@@ -477,7 +371,7 @@ class GpuBackend:
 
     def combine_wait(self, pending):
         self._check_open()
-        st = _stream_of(pending.kind, self.ctx.device)
+        st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_combine_recv", pending.params, st)
         return self._y(pending.hp, pending.num_tokens, pending.kind)

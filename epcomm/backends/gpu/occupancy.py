@@ -74,13 +74,11 @@ def grid_size(want: int | None, device_sms: int, context_sms: int | None, blocks
     return GridChoice(grid, limit, device_sms, ctx, blocks_per_sm, ranks, int(want) > limit)
 
 
-def timeout_message(waiter: int, peer: int, timeout_s: float, node, phase: str, round_: int, holds: str) -> str:
-    """What an EPTimeoutError says: the missing peer, or (waiting for itself) the grid that did not fit."""
-    if peer == waiter:
-        return (f"epcomm gpu: rank {waiter} waited {timeout_s:g} s in {phase} round {round_}: {SELF_WAIT_CAUSE}; "
-                f"this EPBuffer is unusable now")
-    return (f"epcomm gpu: rank {waiter} waited {timeout_s:g} s for rank {peer} (node {node}) in {phase} round "
-            f"{round_}: rank {peer} (node {node}) did not arrive{holds}; this EPBuffer is unusable now")
+def self_wait_message(rank: int, timeout_s: float, phase: str, round_: int) -> str:
+    """What an EPTimeoutError says when a rank waited for itself: the grid that did not fit, not a missing peer
+    (a wait for another rank is worded by EPTimeoutError.peer_missing, the same on every backend)."""
+    return (f"epcomm gpu: rank {rank} waited {timeout_s:g} s in {phase} round {round_}: {SELF_WAIT_CAUSE}; "
+            f"this EPBuffer is unusable now")
 
 
 # ------------------------------------------------------------------------------------------------ driver queries
