@@ -50,6 +50,7 @@ class Bench:
     link_gbps = property(lambda self: self.records.doc["floor_bandwidth"]["link_gbps"])
     local_gbps = property(lambda self: self.records.doc["floor_bandwidth"]["local_gbps"])
     floor_source = property(lambda self: self.records.doc["floor_bandwidth"]["source"])
+    shared = property(lambda self: self.records.shared)   # the note when ranks share a GPU, else None
 
     def cfg(self, fmt: str, mode: str, max_tokens: int):
         a = self.args
