@@ -21,3 +21,14 @@ def test_ptx_same_ignores_only_nvccs_file_hash():
     c = "\tmul.lo.s64 \t%rd253, %rd252, 732;"
     assert FILE_HASH.sub("<file>", c) == c
     assert FILE_HASH.sub("<file>", c) != FILE_HASH.sub("<file>", c.replace("732", "736"))
+
+
+def test_ptx_same_register_renaming_is_a_bijection_per_function():
+    """--up-to-register-names forgives consistently renamed registers, never swapped operands."""
+    canon = load("ptx_same").canonical_registers
+    a = [".func f(", ".reg .b32 %r<9>;", "ld.global.v4.u32 {%r8, %r7}, [%rd3];", "st.global.v4.u32 [%rd4], {%r8, %r7};"]
+    b = [".func f(", ".reg .b32 %r<7>;", "ld.global.v4.u32 {%r1, %r2}, [%rd3];", "st.global.v4.u32 [%rd4], {%r1, %r2};"]
+    swapped = b[:3] + ["st.global.v4.u32 [%rd4], {%r2, %r1};"]
+    assert a != b and canon(a) == canon(b)
+    assert canon(a) != canon(swapped)
+    assert canon(["add.s32 %r1, %r2, 1;"]) != canon(["add.s32 %r1, %r2, 2;"])

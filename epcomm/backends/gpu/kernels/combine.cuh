@@ -87,22 +87,13 @@ __device__ void combine_send(const Params& p, bool fused) {
       __syncthreads();  // every thread's weight stores before each signalling thread's release (st.release.sys)
       const size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WEIGHT_STRIDE) * 4;
       const size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
-      for (int d = threadIdx.x; d < R; d += THREADS) {
-        if (SKIP && d != p.me) continue;
-        if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
-      }
-      // other-node destinations: the whole block puts the staged [T, K] weights (+ signal after the data), one call
-      // per destination (was one thread: T*K*4 / 16 serial load -> store steps, ~0.8 ms at T 4096, gating step 2
-      // on every rank); one quiet for all of them (staging is reused next round)
-      bool any_remote = false;
-      for (int d = 0; d < R; ++d) {  // block-uniform conditions
-        if ((SKIP && d != p.me) || same_node(p, d)) continue;
+      // other-node destinations: the whole block puts the staged [T, K] weights (+ signal after the data): one
+      // thread's T*K*4 / 16 serial load -> store steps took ~0.8 ms at T 4096, gating step 2 on every rank
+      signal_every_destination(p, soff, round, [&](int d) {
         float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WEIGHT_STRIDE;
         nvshmemx_putmem_signal_nbi_block(p.sym + off, stg, (size_t)nw * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
                                          round, NVSHMEM_SIGNAL_SET, d);
-        any_remote = true;
-      }
-      if (any_remote && threadIdx.x == 0) nvshmem_quiet();
+      });
     }
     // step 2 (expert side): reduce each received token's local rows (fp32, weighted) and send one row back.
     // In the fused kernel the last p.crb blocks skip this and receive from the start (combine_recv), so the

@@ -137,6 +137,27 @@ __device__ __forceinline__ void raise_flag(const Params& p, size_t off, int peer
   }
 }
 
+// The whole block, after a __syncthreads that ordered its stores of one payload per destination: raise the signal
+// word at symmetric offset sig_off on every destination to the round. Same node: the payload was written in place
+// through the peer pointer; one thread per destination releases (st.release.sys). Other node: put_signal(d) puts the
+// staged payload with the signal after the data, by the whole block (one thread would take nbytes / 16 serial steps
+// per destination), one call per destination, then one quiet for all of them (the staging is reused next round).
+template <typename PutSignal>
+__device__ __forceinline__ void signal_every_destination(const Params& p, size_t sig_off, unsigned round,
+                                                         PutSignal put_signal) {
+  for (int d = threadIdx.x; d < R; d += THREADS) {
+    if (SKIP && d != p.me) continue;
+    if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + sig_off), round);
+  }
+  bool any_remote = false;
+  for (int d = 0; d < R; ++d) {  // block-uniform conditions
+    if ((SKIP && d != p.me) || same_node(p, d)) continue;
+    put_signal(d);
+    any_remote = true;
+  }
+  if (any_remote && threadIdx.x == 0) nvshmem_quiet();
+}
+
 // Phase timestamps (%globaltimer, ns) of the latest round in state words 32..49 (u64 [9]): 0 dispatch send start,
 // 1 block 0's send work issued, 2 last send block signalled, 3 receive wait over (block 0), 4 receive done (last block),
 // 5 combine send start, 6 combine send signalled, 7 combine receive wait over (block 0), 8 combine receive done.

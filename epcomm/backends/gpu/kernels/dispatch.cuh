@@ -255,21 +255,12 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     }
     __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
     const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
-    for (int d = threadIdx.x; d < R; d += THREADS) {
-      if (SKIP && d != p.me) continue;
-      if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
-    }
-    // other-node destinations: block-scope put + signal of the HIST_ROW_INTS counts (was one thread:
-    // HIST_ROW_INTS / 4 serial steps each), one quiet for all of them
-    bool any_remote = false;
-    for (int d = 0; d < R; ++d) {  // block-uniform conditions
-      if ((SKIP && d != p.me) || same_node(p, d)) continue;
+    // other-node destinations: block-scope put + signal of the staged counts
+    signal_every_destination(p, soff, round, [&](int d) {
       nvshmemx_putmem_signal_nbi_block(p.sym + hoff, p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4,
                                        HIST_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff), round,
                                        NVSHMEM_SIGNAL_SET, d);
-      any_remote = true;
-    }
-    if (any_remote && threadIdx.x == 0) nvshmem_quiet();
+    });
     __syncthreads();
   }
   // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
