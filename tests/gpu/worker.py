@@ -50,7 +50,7 @@ class Checker:
     def poison(self, be):
         s = be.sets[be._hp & 1]
         s["ex"].view(self.torch.uint8).fill_(0x7F)
-        if s["escale"] is not None:
+        if s.get("escale") is not None:
             s["escale"].fill_(float("nan"))
         s["src_info"].fill_(0x55555555)
         s["row_offsets"].view(self.torch.int32).fill_(7)
@@ -192,8 +192,8 @@ class Checker:
         arrays = [be.state, be.hist_acc, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
         real = sum(int(a.nbytes) for a in arrays)   # torch and cupy arrays both have nbytes
         problems = [] if real == est["local_bytes"] else [f"device arrays {real} B, estimate {est['local_bytes']} B"]
-        if est["symmetric_bytes"] != be.L.total:
-            problems.append(f"symmetric {be.L.total} B, estimate {est['symmetric_bytes']} B")
+        if est["symmetric_bytes"] != be.layout.total:
+            problems.append(f"symmetric {be.layout.total} B, estimate {est['symmetric_bytes']} B")
         self.ok(f"{tag} memory estimate", problems)
 
     def graph(self, be, cfg, replays=4):
