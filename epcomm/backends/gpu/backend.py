@@ -89,6 +89,25 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, chmax: int, waves
     return max(1, min(64, per_block))
 
 
+# How long abort() / _abort_word() wait for their copies and NVSHMEM signals before giving up (a failure path must
+# not hang on a wedged device).
+ABORT_WAIT_S = 2.0
+
+
+def _wait_stream(st, seconds: float) -> bool:
+    """Poll a stream until its work is done (True) or `seconds` passed (False); never blocks longer."""
+    from cuda.bindings import driver
+    end = time.monotonic() + seconds
+    while True:
+        res = driver.cuStreamQuery(st)
+        err = res[0] if isinstance(res, tuple) else res
+        if err == driver.CUresult.CUDA_SUCCESS:
+            return True
+        if err != driver.CUresult.CUDA_ERROR_NOT_READY or time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+
+
 def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
@@ -367,6 +386,8 @@ class GpuBackend:
         if code == 1:
             known = 0 <= peer < self.cfg.world_size
             node = self.node_of(peer) if known else None
+            if known:
+                self._silent_peer = peer   # abort() then tells every peer to stop waiting for it
             holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
             raise EPTimeoutError(
                 f"epcomm gpu: rank {rec['waiter']} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
@@ -377,7 +398,14 @@ class GpuBackend:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
         if code == 4:
-            node = self.node_of(peer) if 0 <= peer < self.cfg.world_size else None
+            known = 0 <= peer < self.cfg.world_size
+            node = self.node_of(peer) if known else None
+            word = self._abort_word(peer) if known else None
+            if word is not None and word >= 2 and word - 2 < self.cfg.world_size:
+                by = word - 2
+                raise EPError(f"epcomm gpu: rank {peer} (node {node}) did not arrive: rank {by} (node "
+                              f"{self.node_of(by)}) gave up on it at its deadline (seen by rank {rec['waiter']} in "
+                              f"{phase} round {rec['round']}); this EPBuffer is unusable now")
             raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {rec['waiter']} in {phase} "
                           f"round {rec['round']}); this EPBuffer is unusable now")
         if code == 3:
@@ -495,8 +523,15 @@ class GpuBackend:
         return self.err.read()
 
     def abort(self, reason: str = ""):
-        """Best effort, never raises: mark this rank as gone in every same-node peer's abort word, so their waits
-        stop at once (EPError naming this rank); peers on other nodes find out through their deadlines."""
+        """Best effort, never raises: tell every peer, on every node, that this rank gives up, so that their waits
+        stop at once instead of at their own deadline.
+
+        * this rank's abort word (value 1) in every peer's symmetric region: same-node peers through the peer pointer
+          (a copy), other-node peers through NVSHMEM (a host-initiated signal on a stream);
+        * after a timeout, the silent peer's word too (value 2 + this rank), in every peer but the silent one: a
+          kernel's wait checks only the word of the rank it waits for, and the peers still waiting are waiting for
+          the silent rank, not for this one. They raise EPError saying who gave up on it.
+        The stream work is bounded (ABORT_WAIT_S): a wedged device must not turn a failure into a hang."""
         log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
         self._closed = True
         try:
@@ -504,16 +539,51 @@ class GpuBackend:
             err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
             if err != driver.CUresult.CUDA_SUCCESS:
                 return
-            one = (ctypes.c_uint64 * 1)(1)
+            words = [(self.me, 1)]
+            silent = getattr(self, "_silent_peer", None)
+            if silent is not None and silent != self.me:
+                words.append((silent, 2 + self.me))
+            keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
+            remote = []
             for r, base in enumerate(self.peers):
-                if r == self.me or not base:
+                if r == self.me:
                     continue
-                dst = base + self.L.off["abort"] + 8 * self.me
-                driver.cuMemcpyHtoDAsync(dst, ctypes.addressof(one), 8, st)
-            driver.cuStreamSynchronize(st)
-            driver.cuStreamDestroy(st)
+                for who, v in words:
+                    if r == who:
+                        continue   # the silent rank is not told that it is silent
+                    off = self.L.off["abort"] + 8 * who
+                    if base:
+                        driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
+                    else:
+                        remote.append((r, off, v))
+            if remote:
+                try:
+                    import nvshmem.bindings as nb
+                    for r, off, v in remote:
+                        nb.signal_op_on_stream(self.sym + off, v, int(nb.Signal_op.SIGNAL_SET), r, int(st))
+                    nb.quiet_on_stream(int(st))
+                except Exception as e:  # noqa: BLE001 - same-node peers are still told
+                    log.error("epcomm gpu: rank %d could not signal its other-node peers: %s", self.me, e)
+            if _wait_stream(st, ABORT_WAIT_S):
+                driver.cuStreamDestroy(st)
         except Exception:  # noqa: BLE001 - best effort
             pass
+
+    def _abort_word(self, r: int) -> int | None:
+        """Rank r's abort word in this rank's symmetric region (None when it cannot be read in ABORT_WAIT_S)."""
+        try:
+            from cuda.bindings import driver
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return None
+            out = (ctypes.c_uint64 * 1)(0)
+            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.L.off["abort"] + 8 * r, 8, st)
+            if not _wait_stream(st, ABORT_WAIT_S):
+                return None
+            driver.cuStreamDestroy(st)
+            return int(out[0])
+        except Exception:  # noqa: BLE001
+            return None
 
     def close(self):
         if getattr(self, "_freed", False):
