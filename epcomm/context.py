@@ -108,13 +108,30 @@ def _end_job(comm, code: int, reason: str) -> None:
     os._exit(code)   # MPI_Abort may return (MPICH did, from an atexit handler): never go on to MPI_Finalize
 
 
+def _everyone_ending(world: int) -> bool:
+    import time
+
+    from . import exitrecord
+    job_dir = os.environ.get(exitrecord.ENV)
+    if not job_dir:
+        return False
+    end = time.monotonic() + exitrecord.COLLECTIVE_EXIT_WAIT_S
+    while True:
+        if len(exitrecord.ranks_ending(exitrecord.read_all(job_dir))) >= world:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+
+
 def _install_exit_guard(comm) -> None:
     """Any end of this rank that its peers cannot see coming ends the whole job, with this rank's code.
 
     * an uncaught exception: printed, then MPI_Abort(1);
     * sys.exit(n) / exit(n) with n != 0: MPI_Abort(n) at interpreter exit. Without it the rank would wait in
       MPI_Finalize for peers that wait for it in a collective (a barrier, an EPBuffer creation), and the job would
-      only end at the launcher's --timeout (the code lost);
+      only end at the launcher's --timeout (the code lost). Under the launcher, when every rank is ending within
+      exitrecord.COLLECTIVE_EXIT_WAIT_S (all exit 1 after a failed check, say), the exit is a normal one, code n;
     * sys.exit(0) or the end of the script: a normal end, MPI_Finalize as usual.
     A SystemExit raised directly (`raise SystemExit(3)`) carries a code that Python shows to no hook: it counts as
     a normal end here (the launcher's --exit-wait covers it). A kill -9 is seen by the launcher's rank wrapper.
@@ -152,12 +169,16 @@ def _install_exit_guard(comm) -> None:
             setattr(builtins, name, _Quitter(q))
 
     def at_exit():
+        from . import exitrecord
         code = _EXIT["code"]
-        if code:   # atexit handlers run before mpi4py's MPI_Finalize, which would wait for the peers
-            _end_job(comm, code, f"SystemExit({code})")
+        if not code:   # a normal end: the launcher learns it now, not after MPI_Finalize
+            exitrecord.write(comm.Get_rank(), 0, "finished", by="rank")
             return
-        from . import exitrecord   # a normal end: the launcher learns it now, not after MPI_Finalize
-        exitrecord.write(comm.Get_rank(), 0, "finished", by="rank")
+        # atexit handlers run before mpi4py's MPI_Finalize, which would wait for peers that may wait for this rank
+        if exitrecord.write(comm.Get_rank(), code, f"SystemExit({code})", by="rank") and \
+                _everyone_ending(comm.Get_size()):
+            return   # every rank is ending (a program that exits 1 or 3 on all ranks): finalize as usual
+        _end_job(comm, code, f"SystemExit({code})")
 
     atexit.register(at_exit)
 

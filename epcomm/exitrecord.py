@@ -22,6 +22,11 @@ import time
 from dataclasses import dataclass
 
 ENV = "EPCOMM_JOB_DIR"
+# A non-zero exit that every rank takes together (a check that failed everywhere, a benchmark verdict) is a normal end,
+# not a failure to spread: a rank that exits non-zero waits this long for every rank's record before it aborts the
+# job, and the launcher acts on a failure record only once it is this old (a loaded machine: ranks leave a barrier
+# up to a second or two apart).
+COLLECTIVE_EXIT_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ def read_all(job_dir: str) -> list[ExitRecord]:
             continue   # half-written by a writer without rename, or not ours
     out.sort(key=lambda r: (r.time, r.by != "rank"))
     return out
+
+
+def ranks_ending(records: list[ExitRecord]) -> set[int]:
+    """Ranks that have said they are ending (any code, either writer)."""
+    return {r.rank for r in records}
 
 
 def first_failure(records: list[ExitRecord]) -> ExitRecord | None:

@@ -93,10 +93,14 @@ class _Watch:
         from epcomm import exitrecord
         recs = exitrecord.read_all(self.job_dir)
         bad = exitrecord.first_failure(recs)
+        done = exitrecord.ranks_ending(recs)
         if bad is not None:
+            if world is not None and len(done) >= world:
+                return None   # every rank is ending, some with a non-zero code: mpirun ends the job by itself
+            if bad.reason.startswith("SystemExit(") and time.time() - bad.time < exitrecord.COLLECTIVE_EXIT_WAIT_S:
+                return None   # an exit the other ranks may be taking too: they get as long as the rank waits
             self.failure = bad
             return "failed"
-        done = {r.rank for r in recs}
         if done and self.first_done is None:
             self.first_done = (recs[0], now)
         if self.first_done is None or (world is not None and len(done) >= world):
@@ -111,12 +115,15 @@ class _Watch:
             return "stranded"
         return None
 
-    def last_failure(self):
-        """After the job: the first failed rank, if any (a final read of the directory)."""
-        if self.job_dir is not None and self.failure is None:
-            from epcomm import exitrecord
-            self.failure = exitrecord.first_failure(exitrecord.read_all(self.job_dir))
-        return self.failure
+    def last_failure(self, world: int | None):
+        """After the job: (the first failed rank or None, whether every rank was ending by then)."""
+        if self.job_dir is None:
+            return self.failure, False
+        from epcomm import exitrecord
+        recs = exitrecord.read_all(self.job_dir)
+        if self.failure is None:
+            self.failure = exitrecord.first_failure(recs)
+        return self.failure, world is not None and len(exitrecord.ranks_ending(recs)) >= world
 
 
 def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
@@ -201,10 +208,12 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
         return TIMEOUT_EXIT
     if state["signal"] is not None:
         return 128 + int(state["signal"])
-    if ended is None and not timed_out and watch.last_failure() is not None:
-        ended = "failed"   # mpirun ended the job by itself between two scans: still name the rank and use its code
-        f = watch.failure
-        print(f"launch: {f.describe()} ended first: {f.reason} (exit {f.code})", file=sys.stderr, flush=True)
+    if ended is None and not timed_out:
+        f, everyone = watch.last_failure(world)
+        if f is not None:   # mpirun ended the job by itself: still use the rank's code, and name it if it was alone
+            ended = "failed"
+            if not everyone:
+                print(f"launch: {f.describe()} ended first: {f.reason} (exit {f.code})", file=sys.stderr, flush=True)
     if ended == "failed":
         return watch.failure.code
     if ended == "stranded":

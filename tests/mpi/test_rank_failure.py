@@ -100,6 +100,15 @@ def test_exit_0_while_others_wait_is_stopped_by_exit_wait():
     assert dt < BOUND_S, dt
 
 
+def test_a_verdict_every_rank_exits_with_is_a_normal_end():
+    """Every rank exits 3 together (a check that failed everywhere, `make bench` slower than recorded): exit 3,
+    through MPI_Finalize, no abort and no rank named."""
+    rc, out, dt = end_rank_1("all3", "barrier")
+    assert rc == 3, out[-4000:]
+    assert out.count("done") == 4 and "aborting the job" not in out and "ended first" not in out, out[-4000:]
+    assert "MPI_ABORT" not in out, out[-4000:]
+
+
 def test_a_normal_job_is_left_alone():
     proc = run_launched("cpu-4rank", ["python", "-c", "import epcomm; c = epcomm.init(); c.comm.Barrier()"],
                         timeout=LAUNCH_TIMEOUT, launch_args=["--exit-wait", "30"])

@@ -66,6 +66,13 @@ def test_a_failure_that_mpirun_ended_itself_is_still_named(tmp_path, capsys):
     assert "ended first: boom (exit 7)" in capsys.readouterr().err
 
 
+def test_a_non_zero_exit_every_rank_takes_is_left_to_mpirun(tmp_path, capsys):
+    body = ("write(0, 1, 'SystemExit(1)', by='rank'); write(1, 1, 'SystemExit(1)', by='rank'); "
+            "time.sleep(3); sys.exit(1)")
+    rc = runner.run_job(_fake_job(tmp_path, body), timeout=60, grace=1, job_dir=str(tmp_path), world=2)
+    assert rc == 1 and "launch:" not in capsys.readouterr().err   # not stopped after MPI_OWN_ABORT_S, not named
+
+
 def test_exit_wait_stops_ranks_left_running_after_one_finished(tmp_path, capsys):
     rc = runner.run_job(_fake_job(tmp_path, "write(1, 0, 'finished', by='rank'); time.sleep(60)"),
                         timeout=60, grace=1, job_dir=str(tmp_path), world=2, exit_wait=0.5)

@@ -27,7 +27,8 @@ def test_every_named_test_exists():
     for path, name in refs:
         f = ROOT / path
         assert f.is_file(), f"docs/FAILURES.md names {path}, which does not exist"
-        assert re.search(rf"^\s*def {name}\(", f.read_text(), re.M), f"docs/FAILURES.md names {path}::{name}: no such test"
+        assert re.search(rf"^\s*def {name}\(", f.read_text(), re.M), \
+            f"docs/FAILURES.md names {path}::{name}: no such test"
 
 
 def test_every_rank_failure_test_is_in_the_table():

@@ -1,7 +1,8 @@
 """Rank 1 ends in one of several ways while the other ranks sit in a collective that needs it.
 
     python tests/mpi/scripts/end_one_rank.py HOW WHERE
-HOW:   exit3 (sys.exit(3)) | exit0 (sys.exit(0)) | raise (RuntimeError) | sigkill | sigterm
+HOW:   exit3 (sys.exit(3)) | exit0 (sys.exit(0)) | raise (RuntimeError) | sigkill | sigterm |
+       all3 (no rank ends early: after the collective every rank calls sys.exit(3), a verdict all ranks share)
 WHERE: barrier (the others wait in MPI_Barrier) | buffer (the others create an EPBuffer; with HOW=raise, rank 1
        raises inside its own EPBuffer creation)
 Every rank but 1 prints "rank R: done" if it gets through, which must not happen.
@@ -42,10 +43,12 @@ def end_rank_1():
     raise RuntimeError("boom on rank 1")
 
 
-if ctx.rank == 1:
+if ctx.rank == 1 and how != "all3":
     end_rank_1()
 if where == "barrier":
     ctx.comm.Barrier()
 else:
     epcomm.EPBuffer(cfg, ctx).close()
 print(f"rank {ctx.rank}: done", flush=True)
+if how == "all3":
+    sys.exit(3)
