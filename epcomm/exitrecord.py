@@ -86,8 +86,9 @@ def read_all(job_dir: str) -> list[ExitRecord]:
 
 
 def ranks_ending(records: list[ExitRecord]) -> set[int]:
-    """Ranks that have said they are ending (any code, either writer)."""
-    return {r.rank for r in records}
+    """Ranks that said themselves that they are ending (epcomm's exit guard, any code); a wrapper's record may come
+    from a rank that mpirun killed after another rank failed, so it does not count."""
+    return {r.rank for r in records if r.by == "rank"}
 
 
 def first_failure(records: list[ExitRecord]) -> ExitRecord | None:

@@ -159,6 +159,14 @@ def describe_status(returncode: int) -> str:
     return f"exit {returncode}"
 
 
+def _rank_said_it(rank: int, status: int) -> bool:
+    """Did the rank itself leave a record with this code (epcomm's exit guard, which prints its own line)?"""
+    from epcomm import exitrecord
+    job_dir = os.environ.get(exitrecord.ENV)
+    return bool(job_dir) and any(r.rank == rank and r.by == "rank" and r.code == status
+                                 for r in exitrecord.read_all(job_dir))
+
+
 def run_child(argv: list[str], rank: int) -> int:
     """Run the rank's command as a child, forward signals to it, report a non-zero end; returns the exit status."""
     import signal
@@ -192,7 +200,7 @@ def run_child(argv: list[str], rank: int) -> int:
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
             continue
     status = exit_status(rc)
-    if status != 0:
+    if status != 0 and not _rank_said_it(rank, status):
         node = os.environ.get("EPCOMM_NODE", "?")
         print(f"launch.rank_env: rank {rank} (node {node}, host {socket.gethostname()}) ended: "
               f"{describe_status(rc)}", file=sys.stderr, flush=True)

@@ -93,14 +93,14 @@ class _Watch:
         from epcomm import exitrecord
         recs = exitrecord.read_all(self.job_dir)
         bad = exitrecord.first_failure(recs)
-        done = exitrecord.ranks_ending(recs)
         if bad is not None:
-            if world is not None and len(done) >= world:
+            if world is not None and len(exitrecord.ranks_ending(recs)) >= world:
                 return None   # every rank is ending, some with a non-zero code: mpirun ends the job by itself
             if bad.reason.startswith("SystemExit(") and time.time() - bad.time < exitrecord.COLLECTIVE_EXIT_WAIT_S:
                 return None   # an exit the other ranks may be taking too: they get as long as the rank waits
             self.failure = bad
             return "failed"
+        done = {r.rank for r in recs}
         if done and self.first_done is None:
             self.first_done = (recs[0], now)
         if self.first_done is None or (world is not None and len(done) >= world):
