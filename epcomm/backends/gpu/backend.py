@@ -89,25 +89,6 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, chmax: int, waves
     return max(1, min(64, per_block))
 
 
-# How long abort() / _abort_word() wait for their copies and NVSHMEM signals before giving up (a failure path must
-# not hang on a wedged device).
-ABORT_WAIT_S = 2.0
-
-
-def _wait_stream(st, seconds: float) -> bool:
-    """Poll a stream until its work is done (True) or `seconds` passed (False); never blocks longer."""
-    from cuda.bindings import driver
-    end = time.monotonic() + seconds
-    while True:
-        res = driver.cuStreamQuery(st)
-        err = res[0] if isinstance(res, tuple) else res
-        if err == driver.CUresult.CUDA_SUCCESS:
-            return True
-        if err != driver.CUresult.CUDA_ERROR_NOT_READY or time.monotonic() > end:
-            return False
-        time.sleep(0.001)
-
-
 def _params_struct(R: int):
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
     ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
@@ -386,8 +367,6 @@ class GpuBackend:
         if code == 1:
             known = 0 <= peer < self.cfg.world_size
             node = self.node_of(peer) if known else None
-            if known:
-                self._silent_peer = peer   # abort() then tells every peer to stop waiting for it
             holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
             raise EPTimeoutError(
                 f"epcomm gpu: rank {rec['waiter']} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
@@ -536,12 +515,15 @@ class GpuBackend:
         self._closed = True
         try:
             from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
             err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
             if err != driver.CUresult.CUDA_SUCCESS:
                 return
             words = [(self.me, 1)]
-            silent = getattr(self, "_silent_peer", None)
-            if silent is not None and silent != self.me:
+            rec = self.err.read()   # this rank's own timeout names the silent peer
+            silent = rec["peer"] if rec is not None and rec["code"] == 1 else None
+            if silent is not None and 0 <= silent < self.cfg.world_size and silent != self.me:
                 words.append((silent, 2 + self.me))
             keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
             remote = []
@@ -564,7 +546,7 @@ class GpuBackend:
                     nb.quiet_on_stream(int(st))
                 except Exception as e:  # noqa: BLE001 - same-node peers are still told
                     log.error("epcomm gpu: rank %d could not signal its other-node peers: %s", self.me, e)
-            if _wait_stream(st, ABORT_WAIT_S):
+            if wait_stream(st, ABORT_WAIT_S):
                 driver.cuStreamDestroy(st)
         except Exception:  # noqa: BLE001 - best effort
             pass
@@ -573,12 +555,14 @@ class GpuBackend:
         """Rank r's abort word in this rank's symmetric region (None when it cannot be read in ABORT_WAIT_S)."""
         try:
             from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
             err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
             if err != driver.CUresult.CUDA_SUCCESS:
                 return None
             out = (ctypes.c_uint64 * 1)(0)
             driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.L.off["abort"] + 8 * r, 8, st)
-            if not _wait_stream(st, ABORT_WAIT_S):
+            if not wait_stream(st, ABORT_WAIT_S):
                 return None
             driver.cuStreamDestroy(st)
             return int(out[0])
