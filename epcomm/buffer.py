@@ -8,10 +8,10 @@ Rules:
 * Every check runs before anything is sent; a failure raises a one-line EPInputError saying what was expected and
   what came. A refused call harms no one (host backend): the rank still takes part in the round with nothing, marked
   "rejected", so the buffer stays usable on every rank. A refused dispatch: the peers get a correct round of the
-  other ranks' tokens and DispatchResult.rejected_ranks names the refusing rank; since its experts do not run, it
-  owes the peers that round's combine, which it sends (marked, empty) with its next operation. A refused combine
-  (bad arrays or handle, for the latest round not yet combined) is sent marked and empty at once. A peer whose
-  tokens needed the refusing rank's experts gets EPPeerRejectedError from its combine instead of a partial sum.
+  other ranks' tokens and DispatchResult.rejected_ranks names the refusing rank; since its experts will not run,
+  that round's combine goes out at once too, marked and empty. A refused combine (bad arrays or handle, for the
+  latest round not yet combined) is sent marked and empty. A peer whose tokens needed the refusing rank's experts
+  gets EPPeerRejectedError from its combine instead of a partial sum.
   On the GPU backend (no mark in its protocol yet) a refused call still aborts, as any other failure below.
 * Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
   peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
@@ -89,7 +89,6 @@ class EPBuffer:
         # then harms no one. The others abort on a refused call, like on any failure.
         self._can_refuse = all(callable(getattr(self._backend, m, None))
                                for m in ("dispatch_rejected", "combine_rejected"))
-        self._owed: int | None = None   # a round whose (empty, marked) combine this rank owes: it refused its dispatch
         ctx._buffers.add(self)
 
     # ------------------------------------------------------------------ checks
@@ -198,14 +197,6 @@ class EPBuffer:
             if p is upto:
                 return
 
-    def _settle(self) -> None:
-        """Before this rank sends anything new: outstanding receives, then a combine it owes (see _refuse_dispatch)."""
-        self._complete()
-        if self._owed is not None:
-            r, self._owed = self._owed, None
-            self._call(self._backend.combine_rejected, r)
-            self._mark_combined(r)
-
     def _checked(self, check, *args, refuse=None):
         """Run an input check. Where the backend can take part with nothing, a refused call is local: `refuse` (if
         any) keeps the peers' round whole, and the EPInputError goes to the caller, the buffer still usable.
@@ -221,12 +212,15 @@ class EPBuffer:
 
     def _refuse_dispatch(self) -> None:
         """This rank's dispatch input was refused: take part in the round with no tokens (marked), so the peers
-        get the round of the other ranks' tokens, and owe them that round's combine (its experts will not run)."""
-        self._settle()
+        get the round of the other ranks' tokens, and send that round's combine marked and empty right away (its
+        experts will not run). Both are safe to send now: the combine's signals go out after this rank's receive of
+        the same round, as in any round, and nothing is awaited for them."""
+        self._complete()
         inner = self._call(self._backend.dispatch_rejected)
         self._call(self._backend.dispatch_wait, inner)   # the round's receive runs as usual; its result is dropped
-        self._owed = self._round
-        self._round += 1
+        r, self._round = self._round, self._round + 1
+        self._call(self._backend.combine_rejected, r)
+        self._mark_combined(r)
 
     def _refuse_combine(self, handle) -> None:
         """A combine was refused: the round it meant (its handle's, or else the latest) is sent marked and empty now,
@@ -237,8 +231,6 @@ class EPBuffer:
         if r < 0 or r in self._combined:
             return
         self._complete()
-        if self._owed == r:
-            self._owed = None
         self._call(self._backend.combine_rejected, r)
         self._mark_combined(r)
 
@@ -246,7 +238,7 @@ class EPBuffer:
         """Send and receive in one call (one kernel launch on GPUs)."""
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
-        self._settle()
+        self._complete()
         res = self._call(self._backend.dispatch, x, topk_ids)
         res.handle = Handle(self._serial, self._round, t, res.handle)
         self._round += 1
@@ -255,7 +247,7 @@ class EPBuffer:
     def dispatch_async(self, x, topk_ids) -> Pending:
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
-        self._settle()
+        self._complete()
         inner = self._call(self._backend.dispatch_async, x, topk_ids)
         p = Pending("dispatch", self._round, self._serial, inner, t)
         self._outstanding.append(p)
@@ -338,7 +330,7 @@ class EPBuffer:
             return
         if self._failed is None:
             try:
-                self._settle()   # a combine this rank owes goes out before the collective free
+                self._complete()
             except Exception:  # noqa: BLE001 - recorded in self._failed (and the peers told) by _call
                 pass
         self._closed = True
