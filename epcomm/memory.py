@@ -5,7 +5,8 @@ that the first buffer of a process reserves, and the ordinary device arrays (out
     python -m epcomm.memory --tokens 128 --world 8 --mode ll --json mem.json
 
 In code: `epcomm.memory.estimate(cfg, nodes=1)`. The figures are those of the GPU backend's own layout
-(epcomm/backends/gpu/backend.py Layout and GpuBackend.__init__), per rank. The host backend needs no GPU memory.
+(epcomm/backends/gpu/layout.py: the symmetric regions and the list of device arrays GpuBackend allocates), per rank.
+The host backend needs no GPU memory.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from .backends.gpu.layout import OUTPUT_SETS, Layout, device_arrays
 from .config import EPConfig
 
 BYTES = {"bf16": 2, "fp8": 1, "f32": 4, "i32": 4, "u32": 4}
@@ -21,21 +23,12 @@ MiB = 1 << 20
 
 
 def local_buffers(cfg: EPConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every device array GpuBackend.__init__ allocates outside the symmetric heap."""
-    from .backends.gpu.backend import Layout
-    L = Layout(cfg, any_remote=False)
-    H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
-    fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
-    out: list[tuple[str, tuple[int, ...], str]] = [("state", (64,), "i32"), ("hist_acc", (R * L.HROW,), "i32")]
-    for s in range(2):   # two output sets: a result stays valid until the second dispatch after it
-        out += [(f"set{s}.expert_x", (maxr, H), fmt)]
-        if fmt.quantized:
-            out += [(f"set{s}.expert_scales", (maxr, L.SC), "f32")]
-        out += [(f"set{s}.row_offsets", (L.NG + 1,), "u32"), (f"set{s}.expert_ids", (L.NG,), "i32"),
-                (f"set{s}.src_info", (maxr, 3), "i32"), (f"set{s}.tokens_per_expert", (L.NL,), "i32"),
-                (f"set{s}.ids", (M * K,), "i32"), (f"set{s}.hinfo", (R * M * (2 + K),), "i32"),
-                (f"set{s}.hcount", (R,), "i32"), (f"set{s}.hchunk", (R * (L.CHMAX + 1) + R,), "i32")]
-    out += [(f"y{s}", (M, H), "bf16") for s in range(2)]
+    """(name, shape, dtype) of every device array GpuBackend allocates outside the symmetric heap."""
+    arrays = device_arrays(cfg)
+    out: list[tuple[str, tuple[int, ...], str]] = []
+    for copies, n in (("one", 1), ("dispatch", OUTPUT_SETS), ("combine", OUTPUT_SETS)):
+        for i in range(n):
+            out += [(a.label(i), a.shape, a.dtype) for a in arrays if a.copies == copies]
     return out
 
 
@@ -54,15 +47,12 @@ def heap_reserved(symmetric_bytes: int) -> int:
 
 def estimate(cfg: EPConfig, nodes: int = 1) -> dict[str, Any]:
     """Bytes per rank: symmetric buffer (exact), the heap reserved at NVSHMEM init, device arrays, their sum."""
-    from .backends.gpu.backend import Layout
     if nodes < 1 or cfg.world_size % nodes:
         raise ValueError(f"nodes must divide world_size {cfg.world_size}, got {nodes}")
     L = Layout(cfg, any_remote=nodes > 1)
     bufs = [{"name": n, "shape": list(s), "dtype": d, "bytes": nbytes(s, d)} for n, s, d in local_buffers(cfg)]
     local = sum(b["bytes"] for b in bufs)
-    regions = {name: nxt - off for (name, off), nxt in
-               zip(sorted(L.off.items(), key=lambda kv: kv[1]),
-                   [o for _, o in sorted(L.off.items(), key=lambda kv: kv[1])][1:] + [L.total])}
+    regions = L.regions()
     reserved = heap_reserved(L.total)
     return {"config": {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
                        "max_tokens_per_rank": cfg.max_tokens_per_rank, "world_size": cfg.world_size, "nodes": nodes,

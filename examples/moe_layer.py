@@ -57,7 +57,7 @@ def main():
 
         # dispatch -> grouped expert matmul -> combine
         out = buf.dispatch(x, topk_ids)
-        if args.format == "fp8":
+        if cfg.token_format.quantized:
             xs = out.expert_x.float() * out.expert_scales.repeat_interleave(128, dim=1)
         else:
             xs = out.expert_x.float()
@@ -77,7 +77,7 @@ def main():
 
         # dense reference for this rank's tokens
         xr = x.float()
-        if args.format == "fp8":   # the layer sees fp8-quantised tokens; do the same in the reference
+        if cfg.token_format.quantized:   # the layer sees fp8-quantised tokens; do the same in the reference
             blocks = xr.view(-1, H // 128, 128)
             scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448.0
             xr = ((blocks / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).view(-1, H)

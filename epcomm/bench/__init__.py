@@ -2,9 +2,11 @@
 
     python -m launch bench -t configs/local-2gpu.yaml --timeout 600 -- --json bench.json --png bench.png
 
-Modules: stats (median / percentiles), floor (bytes a routing must move and the floor they imply), timing (CUDA
-event and host timers), gpu (copy-engine link figures and the NCCL baseline; torch only), report (table, JSON, PNG),
-driver (the cases and the command line). See docs/PERF.md for the method.
+Modules: driver (the command line and the run), cases (links, baseline, ht, ll, sweep), verify (inputs and the
+check against the spec), timing (CUDA event and host timers), graphs (CUDA-graph timing), records (the document),
+floor (bytes a routing must move and the floor they imply), gpu (copy-engine link figures and the NCCL baseline;
+torch only), report (table, JSON, PNG), compare (against a recorded run); medians: epcomm.stats. See docs/PERF.md
+for the method.
 """
 import os as _os
 

@@ -3,6 +3,8 @@ ht, ll and sweep (epcomm). Each shape is checked against the spec first (verify.
 CUDA graphs: graphs.py) and recorded (records.py)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..arrays import HostArrays, TorchArrays, to_numpy
@@ -18,16 +20,37 @@ from .verify import Verifier
 LL_MODES = ("ll", "ht")  # EPConfig modes the ll case measures, in this order
 
 
+class Logger:
+    def __init__(self, rank: int):
+        self.rank, self.t0 = rank, time.perf_counter()
+
+    def __call__(self, msg: str, everyone: bool = False) -> None:
+        if self.rank == 0 or everyone:
+            who = "" if self.rank == 0 and not everyone else f" rank {self.rank}"
+            print(f"[bench +{time.perf_counter() - self.t0:6.1f}s{who}] {msg}", flush=True)
+
+
 class Bench:
-    def __init__(self, args, ctx, comm, log, torch=None, devices=None):
-        self.args, self.ctx, self.comm, self.torch, self.log = args, ctx, comm, torch, log
+    def __init__(self, args, ctx, comm, torch=None, devices=None):
+        self.args, self.ctx, self.comm, self.torch = args, ctx, comm, torch
         self.rank, self.world = ctx.rank, ctx.world_size
+        self.log = Logger(self.rank)
         self.gpu = torch is not None
         self.timer = CudaTimer(comm, torch) if self.gpu else HostTimer(comm)
         self.device = torch.device("cuda", ctx.device) if self.gpu else None
         arrays = TorchArrays(ctx.device) if self.gpu else HostArrays(comm)   # where inputs go
         self.verify = Verifier(args, self.rank, comm, arrays, torch, self.device)
-        self.records = Records(args, ctx, comm, log, self.verify.world_sets, self.timer.name, torch, devices)
+        self.records = Records(args, ctx, comm, self.log, self.verify.world_sets, self.timer.name, torch, devices)
+
+    # what the run has so far (all kept in self.records.doc)
+    results = property(lambda self: self.records.results)
+    errors = property(lambda self: self.records.errors)
+    notes = property(lambda self: self.records.notes)
+    links = property(lambda self: self.records.doc["links"])
+    link_gbps = property(lambda self: self.records.doc["floor_bandwidth"]["link_gbps"])
+    local_gbps = property(lambda self: self.records.doc["floor_bandwidth"]["local_gbps"])
+    floor_source = property(lambda self: self.records.doc["floor_bandwidth"]["source"])
+    shared = property(lambda self: self.records.shared)   # the note when ranks share a GPU, else None
 
     def cfg(self, fmt: str, mode: str, max_tokens: int):
         a = self.args

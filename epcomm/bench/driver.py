@@ -104,16 +104,6 @@ class SelfComm:
     def gather(self, v, root=0): return [v]
 
 
-class Logger:
-    def __init__(self, rank: int):
-        self.rank, self.t0 = rank, time.perf_counter()
-
-    def __call__(self, msg: str, everyone: bool = False) -> None:
-        if self.rank == 0 or everyone:
-            who = "" if self.rank == 0 and not everyone else f" rank {self.rank}"
-            print(f"[bench +{time.perf_counter() - self.t0:6.1f}s{who}] {msg}", flush=True)
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     ctx = init(backend=args.backend)
@@ -128,8 +118,8 @@ def main(argv=None) -> int:
         devices = comm.allgather({"rank": ctx.rank, "device": ctx.device, "name": p.name,
                                   "sms": p.multi_processor_count,
                                   "memory_gib": round(p.total_memory / 2**30, 1)})
-    log = Logger(ctx.rank)
-    bench = Bench(args, ctx, comm, log, torch, devices)
+    bench = Bench(args, ctx, comm, torch, devices)
+    log = bench.log
     records = bench.records
     doc = records.doc        # the one document: cases append to it, every save and the end write it
     if records.shared:

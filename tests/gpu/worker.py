@@ -50,7 +50,7 @@ class Checker:
     def poison(self, be):
         s = be.sets[be._hp & 1]
         s["ex"].view(self.torch.uint8).fill_(0x7F)
-        if s["escale"] is not None:
+        if s.get("escale") is not None:
             s["escale"].fill_(float("nan"))
         s["src_info"].fill_(0x55555555)
         s["row_offsets"].view(self.torch.int32).fill_(7)
@@ -192,8 +192,8 @@ class Checker:
         arrays = [be.state, be.hist_acc, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
         real = sum(int(a.nbytes) for a in arrays)   # torch and cupy arrays both have nbytes
         problems = [] if real == est["local_bytes"] else [f"device arrays {real} B, estimate {est['local_bytes']} B"]
-        if est["symmetric_bytes"] != be.L.total:
-            problems.append(f"symmetric {be.L.total} B, estimate {est['symmetric_bytes']} B")
+        if est["symmetric_bytes"] != be.layout.total:
+            problems.append(f"symmetric {be.layout.total} B, estimate {est['symmetric_bytes']} B")
         self.ok(f"{tag} memory estimate", problems)
 
     def graph(self, be, cfg, replays=4):
@@ -276,12 +276,14 @@ class Checker:
 
 
 def abort_test(ck, cfg):
-    """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching: rank 0 must raise EPError naming it
-    well before its 10 s deadline, on the same node (peer pointer) and on another node (NVSHMEM signal) alike."""
+    """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching; every other rank dispatches and must
+    raise EPError naming it well before its 10 s deadline, on rank 1's node (peer pointer) and on other nodes
+    (NVSHMEM signal) alike. Every rank but 1 dispatches, so at > 2 ranks no wait is on a rank that merely stayed
+    idle."""
     from epcomm.backends.gpu import GpuBackend
     from epcomm.errors import EPError
     torch = ck.torch
-    same = ck.ctx.topology.same_node(0, 1)
+    same = ck.ctx.topology.same_node(ck.me, 1)
     cfg = cfg.replace(timeout_s=10.0)
     be = GpuBackend(cfg, ck.ctx)
     world = make_world(cfg, seed=6, routing_kind="uniform")
@@ -290,9 +292,9 @@ def abort_test(ck, cfg):
     if ck.me == 1:
         be.abort("abort test")
     ck.ctx.comm.Barrier()
-    if ck.me == 0:
-        x = tb16(world.xs[0], ck.dev)
-        ids = torch.from_numpy(world.topk_ids[0]).to(ck.dev)
+    if ck.me != 1:
+        x = tb16(world.xs[ck.me], ck.dev)
+        ids = torch.from_numpy(world.topk_ids[ck.me]).to(ck.dev)
         t0 = time.time()
         be.dispatch(x, ids)
         try:
@@ -302,7 +304,7 @@ def abort_test(ck, cfg):
             problems.append(f"timed out instead of seeing the abort: {e}")
         except EPError as e:
             dt = time.time() - t0
-            print(f"[rank 0] abort seen after {dt:.2f} s: {e}", flush=True)
+            print(f"[rank {ck.me}] abort seen after {dt:.2f} s: {e}", flush=True)
             if "rank 1" not in str(e) or "aborted" not in str(e):
                 problems.append(f"message does not name rank 1: {e}")
             if dt > 5:

@@ -61,19 +61,16 @@ def test_shared_gpu_gives_no_link_figures():
     driver.resolve_shapes(a, "host", None)
     ctx = SimpleNamespace(rank=0, world_size=2, device=0, backend="gpu",
                           topology=Topology.load("configs/one-gpu-2.yaml"))
-    b = driver.Bench(a, ctx, driver.SelfComm(), driver.Logger(0))
-    fb = b.records.doc["floor_bandwidth"]
-    assert fb["link_gbps"] is None and fb["local_gbps"] is None and fb["source"].startswith("none: ranks share a GPU")
-    assert any("GPU 0 on localhost shared by ranks 0-1" in n and "not link figures" in n for n in b.records.notes)
+    b = driver.Bench(a, ctx, driver.SelfComm())
+    assert b.link_gbps is None and b.local_gbps is None and b.floor_source.startswith("none: ranks share a GPU")
+    assert any("GPU 0 on localhost shared by ranks 0-1" in n and "not link figures" in n for n in b.notes)
     b.case_links()
-    links = b.records.doc["links"]
-    assert links["status"] == "n/a" and "share a GPU" in links["reason"]
+    assert b.links["status"] == "n/a" and "share a GPU" in b.links["reason"]
     b.case_baseline()
-    results = b.records.results
-    assert [(r["impl"], r["status"]) for r in results] == [("nccl", "n/a")] * 3
-    assert all("NCCL refuses two ranks on one GPU" in r["error"] for r in results)
-    assert all(r["floor"]["floor_us"] is None for r in results)
+    assert [(r["impl"], r["status"]) for r in b.results] == [("nccl", "n/a")] * 3
+    assert all("NCCL refuses two ranks on one GPU" in r["error"] for r in b.results)
+    assert all(r["floor"]["floor_us"] is None for r in b.results)
     # an unshared GPU topology keeps its floor from the command line
     ctx.topology = Topology.load("configs/local-2gpu.yaml")
-    b = driver.Bench(a, ctx, driver.SelfComm(), driver.Logger(0))
-    assert b.records.doc["floor_bandwidth"]["link_gbps"] == 100 and not b.records.shared
+    b = driver.Bench(a, ctx, driver.SelfComm())
+    assert b.link_gbps == 100 and not b.shared

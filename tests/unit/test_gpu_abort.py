@@ -11,6 +11,7 @@ import types
 import pytest
 
 from epcomm.backends.gpu.backend import GpuBackend
+from epcomm.backends.gpu.layout import ErrorCode, Phase
 from epcomm.config import EPConfig
 from epcomm.errors import EPError, EPTimeoutError
 
@@ -87,7 +88,7 @@ def backend(record=None) -> GpuBackend:
     be.me, be.sym, be._closed = 0, SYM, False
     be.peers = [SYM, PEER_BASE[1], 0, 0]
     be.node_of = lambda r: r // 2
-    be.L = types.SimpleNamespace(off={"abort": ABORT_OFF})
+    be.layout = types.SimpleNamespace(offset={"abort": ABORT_OFF})
     be.err = types.SimpleNamespace(read=lambda: record)
     return be
 
@@ -106,7 +107,8 @@ def test_abort_reaches_same_node_peers_by_copy_and_other_nodes_by_nvshmem(fakes)
 
 def test_after_a_timeout_the_silent_peer_is_given_up_on_everywhere_but_at_itself(fakes):
     drv, nv = fakes
-    be = backend({"flag": 1, "code": 1, "peer": 2, "what": 0, "waiter": 0, "round": 3, "phase": 0, "pad": 0})
+    be = backend({"flag": 1, "code": ErrorCode.TIMEOUT, "peer": 2, "what": 0, "waiter": 0, "round": 3,
+                  "phase": Phase.DISPATCH, "pad": 0})
     with pytest.raises(EPTimeoutError) as e:
         be.raise_pending()
     assert e.value.rank == 2
@@ -118,7 +120,8 @@ def test_after_a_timeout_the_silent_peer_is_given_up_on_everywhere_but_at_itself
 
 def test_a_peer_that_was_given_up_on_is_named_with_who_gave_up(fakes):
     drv, _ = fakes
-    rec = {"flag": 4, "code": 4, "peer": 2, "what": 0, "waiter": 0, "round": 3, "phase": 1, "pad": 0}
+    rec = {"flag": 4, "code": ErrorCode.ABORT, "peer": 2, "what": 0, "waiter": 0, "round": 3, "phase": Phase.COMBINE,
+           "pad": 0}
     drv.device_words[word(SYM, 2)] = 2 + 1        # rank 1 gave up on rank 2
     with pytest.raises(EPError, match=r"rank 2 \(node 1\) did not arrive: rank 1 \(node 0\) gave up on it at its "
                                       r"deadline \(seen by rank 0 in combine round 3\)"):

@@ -6,14 +6,14 @@ import itertools
 
 import pytest
 
-from epcomm.backends.gpu.backend import Layout, send_chunk_tokens
+from epcomm.backends.gpu.layout import Layout, send_chunk_tokens
 from epcomm.config import EPConfig
 
 
 @pytest.mark.parametrize("M", [1, 64, 128, 4096, 16384, 65536])
 def test_chunks_fit_the_receivers_table(M):
     cfg = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=M, world_size=2, mode="ht")
-    chmax = Layout(cfg, any_remote=False).CHMAX
+    chmax = Layout(cfg, any_remote=False).max_chunks
     for T, ndest, grid, waves in itertools.product(sorted({0, 1, 2, 7, 63, 127, 128, 129, 1000, M // 2, M}),
                                                    (1, 2, 8), (1, 3, 24, 132, 148), (1, 2, 3)):
         if T > M:
@@ -39,15 +39,17 @@ def test_ht_waves_split_large_items():
 
 @pytest.mark.parametrize("M,K", [(61, 3), (64, 4), (1001, 2), (7, 1)])
 def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
-    """ep.cu copies each source's [M, K] weights with 16-byte stores at off_wrecv + s * WST floats and stages combine
-    rows after R * WST floats of cstage: every such address must be 16-byte aligned whatever M * K is."""
+    """combine.cuh copies each source's [M, K] weights with 16-byte stores at off_wrecv + s * weight_stride floats and
+    stages combine rows after R * weight_stride floats of cstage: every such address must be 16-byte aligned whatever
+    M * K is."""
     R = 4
     cfg = EPConfig(hidden=256, topk=K, num_experts=8, max_tokens_per_rank=M, world_size=R, mode="ht")
     L = Layout(cfg, any_remote=True)
-    assert L.WST >= M * K and L.WST % 4 == 0 and L.WST - M * K < 4
-    assert all(off % 16 == 0 for off in L.off.values())
-    assert all((L.off["wrecv"] + (par * R + s) * L.WST * 4) % 16 == 0 for par in (0, 1) for s in range(R))
-    assert (L.off["cstage"] + R * L.WST * 4) % 16 == 0
+    W = L.weight_stride
+    assert W >= M * K and W % 4 == 0 and W - M * K < 4
+    assert all(off % 16 == 0 for off in L.offset.values())
+    assert all((L.offset["wrecv"] + (par * R + s) * W * 4) % 16 == 0 for par in (0, 1) for s in range(R))
+    assert (L.offset["cstage"] + R * W * 4) % 16 == 0
 
 
 def test_device_inputs_must_be_16_byte_aligned():

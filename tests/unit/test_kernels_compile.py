@@ -7,7 +7,9 @@ Cubins land in the epcomm cache ($EPCOMM_CACHE or ~/.cache/epcomm), so a re-run 
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,14 +37,33 @@ def _unique(configs):
     return list(out.values())
 
 
-def test_layout_matches_kernel_constants():
-    from epcomm.backends.gpu.backend import Layout, _params_struct
-    import ctypes
+def test_layout_defines_reach_every_specialisation():
+    """The host layout (layout.py) hands every derived size to the kernels as a define; the kernels static_assert each
+    against their own derivation (kernels/layout.cuh), so test_every_specialisation_compiles_for_sm90 proves that the
+    two agree for every spec. Here: every define the kernels check is present and consistent with the Layout."""
+    from epcomm.backends.gpu.layout import Layout, params_struct
+    checked = set(re.findall(r"EP_AGREES\([^,]+, (EP_\w+)\)", (jit.KERNEL_DIR / "layout.cuh").read_text()))
+    assert len(checked) >= 30
     for cfg in specs.all_configs(2):
+        d = jit.defines_for(cfg)
+        assert checked <= set(d), checked - set(d)
         lay = Layout(cfg, any_remote=True)
-        assert lay.MSG % 16 == 0 and all(v % 256 == 0 for v in lay.off.values())
+        assert d["EP_MSG_BYTES"] == lay.msg_bytes and d["EP_MAX_CHUNKS"] == lay.max_chunks
+        assert lay.msg_bytes % 16 == 0 and all(v % 256 == 0 for v in lay.offset.values())
+        assert all(lay.region_bytes[n] == d[f"EP_REGION_BYTES_{n.upper()}"] for n in lay.region_bytes)
+        assert d["EP_PARAMS_BYTES"] == ctypes.sizeof(params_struct(cfg.world_size))
     # 19 pointers + timeout + 13 offsets (8 B each), 5 ints (+ 4 B padding), peer[R]
-    assert ctypes.sizeof(_params_struct(2)) == 8 * 33 + 24 + 8 * 2
+    assert ctypes.sizeof(params_struct(2)) == 8 * 33 + 24 + 8 * 2
+
+
+def test_a_disagreeing_layout_fails_the_build(tmp_path, monkeypatch):
+    """The agreement check can fail: a host message size one vector off is a compile error naming it."""
+    _toolchain_or_skip()
+    monkeypatch.setenv("EPCOMM_CACHE", str(tmp_path / "cache"))
+    d = jit.defines_for(specs.test_configs(2)[0])
+    d["EP_MSG_BYTES"] += 16
+    with pytest.raises(jit.BuildError, match="EP_MSG_BYTES"):
+        jit.build(d, "sm_90")
 
 
 def test_every_specialisation_compiles_for_sm90():
@@ -59,12 +80,16 @@ def test_every_specialisation_compiles_for_sm90():
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):
-    """A kernel syntax error must fail loudly (BuildError with the compiler's message), not be skipped."""
+    """A kernel syntax error (here in an included part) must fail loudly (BuildError with the compiler's message),
+    not be skipped; the cache key covers every kernel file."""
     _toolchain_or_skip()
     bad = tmp_path / "kernels"
     bad.mkdir()
-    (bad / "ep.cu").write_text((jit.KERNEL_DIR / "ep.cu").read_text() + "\nthis is not C++;\n")
+    for src in jit.sources():
+        (bad / src.name).write_bytes(src.read_bytes())
+    (bad / "combine.cuh").write_text((jit.KERNEL_DIR / "combine.cuh").read_text() + "\nthis is not C++;\n")
     monkeypatch.setattr(jit, "KERNEL_DIR", bad)
     monkeypatch.setenv("EPCOMM_CACHE", str(tmp_path / "cache"))
+    assert {p.name for p in jit.sources()} >= {"ep.cu", "layout.cuh", "common.cuh", "dispatch.cuh", "combine.cuh"}
     with pytest.raises(jit.BuildError, match="error"):
         jit.build(jit.defines_for(specs.test_configs(2)[0]), "sm_90")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from epcomm import memory
-from epcomm.backends.gpu.backend import Layout
+from epcomm.backends.gpu.layout import Layout
 from epcomm.config import EPConfig
 
 
@@ -47,3 +47,21 @@ def test_cli(tmp_path, capsys):
     assert json.loads(out.read_text())["config"]["mode"] == "ll"
     assert memory.main(["--world", "3"]) == 2
     assert "divisible by world_size=3" in capsys.readouterr().err
+
+
+def test_planning_needs_no_cuda_package():
+    """epcomm.memory and the layout it sums import on a machine without cuda-python, cupy, torch or nvshmem4py."""
+    import subprocess
+    import sys
+    code = ("import sys\nfor m in ('cuda', 'cupy', 'torch', 'nvshmem'): sys.modules[m] = None\n"
+            "import epcomm.memory, epcomm.backends.gpu.layout\nprint('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
+
+
+def test_estimate_sums_the_backends_own_list():
+    """Every array of layout.device_arrays is counted, once per copy (the list GpuBackend allocates from)."""
+    from epcomm.backends.gpu.layout import OUTPUT_SETS, device_arrays
+    c = cfg()
+    names = [b["name"] for b in memory.estimate(c)["local_buffers"]]
+    want = sum(1 if a.copies == "one" else OUTPUT_SETS for a in device_arrays(c))
+    assert len(names) == len(set(names)) == want

@@ -74,3 +74,14 @@ def test_one_gpu_rig_script_parses_and_names_real_files():
         assert (ROOT / "tools" / tool).is_file(), tool
     # the safety environment is set for every step
     assert "NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in text
+
+
+def test_ptx_same_register_renaming_is_a_bijection_per_function():
+    """--up-to-register-names forgives consistently renamed registers, never swapped operands."""
+    canon = load("ptx_same").canonical_registers
+    a = [".func f(", ".reg .b32 %r<9>;", "ld.global.v4.u32 {%r8, %r7}, [%rd3];", "st.global.v4.u32 [%rd4], {%r8, %r7};"]
+    b = [".func f(", ".reg .b32 %r<7>;", "ld.global.v4.u32 {%r1, %r2}, [%rd3];", "st.global.v4.u32 [%rd4], {%r1, %r2};"]
+    swapped = b[:3] + ["st.global.v4.u32 [%rd4], {%r2, %r1};"]
+    assert a != b and canon(a) == canon(b)
+    assert canon(a) != canon(swapped)
+    assert canon(["add.s32 %r1, %r2, 1;"]) != canon(["add.s32 %r1, %r2, 2;"])

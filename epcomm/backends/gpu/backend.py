@@ -1,5 +1,7 @@
 """GpuBackend: the EPBuffer backend that runs dispatch / combine as CUDA kernels (kernels/ep.cu).
 
+Its memory layout (symmetric regions, kernel parameter struct, device arrays) is in layout.py.
+
 Public behaviour (what EPBuffer forwards to):
   dispatch(x, topk_ids) -> DispatchResult            one launch (send + receive phases)
   dispatch_async(x, topk_ids) -> pending              send phase only; dispatch_wait(pending) -> DispatchResult
@@ -26,81 +28,12 @@ from ...errors import EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
 from . import jit, occupancy
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
+from .layout import OUTPUT_SETS, ErrorCode, Layout, Phase, device_arrays, params_struct, send_chunk_tokens
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
 
 
-def _al(x: int, a: int = 256) -> int:
-    return (x + a - 1) // a * a
-
-
-class Layout:
-    """Sizes mirrored from ep.cu (keep in sync) and the symmetric-region offsets."""
-
-    def __init__(self, cfg, any_remote: bool):
-        H, K, R, M = cfg.hidden, cfg.topk, cfg.world_size, cfg.max_tokens_per_rank
-        self.NL = NL = cfg.n_local_experts
-        self.NG = cfg.num_groups
-        self.SC = H // 128
-        fp8 = cfg.token_format.quantized
-        ht = cfg.mode == "ht"
-        a16 = lambda v: (v + 15) // 16 * 16
-        self.DB = H if fp8 else 2 * H
-        self.SB = 4 * self.SC if fp8 else 0
-        self.META = a16(8 + 8 * K) if ht else 16
-        self.MSG = a16(self.DB + self.SB + self.META)
-        self.HROW = (NL + 1 + 3) // 4 * 4
-        # ht: at most CHMAX token chunks per source, each with a ready flag; count message of CROW ints
-        self.CHMAX = max(256 if R <= 32 else 128, -(-M // 64)) if ht else 1
-        self.CROW = (NL + 2 + self.CHMAX + 1 + 3) // 4 * 4 if ht else self.HROW
-        self.RB = 2 * H
-        self.WST = (M * K + 3) // 4 * 4   # ht combine: one source's weights in floats, padded to 16 bytes (ep.cu WST)
-        MSG, RB, CROW, WST = self.MSG, self.RB, self.CROW, self.WST
-        sizes = [
-            ("drecv", 2 * R * M * MSG if ht else 2 * NL * R * M * MSG),
-            ("dhist", 2 * R * CROW * 4),
-            ("dsig", 2 * R * 8),
-            ("stage", (M * R * MSG if ht else M * K * MSG) if any_remote else 0),
-            ("hstage", R * CROW * 4),
-            ("crecv", 2 * R * M * RB if ht else 2 * M * K * RB),
-            ("csig", 2 * R * 8),
-            ("wrecv", 2 * R * WST * 4 if ht else 0),
-            ("wsig", 2 * R * 8),
-            ("cstage", (R * WST * 4 + (R * M * RB if any_remote else 0)) if ht else 0),
-            ("abort", R * 8),
-            ("dflag", 2 * R * self.CHMAX * 8 if ht else 0),
-            ("cflag", 2 * R * self.CHMAX * 8 if ht else 0),
-        ]
-        off = 0
-        self.off = {}
-        for name, n in sizes:
-            self.off[name] = off
-            off += _al(max(n, 16))
-        self.total = off
-
-
-def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, chmax: int, waves: int = 1) -> int:
-    """Tokens per send work item (Params.ch; the kernel's chunk_tokens() clamps the same way): about `waves` items
-    per block, 1..64 tokens; ht: at most `chmax` chunks per source (the receiver's chunk table)."""
-    per_block = -(-T * ndest // grid)
-    if ht:
-        per_block = per_block if per_block <= 16 else -(-per_block // max(1, waves))
-        per_block = max(per_block, -(-T // chmax))
-    return max(1, min(64, per_block))
-
-
-def _params_struct(R: int):
-    u64, i32 = ctypes.c_uint64, ctypes.c_int32
-    ptrs = ["x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info", "tpe",
-            "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk"]
-    offs = ["drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag", "cflag"]
-    fields = [(n, u64) for n in ptrs] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in offs] + \
-             [("T", i32), ("me", i32), ("maxr", i32), ("ch", i32), ("crb", i32), ("peer", u64 * R)]
-
-    class Params(ctypes.Structure):
-        _fields_ = fields
-    return Params
 
 
 @dataclass
@@ -134,8 +67,8 @@ class GpuBackend:
         same = (lambda a, b: topo.same_node(a, b)) if topo is not None else (lambda a, b: True)
         self.node_of = (lambda r: topo.node_of(r)) if topo is not None else (lambda r: 0)
         any_remote = any(not same(a, b) for a in range(R) for b in range(R))
-        self.L = Layout(cfg, any_remote)
-        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=2 * self.L.total + (512 << 20))
+        self.layout = Layout(cfg, any_remote)
+        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=2 * self.layout.total + (512 << 20))
         if self.rt.world_size != R:
             raise EPInputError(f"EPConfig.world_size={R} but the NVSHMEM world has {self.rt.world_size} ranks")
         t0 = time.perf_counter()
@@ -155,33 +88,26 @@ class GpuBackend:
         # (off: the combine is HBM-bound there and 16-33 such blocks made it 5-20 us slower)
         self._send_waves = max(1, int(os.environ.get("EPCOMM_SEND_WAVES", "1")))
         self._crecv_blocks = max(0, int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))) if cfg.mode == "ht" else 0
-        self.Params = _params_struct(R)
+        self.Params = params_struct(R)
 
         A = self.alloc = DeviceArrays(ctx.device)
-        self._sym_buf, self.sym, peers = self.rt.symmetric(self.L.total)
+        self._sym_buf, self.sym, peers = self.rt.symmetric(self.layout.total)
         self.peers = [p if (r == self.me or same(self.me, r)) else 0 for r, p in enumerate(peers)]
         if any(p == 0 for r, p in enumerate(self.peers) if same(self.me, r)):
             raise EPError("gpu backend: no peer pointer for a same-node rank (are the GPUs peer-accessible?)")
-        H, K, M, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.max_recv_rows
-        fmt = cfg.token_format      # its name is the dtype tag of DeviceArrays ("bf16" / "fp8")
-        self.state = A.zeros((64,), "i32")
-        self.hist_acc = A.zeros((R * self.L.HROW,), "i32")
-        self.sets = []
-        for _ in range(2):
-            s = {
-                "ex": A.empty((maxr, H), fmt),
-                "escale": A.empty((maxr, self.L.SC), "f32") if fmt.quantized else None,
-                "row_offsets": A.zeros((self.L.NG + 1,), "u32"),
-                "expert_ids": A.zeros((self.L.NG,), "i32"),
-                "src_info": A.zeros((maxr, 3), "i32"),
-                "tpe": A.zeros((self.L.NL,), "i32"),
-                "hids": A.zeros((M * K,), "i32"),
-                "hinfo": A.zeros((R * M * (2 + K),), "i32"),
-                "hcount": A.zeros((R,), "i32"),
-                "hchunk": A.zeros((R * (self.L.CHMAX + 1) + R,), "i32"),
-            }
-            self.sets.append(s)
-        self.ybufs = [A.empty((M, H), "bf16") for _ in range(2)]
+        # every device array of layout.device_arrays: shared ones as attributes, one dict per dispatch output set
+        # (keyed by the Params field), the combine outputs in ybufs
+        self.sets = [{} for _ in range(OUTPUT_SETS)]
+        self.ybufs = []
+        for a in device_arrays(cfg):
+            new = A.zeros if a.zeroed else A.empty
+            if a.copies == "one":
+                setattr(self, a.param, new(a.shape, a.dtype))
+            elif a.copies == "dispatch":
+                for s in self.sets:
+                    s[a.param] = new(a.shape, a.dtype)
+            else:
+                self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
         self.err = HostErrorRecord()
         self._hp = 0     # dispatch calls so far (host parity of output sets)
         self._cp = 0     # combine calls so far
@@ -219,7 +145,7 @@ class GpuBackend:
         p = self.Params.from_buffer_copy(tm)
         p.T = T
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
-        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.L.CHMAX, self._send_waves)
+        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.layout.max_chunks, self._send_waves)
         p.crb = self._crecv_blocks
         return p
 
@@ -227,16 +153,14 @@ class GpuBackend:
         p = self.Params()
         s = self.sets[hp]
         P = self.alloc.ptr
-        p.ex = P(s["ex"])
-        p.escale = P(s["escale"]) if s["escale"] is not None else 0
-        for n in ("row_offsets", "expert_ids", "src_info", "tpe", "hids", "hinfo", "hcount", "hchunk"):
-            setattr(p, n, P(s[n]))
+        for n, a in s.items():     # escale only in fp8 (else 0)
+            setattr(p, n, P(a))
         p.sym = self.sym
         p.state = P(self.state)
         p.hist_acc = P(self.hist_acc)
         p.err = self.err.dev
         p.timeout_ns = int(self.cfg.timeout_s * 1e9)
-        for n, v in self.L.off.items():
+        for n, v in self.layout.offset.items():
             setattr(p, "off_" + n, v)
         p.me = self.me
         p.maxr = self.cfg.max_recv_rows
@@ -256,33 +180,31 @@ class GpuBackend:
         rec = self.err.read()
         if rec is None:
             return
-        code, peer = rec["code"], rec["peer"]
-        phase = {0: "dispatch", 1: "combine", 2: "combine (weights)"}.get(rec["phase"], "?")
-        if code == 1:
-            node = lambda r: self.node_of(r) if 0 <= r < self.cfg.world_size else None  # noqa: E731
-            experts = self.cfg.experts_of(peer) if node(peer) is not None else None
-            if peer == rec["waiter"]:   # waited for its own blocks: the grid, not a peer
-                raise EPTimeoutError(occupancy.self_wait_message(peer, self.cfg.timeout_s, phase, rec["round"]),
-                                     rank=peer, node=node(peer), what=f"{phase} round {rec['round']}", waiter=peer,
-                                     experts=experts)
+        code, peer, waiter, rnd = rec["code"], rec["peer"], rec["waiter"], rec["round"]
+        phase = rec["phase"].label if isinstance(rec["phase"], Phase) else "?"
+        known = 0 <= peer < self.cfg.world_size
+        node = self.node_of(peer) if known else None
+        if code == ErrorCode.TIMEOUT:
+            experts = self.cfg.experts_of(peer) if known else None
+            if peer == waiter:   # waited for its own blocks: the grid, not a peer
+                raise EPTimeoutError(occupancy.self_wait_message(peer, self.cfg.timeout_s, phase, rnd),
+                                     rank=peer, node=node, what=f"{phase} round {rnd}", waiter=peer, experts=experts)
             raise EPTimeoutError.peer_missing(
-                waiter=rec["waiter"], waiter_node=node(rec["waiter"]), peer=peer, node=node(peer),
-                experts=experts, what=phase, round=rec["round"], timeout_s=self.cfg.timeout_s)
-        if code == 2:
+                waiter=waiter, waiter_node=self.node_of(waiter) if 0 <= waiter < self.cfg.world_size else None,
+                peer=peer, node=node, experts=experts, what=phase, round=rnd, timeout_s=self.cfg.timeout_s)
+        if code == ErrorCode.SLOT_OVERFLOW:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
-        if code == 4:
-            known = 0 <= peer < self.cfg.world_size
-            node = self.node_of(peer) if known else None
+        if code == ErrorCode.ABORT:
             word = self._abort_word(peer) if known else None
             if word is not None and word >= 2 and word - 2 < self.cfg.world_size:
-                by = word - 2
+                by = word - 2   # abort() of rank `by` gave up on `peer` after its own deadline
                 raise EPError(f"epcomm gpu: rank {peer} (node {node}) did not arrive: rank {by} (node "
-                              f"{self.node_of(by)}) gave up on it at its deadline (seen by rank {rec['waiter']} in "
-                              f"{phase} round {rec['round']}); this EPBuffer is unusable now")
-            raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {rec['waiter']} in {phase} "
-                          f"round {rec['round']}); this EPBuffer is unusable now")
-        if code == 3:
+                              f"{self.node_of(by)}) gave up on it at its deadline (seen by rank {waiter} in "
+                              f"{phase} round {rnd}); this EPBuffer is unusable now")
+            raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
+                          f"round {rnd}); this EPBuffer is unusable now")
+        if code == ErrorCode.BAD_SOURCE:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
         raise EPError(f"epcomm gpu: device error record {rec}")
@@ -313,7 +235,7 @@ class GpuBackend:
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
-        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=v(s["escale"], kind),
+        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=v(s.get("escale"), kind),
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
                               handle=GpuHandle(hp, T, kind))
@@ -418,7 +340,7 @@ class GpuBackend:
                 return
             words = [(self.me, 1)]
             rec = self.err.read()   # this rank's own timeout names the silent peer
-            silent = rec["peer"] if rec is not None and rec["code"] == 1 else None
+            silent = rec["peer"] if rec is not None and rec["code"] == ErrorCode.TIMEOUT else None
             if silent is not None and 0 <= silent < self.cfg.world_size and silent != self.me:
                 words.append((silent, 2 + self.me))
             keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
@@ -429,7 +351,7 @@ class GpuBackend:
                 for who, v in words:
                     if r == who:
                         continue   # the silent rank is not told that it is silent
-                    off = self.L.off["abort"] + 8 * who
+                    off = self.layout.offset["abort"] + 8 * who
                     if base:
                         driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
                     else:
@@ -457,7 +379,7 @@ class GpuBackend:
             if err != driver.CUresult.CUDA_SUCCESS:
                 return None
             out = (ctypes.c_uint64 * 1)(0)
-            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.L.off["abort"] + 8 * r, 8, st)
+            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.layout.offset["abort"] + 8 * r, 8, st)
             if not wait_stream(st, ABORT_WAIT_S):
                 return None
             driver.cuStreamDestroy(st)

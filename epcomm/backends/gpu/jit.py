@@ -1,7 +1,9 @@
 """Build the CUDA kernels of epcomm for one EPConfig and load them.
 
-Sources: epcomm/backends/gpu/kernels/*.cu, specialised by -D defines (hidden, topk, experts, ranks, max tokens, format,
-mode, fused shared expert, skip_a2a, allreduce world size, block size). Build: ``nvcc -rdc=true -c`` then
+Sources: epcomm/backends/gpu/kernels/ (ep.cu, the entry points, includes the *.cuh parts), specialised by -D defines
+(hidden, topk, experts, ranks, max tokens, format, mode, fused shared expert, skip_a2a, allreduce world size, block
+size) plus every size derived from them (layout.kernel_defines), which the kernels static_assert against their own
+derivation. Build: ``nvcc -rdc=true -c`` then
 ``nvcc -dlink -cubin`` against ``libnvshmem_device.a`` of the nvidia-nvshmem-cu13 wheel. The cubin is cached on disk
 (``$EPCOMM_CACHE`` or ``~/.cache/epcomm``) under a key made of the source hash, the defines, the arch, the nvcc version
 and the NVSHMEM version (a cubin must match the NVSHMEM host library it runs with).
@@ -20,10 +22,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layout import kernel_defines
+
 log = logging.getLogger("epcomm.jit")
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("ep.cu",)
+MAIN_SOURCE = "ep.cu"                       # the translation unit; it includes the other files of KERNEL_DIR
+
+
+def sources(kernel_dir: Path | None = None) -> list[Path]:
+    """Every kernel source file (ep.cu and the .cuh parts it includes), in name order."""
+    d = kernel_dir or KERNEL_DIR
+    return sorted(p for p in d.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
 DEFAULT_THREADS = 512
 
 
@@ -32,13 +42,14 @@ class BuildError(RuntimeError):
 
 
 def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
-    """The -D defines that specialise ep.cu for an EPConfig."""
-    return {
+    """The -D defines that specialise the kernels for an EPConfig: the shape, then the sizes derived from it."""
+    shape = {
         "EP_H": cfg.hidden, "EP_K": cfg.topk, "EP_E": cfg.num_experts, "EP_R": cfg.world_size,
-        "EP_M": cfg.max_tokens_per_rank, "EP_FP8": int(cfg.token_format == "fp8"), "EP_HT": int(cfg.mode == "ht"),
+        "EP_M": cfg.max_tokens_per_rank, **cfg.token_format.kernel_define, "EP_HT": int(cfg.mode == "ht"),
         "EP_FUSED": int(cfg.fused_shared_expert), "EP_SKIP": int(cfg.skip_a2a), "EP_ARW": cfg.allreduce_world_size,
         "EP_THREADS": threads,
     }
+    return {**shape, **kernel_defines(cfg)}
 
 
 def _pkg_dir(name: str) -> Path | None:
@@ -112,9 +123,11 @@ def cache_dir() -> Path:
 
 
 def source_hash() -> str:
+    """sha256 over the names and contents of every kernel source file (the cache key's and provenance's)."""
     h = hashlib.sha256()
-    for s in SOURCES:
-        h.update((KERNEL_DIR / s).read_bytes())
+    for p in sources():
+        h.update(p.name.encode() + b"\0")
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -127,7 +140,7 @@ class Built:
 
 
 def build(defines: dict[str, int], arch: str = "sm_90", *, use_cache: bool = True) -> Built:
-    """Compile ep.cu with these defines into a relocatable-linked cubin (cached). Needs no GPU."""
+    """Compile the kernels with these defines into a relocatable-linked cubin (cached). Needs no GPU."""
     t0 = time.perf_counter()
     nvcc = find_nvcc()
     home = nvshmem_home()
@@ -144,7 +157,7 @@ def build(defines: dict[str, int], arch: str = "sm_90", *, use_cache: bool = Tru
         cub = Path(tmp) / "ep.cubin"
         env = dict(os.environ)
         cmd1 = [nvcc, "-rdc=true", f"-arch={arch}", "-O3", "-std=c++17", "-lineinfo", "-diag-suppress=177",
-                f"-I{home / 'include'}", *dflags, "-c", str(KERNEL_DIR / "ep.cu"), "-o", str(obj)]
+                f"-I{home / 'include'}", *dflags, "-c", str(KERNEL_DIR / MAIN_SOURCE), "-o", str(obj)]
         cmd2 = [nvcc, f"-arch={arch}", "-dlink", "-cubin", str(obj), f"-L{home / 'lib'}", "-lnvshmem_device",
                 "-o", str(cub)]
         for cmd in (cmd1, cmd2):

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from .layout import ErrorCode, Phase
+
 log = logging.getLogger("epcomm.gpu")
 
 _RT: "Runtime | None" = None
@@ -200,7 +202,8 @@ class Runtime:
 
 
 class HostErrorRecord:
-    """8 int32 words in host-mapped pinned memory that kernels write when they give up (see ErrRec in ep.cu)."""
+    """8 int32 words in host-mapped pinned memory that kernels write when they give up (ErrRec in kernels/layout.cuh).
+    read() gives `code` as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
     FIELDS = ("flag", "code", "peer", "what", "waiter", "round", "phase", "pad")
 
     def __init__(self):
@@ -215,7 +218,11 @@ class HostErrorRecord:
     def read(self) -> dict | None:
         if self.words[0] == 0:
             return None
-        return {f: int(self.words[i]) for i, f in enumerate(self.FIELDS)}
+        rec = {f: int(self.words[i]) for i, f in enumerate(self.FIELDS)}
+        for field, kind in (("code", ErrorCode), ("phase", Phase)):
+            if rec[field] in kind._value2member_map_:
+                rec[field] = kind(rec[field])
+        return rec
 
     def clear(self):
         for i in range(16):

@@ -1,0 +1,316 @@
+// Combine: send the expert outputs back (combine_send; ht: reduced per token and rank on the expert side), sum them
+// with the router weights on the source (combine_recv). Protocol: README.md, "Protocol (one round)".
+#pragma once
+#include "common.cuh"
+
+namespace ep {
+
+// ------------------------------------------------------------------------------------------------ combine
+__device__ __forceinline__ void acc8(float* a, uint4 v, float w) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = __bfloat1622float2(h[j]);
+    a[2 * j] = fmaf(w, f.x, a[2 * j]);
+    a[2 * j + 1] = fmaf(w, f.y, a[2 * j + 1]);
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float* a) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(a[2 * j], a[2 * j + 1]);
+  return v;
+}
+
+__device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
+  int a = 0, n = p.T;
+  if (SKIP && ALLREDUCE_RANKS > 1) {
+    int i = p.me % ALLREDUCE_RANKS, base = p.T / ALLREDUCE_RANKS, extra = p.T % ALLREDUCE_RANKS;
+    a = i * base + min(i, extra);
+    n = base + (i < extra ? 1 : 0);
+  }
+  *s0 = a;
+  return n;
+}
+
+// expert side: send expert_y rows back to their source ranks
+__device__ void combine_send(const Params& p, bool fused) {
+  const unsigned round = cur_round(p, S_CSEND);
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
+  const int par = round & 1;
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  bool used_shmem = false;
+  const char* ey = reinterpret_cast<const char*>(p.expert_y);
+  if constexpr (!HT) {
+    const int begin = FUSED ? (int)p.row_offsets[1] : 0;
+    const int end = (int)p.row_offsets[GROUPS];
+    const int nrow = max(0, end - begin);
+    for (int it = gw; it < nrow * ROW_SLICES; it += nw) {
+      const int j = begin + it / ROW_SLICES, sl = it % ROW_SLICES;
+      int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
+      if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {
+        if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, j, (int)round, PHASE_COMBINE);
+        continue;
+      }
+      size_t off = p.off_crecv + (((size_t)par * M + t) * K + k) * COMBINE_ROW_BYTES;
+      const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
+      if (same_node(p, s)) {
+        warp_copy_range(p.peer[s] + off, ey + (size_t)j * COMBINE_ROW_BYTES, v0, v1);
+      } else {
+        nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, ey + (size_t)j * COMBINE_ROW_BYTES + (size_t)v0 * 16,
+                                 (size_t)(v1 - v0) * 16, s);
+        used_shmem = true;
+      }
+    }
+  } else {
+    // step 1 (source side): send my weights [T, K] to every destination rank (block 0, one warp per destination)
+    if (blockIdx.x == 0) {
+      // the whole block copies (16-byte vectors, many loads in flight), then one thread per destination signals
+      const int nw = p.T * K;                 // floats
+      const int nv = nw / 4;                  // full 16-byte vectors
+      const uint4* wsrc = reinterpret_cast<const uint4*>(p.weights);
+      const bool wal = (reinterpret_cast<uintptr_t>(p.weights) & 15) == 0;
+      for (int d = 0; d < R; ++d) {
+        if (SKIP && d != p.me) continue;
+        size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WEIGHT_STRIDE) * 4;
+        float* dst = same_node(p, d) ? reinterpret_cast<float*>(p.peer[d] + off)
+                                     : reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WEIGHT_STRIDE;
+        if (wal) {
+          for (int i = threadIdx.x; i < nv; i += THREADS) reinterpret_cast<uint4*>(dst)[i] = wsrc[i];
+          for (int i = nv * 4 + threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
+        } else {
+          for (int i = threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
+        }
+      }
+      __syncthreads();  // every thread's weight stores before each signalling thread's release (st.release.sys)
+      const size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WEIGHT_STRIDE) * 4;
+      const size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
+      // other-node destinations: the whole block puts the staged [T, K] weights (+ signal after the data): one
+      // thread's T*K*4 / 16 serial load -> store steps took ~0.8 ms at T 4096, gating step 2 on every rank
+      signal_every_destination(p, soff, round, [&](int d) {
+        float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WEIGHT_STRIDE;
+        nvshmemx_putmem_signal_nbi_block(p.sym + off, stg, (size_t)nw * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                         round, NVSHMEM_SIGNAL_SET, d);
+      });
+    }
+    // step 2 (expert side): reduce each received token's local rows (fp32, weighted) and send one row back.
+    // In the fused kernel the last p.crb blocks skip this and receive from the start (combine_recv), so the
+    // source's sums overlap the sends: every (source, token chunk) raises a ready flag on the source when its last
+    // unit is written.
+    __shared__ int s_cp[R * (MAX_CHUNKS + 1)];   // chunk tables of the sources (message i of s is in s's chunk c)
+    __shared__ int s_cn[R];
+    for (int q = threadIdx.x; q < R * (MAX_CHUNKS + 1); q += THREADS) s_cp[q] = p.hchunk[q];
+    for (int q = threadIdx.x; q < R; q += THREADS) s_cn[q] = max(0, min(p.hchunk[R * (MAX_CHUNKS + 1) + q], MAX_CHUNKS));
+    __syncthreads();
+    const int sb = fused ? (int)gridDim.x - max(0, min(p.crb, (int)gridDim.x - 1)) : (int)gridDim.x;
+    if ((int)blockIdx.x < sb) {
+      const unsigned long long t0 = gtime();
+      const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
+      if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0)) return;
+      const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WEIGHT_STRIDE;
+      // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
+      // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
+      // finishes its chunks in about the same order); taken from a counter by whole blocks. The block's warps share
+      // the chunk's (message, slice) units; then one thread raises the chunk's flag on the source (one system-scope
+      // release per chunk: a fence per message, from thousands of warps at once, took ~10 ms).
+      const int ns = SKIP ? 1 : R;
+      int maxnch = 0;
+      for (int q = 0; q < ns; ++q) maxnch = max(maxnch, s_cn[SKIP ? p.me : q]);
+      const int nitems = maxnch * ns;
+      __shared__ int s_citem;
+      auto next_citem = [&]() {
+        if (threadIdx.x == 0) s_citem = (int)atomicAdd(&p.state[S_CSCTR], 1u);
+        __syncthreads();
+        const int v = s_citem;
+        __syncthreads();
+        return v;
+      };
+      for (int item = next_citem(); item < nitems; item = next_citem()) {
+        const int s = SKIP ? p.me : item % ns, c = item / ns;
+        if (c >= s_cn[s]) continue;
+        const int* cp = s_cp + s * (MAX_CHUNKS + 1);
+        const int i0 = cp[c], i1 = min(cp[c + 1], p.hcount[s]);
+        if (i1 <= i0) continue;   // nothing of s's chunk c came here: s does not wait for it
+        const bool local = same_node(p, s);
+        for (int w = warp; w < (i1 - i0) * ROW_SLICES; w += WARPS) {
+          const int i = i0 + w / ROW_SLICES, sl = w % ROW_SLICES;
+          const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+          int t = hi[0];
+          if (t < 0 || t >= M) {
+            if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
+            continue;
+          }
+          int rows[K];
+          float w8[K];
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            rows[k] = hi[2 + k];
+            if (rows[k] >= p.maxr) rows[k] = -1;
+            w8[k] = wr[(size_t)s * WEIGHT_STRIDE + t * K + k];
+          }
+          size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * COMBINE_ROW_BYTES;
+          char* dst = local ? p.peer[s] + off
+                            : p.sym + p.off_cstage + (size_t)R * WEIGHT_STRIDE * 4
+                                  + ((size_t)s * M + i) * COMBINE_ROW_BYTES;
+          // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
+          constexpr int CU = 2;
+          const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
+          for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
+            uint4 v[CU][K];
+#pragma unroll
+            for (int u = 0; u < CU; ++u)
+#pragma unroll
+              for (int k = 0; k < K; ++k) {
+                const int cc = c0 + 32 * u;
+                v[u][k] = (rows[k] >= 0 && cc < v1)
+                              ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * COMBINE_ROW_BYTES) + cc)
+                                                    : make_uint4(0, 0, 0, 0);
+              }
+#pragma unroll
+            for (int u = 0; u < CU; ++u) {
+              float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+              for (int k = 0; k < K; ++k)
+                if (rows[k] >= 0) acc8(a, v[u][k], w8[k]);
+              if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
+            }
+          }
+          __syncwarp();
+          if (!local) {
+            nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
+            used_shmem = true;
+          }
+        }
+        // every row of the chunk is written (or put): raise its flag on s
+        __syncthreads();
+        if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, s, round);
+      }
+    }
+  }
+  if (block_done(p, S_CSEND, used_shmem)) {
+    for (int s = threadIdx.x; s < R; s += THREADS) {
+      if (HT || (SKIP && s != p.me)) continue;   // ht: chunk flags instead
+      size_t soff = p.off_csig + ((size_t)par * R + p.me) * 8;
+      if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), round);
+      else { nvshmem_fence(); nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, s); }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      bool remote = false;  // quiet only when some peer was reached through nvshmem (not on the peer-pointer path)
+      for (int s = 0; s < R; ++s) remote |= !(SKIP && s != p.me) && !same_node(p, s);
+      if (remote) nvshmem_quiet();
+      stamp(p, 6); p.state[S_CSCTR] = 0; __threadfence(); p.state[S_CSEND] = round;
+    }
+  }
+}
+
+// source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row
+__device__ void combine_recv(const Params& p) {
+  const unsigned round = cur_round(p, S_CRECV);
+  const int par = round & 1;
+  const unsigned long long t0 = gtime();
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  int s0 = 0, ns = 0;
+  if (FUSED) ns = shared_rows(p, &s0);
+  const char* ey = reinterpret_cast<const char*>(p.expert_y);
+  const char* crecv = p.sym + p.off_crecv;
+  constexpr int NS = (ROW_VECS + 31) / 32;        // slices of 32 chunks (one per lane)
+  if constexpr (!HT) {
+    // ll: one signal per rank when all its rows are here
+    const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
+    if (!block_wait(p, sig, round, PHASE_COMBINE, -1, t0)) return;
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
+    const int nitems = p.T * NS;
+    for (int it = gw; it < nitems; it += nw) {
+      const int t = it / NS;
+      const int c = (it % NS) * 32 + lane;
+      if (c >= ROW_VECS) continue;
+      float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int id = p.hids[t * K + k];
+        if (id < 0 || id >= E || (SKIP && id / LOCAL_EXPERTS != p.me)) continue;
+        acc8(a, reinterpret_cast<const uint4*>(crecv + (((size_t)par * M + t) * K + k) * COMBINE_ROW_BYTES)[c],
+             p.weights[t * K + k]);
+      }
+      if (FUSED && t >= s0 && t < s0 + ns)
+        acc8(a, reinterpret_cast<const uint4*>(ey + (size_t)(t - s0) * COMBINE_ROW_BYTES)[c], 1.0f);
+      reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * COMBINE_ROW_BYTES)[c] = pack8(a);
+    }
+  } else {
+    // ht: a token's rows are summed as soon as every rank it went to has flagged the token's chunk. Up to 4 rounds
+    // of (token, 32-chunk slice) units over all warps; more: whole tokens from a counter, in order.
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
+    const int ch = chunk_tokens(p);
+    const bool dyn = p.T * NS > 4 * nw;
+    const int nunits = dyn ? p.T : p.T * NS;
+    const unsigned long long* flags =
+        reinterpret_cast<const unsigned long long*>(p.sym + p.off_cflag) + (size_t)par * R * MAX_CHUNKS;
+    int ready_c = -1;
+    unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
+    for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+      const int t = dyn ? u : u / NS;
+      unsigned long long dmask = 0;   // destination ranks of this token
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int id = p.hids[t * K + k];
+        if (id >= 0 && id < E) { const int d = id / LOCAL_EXPERTS; if (!SKIP || d == p.me) dmask |= 1ull << d; }
+      }
+      const int c = t / ch;
+      if (c != ready_c) { ready_c = c; ready = 0; }
+      const unsigned long long need = dmask & ~ready;
+      if (need) {
+        bool ok = true;
+        if (lane == 0) {
+          for (int d = 0; d < R && ok; ++d)
+            if ((need >> d) & 1ull) ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        __syncwarp();  // lane 0's acquires before every lane's reads of the rows
+        if (!ok) break;
+        ready |= need;
+      }
+      const bool sh = FUSED && t >= s0 && t < s0 + ns;
+      const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? ROW_VECS : min(ROW_VECS, c0 - lane + 32);
+      // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)
+      constexpr int UR = 4;
+      for (int cb = c0; cb < c1; cb += 32 * UR) {
+        float a[UR][8];
+#pragma unroll
+        for (int q = 0; q < UR; ++q)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) a[q][e] = 0.f;
+        for (int d = 0; d <= R; ++d) {   // d == R: the shared expert row
+          const char* row;
+          if (d < R) {
+            if (!((dmask >> d) & 1ull)) continue;
+            row = crecv + (((size_t)par * R + d) * M + t) * COMBINE_ROW_BYTES;
+          } else {
+            if (!sh) continue;
+            row = ey + (size_t)(t - s0) * COMBINE_ROW_BYTES;
+          }
+          uint4 v[UR];
+#pragma unroll
+          for (int q = 0; q < UR; ++q)
+            if (cb + 32 * q < c1) v[q] = reinterpret_cast<const uint4*>(row)[cb + 32 * q];
+#pragma unroll
+          for (int q = 0; q < UR; ++q)
+            if (cb + 32 * q < c1) acc8(a[q], v[q], 1.0f);
+        }
+#pragma unroll
+        for (int q = 0; q < UR; ++q)
+          if (cb + 32 * q < c1)
+            reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * COMBINE_ROW_BYTES)[cb + 32 * q] =
+                pack8(a[q]);
+      }
+    }
+  }
+  if (block_done(p, S_CRECV, false, false)) {
+    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
+  }
+}
+
+}  // namespace ep

@@ -1,0 +1,255 @@
+// Building blocks of every kernel: memory-order loads / stores, waits with deadlines, fences and the per-phase
+// hand-over, the device error report, ready flags, warp copies, work counters, the block scan.
+#pragma once
+#include <cuda_bf16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "layout.cuh"
+
+namespace ep {
+
+// ------------------------------------------------------------------------------------------------ small helpers
+__device__ __forceinline__ unsigned long long gtime() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned long long ld_acq(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_rlx(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_rel(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
+
+__device__ void report(const Params& p, int code, int peer, int what, int round, int phase) {
+  ErrRec* e = p.err;
+  atomicExch(&p.state[S_FAIL], 1u);
+  if (atomicCAS(&e->flag, 0, code) == 0) {
+    e->code = code;
+    e->peer = peer;
+    e->what = what;
+    e->waiter = p.me;
+    e->round = round;
+    e->phase = phase;
+    __threadfence_system();
+  }
+}
+
+// Wait (every thread s < nsrc of the block) until sig[s] >= round. Returns false (for the whole block) on timeout.
+__device__ bool block_wait(const Params& p, const unsigned long long* sig, unsigned round, int phase, int what,
+                           unsigned long long t0) {
+  bool bad = false;
+  for (int s = threadIdx.x; s < R; s += THREADS) {
+    if (SKIP && s != p.me) continue;
+    const unsigned long long* w = sig + s;
+    const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
+    int spins = 0;
+    unsigned nap = 32;
+    while (ld_rlx(w) < (unsigned long long)round || ld_acq(w) < (unsigned long long)round) {
+      __nanosleep(nap);
+      if (nap < 256) nap <<= 1;
+      if (++spins > 64) {
+        spins = 0;
+        if (ld_acq(ab) != 0ull) {  // that peer gave up (EPBuffer abort): stop now instead of at the deadline
+          report(p, ERR_ABORT, s, what, (int)round, phase);
+          bad = true;
+          break;
+        }
+        if (gtime() - t0 > p.timeout_ns) {
+          report(p, ERR_TIMEOUT, s, what, (int)round, phase);
+          bad = true;
+          break;
+        }
+      }
+    }
+  }
+  return __syncthreads_or(bad) == 0;
+}
+
+// Release fence at system / device scope. One thread fences for its block after a __syncthreads(): the barrier orders
+// every thread's earlier stores (peer stores included) before the fence, and fences are cumulative (the pattern of
+// cooperative groups' grid sync). A fence by each of the 512 threads instead cost ~10 us per hand-over (measured: 14 us
+// between the last send and the signal at 1 token), which was most of the fixed cost of a small dispatch / combine.
+__device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// Wait (one thread) until *flag >= round; false on the deadline, the peer's abort, or an error already recorded by
+// another wait (so that a failed round ends at one deadline, not one per chunk).
+__device__ bool thread_wait(const Params& p, const unsigned long long* flag, unsigned round, int phase, int peer,
+                            int what, unsigned long long t0) {
+  const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + peer;
+  int spins = 0;
+  unsigned nap = 32;
+  // Poll relaxed, acquire once the value is there, and back off: hundreds of warps polling flat out (worse: with an
+  // acquire per poll) slowed the copying warps of the whole GPU up to 10x (measured).
+  while (ld_rlx(flag) < (unsigned long long)round || ld_acq(flag) < (unsigned long long)round) {
+    __nanosleep(nap);
+    if (nap < 1024) nap <<= 1;
+    if (++spins > 16) {
+      spins = 0;
+      if (ld_rlx(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
+      if (gtime() - t0 > p.timeout_ns) { report(p, ERR_TIMEOUT, peer, what, (int)round, phase); return false; }
+      if (*((volatile unsigned*)&p.state[S_FAIL]) != 0u) return false;   // another wait failed: one deadline
+    }
+  }
+  return true;
+}
+
+// All writes of this block are issued: make them visible, count the block; true in the last block to finish.
+// Receive phases write only local memory that later work reads in stream order: a device-scope fence is enough there.
+__device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem, bool sys = true) {
+  __shared__ int last;
+  const int any_shmem = __syncthreads_or(used_nvshmem);
+  if (threadIdx.x == 0) {
+    if (any_shmem) nvshmem_quiet();
+    if (sys) fence_sys(); else fence_gpu();
+    unsigned old = atomicAdd(&p.state[S_DONE + phase_slot], 1u);
+    last = (old == gridDim.x - 1);
+    if (last) {
+      fence_sys();  // acquire: every block's writes (ordered before its count) before the hand-over that follows
+      p.state[S_DONE + phase_slot] = 0;
+    }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+__device__ __forceinline__ bool same_node(const Params& p, int d) { return p.peer[d] != nullptr; }
+
+// One thread, after a __syncthreads that ordered the block's writes: set the flag word at symmetric offset `off` on
+// rank `peer` to the round (same node: release store through the peer pointer; other node: quiet, then signal).
+__device__ __forceinline__ void raise_flag(const Params& p, size_t off, int peer, unsigned round) {
+  if (same_node(p, peer)) {
+    st_rel(reinterpret_cast<unsigned long long*>(p.peer[peer] + off), round);
+  } else {
+    nvshmem_quiet();
+    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + off), round, NVSHMEM_SIGNAL_SET, peer);
+  }
+}
+
+// The whole block, after a __syncthreads that ordered its stores of one payload per destination: raise the signal
+// word at symmetric offset sig_off on every destination to the round. Same node: the payload was written in place
+// through the peer pointer; one thread per destination releases (st.release.sys). Other node: put_signal(d) puts the
+// staged payload with the signal after the data, by the whole block (one thread would take nbytes / 16 serial steps
+// per destination), one call per destination, then one quiet for all of them (the staging is reused next round).
+template <typename PutSignal>
+__device__ __forceinline__ void signal_every_destination(const Params& p, size_t sig_off, unsigned round,
+                                                         PutSignal put_signal) {
+  for (int d = threadIdx.x; d < R; d += THREADS) {
+    if (SKIP && d != p.me) continue;
+    if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + sig_off), round);
+  }
+  bool any_remote = false;
+  for (int d = 0; d < R; ++d) {  // block-uniform conditions
+    if ((SKIP && d != p.me) || same_node(p, d)) continue;
+    put_signal(d);
+    any_remote = true;
+  }
+  if (any_remote && threadIdx.x == 0) nvshmem_quiet();
+}
+
+// Phase timestamps (%globaltimer, ns) of the latest round in state words 32..49 (u64 [9]): 0 dispatch send start,
+// 1 block 0's send work issued, 2 last send block signalled, 3 receive wait over (block 0), 4 receive done (last block),
+// 5 combine send start, 6 combine send signalled, 7 combine receive wait over (block 0), 8 combine receive done.
+// One store by one thread per phase: off the data path. Read by tests/gpu/bench_quick.py.
+__device__ __forceinline__ void stamp(const Params& p, int i) {
+  reinterpret_cast<unsigned long long*>(p.state + 32)[i] = gtime();
+}
+
+// Warp copy of n bytes (multiple of 16), 4 x 16 B in flight per lane.
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int n) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  int nv = n / 16;
+  int i = lane_id();
+  for (; i + 96 < nv; i += 128) {
+    uint4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+    d[i] = a; d[i + 32] = b; d[i + 64] = c; d[i + 96] = e;
+  }
+  for (; i < nv; i += 32) d[i] = s[i];
+}
+
+// Copy 16-byte chunks [v0, v1) of a row by a warp.
+__device__ __forceinline__ void warp_copy_range(char* dst, const char* src, int v0, int v1) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  int i = v0 + lane_id();
+  for (; i + 32 < v1; i += 64) { uint4 a = s[i], b = s[i + 32]; d[i] = a; d[i + 32] = b; }
+  for (; i < v1; i += 32) d[i] = s[i];
+}
+
+// Copy 16-byte chunks [v0, v1) of src to every non-null dst[k] by a warp: U x 16 B loads per lane are issued before
+// the first store (one dependent load -> store round per U x 32 chunks instead of one per 32).
+template <int NK, int U = 3>
+__device__ __forceinline__ void warp_copy_multi(char* const (&dst)[NK], const char* src, int v0, int v1) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  for (int b = v0 + lane_id(); b < v1; b += 32 * U) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (b + 32 * u < v1) v[u] = s[b + 32 * u];
+#pragma unroll
+    for (int k = 0; k < NK; ++k) {
+      if (!dst[k]) continue;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (b + 32 * u < v1) reinterpret_cast<uint4*>(dst[k])[b + 32 * u] = v[u];
+    }
+  }
+}
+
+// Tokens per send work item: the host's choice, clamped so that ht has at most MAX_CHUNKS chunks per source.
+__device__ __forceinline__ int chunk_tokens(const Params& p) {
+  const int ch = max(1, min(MAX_ITEM_TOKENS, p.ch));
+  return HT ? max(ch, (p.T + MAX_CHUNKS - 1) / MAX_CHUNKS) : ch;
+}
+
+// A warp takes the next unit of a dynamic work list (counter in p.state).
+__device__ __forceinline__ int warp_grab(const Params& p, int slot) {
+  int u = 0;
+  if (lane_id() == 0) u = (int)atomicAdd(&p.state[slot], 1u);
+  return __shfl_sync(0xffffffffu, u, 0);
+}
+
+__device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
+  return *((volatile unsigned*)&p.state[slot]) + 1u;
+}
+
+// out[0..n] = exclusive prefix sums of in[0..n) (out[n] = total); every thread of the block calls it.
+__device__ void block_exclusive_scan(const int* in, int* out, int n) {
+  __shared__ int s_warp[WARPS];
+  const int per = (n + THREADS - 1) / THREADS;
+  const int b = threadIdx.x * per, e = min(n, b + per);
+  int sum = 0;
+  for (int i = b; i < e; ++i) sum += in[i];
+  // inclusive scan of per-thread sums across the block
+  int v = sum;
+  const int lane = lane_id(), warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, v, o); if (lane >= o) v += u; }
+  if (lane == 31) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < WARPS ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) { int u = __shfl_up_sync(0xffffffffu, w, o); if (lane >= o) w += u; }
+    if (lane < WARPS) s_warp[lane] = w;
+  }
+  __syncthreads();
+  int acc = v - sum + (warp ? s_warp[warp - 1] : 0);
+  for (int i = b; i < e; ++i) { out[i] = acc; acc += in[i]; }
+  if (threadIdx.x == THREADS - 1) out[n] = acc;
+  __syncthreads();
+}
+
+}  // namespace ep

@@ -1,0 +1,445 @@
+// Dispatch: send every token to the ranks of its experts (dispatch_send), receive and lay the rows out by local
+// expert for a grouped GEMM (dispatch_recv). Protocol: README.md, "Protocol (one round)".
+#pragma once
+#include "common.cuh"
+#include "payload.cuh"
+
+namespace ep {
+
+// ------------------------------------------------------------------------------------------------ dispatch, send
+// Work item (destination d, token chunk c). Per-entry rank inside its expert (and HT: per-token slot for d) from a
+// prefix count over earlier tokens plus a warp match_any scan of the chunk.
+// fused: send and receive run in one kernel (ep_dispatch). Then, in ht bf16, the messages to this rank itself carry
+// only their metadata and the receiver reads the row from x (one write + one read of every own row less in HBM; the
+// split kernels cannot: the caller may reuse x between dispatch_async and dispatch_wait).
+__device__ __forceinline__ bool own_rows_from_x(bool fused) { return HT && !FP8 && fused; }
+
+__device__ void dispatch_send(const Params& p, bool fused) {
+  __shared__ int s_cnt[LOCAL_EXPERTS];        // running per-expert count (experts of d)
+  __shared__ int s_rank[MAX_ITEM_TOKENS * K];   // rank of entry within its expert, -1 if not on d
+  __shared__ int s_tslot[MAX_ITEM_TOKENS];      // HT: slot of token for d, -1 if not sent to d
+  __shared__ int s_ctok[MAX_CHUNKS + 1];      // HT, last chunk: tokens of each chunk that go to d, then their prefix
+  __shared__ int s_ctpref[MAX_CHUNKS + 1];
+  __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
+  __shared__ int s_item;
+  const unsigned round = cur_round(p, S_DSEND);
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
+  const int par = round & 1;
+  const int T = p.T;
+  const int ch = chunk_tokens(p);
+  const int nchunks = max(1, (T + ch - 1) / ch);   // T = 0: one empty item per destination (counts, flag)
+  const int ndest = SKIP ? 1 : R;
+  const int nitems = ndest * nchunks;
+  bool used_shmem = false;
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+
+  // handle copy of the ids (combine needs them) + the fused shared expert rows
+  for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
+
+  // ht: items taken in order from a counter, so blocks whose items went to this rank (fast) take more of them and
+  // the chunks reach each destination in the order of the list (and so of its receive)
+  auto next_item = [&](int prev) {
+    if (!HT) return prev + (int)gridDim.x;
+    if (threadIdx.x == 0) s_item = (int)atomicAdd(&p.state[S_SCTR], 1u);
+    __syncthreads();
+    const int v = s_item;
+    __syncthreads();
+    return v;
+  };
+  for (int item = HT ? next_item(0) : blockIdx.x; item < nitems; item = next_item(item)) {
+    // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
+    // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
+    const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
+    const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
+    const bool last = HT && c == nchunks - 1;
+    const int t0 = c * ch, t1 = min(T, t0 + ch);
+    const int lo = d * LOCAL_EXPERTS, hi = lo + LOCAL_EXPERTS;
+    for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) s_cnt[l] = 0;
+    if (last) for (int q = threadIdx.x; q <= nchunks; q += THREADS) s_ctok[q] = 0;
+    __syncthreads();
+    // prefix over tokens [0, t0)
+    int tok_before = 0;
+    for (int tb = 0; tb < t0; tb += THREADS) {
+      int t = tb + threadIdx.x;
+      bool goes = false;
+      if (t < t0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          int id = p.ids[t * K + k];
+          if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+        }
+        if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
+      }
+      tok_before += __syncthreads_count(goes);
+    }
+    __syncthreads();
+    // warp 0: ranks inside the chunk
+    if (warp == 0) {
+      int tslot = tok_before;
+      const int n = (t1 - t0) * K;
+      for (int j0 = 0; j0 < n; j0 += 32) {
+        int j = j0 + lane;
+        int id = j < n ? p.ids[t0 * K + j] : -1;
+        bool on = id >= lo && id < hi;
+        int key = on ? id : -1 - lane;
+        unsigned m = __match_any_sync(0xffffffffu, key);
+        int r = -1;
+        if (on) {
+          r = s_cnt[id - lo] + __popc(m & lanemask_lt());
+        }
+        __syncwarp();
+        if (on && (m >> lane) == 1u) {  // highest lane of its group
+          s_cnt[id - lo] += __popc(m);
+          if (!HT) atomicAdd(&p.hist_acc[d * HIST_ROW_INTS + (id - lo)], __popc(m));
+        }
+        if (j < n) s_rank[j] = r;
+        __syncwarp();
+      }
+      if constexpr (HT) {
+        for (int tt = 0; tt < t1 - t0; tt += 32) {
+          int t = t0 + tt + lane;
+          bool goes = false;
+          if (t < t1) {
+            for (int k = 0; k < K; ++k) { int id = p.ids[t * K + k]; goes |= (id >= lo && id < hi); }
+          }
+          unsigned b = __ballot_sync(0xffffffffu, goes);
+          if (t < t1) s_tslot[tt + lane] = goes ? tslot + __popc(b & lanemask_lt()) : -1;
+          tslot += __popc(b);
+        }
+        if (lane == 0) s_chunk_n = tslot - tok_before;
+      }
+    }
+    __syncthreads();
+    if constexpr (HT) {
+      if (last) {  // ship the count message to d (s_cnt now counts tokens [0, T))
+        if (threadIdx.x == 0) s_ctok[c] = s_chunk_n;
+        __syncthreads();
+        block_exclusive_scan(s_ctok, s_ctpref, nchunks);
+        const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * COUNT_ROW_INTS * 4;
+        const bool loc = same_node(p, d);
+        int* cm = loc ? reinterpret_cast<int*>(p.peer[d] + coff)
+                      : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * COUNT_ROW_INTS * 4);
+        for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) cm[l] = s_cnt[l];
+        for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[LOCAL_EXPERTS + 2 + q] = s_ctpref[q];
+        if (threadIdx.x == 0) { cm[LOCAL_EXPERTS] = s_ctpref[nchunks]; cm[LOCAL_EXPERTS + 1] = nchunks; }
+        __syncthreads();
+        const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+        if (loc) {
+          if (threadIdx.x == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+        } else {
+          nvshmemx_putmem_signal_nbi_block(p.sym + coff, cm, COUNT_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                           round, NVSHMEM_SIGNAL_SET, d);
+          used_shmem = true;
+        }
+      }
+    }
+    // copy
+    const bool local = same_node(p, d);
+    char* dbase = (local ? p.peer[d] : p.sym);
+    if constexpr (!HT) {
+      // (token, slice) per warp: x[t] is read (and quantised) once per slice and written to every slot on d
+      const int nt = t1 - t0;
+      for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
+        const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
+        const int t = t0 + tt;
+        char* dst[K];
+        size_t offs[K];
+        bool any = false;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          int r = s_rank[tt * K + k];
+          dst[k] = nullptr;
+          offs[k] = 0;
+          if (r < 0) continue;
+          int l = p.ids[t * K + k] - lo;
+          if (r >= M) {  // more rows for one expert than slots (duplicate expert ids in a token)
+            if (lane == 0 && sl == 0) report(p, ERR_SLOT_OVERFLOW, d, l, (int)round, PHASE_DISPATCH);
+            continue;
+          }
+          offs[k] = p.off_drecv + ((((size_t)par * LOCAL_EXPERTS + l) * R + p.me) * M + r) * MSG_BYTES;
+          dst[k] = local ? dbase + offs[k] : p.sym + p.off_stage + ((size_t)t * K + k) * MSG_BYTES;
+          any = true;
+        }
+        if (!any) continue;
+        warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
+        if (lane == 0 && sl == 0) {
+#pragma unroll
+          for (int k = 0; k < K; ++k)
+            if (dst[k]) { int* meta = reinterpret_cast<int*>(dst[k] + DATA_BYTES + SCALE_BYTES); meta[0] = t; meta[1] = k; }
+        }
+      }
+      if (!local) {  // other node: the staged messages are complete once every slice is written
+        __syncthreads();
+        for (int j = warp; j < nt * K; j += WARPS) {
+          int r = s_rank[j];
+          if (r < 0 || r >= M) continue;
+          int t = t0 + j / K, k = j % K;
+          int l = p.ids[t * K + k] - lo;
+          size_t off = p.off_drecv + ((((size_t)par * LOCAL_EXPERTS + l) * R + p.me) * M + r) * MSG_BYTES;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * K + k) * MSG_BYTES, MSG_BYTES, d);
+        }
+        used_shmem = true;
+      }
+    } else {
+      // (token, slice) per warp: every warp of the block is busy even with a few tokens per item, and each lane has
+      // a slice's SLICE_STEPS loads of x in flight (one warp per whole row was a chain of ROW_STEPS dependent load -> store
+      // rounds: the small-T latency)
+      const int nt = t1 - t0;
+      const bool meta_only = own_rows_from_x(fused) && d == p.me;
+      for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
+        const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
+        const int slot = s_tslot[tt];
+        if (slot < 0 || (meta_only && sl != 0)) continue;
+        const int t = t0 + tt;
+        const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
+        char* dst[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) dst[k] = nullptr;
+        dst[0] = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES;
+        if (!meta_only) warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
+        if (sl == 0) {
+          int* meta = reinterpret_cast<int*>(dst[0] + DATA_BYTES + SCALE_BYTES);
+          if (lane == 0) { meta[0] = t; meta[1] = 0; }
+          if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
+        }
+      }
+      if (!local) {  // other node: each staged message is complete once all its slices are written
+        __syncthreads();
+        for (int tt = warp; tt < nt; tt += WARPS) {
+          const int slot = s_tslot[tt];
+          if (slot < 0) continue;
+          const int t = t0 + tt;
+          const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES, MSG_BYTES, d);
+        }
+        used_shmem = true;
+      }
+      // this chunk's messages are written: raise its ready flag on d
+      __syncthreads();
+      if (threadIdx.x == 0) raise_flag(p, p.off_dflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, d, round);
+    }
+    __syncthreads();
+  }
+
+  // fused shared expert: this rank's own share of tokens -> group 0, rows 0..
+  if constexpr (FUSED) {
+    int s0 = 0, s1 = T;
+    if (SKIP && ALLREDUCE_RANKS > 1) {
+      int i = p.me % ALLREDUCE_RANKS, base = T / ALLREDUCE_RANKS, extra = T % ALLREDUCE_RANKS;
+      s0 = i * base + min(i, extra);
+      s1 = s0 + base + (i < extra ? 1 : 0);
+    }
+    const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+    for (int t = s0 + gw; t < s1; t += nw) {
+      int row = t - s0;
+      char* dst = reinterpret_cast<char*>(p.ex) + (size_t)row * DATA_BYTES;
+      warp_put_token(p, t, dst, p.escale + (size_t)row * SCALE_COLS);
+      if (lane == 0) { p.src_info[row * 3] = p.me; p.src_info[row * 3 + 1] = t; p.src_info[row * 3 + 2] = -1; }
+    }
+  }
+
+  // hand over: the last block ships the per-expert histogram rows and the signals
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 1);
+  const bool last_block = block_done(p, S_DSEND, used_shmem);
+  if (!HT && last_block) {
+    // ll: the whole block moves the R x HIST_ROW_INTS counts at once (independent atomics in flight, not
+    // HIST_ROW_INTS / 32 dependent rounds per warp), each writer fences its own stores, then one thread per
+    // destination signals
+    const size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HIST_ROW_INTS) * 4;
+    for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
+      const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
+      if (SKIP && d != p.me) continue;
+      int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
+                                 : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
+      dst[l] = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
+    }
+    __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
+    const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+    // other-node destinations: block-scope put + signal of the staged counts
+    signal_every_destination(p, soff, round, [&](int d) {
+      nvshmemx_putmem_signal_nbi_block(p.sym + hoff, p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4,
+                                       HIST_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff), round,
+                                       NVSHMEM_SIGNAL_SET, d);
+    });
+    __syncthreads();
+  }
+  // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
+  if (last_block && threadIdx.x == 0) { stamp(p, 2); p.state[S_SCTR] = 0; __threadfence(); p.state[S_DSEND] = round; }
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch, receive
+__device__ void dispatch_recv(const Params& p, bool fused) {
+  __shared__ int s_c[LOCAL_EXPERTS * R];      // rows of expert l from source s (LL / HT alike)
+  __shared__ int s_pref[LOCAL_EXPERTS * R + 1];
+  __shared__ int s_ntok[R];
+  __shared__ int s_tpref[R + 1];
+  __shared__ int s_chpref[HT ? R * (MAX_CHUNKS + 1) : 1];   // HT: per source, token prefix by chunk
+  __shared__ int s_nch[R];
+  const unsigned round = cur_round(p, S_DRECV);
+  const int par = round & 1;
+  const unsigned long long t0 = gtime();
+  const int warp = threadIdx.x >> 5, lane = lane_id();
+  const int nshare_begin = 0;
+  int nshare = 0;
+  if constexpr (FUSED) {
+    nshare = p.T;
+    if (SKIP && ALLREDUCE_RANKS > 1) {
+      int i = p.me % ALLREDUCE_RANKS, base = p.T / ALLREDUCE_RANKS, extra = p.T % ALLREDUCE_RANKS;
+      nshare = base + (i < extra ? 1 : 0);
+    }
+  }
+  (void)nshare_begin;
+  const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
+  if (!block_wait(p, sig, round, PHASE_DISPATCH, -1, t0)) return;
+  if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
+  // ll: the per-expert counts of every source; ht: every source's count message (counts, tokens, chunk table)
+  const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * COUNT_ROW_INTS;
+  for (int q = threadIdx.x; q < LOCAL_EXPERTS * R; q += THREADS) {
+    int l = q / R, s = q % R;
+    s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + l], HT ? M * K : M);
+  }
+  for (int s = threadIdx.x; s < R; s += THREADS) {
+    s_ntok[s] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS], M);
+    if (HT) s_nch[s] = (SKIP && s != p.me) ? 0 : max(0, min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 1], MAX_CHUNKS));
+  }
+  __syncthreads();
+  if constexpr (HT) {
+    for (int q = threadIdx.x; q < R * (MAX_CHUNKS + 1); q += THREADS) {
+      const int s = q / (MAX_CHUNKS + 1), c = q % (MAX_CHUNKS + 1);
+      s_chpref[q] = c <= s_nch[s] ? hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 2 + c] : 0x7fffffff;
+    }
+  }
+  block_exclusive_scan(s_c, s_pref, LOCAL_EXPERTS * R);
+  if (threadIdx.x == 0) {
+    int ta = 0;
+    // ht receives sources in the order me, me + 1, ... (its own messages land first)
+    for (int q = 0; q < R; ++q) { s_tpref[q] = ta; ta += s_ntok[HT ? (p.me + q) % R : q]; }
+    s_tpref[R] = ta;
+  }
+  __syncthreads();
+  const int total = nshare + s_pref[LOCAL_EXPERTS * R];
+  if (blockIdx.x == 0) {
+    for (int g = threadIdx.x; g <= GROUPS; g += THREADS) {
+      unsigned v;
+      if (FUSED && g == 0) v = 0;
+      else v = nshare + s_pref[(g - (FUSED ? 1 : 0)) * R];
+      p.row_offsets[g] = v;
+      if (g < GROUPS) p.expert_ids[g] = (FUSED && g == 0) ? -1 : p.me * LOCAL_EXPERTS + (g - (FUSED ? 1 : 0));
+    }
+    for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) {
+      int c = 0;
+      for (int s = 0; s < R; ++s) c += s_c[l * R + s];
+      p.tpe[l] = c;
+    }
+    if constexpr (HT) {
+      for (int s = threadIdx.x; s < R; s += THREADS) {
+        p.hcount[s] = s_ntok[s];
+        p.hchunk[R * (MAX_CHUNKS + 1) + s] = s_nch[s];
+      }
+      for (int q = threadIdx.x; q < R * (MAX_CHUNKS + 1); q += THREADS) p.hchunk[q] = s_chpref[q];
+    }
+  }
+  // rows past the end: src_info = -1
+  for (int i = total * 3 + blockIdx.x * THREADS + threadIdx.x; i < p.maxr * 3; i += gridDim.x * THREADS) p.src_info[i] = -1;
+
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  const char* rbuf = p.sym + p.off_drecv;
+  if constexpr (!HT) {
+    const int nr = s_pref[LOCAL_EXPERTS * R];
+    constexpr int NV = DATA_BYTES / 16;                       // 16-byte chunks of the data part
+    constexpr int VPS = (NV + ROW_SLICES - 1) / ROW_SLICES;
+    for (int it = gw; it < nr * ROW_SLICES; it += nw) {
+      const int j = it / ROW_SLICES, sl = it % ROW_SLICES;
+      // find q with s_pref[q] <= j < s_pref[q+1]
+      int lo = 0, hi = LOCAL_EXPERTS * R;  // invariant: s_pref[lo] <= j < s_pref[hi]
+      while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (s_pref[mid] <= j) lo = mid; else hi = mid; }
+      int l = lo / R, s = lo % R, i = j - s_pref[lo];
+      const char* msg = rbuf + ((((size_t)par * LOCAL_EXPERTS + l) * R + s) * M + i) * MSG_BYTES;
+      int row = nshare + j;
+      char* const dst[1] = {reinterpret_cast<char*>(p.ex) + (size_t)row * DATA_BYTES};
+      warp_copy_multi<1, (VPS + 31) / 32>(dst, msg, sl * VPS, min(NV, (sl + 1) * VPS));
+      if (sl != 0) continue;
+      if (FP8)
+        for (int c = lane; c < SCALE_COLS; c += 32)
+          p.escale[(size_t)row * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+      if (lane == 0) {
+        const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
+        p.src_info[row * 3] = s; p.src_info[row * 3 + 1] = meta[0]; p.src_info[row * 3 + 2] = meta[1];
+      }
+    }
+  } else {
+    const int ntot = s_tpref[R];
+    constexpr int NV = DATA_BYTES / 16;                       // 16-byte chunks of the data part
+    constexpr int VPS = (NV + ROW_SLICES - 1) / ROW_SLICES;
+    // Up to 4 rounds: (message, slice) units, spread statically over all warps. More: whole messages, taken in
+    // order (atomic counter), sources from this rank on, so the blocks that are free early (their send items went
+    // to this rank) expand what has landed while other blocks still send to the peers. (Whole messages pay only
+    // when every warp has several: at 128 tokens one warp per message took 26 us.)
+    const bool dyn = ntot * ROW_SLICES > 4 * nw;
+    const int nunits = dyn ? ntot : ntot * ROW_SLICES;
+    int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
+    for (int u = dyn ? warp_grab(p, S_RCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_RCTR) : u + nw) {
+      const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
+      int q = 0;
+      while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
+      const int s = (p.me + q) % R;
+      // dynamic: last message first (the sender's chunks go out last chunk first)
+      const int i = dyn ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
+      // the sender's chunk that holds message i: last c with prefix[c] <= i (binary search in shared memory)
+      const int* cp = s_chpref + s * (MAX_CHUNKS + 1);
+      int clo = 0, chi = max(1, s_nch[s]);  // invariant: cp[clo] <= i < cp[chi]
+      while (chi - clo > 1) { const int mid = (clo + chi) >> 1; if (cp[mid] <= i) clo = mid; else chi = mid; }
+      if (s != ready_s || clo != ready_c) {
+        bool ok = true;
+        if (lane == 0) {
+          const unsigned long long* f =
+              reinterpret_cast<const unsigned long long*>(p.sym + p.off_dflag) + ((size_t)par * R + s) * MAX_CHUNKS + clo;
+          ok = thread_wait(p, f, round, PHASE_DISPATCH, s, clo, t0);
+        }
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
+        if (!ok) break;
+        ready_s = s;
+        ready_c = clo;
+      }
+      const char* msg = rbuf + (((size_t)par * R + s) * M + i) * MSG_BYTES;
+      const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
+      int t = meta[0];
+      int rows[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        int id = meta[2 + k];
+        int l = id - p.me * LOCAL_EXPERTS;
+        rows[k] = (l >= 0 && l < LOCAL_EXPERTS) ? nshare + s_pref[l * R + s] + meta[2 + K + k] : -1;
+      }
+      // one read of the message slice, one write per local expert slot
+      char* dst[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        dst[k] = rows[k] >= 0 ? reinterpret_cast<char*>(p.ex) + (size_t)rows[k] * DATA_BYTES : nullptr;
+      // own tokens (fused bf16): the row comes straight from x
+      const char* src = (own_rows_from_x(fused) && s == p.me && t >= 0 && t < p.T)
+                            ? reinterpret_cast<const char*>(p.x) + (size_t)t * DATA_BYTES : msg;
+      if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
+      else warp_copy_multi<K, (VPS + 31) / 32>(dst, src, sl * VPS, min(NV, (sl + 1) * VPS));
+      if (sl == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (rows[k] < 0) continue;
+          if (FP8)
+            for (int c = lane; c < SCALE_COLS; c += 32)
+              p.escale[(size_t)rows[k] * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+          if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
+        }
+        int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+        if (lane == 0) { hi[0] = t; hi[1] = 0; }
+        if (lane < K) hi[2 + lane] = rows[lane];
+      }
+    }
+  }
+  if (block_done(p, S_DRECV, false, false)) {
+    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0; }
+  }
+}
+
+}  // namespace ep

@@ -1,0 +1,185 @@
+// The kernels' compile-time shape and memory layout: constants, the device error record, the parameter struct.
+//
+// The shape comes in as -D defines (jit.defines_for): EP_H hidden, EP_K topk, EP_E experts, EP_R ranks, EP_M max
+// tokens per rank, EP_FP8 (0/1), EP_HT (0 = "ll", 1 = "ht"), EP_FUSED (fused shared expert), EP_SKIP (skip_a2a),
+// EP_ARW (allreduce world size), EP_THREADS (block size). H, K, E, R, M keep the letters of the docs' formulas
+// (R * M * K rows, ...). Every size derived from them arrives as a define as well (layout.py kernel_defines) and is
+// checked against the derivation below.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#ifndef EP_H
+#error "EP_H (hidden) must be defined"
+#endif
+#ifndef EP_MSG_BYTES
+#error "the derived sizes (EP_MSG_BYTES, ...) must be defined: build with epcomm.backends.gpu.jit (kernel_defines)"
+#endif
+#ifndef EP_THREADS
+#define EP_THREADS 512
+#endif
+
+namespace ep {
+
+constexpr int H = EP_H;
+constexpr int K = EP_K;
+constexpr int E = EP_E;
+constexpr int R = EP_R;
+constexpr int M = EP_M;
+constexpr bool FP8 = EP_FP8 != 0;
+constexpr bool HT = EP_HT != 0;
+constexpr bool FUSED = EP_FUSED != 0;
+constexpr bool SKIP = EP_SKIP != 0;
+constexpr int ALLREDUCE_RANKS = EP_ARW;
+constexpr int THREADS = EP_THREADS;
+constexpr int WARPS = THREADS / 32;
+constexpr int LOCAL_EXPERTS = E / R;
+constexpr int GROUPS = LOCAL_EXPERTS + (FUSED ? 1 : 0);   // output groups: local experts (+ the shared expert)
+constexpr int SCALE_COLS = H / 128;                       // fp8 scales per row
+constexpr int DATA_BYTES = FP8 ? H : 2 * H;               // data bytes of one row in the dispatch format
+constexpr int SCALE_BYTES = FP8 ? 4 * SCALE_COLS : 0;
+constexpr int al16(int x) { return (x + 15) / 16 * 16; }
+constexpr int META_BYTES = HT ? al16(8 + 8 * K) : 16;     // ht: token, pad, K expert ids, K slot ranks; ll: token, k
+constexpr int MSG_BYTES = al16(DATA_BYTES + SCALE_BYTES + META_BYTES);   // one message in the dispatch receive buffer
+// ll: ints of one (source -> destination) count row: per-expert counts [LOCAL_EXPERTS], tokens
+constexpr int HIST_ROW_INTS = (LOCAL_EXPERTS + 1 + 3) / 4 * 4;
+constexpr int MAX_ITEM_TOKENS = 64;   // most tokens per send work item (the host picks p.ch <= MAX_ITEM_TOKENS)
+// ht: a source's tokens are cut into at most MAX_CHUNKS chunks (send work items), each with its own ready flag on the
+// destination, so the receiver expands the chunks that have landed while later ones are still on the link.
+// The count message of ht: per-expert counts [LOCAL_EXPERTS], tokens, chunks, token prefix by chunk [chunks + 1].
+constexpr int MIN_CHUNKS = R <= 32 ? 256 : 128;
+constexpr int MAX_CHUNKS =
+    HT ? ((M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS > MIN_CHUNKS ? (M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS : MIN_CHUNKS)
+       : 1;
+constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + 3) / 4 * 4 : HIST_ROW_INTS;
+constexpr int COMBINE_ROW_BYTES = 2 * H;                  // bf16 row of the combine
+// ht combine: floats of one source's [M, K] weights in wrecv / cstage, padded to 16 bytes: the weights are copied
+// with uint4 stores and M * K need not be a multiple of 4 (unpadded, such a stride misaligns those stores)
+constexpr int WEIGHT_STRIDE = (M * K + 3) / 4 * 4;
+
+// Rows are cut into slices so that several warps share one row (latency hiding when there are few rows).
+constexpr int ROW_VECS = H / 8;                                          // 16-byte chunks of a bf16 row
+constexpr int ROW_STEPS = (ROW_VECS + 31) / 32;                          // warp steps (32 chunks) per bf16 row
+constexpr int SLICE_STEPS = ROW_STEPS >= 8 ? ROW_STEPS / 8 : 1;          // warp steps per slice
+constexpr int ROW_SLICES = (ROW_STEPS + SLICE_STEPS - 1) / SLICE_STEPS;  // slices per row
+constexpr int SLICE_VECS = SLICE_STEPS * 32;                             // bf16 chunks per slice
+
+static_assert(H % 128 == 0, "hidden must be a multiple of 128");
+static_assert(E % R == 0, "experts must divide by ranks");
+static_assert(MAX_ITEM_TOKENS * K <= 4096, "chunk too large");
+static_assert(K <= 32, "topk must be <= 32");
+static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
+static_assert(R * (MAX_CHUNKS + 1) * 4 <= 36 * 1024, "ht: too many ranks x chunks for the receiver's shared chunk table");
+static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bit)");
+
+// State words in device memory (uint32).
+// Rounds per phase, S_DONE + phase: blocks done, S_RCTR / S_SCTR / S_CSCTR / S_CRCTR: ht work counters of dispatch
+// receive / send and combine send / receive (reset by the last block of the phase).
+enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
+       S_CRCTR = 19, S_FAIL = 20 };  // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead)
+
+struct ErrRec {  // lives in host-mapped pinned memory
+  int flag;      // 0 = none, else code
+  int code;
+  int peer;      // rank that did not arrive (or source rank of a bad row)
+  int what;      // group / expert / row involved
+  int waiter;    // rank that recorded it
+  int round;
+  int phase;     // PHASE_*
+  int pad;
+};
+enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4 };
+enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
+
+struct Params {
+  const void* x;            // [T, H] bf16
+  const int* ids;           // [T, K] int32
+  const float* weights;     // [T, K] fp32 (combine)
+  const void* expert_y;     // [MAXR, H] bf16 (combine)
+  void* y;                  // [T, H] bf16 (combine output)
+  void* ex;                 // expert_x [MAXR, H]
+  float* escale;            // [MAXR, SCALE_COLS]
+  unsigned* row_offsets;    // [GROUPS + 1]
+  int* expert_ids;          // [GROUPS]
+  int* src_info;            // [MAXR, 3]
+  int* tpe;                 // [LOCAL_EXPERTS]
+  int* hids;                // handle: copy of topk ids [M, K]
+  int* hinfo;               // handle (HT): [R][M][2 + K]  (t, unused, row of each k or -1)
+  int* hcount;              // handle (HT): [R] received tokens per source
+  char* sym;                // local base of the symmetric region
+  unsigned* state;          // device state words
+  int* hist_acc;            // [R][HIST_ROW_INTS] accumulators (device memory, zeroed)
+  ErrRec* err;              // host-mapped
+  int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
+  unsigned long long timeout_ns;
+  unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;
+  int T;
+  int me;
+  int maxr;                 // rows of expert_x
+  int ch;                   // tokens per send work item (1..MAX_ITEM_TOKENS)
+  int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
+  char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
+};
+
+// ------------------------------------------------------------------------------------------------ agreement with the host
+// Bytes of each symmetric region as the kernels index it (staging included: as with peers on other nodes).
+// drecv: ht [parity][source][slot], ll [parity][expert][source][slot]
+constexpr long long REGION_BYTES_DRECV = HT ? 2LL * R * M * MSG_BYTES : 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
+constexpr long long REGION_BYTES_DHIST = 2LL * R * COUNT_ROW_INTS * 4;                       // [parity][source] counts
+constexpr long long REGION_BYTES_DSIG = 2LL * R * 8;
+constexpr long long REGION_BYTES_STAGE = HT ? 1LL * M * R * MSG_BYTES : 1LL * M * K * MSG_BYTES;   // [token][dest / k]
+constexpr long long REGION_BYTES_HSTAGE = 1LL * R * COUNT_ROW_INTS * 4;                      // [destination] counts
+constexpr long long REGION_BYTES_CRECV = HT ? 2LL * R * M * COMBINE_ROW_BYTES                // [parity][rank][token]
+                                            : 2LL * M * K * COMBINE_ROW_BYTES;               // [parity][token][k]
+constexpr long long REGION_BYTES_CSIG = 2LL * R * 8;
+constexpr long long REGION_BYTES_WRECV = HT ? 2LL * R * WEIGHT_STRIDE * 4 : 0;               // [parity][source] weights
+constexpr long long REGION_BYTES_WSIG = 2LL * R * 8;
+constexpr long long REGION_BYTES_CSTAGE = HT ? 1LL * R * WEIGHT_STRIDE * 4 + 1LL * R * M * COMBINE_ROW_BYTES : 0;
+constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
+constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
+constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
+
+// Every size the host derives (epcomm/backends/gpu/layout.py kernel_defines) comes in as a define and must equal the
+// kernel's own derivation: the CPU compile test of every specialisation proves the two layouts agree.
+#define EP_AGREES(kernel, host) \
+  static_assert((long long)(kernel) == (long long)(host), #host " (host layout.py) != " #kernel " (kernel)")
+EP_AGREES(LOCAL_EXPERTS, EP_LOCAL_EXPERTS);
+EP_AGREES(GROUPS, EP_GROUPS);
+EP_AGREES(SCALE_COLS, EP_SCALE_COLS);
+EP_AGREES(DATA_BYTES, EP_DATA_BYTES);
+EP_AGREES(SCALE_BYTES, EP_SCALE_BYTES);
+EP_AGREES(META_BYTES, EP_META_BYTES);
+EP_AGREES(MSG_BYTES, EP_MSG_BYTES);
+EP_AGREES(HIST_ROW_INTS, EP_HIST_ROW_INTS);
+EP_AGREES(MAX_ITEM_TOKENS, EP_MAX_ITEM_TOKENS);
+EP_AGREES(MAX_CHUNKS, EP_MAX_CHUNKS);
+EP_AGREES(COUNT_ROW_INTS, EP_COUNT_ROW_INTS);
+EP_AGREES(COMBINE_ROW_BYTES, EP_COMBINE_ROW_BYTES);
+EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
+EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
+EP_AGREES(REGION_BYTES_DHIST, EP_REGION_BYTES_DHIST);
+EP_AGREES(REGION_BYTES_DSIG, EP_REGION_BYTES_DSIG);
+EP_AGREES(REGION_BYTES_STAGE, EP_REGION_BYTES_STAGE);
+EP_AGREES(REGION_BYTES_HSTAGE, EP_REGION_BYTES_HSTAGE);
+EP_AGREES(REGION_BYTES_CRECV, EP_REGION_BYTES_CRECV);
+EP_AGREES(REGION_BYTES_CSIG, EP_REGION_BYTES_CSIG);
+EP_AGREES(REGION_BYTES_WRECV, EP_REGION_BYTES_WRECV);
+EP_AGREES(REGION_BYTES_WSIG, EP_REGION_BYTES_WSIG);
+EP_AGREES(REGION_BYTES_CSTAGE, EP_REGION_BYTES_CSTAGE);
+EP_AGREES(REGION_BYTES_ABORT, EP_REGION_BYTES_ABORT);
+EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
+EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
+EP_AGREES(ERR_TIMEOUT, EP_ERR_TIMEOUT);                    // layout.py ErrorCode
+EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
+EP_AGREES(ERR_BAD_SOURCE, EP_ERR_BAD_SOURCE);
+EP_AGREES(ERR_ABORT, EP_ERR_ABORT);
+EP_AGREES(PHASE_DISPATCH, EP_PHASE_DISPATCH);              // layout.py Phase
+EP_AGREES(PHASE_COMBINE, EP_PHASE_COMBINE);
+EP_AGREES(PHASE_COMBINE_WEIGHTS, EP_PHASE_COMBINE_WEIGHTS);
+EP_AGREES(sizeof(Params), EP_PARAMS_BYTES);                // layout.py params_struct
+EP_AGREES(offsetof(Params, T), EP_PARAMS_OFFSET_T);
+EP_AGREES(offsetof(Params, peer), EP_PARAMS_OFFSET_PEER);
+#undef EP_AGREES
+
+}  // namespace ep

@@ -1,0 +1,117 @@
+// A token's payload as it goes on the wire: a bf16 copy, or fp8 blockwise quantisation (bit-exact with
+// epcomm.formats.quantize_fp8), by one warp.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace ep {
+
+// fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
+__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst) {
+  for (int base = 0; base < ROW_VECS; base += 32) {
+    int c = base + lane_id();
+    bool act = c < ROW_VECS;
+    uint4 v = act ? reinterpret_cast<const uint4*>(xrow)[c] : make_uint4(0, 0, 0, 0);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+    float f[8];
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      f[j] = __bfloat162float(h[j]);
+      amax = fmaxf(amax, fabsf(f[j]));
+    }
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    if (act) {
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float r = __fdiv_rn(f[j], scale);
+        uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(r, __NV_SATFINITE, __NV_E4M3);
+        if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+      }
+      reinterpret_cast<uint2*>(qdst)[c] = make_uint2(lo, hi);
+      if ((lane_id() & 15) == 0) sdst[c / 16] = scale;
+    }
+  }
+}
+
+// Write token t's payload (data [+ scales]) to dst (a message or an output row).
+__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales) {
+  const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
+  if constexpr (FP8) {
+    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales);
+  } else {
+    warp_copy(dst_data, xrow, 2 * H);
+  }
+}
+
+// Write token t's payload to up to K destinations (nullptr = skip): x is read (and quantised) once.
+__device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K], int step0,
+                                                     int step1) {
+  const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
+  if constexpr (FP8) {
+    // the slice's SLICE_STEPS x 16-B loads of x are issued together, then quantised and stored step by step
+    for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
+      uint4 vv[SLICE_STEPS];
+#pragma unroll
+      for (int u = 0; u < SLICE_STEPS; ++u) {
+        int c = (st0 + u) * 32 + lane_id();
+        vv[u] = (st0 + u < step1 && c < ROW_VECS) ? __ldg(reinterpret_cast<const uint4*>(xrow) + c)
+                                                  : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < SLICE_STEPS; ++u) {
+        if (st0 + u >= step1) break;
+        int c = (st0 + u) * 32 + lane_id();
+        bool act = c < ROW_VECS;
+        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&vv[u]);
+        float f[8];
+        float amax = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
+#pragma unroll
+        for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float scale = fmaxf(amax, 1e-4f) / 448.0f;
+        if (act) {
+          uint32_t lo = 0, hi = 0;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(f[j], scale), __NV_SATFINITE, __NV_E4M3);
+            if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+          }
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            if (!dst[k]) continue;
+            reinterpret_cast<uint2*>(dst[k])[c] = make_uint2(lo, hi);
+            if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DATA_BYTES)[c / 16] = scale;
+          }
+        }
+      }
+    }
+  } else {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow);
+    for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
+      uint4 v[SLICE_STEPS];
+#pragma unroll
+      for (int u = 0; u < SLICE_STEPS; ++u) {
+        int c = (st0 + u) * 32 + lane_id();
+        if (st0 + u < step1 && c < ROW_VECS) v[u] = src[c];
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (!dst[k]) continue;
+#pragma unroll
+        for (int u = 0; u < SLICE_STEPS; ++u) {
+          int c = (st0 + u) * 32 + lane_id();
+          if (st0 + u < step1 && c < ROW_VECS) reinterpret_cast<uint4*>(dst[k])[c] = v[u];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ep

@@ -1,0 +1,211 @@
+"""The GPU backend's memory layout: the one source of truth shared by GpuBackend, the kernels and epcomm.memory.
+
+* `Layout`: the derived sizes of one EPConfig (message bytes, count-row ints, chunk table, weight stride, ...) and the
+  offsets of the regions of the NVSHMEM symmetric buffer.
+* `kernel_defines(cfg)`: those sizes as -D defines for the kernels (jit.defines_for adds them); the kernels derive each
+  one again from the shape and `static_assert` that they agree, so the CPU compile test
+  (tests/unit/test_kernels_compile.py) proves the agreement for every specialisation.
+* `params_struct(ranks)`: the ctypes mirror of the kernels' `Params` (kernels/common.cuh); its size and the offsets of
+  its last fields are kernel defines too.
+* `device_arrays(cfg)`: every ordinary device array GpuBackend allocates (outputs, handle, counters); GpuBackend
+  allocates from this list and epcomm.memory sums it.
+* `ErrorCode` / `Phase`: the device error record's codes and phases (kernels: `ERR_*`, `PHASE_*`, checked the same way).
+
+Pure Python: importing this module needs no CUDA package (epcomm.memory plans memory on any machine).
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+from dataclasses import dataclass
+
+ALIGN = 256                 # every symmetric region starts 256-byte aligned
+MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
+
+
+class ErrorCode(enum.IntEnum):
+    """`code` of the device error record (kernels: ERR_*)."""
+    TIMEOUT = 1          # a peer did not arrive before the deadline
+    SLOT_OVERFLOW = 2    # ll: more rows for one (expert, source) than max_tokens_per_rank slots
+    BAD_SOURCE = 3       # combine: a handle entry (source rank, token, slot, row) out of range
+    ABORT = 4            # a peer aborted (its abort word is set)
+
+
+class Phase(enum.IntEnum):
+    """`phase` of the device error record (kernels: PHASE_*): what was being waited for."""
+    DISPATCH = 0
+    COMBINE = 1
+    COMBINE_WEIGHTS = 2
+
+    @property
+    def label(self) -> str:
+        return {0: "dispatch", 1: "combine", 2: "combine (weights)"}[int(self)]
+
+
+def _align(x: int, a: int = ALIGN) -> int:
+    return (x + a - 1) // a * a
+
+
+def _align16(x: int) -> int:
+    return (x + 15) // 16 * 16
+
+
+def _round4(x: int) -> int:
+    return (x + 3) // 4 * 4
+
+
+# Regions of the symmetric buffer, in address order; each is double buffered by round parity where it receives.
+REGIONS = ("drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag",
+           "cflag")
+
+
+class Layout:
+    """Derived sizes of one EPConfig and the symmetric-region offsets (`offset[name]`, `total` bytes).
+
+    any_remote: some pair of ranks is on different nodes (puts to them are staged in symmetric memory)."""
+
+    def __init__(self, cfg, any_remote: bool = True):
+        H, K, R, M = cfg.hidden, cfg.topk, cfg.world_size, cfg.max_tokens_per_rank
+        fp8 = cfg.token_format.quantized
+        ht = cfg.mode == "ht"
+        self.ht = ht
+        self.any_remote = any_remote
+        self.local_experts = NL = cfg.n_local_experts
+        self.groups = cfg.num_groups                       # output groups: local experts (+ the shared expert)
+        self.scale_cols = H // 128                         # fp8 scales per row
+        self.data_bytes = H if fp8 else 2 * H              # data bytes of one row in the dispatch format
+        self.scale_bytes = 4 * self.scale_cols if fp8 else 0
+        self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k
+        self.msg_bytes = _align16(self.data_bytes + self.scale_bytes + self.meta_bytes)   # one dispatch message
+        self.hist_row_ints = _round4(NL + 1)               # ll count row (source -> destination): [NL] counts, tokens
+        # ht: a source's tokens are cut into at most max_chunks send items, each with a ready flag on the destination;
+        # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1]
+        self.max_chunks = max(256 if R <= 32 else 128, -(-M // MAX_ITEM_TOKENS)) if ht else 1
+        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1) if ht else self.hist_row_ints
+        self.combine_row_bytes = 2 * H                     # bf16 row of the combine
+        # ht combine: floats of one source's [M, K] weights, padded to 16 bytes (copied with 16-byte stores)
+        self.weight_stride = _round4(M * K)
+        self.region_bytes = self._region_bytes(cfg, any_remote)
+        self.offset: dict[str, int] = {}
+        off = 0
+        for name in REGIONS:
+            self.offset[name] = off
+            off += _align(max(self.region_bytes[name], 16))
+        self.total = off
+
+    def _region_bytes(self, cfg, any_remote: bool) -> dict[str, int]:
+        """Bytes of each region (staging for puts to other nodes only where some peer is on another node)."""
+        R, M, K = cfg.world_size, cfg.max_tokens_per_rank, cfg.topk
+        NL, MSG, RB, WST = self.local_experts, self.msg_bytes, self.combine_row_bytes, self.weight_stride
+        ht = self.ht
+        return {
+            "drecv": 2 * R * M * MSG if ht else 2 * NL * R * M * MSG,   # [parity][source][slot] / [.][expert][source][slot]
+            "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
+            "dsig": 2 * R * 8,
+            "stage": (M * R * MSG if ht else M * K * MSG) if any_remote else 0,   # staged messages to other nodes
+            "hstage": R * self.count_row_ints * 4,                        # staged count messages
+            "crecv": 2 * R * M * RB if ht else 2 * M * K * RB,            # combine rows [parity][rank][token] / [.][t][k]
+            "csig": 2 * R * 8,
+            "wrecv": 2 * R * WST * 4 if ht else 0,                        # ht: every source's weights
+            "wsig": 2 * R * 8,
+            # ht: staged weights [R][weight_stride] floats, then (other nodes) staged rows [R][M] (after the weights)
+            "cstage": (R * WST * 4 + (R * M * RB if any_remote else 0)) if ht else 0,
+            "abort": R * 8,
+            "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
+            "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
+        }
+
+    def regions(self) -> dict[str, int]:
+        """Bytes of each region with its alignment padding (they add up to `total`)."""
+        ends = [self.offset[n] for n in REGIONS[1:]] + [self.total]
+        return {n: e - self.offset[n] for n, e in zip(REGIONS, ends)}
+
+
+def kernel_defines(cfg) -> dict[str, int]:
+    """The derived sizes, for the kernels' static_asserts. Region sizes are those with peers on other nodes (staging
+    included): one cubin serves every placement; the region offsets reach the kernels at run time (Params.off_*)."""
+    lay = Layout(cfg, any_remote=True)
+    out = {
+        "EP_LOCAL_EXPERTS": lay.local_experts, "EP_GROUPS": lay.groups, "EP_SCALE_COLS": lay.scale_cols,
+        "EP_DATA_BYTES": lay.data_bytes, "EP_SCALE_BYTES": lay.scale_bytes, "EP_META_BYTES": lay.meta_bytes,
+        "EP_MSG_BYTES": lay.msg_bytes, "EP_HIST_ROW_INTS": lay.hist_row_ints, "EP_MAX_CHUNKS": lay.max_chunks,
+        "EP_COUNT_ROW_INTS": lay.count_row_ints, "EP_COMBINE_ROW_BYTES": lay.combine_row_bytes,
+        "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
+        "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
+        "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
+        "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
+    }
+    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items()})
+    out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
+    out.update({f"EP_PHASE_{p.name}": int(p) for p in Phase})
+    return out
+
+
+def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, waves: int = 1) -> int:
+    """Tokens per send work item (Params.ch; the kernel's chunk_tokens() clamps the same way): about `waves` items
+    per block, 1..MAX_ITEM_TOKENS tokens; ht: at most `max_chunks` chunks per source (the receiver's chunk table)."""
+    per_block = -(-T * ndest // grid)
+    if ht:
+        per_block = per_block if per_block <= 16 else -(-per_block // max(1, waves))
+        per_block = max(per_block, -(-T // max_chunks))
+    return max(1, min(MAX_ITEM_TOKENS, per_block))
+
+
+# Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
+PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
+                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb")
+
+
+def params_struct(ranks: int):
+    """ctypes mirror of the kernels' Params for `ranks` ranks."""
+    u64, i32 = ctypes.c_uint64, ctypes.c_int32
+    fields = ([(n, u64) for n in PARAM_POINTERS] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in REGIONS]
+              + [(n, i32) for n in PARAM_INTS] + [("peer", u64 * ranks)])
+
+    class Params(ctypes.Structure):
+        _fields_ = fields
+    return Params
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """One ordinary device array of a GpuBackend.
+
+    name: its name in epcomm.memory's report; param: the Params pointer it feeds (None: not a kernel parameter);
+    copies: "one" (shared), "dispatch" (one per dispatch output set) or "combine" (one per combine output)."""
+    name: str
+    param: str | None
+    shape: tuple[int, ...]
+    dtype: str            # "bf16" "fp8" "f32" "i32" "u32"
+    zeroed: bool
+    copies: str = "one"
+
+    def label(self, copy: int = 0) -> str:
+        return {"one": self.name, "dispatch": f"set{copy}.{self.name}", "combine": f"{self.name}{copy}"}[self.copies]
+
+
+OUTPUT_SETS = 2   # outputs are double buffered: a result stays valid until the second call after it
+
+
+def device_arrays(cfg) -> list[DeviceArray]:
+    """Every device array GpuBackend allocates outside the symmetric heap (each "dispatch" / "combine" entry
+    OUTPUT_SETS times)."""
+    lay = Layout(cfg)
+    H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
+    fmt = str(cfg.token_format)   # the format's name is the dtype tag of the device arrays
+    out = [DeviceArray("state", "state", (64,), "i32", True),
+           DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
+           DeviceArray("expert_x", "ex", (maxr, H), fmt, False, "dispatch")]
+    if cfg.token_format.quantized:
+        out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))
+    out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
+            DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),
+            DeviceArray("src_info", "src_info", (maxr, 3), "i32", True, "dispatch"),
+            DeviceArray("tokens_per_expert", "tpe", (lay.local_experts,), "i32", True, "dispatch"),
+            DeviceArray("ids", "hids", (M * K,), "i32", True, "dispatch"),
+            DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
+            DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
+            DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
+            DeviceArray("y", None, (M, H), "bf16", False, "combine")]
+    return out

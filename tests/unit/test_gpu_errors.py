@@ -1,0 +1,54 @@
+"""CPU-only: the GPU backend turns each device error record (layout.ErrorCode / Phase) into the named exception."""
+from __future__ import annotations
+
+import pytest
+
+from epcomm.backends.gpu.backend import GpuBackend
+from epcomm.backends.gpu.layout import ErrorCode, Phase
+from epcomm.config import EPConfig
+from epcomm.errors import EPError, EPTimeoutError
+
+
+class _Record:
+    def __init__(self, **rec):
+        self.rec = rec
+
+    def read(self):
+        return self.rec
+
+
+def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
+    be = object.__new__(GpuBackend)     # no GPU: only the error decoding is exercised
+    be.cfg = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=16, world_size=4)
+    be.me = 0
+    be.node_of = lambda r: r // 2
+    be.err = _Record(flag=1, code=code, peer=peer, what=what, waiter=waiter, round=rnd, phase=phase, pad=0)
+    return be
+
+
+def test_timeout_names_the_peer_its_node_and_experts():
+    with pytest.raises(EPTimeoutError, match=r"rank 0 \(node 0\) timed out after .* waiting for combine \(weights\) "
+                       r"\(round 3\) from rank 3 \(node 1\)") \
+            as e:
+        backend_with(ErrorCode.TIMEOUT, Phase.COMBINE_WEIGHTS, peer=3)._raise_recorded()
+    assert (e.value.rank, e.value.node, e.value.waiter, e.value.experts) == (3, 1, 0, range(6, 8))
+
+
+def test_a_wait_for_itself_names_the_grid():
+    with pytest.raises(EPTimeoutError, match="blocks of this rank's own grid did not all run") as e:
+        backend_with(ErrorCode.TIMEOUT, peer=0, waiter=0)._raise_recorded()
+    assert (e.value.rank, e.value.waiter) == (0, 0)
+
+
+@pytest.mark.parametrize("code,words", [(ErrorCode.ABORT, r"rank 1 \(node 0\) aborted"),
+                                        (ErrorCode.SLOT_OVERFLOW, "max_tokens_per_rank slots"),
+                                        (ErrorCode.BAD_SOURCE, "out-of-range source entry")])
+def test_each_code_has_its_message(code, words):
+    with pytest.raises(EPError, match=words):
+        backend_with(code)._raise_recorded()
+
+
+def test_unknown_records_are_not_swallowed():
+    with pytest.raises(EPError, match="device error record"):
+        backend_with(99, phase=7)._raise_recorded()
+    assert backend_with(ErrorCode.TIMEOUT).err.read()["code"] == 1   # IntEnum: equal to the kernel's number
