@@ -127,7 +127,8 @@ def _everyone_ending(world: int) -> bool:
 def _install_exit_guard(comm) -> None:
     """Any end of this rank that its peers cannot see coming ends the whole job, with this rank's code.
 
-    * an uncaught exception: printed, then MPI_Abort(1);
+    * an uncaught exception: printed, then MPI_Abort(1). Without it the rank that raised waits in MPI_Finalize
+      while its peers wait for it (seen on the GPU machine when one rank failed to import a module inside EPBuffer());
     * sys.exit(n) / exit(n) with n != 0: MPI_Abort(n) at interpreter exit. Without it the rank would wait in
       MPI_Finalize for peers that wait for it in a collective (a barrier, an EPBuffer creation), and the job would
       only end at the launcher's --timeout (the code lost). Under the launcher, when every rank is ending within
