@@ -5,7 +5,7 @@ local rank, GPU and NIC from the topology, exports them, and runs CMD as its chi
 (peer access needs them); the rank's GPU is named by EPCOMM_DEVICE.
 
 It stays CMD's parent (instead of exec'ing it) to see every end of the rank, a kill -9 included: it forwards the
-signals mpirun sends (SIGTERM, SIGINT, SIGHUP, SIGUSR1/2) to CMD, exits with CMD's status (128+N for death by
+signals mpirun sends (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2) to CMD, exits with CMD's status (128+N for death by
 signal N) and writes an exit record for the launcher (epcomm/exitrecord.py); when that status is not 0 it also prints
 one line naming the rank and host, and the launcher ends the whole job at once (docs/FAILURES.md).
 """
@@ -193,12 +193,7 @@ def run_child(argv: list[str], rank: int) -> int:
             signal.signal(getattr(signal, name), forward)
         except (AttributeError, ValueError, OSError):
             pass
-    while True:
-        try:
-            rc = child.wait()
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
-            continue
+    rc = child.wait()   # a forwarded signal interrupts the wait only for the handler (PEP 475 retries it)
     status = exit_status(rc)
     if status != 0 and not _rank_said_it(rank, status):
         node = os.environ.get("EPCOMM_NODE", "?")
