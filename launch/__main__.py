@@ -23,7 +23,8 @@ Run a command on every rank of an epcomm topology (configs/*.yaml, schema in doc
 Builds the mpirun command for Open MPI or MPICH (detected from `mpirun --version`, or the YAML's `mpi:`),
 one rank per GPU (or ranks_per_node on host-only configs), ranks laid out node by node. Each rank runs
 through `python -m launch.rank_env`, which exports EPCOMM_RANK / EPCOMM_NODE / EPCOMM_LOCAL_RANK /
-EPCOMM_DEVICE / EPCOMM_TOPOLOGY (and NVSHMEM settings) before exec'ing the command."""
+EPCOMM_DEVICE / EPCOMM_TOPOLOGY (and NVSHMEM settings) and runs the command as its child: the first rank
+that ends badly (an exception, a non-zero exit, a signal) ends the whole job, named (docs/FAILURES.md)."""
 
 EPILOG = """\
 examples:
