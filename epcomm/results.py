@@ -14,6 +14,8 @@ class DispatchResult:
     int32 (global expert id, -1 for the fused shared expert), src_info [max_recv_rows, 3] int32 (source rank, source
     token, top-k slot; k = -1 for shared rows; -1 past the last row), tokens_per_expert [n_local_experts] int32.
     handle: what combine needs to send rows back (backend specific; pass it to combine unchanged).
+    rejected_ranks: ranks that refused their own input for this round (EPInputError there) and sent nothing; the
+    result holds every other rank's tokens (host backend; always empty on the GPU backend, where a refusal aborts).
     """
 
     expert_x: Any
@@ -23,3 +25,4 @@ class DispatchResult:
     src_info: Any
     tokens_per_expert: Any
     handle: Any = None
+    rejected_ranks: tuple = ()
