@@ -16,6 +16,11 @@ Rules:
 * Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
   peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
   After such a failure the buffer is unusable (on every rank); create a new one.
+* Fencing (EPBuffer(..., fence_dead_ranks=True), host backend): a peer that misses a deadline, or that any rank
+  names in fence(ranks), is declared dead and masked on every survivor instead of failing the buffer. The round
+  it was lost in ends with EPRankLostError (naming it) from the combine of every rank whose tokens were on its
+  experts; later rounds run without it: tokens routed to its experts are not sent (DispatchResult.dropped) and
+  combine sums the live experts only. active_ranks says who is in. docs/FAILURES.md.
 * Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
   raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
@@ -38,7 +43,7 @@ from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPError, EPInputError, EPPeerRejectedError
+from .errors import EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -62,15 +67,19 @@ class Pending:
     num_tokens: int
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
-    error: Exception | None = None   # an EPPeerRejectedError of that receive, raised by its own *_wait
+    error: Exception | None = None   # an EPPeerRejectedError / EPRankLostError of that receive, for its *_wait
 
 
 def _fail(msg: str):
     raise EPInputError(msg)
 
 
+# Errors of one round that leave the buffer usable on every rank: raised to the caller, not a failure.
+_ROUND_ERRORS = (EPPeerRejectedError, EPRankLostError)
+
+
 class EPBuffer:
-    def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False):
+    def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False, fence_dead_ranks: bool = False):
         if not isinstance(cfg, EPConfig):
             _fail(f"EPBuffer: cfg must be an EPConfig, got {type(cfg).__name__}")
         if ctx is None:
@@ -89,7 +98,38 @@ class EPBuffer:
         # then harms no one. The others abort on a refused call, like on any failure.
         self._can_refuse = all(callable(getattr(self._backend, m, None))
                                for m in ("dispatch_rejected", "combine_rejected"))
+        self.fence_dead_ranks = bool(fence_dead_ranks)
+        if self.fence_dead_ranks:
+            enable = getattr(self._backend, "enable_fencing", None)
+            if not callable(enable):
+                self._backend.close()
+                _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank "
+                      f"(the host backend); the {ctx.backend} backend cannot yet (docs/FAILURES.md)")
+            enable()
         ctx._buffers.add(self)
+
+    # ------------------------------------------------------------------ fencing
+    @property
+    def active_ranks(self) -> tuple:
+        """The ranks this rank still exchanges tokens with (itself included): every rank, less the ones fenced off
+        as of this rank's latest call (a peer's death notice is read at the next dispatch or wait)."""
+        masked = set(getattr(self._backend, "masked_ranks", ()))
+        return tuple(r for r in range(self.cfg.world_size) if r not in masked)
+
+    def fence(self, ranks) -> None:
+        """Declare `ranks` dead (e.g. a health check saw their GPU or host fail): masked here at once, and on every
+        live peer at its next dispatch or wait (a notice written into its window; no collective). Needs
+        fence_dead_ranks=True. Tokens routed to their experts are dropped from the next dispatch on."""
+        self._usable()
+        if not self.fence_dead_ranks:
+            _fail("fence: make the EPBuffer with fence_dead_ranks=True to fence off ranks")
+        ranks = sorted({int(r) for r in ranks})
+        bad = [r for r in ranks if not 0 <= r < self.cfg.world_size or r == self.ctx.rank]
+        if bad:
+            _fail(f"fence: ranks must be peers in [0, {self.cfg.world_size}) other than this rank "
+                  f"({self.ctx.rank}), got {bad}")
+        self._complete()
+        self._call(self._backend.fence, ranks)
 
     # ------------------------------------------------------------------ checks
     def _check_tokens(self, x, topk_ids) -> int:
@@ -170,7 +210,10 @@ class EPBuffer:
         (EPPeerRejectedError) is not a failure of this buffer."""
         try:
             return fn(*args)
-        except EPPeerRejectedError:
+        except _ROUND_ERRORS:
+            raise
+        except EPFencedError as e:
+            self._failed = str(e)         # the peers declared this rank dead: they go on without it, nothing to tell
             raise
         except BaseException as e:
             # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
@@ -192,7 +235,7 @@ class EPBuffer:
             wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
             try:
                 p.result = self._call(wait, p.inner)
-            except EPPeerRejectedError as e:
+            except _ROUND_ERRORS as e:
                 p.error = e               # that combine's own *_wait raises it
             if p is upto:
                 return

@@ -57,3 +57,31 @@ class EPTimeoutError(EPError, TimeoutError):
         message = (f"{who(waiter, waiter_node)} timed out after {timeout_s:g} s waiting for {what} (round {round}) "
                    f"from {who(peer, node)}, which never signalled{holds}{more}")
         return cls(message, rank=peer, node=node, what=f"{what} round {round}", waiter=waiter, experts=experts)
+
+
+class EPRankLostError(EPError):
+    """A peer was declared dead (fenced off) while this rank's tokens of ``round`` were on its experts: raised by
+    that round's combine instead of a partial sum. The buffer stays usable: later rounds run without the peer
+    (``EPBuffer.active_ranks``), and tokens routed to its experts are dropped and reported
+    (``DispatchResult.dropped``). docs/FAILURES.md, "Fencing off a dead rank".
+
+    ``rank`` / ``node`` / ``experts``: the lost peer and the global expert ids it held; ``round``: the dispatch
+    round; ``tokens``: how many of this rank's tokens had a top-k slot on it; ``ranks``: every peer lost in that
+    round with tokens of this rank (``rank`` is the first).
+    """
+
+    def __init__(self, message: str, *, rank: int, node: int | None, experts: range | None, round: int,
+                 tokens: int = 0, ranks: tuple = ()):
+        super().__init__(message)
+        self.rank, self.node, self.experts, self.round = rank, node, experts, round
+        self.tokens, self.ranks = tokens, tuple(ranks) or (rank,)
+
+
+class EPFencedError(EPError):
+    """This rank was declared dead by a peer (fenced off: it missed a deadline, or a peer called
+    ``EPBuffer.fence``); the others go on without it, so this buffer is unusable here. ``by``: the rank that
+    declared it."""
+
+    def __init__(self, message: str, *, rank: int, by: int):
+        super().__init__(message)
+        self.rank, self.by = rank, by

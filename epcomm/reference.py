@@ -2,6 +2,10 @@
 
 Every backend and every test is checked against these functions. They take the inputs of ALL ranks (lists indexed by
 rank) and return every rank's outputs, so one process can state what the whole world must produce.
+
+masked_ranks (fencing, docs/FAILURES.md): ranks fenced off as dead. They take no part: their inputs are ignored and
+their outputs are None; a top-k slot of a live rank's token whose expert lives on a masked rank is dropped (as if
+its id were -1: no row anywhere, and combine sums the live experts only). `masked_slots` says which slots.
 """
 from __future__ import annotations
 
@@ -27,11 +31,40 @@ def _routed_rows(cfg: EPConfig, dest: int, topk_ids: list[np.ndarray]):
     return groups
 
 
-def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray]) -> list[DispatchResult]:
-    """Every rank's dispatch outputs. xs[r]: bf16 [T_r, H]; topk_ids[r]: int32 [T_r, K], -1 = no expert."""
+def masked_slots(cfg: EPConfig, topk_ids: np.ndarray, masked_ranks=()) -> np.ndarray:
+    """[T, K] bool: the top-k slots whose expert lives on a masked rank (dropped: DispatchResult.dropped)."""
+    ids = np.asarray(topk_ids)
+    if not len(masked_ranks):
+        return np.zeros(ids.shape, bool)
+    return (ids >= 0) & (ids < cfg.num_experts) & np.isin(np.where(ids >= 0, ids // cfg.n_local_experts, -1),
+                                                          list(masked_ranks))
+
+
+def _without_masked(cfg: EPConfig, xs, topk_ids, masked_ranks):
+    """The inputs the live ranks exchange: masked ranks send nothing, slots on their experts become -1."""
+    xs2, ids2 = [], []
+    for r, (x, ids) in enumerate(zip(xs, topk_ids)):
+        if r in masked_ranks:
+            xs2.append(np.zeros((0, cfg.hidden), BF16))
+            ids2.append(np.zeros((0, cfg.topk), np.int32))
+        else:
+            ids = np.asarray(ids, np.int32)
+            xs2.append(x)
+            ids2.append(np.where(masked_slots(cfg, ids, masked_ranks), np.int32(-1), ids))
+    return xs2, ids2
+
+
+def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray],
+             masked_ranks=()) -> list[DispatchResult | None]:
+    """Every rank's dispatch outputs. xs[r]: bf16 [T_r, H]; topk_ids[r]: int32 [T_r, K], -1 = no expert.
+    masked_ranks: fenced-off ranks (module doc); their entries are None."""
     r_count = cfg.world_size
     if len(xs) != r_count or len(topk_ids) != r_count:
         raise ValueError(f"need inputs of all {r_count} ranks")
+    if len(masked_ranks):
+        xs, topk_ids = _without_masked(cfg, xs, topk_ids, masked_ranks)
+        full = dispatch(cfg, xs, topk_ids)
+        return [None if r in masked_ranks else res for r, res in enumerate(full)]
     starts = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
     all_x = np.concatenate([np.asarray(x, BF16).reshape(-1, cfg.hidden) for x in xs])
     fmt = cfg.token_format
@@ -68,15 +101,18 @@ def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray]) ->
     return results
 
 
-def combine_exact(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchResult],
+def combine_exact(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchResult | None],
                   topk_weights: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Combine in fp32 without rounding to bf16: (y[r] [T_r, H], magnitude[r] = sum of |w * row|) for error bounds.
 
     fp32 sums of at most topk + 1 terms are ~1e-7 relative, far inside the bf16 tolerance of compare_combine; fp32
-    keeps the 4096-token shapes of the benchmark fast and small enough to check on every rank."""
+    keeps the 4096-token shapes of the benchmark fast and small enough to check on every rank.
+    results from dispatch(..., masked_ranks): a masked rank (None) has no expert rows and gets None back."""
     ys = [np.zeros((len(w), cfg.hidden), np.float32) for w in topk_weights]
     mags = [np.zeros_like(y) for y in ys]
     for dest, res in enumerate(results):
+        if res is None:
+            continue
         n_rows = int(res.row_offsets[-1])
         info = np.asarray(res.src_info[:n_rows])
         rows = np.asarray(expert_ys[dest][:n_rows]).astype(np.float32)
@@ -90,14 +126,16 @@ def combine_exact(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[Disp
                 contrib = rows[sel] if slot < 0 else rows[sel] * w_src[tok, slot][:, None]
                 ys[src][tok] += contrib
                 mags[src][tok] += np.abs(contrib)
-    return ys, mags
+    masked = [r for r, res in enumerate(results) if res is None]
+    return [None if r in masked else y for r, y in enumerate(ys)], \
+        [None if r in masked else m for r, m in enumerate(mags)]
 
 
 def combine(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchResult],
             topk_weights: list[np.ndarray]) -> list[np.ndarray]:
     """Every rank's combine output, bf16 [T_r, H]: y[t] = sum_k w[t,k] * expert_y[row(t,k)] (+ shared row)."""
     ys, _ = combine_exact(cfg, expert_ys, results, topk_weights)
-    return [y.astype(np.float32).astype(BF16) for y in ys]
+    return [None if y is None else y.astype(np.float32).astype(BF16) for y in ys]
 
 
 # ---------------------------------------------------------------- comparing a backend's outputs with the spec's

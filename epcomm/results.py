@@ -16,6 +16,9 @@ class DispatchResult:
     handle: what combine needs to send rows back (backend specific; pass it to combine unchanged).
     rejected_ranks: ranks that refused their own input for this round (EPInputError there) and sent nothing; the
     result holds every other rank's tokens (host backend; always empty on the GPU backend, where a refusal aborts).
+    dropped: [T, topk] bool, this rank's top-k slots that were not sent because their expert lives on a fenced-off
+    rank (None where the backend does not fence); combine leaves them out of the sum. masked_ranks: the ranks
+    fenced off as of this round (they sent nothing and got nothing; docs/FAILURES.md).
     """
 
     expert_x: Any
@@ -26,3 +29,5 @@ class DispatchResult:
     tokens_per_expert: Any
     handle: Any = None
     rejected_ranks: tuple = ()
+    dropped: Any = None
+    masked_ranks: tuple = ()

@@ -54,6 +54,10 @@ def _common(p: argparse.ArgumentParser, *, needs_cmd: bool) -> None:
                        help="kill every rank after S seconds and exit 124")
         p.add_argument("--grace", type=float, default=5.0, metavar="S",
                        help="seconds between SIGTERM and SIGKILL when stopping the job (default 5)")
+        p.add_argument("--keep-going", action="store_true",
+                       help="a rank that ends badly does not end the job: it is reported and the others go on "
+                            "(Open MPI's ULFM recovery mode, mpirun --with-ft ulfm; an EPBuffer made with "
+                            "fence_dead_ranks=True fences the rank off); exit code: the first failed rank's")
         p.add_argument("--exit-wait", type=float, metavar="S",
                        help="stop the job (exit 1) when ranks still run S seconds after one finished with exit 0 "
                             "(default: wait; a rank that ends badly always ends the job at once)")
@@ -113,7 +117,8 @@ def _spec(args, cmd: list[str], job_dir: str | None = None) -> JobSpec:
     extra = _extra_env(args.env)
     if job_dir is not None:
         extra[exitrecord.ENV] = job_dir   # where every rank leaves its exit record (epcomm/exitrecord.py)
-    return build_command(topo, cmd, mpi=args.mpi, mpirun=args.mpirun, extra_env=extra, mpi_args=args.mpi_arg)
+    return build_command(topo, cmd, mpi=args.mpi, mpirun=args.mpirun, extra_env=extra, mpi_args=args.mpi_arg,
+                         keep_going=getattr(args, "keep_going", False))
 
 
 def _plan(spec: JobSpec, as_json: bool) -> None:
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     try:
         return run_job(spec.command, env=env, timeout=args.timeout, grace=args.grace, job_dir=job_dir,
-                       world=spec.topology.world_size, exit_wait=args.exit_wait)
+                       world=spec.topology.world_size, exit_wait=args.exit_wait,
+                       keep_going=args.keep_going)
     finally:
         if job_dir is not None:
             shutil.rmtree(job_dir, ignore_errors=True)

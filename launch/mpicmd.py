@@ -92,7 +92,8 @@ def user_command(cmd: list[str]) -> list[str]:
 
 
 def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpirun: str | None = None,
-                  extra_env: dict[str, str] | None = None, mpi_args: list[str] | None = None) -> JobSpec:
+                  extra_env: dict[str, str] | None = None, mpi_args: list[str] | None = None,
+                  keep_going: bool = False) -> JobSpec:
     """The full mpirun argv for running `cmd` on every rank of `topo` (nothing is executed)."""
     if not cmd:
         raise EPInputError("no command given (put it after --)")
@@ -137,11 +138,15 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
             argv.append("--allow-run-as-root")
         if topo.resolved_backend() == "host":
             argv += ["--mca", "osc", "^ucx"]
+        if keep_going:   # ULFM: the runtime lets the other ranks live when one dies
+            argv += ["--with-ft", "ulfm"]
         for k, v in env.items():
             argv += ["-x", f"{k}={v}"]
         for k in forwarded_names(os.environ, env):   # the shell's value, to remote nodes too
             argv += ["-x", k]
     elif flavor == "mpich":
+        if keep_going:
+            raise EPInputError("--keep-going needs Open MPI's recovery mode (ULFM, mpirun --with-ft ulfm)")
         argv = [exe, "-n", n, "-hosts", hosts]
         counts = {k for _, k in slots}
         if len(counts) == 1:

@@ -78,8 +78,9 @@ FINISHED_NOTICE_S = 10.0
 class _Watch:
     """The job directory's exit records, as the launcher acts on them."""
 
-    def __init__(self, job_dir: str | None, exit_wait: float | None):
-        self.job_dir, self.exit_wait = job_dir, exit_wait
+    def __init__(self, job_dir: str | None, exit_wait: float | None, keep_going: bool = False):
+        self.job_dir, self.exit_wait, self.keep_going = job_dir, exit_wait, keep_going
+        self.lost: set[int] = set()    # keep_going: failed ranks already reported
         self.failure = None            # the first failed rank's ExitRecord
         self.first_done = None         # (record, monotonic time seen) of the first rank that ended with 0
         self.noticed = False
@@ -93,6 +94,8 @@ class _Watch:
         from epcomm import exitrecord
         recs = exitrecord.read_all(self.job_dir)
         bad = exitrecord.first_failure(recs)
+        if bad is not None and self.keep_going:
+            return self._survivors_go_on(recs, world)
         if bad is not None:
             if world is not None and len(exitrecord.ranks_ending(recs)) >= world:
                 return None   # every rank is ending, some with a non-zero code: mpirun ends the job by itself
@@ -115,6 +118,21 @@ class _Watch:
             return "stranded"
         return None
 
+    def _survivors_go_on(self, recs, world: int | None):
+        """--keep-going: a failed rank is reported, not acted on (the survivors fence it off and go on); once every
+        rank has ended, the job is over: "failed" with the first failure's code (mpirun, or a survivor in
+        MPI_Finalize waiting for the dead rank, gets MPI_OWN_ABORT_S to end by itself)."""
+        for rec in recs:
+            if rec.code != 0 and rec.rank not in self.lost:
+                self.lost.add(rec.rank)
+                print(f"launch: {rec.describe()} ended: {rec.reason} (exit {rec.code}); the others go on "
+                      f"(--keep-going)", file=sys.stderr, flush=True)
+        if world is not None and len({r.rank for r in recs}) >= world:
+            from epcomm import exitrecord
+            self.failure = exitrecord.first_failure(recs)
+            return "failed"
+        return None
+
     def last_failure(self, world: int | None):
         """After the job: (the first failed rank or None, whether every rank was ending by then)."""
         if self.job_dir is None:
@@ -128,13 +146,16 @@ class _Watch:
 
 def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
             grace: float = 5.0, job_dir: str | None = None, world: int | None = None,
-            exit_wait: float | None = None) -> int:
+            exit_wait: float | None = None, keep_going: bool = False) -> int:
     """Run `argv` in its own process group; returns the exit status the launcher should exit with.
 
     - normal end: mpirun's exit code (non-zero when any rank failed); death by signal N gives 128+N
     - a rank ends badly (job_dir gets an exit record with a non-zero code: an uncaught exception, sys.exit(n != 0),
       a signal such as kill -9): a line naming the first such rank, its node and host; mpirun gets
       MPI_OWN_ABORT_S to end the job itself, then the stop sequence below; exits with that rank's code
+    - keep_going (Open MPI ULFM, `--with-ft ulfm`): a rank that ends badly is reported, the others go on (an
+      EPBuffer with fence_dead_ranks=True fences it off); the job ends when every rank has, with the first failed
+      rank's code
     - exit_wait: S seconds after the first rank finished with exit 0, ranks still running are stopped (exit 1)
     - SIGINT / SIGTERM / SIGHUP to the launcher: SIGTERM to mpirun's process group (mpirun forwards it to
       every rank), SIGKILL after `grace` seconds; a second signal kills at once; exits 128+signal
@@ -161,7 +182,7 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
             pass
     deadline = None if timeout is None else time.monotonic() + timeout
     timed_out = False
-    watch = _Watch(job_dir, exit_wait)
+    watch = _Watch(job_dir, exit_wait, keep_going)
     ended: str | None = None           # "failed" | "stranded": the launcher is ending the job for a rank
     stop_at = None                     # when to start the stop sequence after a failed rank
     try:
@@ -174,7 +195,9 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
             now = time.monotonic()
             if ended is None and not timed_out and state["signal"] is None:
                 ended = watch.scan(now, world)
-                if ended == "failed":
+                if ended == "failed" and keep_going:
+                    stop_at = now + MPI_OWN_ABORT_S   # every rank has ended: what is left is MPI_Finalize
+                elif ended == "failed":
                     f = watch.failure
                     print(f"launch: {f.describe()} ended first: {f.reason} (exit {f.code}); ending the job",
                           file=sys.stderr, flush=True)

@@ -22,9 +22,17 @@ combine regions the chain is one step shorter: S writes combine r+2 data after S
 signal, which D sends after finishing combine r (and r+1). Signal words of round r are overwritten only by round
 r+2 signals, which by the same chain come after D consumed the round r word. Put + Flush before the signal's
 Accumulate + Flush makes data visible before its signal.
+
+Fencing (EPBuffer(fence_dead_ranks=True), docs/FAILURES.md): the argument above holds among the live ranks, since
+every phase stays all-to-all among them. A masked rank gets no sends (its top-k slots are set to -1 before the
+send and reported as DispatchResult.dropped) and no waits (window.py); a rank masked while this rank's tokens of
+a round were on its experts makes that round's combine raise EPRankLostError, after this rank's sends of the round
+are done, so no live peer waits for it.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +61,7 @@ class HostHandle:
     src_msgs: np.ndarray | None = None    # ht: messages received from each source
     sent_tokens: list | None = None       # ht: tokens this rank sent to each destination (message order)
     rejected: tuple = ()                  # ranks that refused their dispatch input in this round (sent nothing)
+    dropped: np.ndarray | None = None     # [T, K]: slots not sent (their expert's rank was masked)
 
 
 @dataclass
@@ -89,6 +98,34 @@ class HostBackend:
         if self.win is not None:
             self.win.abort(reason)
 
+    # ------------------------------------------------------------------ fencing (docs/FAILURES.md)
+    def enable_fencing(self) -> None:
+        """A deadline declares the silent peer dead instead of raising; peers' death notices mask ranks."""
+        if self.win is not None:
+            self.win.fencing = True
+
+    def fence(self, ranks) -> None:
+        """Declare `ranks` dead: masked here now, and on every live peer at its next wait or dispatch."""
+        if self.win is not None:
+            self.win.declare_dead(ranks)
+
+    @property
+    def masked_ranks(self) -> tuple:
+        """Ranks this rank treats as dead (no sends, no waits), as of its latest call."""
+        return tuple(sorted(self.win.masked)) if self.win is not None else ()
+
+    def live_peers(self) -> list[int]:
+        """Every rank not masked, this one included (whom a phase sends to and waits for)."""
+        masked = self.win.masked if self.win is not None else ()
+        return [d for d in range(self.R) if d not in masked]
+
+    def _drop_masked(self, ids: np.ndarray) -> np.ndarray:
+        """[T, K] bool: the top-k slots whose expert lives on a masked rank (not sent; combine leaves them out)."""
+        masked = self.masked_ranks
+        if not masked:
+            return np.zeros(ids.shape, bool)
+        return (ids >= 0) & np.isin(np.where(ids >= 0, ids // self.L, -1), masked)
+
     # ------------------------------------------------------------------ dispatch
     def _payload(self, x: np.ndarray) -> np.ndarray:
         """Token rows as they travel: the rows in the wire format, then their scales (if any), as bytes."""
@@ -122,17 +159,30 @@ class HostBackend:
         self.round += 1
         x = np.ascontiguousarray(x)
         ids = np.ascontiguousarray(topk_ids, dtype=np.int32)
+        if self.win is not None and self.win.fencing:
+            self.win.read_notices()          # deaths declared since the last wait: masked from this round on
+        dropped = self._drop_masked(ids)
+        if dropped.any():
+            ids = np.where(dropped, np.int32(-1), ids)
         payload = self._payload(x)
         if self.faults.hit("corrupt", r) is not None and len(payload):
             payload = payload.copy()
             payload[:, 1] ^= 0x40  # exponent bits of the first channel (bf16) / a value byte (fp8)
-        p = _Pending("dispatch", r, {"payload": payload, "ids": ids})
+        p = _Pending("dispatch", r, {"payload": payload, "ids": ids, "dropped": dropped})
         if not self.cfg.skip_a2a:
             self.maybe_slow(r)
             skip = self.faults.hit("skip_dispatch", r) is not None
-            dests = [self.rank] if skip else range(self.R)
+            dests = [self.rank] if skip else self.live_peers()
+            if self.faults.hit("die", r) is not None:
+                self._die_mid_dispatch(r, payload, ids, dests, mark)
             p.state["sent"] = self.steps.send_dispatch(self, r, payload, ids, dests, mark)
         return p
+
+    def _die_mid_dispatch(self, r, payload, ids, dests, mark) -> None:
+        """Fault "die": send this round's tokens to the first half of the peers only, then SIGKILL this process
+        (a rank lost in the middle of a dispatch, for the fencing tests)."""
+        self.steps.send_dispatch(self, r, payload, ids, list(dests)[:max(1, len(dests) // 2)], mark)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _own_rows(self, payload: np.ndarray, ids: np.ndarray) -> Received:
         """skip_a2a: the rows of this rank's own tokens routed to its own experts."""
@@ -146,6 +196,7 @@ class HostBackend:
     def dispatch_wait(self, pending: _Pending) -> DispatchResult:
         cfg, r, me, L = self.cfg, pending.round, self.rank, self.L
         payload, ids, sent = pending.state["payload"], pending.state["ids"], pending.state.get("sent")
+        dropped = pending.state["dropped"]
         pending.state = {}
         T = ids.shape[0]
         got = self._own_rows(payload, ids) if cfg.skip_a2a else self.steps.receive_dispatch(self, r)
@@ -175,11 +226,12 @@ class HostBackend:
                               dtype=np.int32)
         handle = HostHandle(round=r, num_tokens=T, topk_ids=ids, n_shared=n_sh, shared_tokens=share,
                             row_src=got.src.astype(np.int32), row_tok=got.tok.astype(np.int32), row_k=got.slot,
-                            row_msg=got.msg, src_msgs=got.src_msgs, sent_tokens=sent, rejected=got.rejected)
+                            row_msg=got.msg, src_msgs=got.src_msgs, sent_tokens=sent, rejected=got.rejected,
+                            dropped=dropped)
         return DispatchResult(expert_x=expert_x, expert_scales=scales, row_offsets=row_offsets,
                               expert_ids=expert_ids, src_info=src_info,
                               tokens_per_expert=routed_counts.astype(np.int32), handle=handle,
-                              rejected_ranks=got.rejected)
+                              rejected_ranks=got.rejected, dropped=dropped, masked_ranks=self.masked_ranks)
 
     # ------------------------------------------------------------------ combine
     def combine(self, expert_y, handle, topk_weights):
@@ -226,7 +278,9 @@ class HostBackend:
         return None
 
     def close(self) -> None:
-        """Collective (frees the window) unless the buffer failed (broken); then only local state is dropped."""
+        """Collective (frees the window) unless the buffer failed (broken) or a rank was fenced off (a dead rank
+        never joins a collective); then only local state is dropped."""
         if self.win is not None:
-            self.win.close(collective=self.broken is None)
+            fenced = bool(self.win.masked) or bool(self.win.notices())
+            self.win.close(collective=self.broken is None and not fenced)
             self.win = None

@@ -7,6 +7,8 @@ Syntax: one or more faults separated by ';', each ``KIND:key=value,key=value``:
     corrupt:rank=1[,round=N]         rank 1 flips bits in the token bytes it sends in dispatch (the receivers'
                                      outputs then differ from epcomm.reference).
     slow:rank=1,ms=50[,round=N]      rank 1 sleeps 50 ms before each send phase (dispatch and combine).
+    die:rank=1,round=N               rank 1 sends its dispatch round N to the first half of its peers, then kills
+                                     itself (SIGKILL): a rank lost mid-dispatch (fencing, docs/FAILURES.md).
 
 rank=* means every rank. Rounds count dispatches of one EPBuffer from 0.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from ... import faultspec
 from ...errors import EPInputError
 
-KINDS = ("skip_dispatch", "corrupt", "slow")
+KINDS = ("skip_dispatch", "corrupt", "slow", "die")
 ENV = "EPCOMM_FAULT"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import EPError
 from ...formats import BF16
-from .steps import Received, in_order, refused
+from .steps import Received, in_order, lost, refused
 from .window import COUNT_MASK, REJECTED
 
 
@@ -66,19 +66,21 @@ def receive_dispatch(be, r: int) -> Received:
 def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
     """Step 1: the weights of the tokens sent to each rank."""
     win, me = be.win, be.rank
-    for d, tok in enumerate(h.sent_tokens):
+    live = be.live_peers()
+    for d in live:
+        tok = h.sent_tokens[d]
         if len(tok):
             win.put(w[tok], d, win.region(r, "cw") + me * be.M * be.K * 4)
     win.flush()
-    for d, tok in enumerate(h.sent_tokens):
-        win.signal(d, win.sig_off(r, "cw", me), r, [len(tok)])
+    for d in live:
+        win.signal(d, win.sig_off(r, "cw", me), r, [len(h.sent_tokens[d])])
     win.flush()
 
 
 def send_combine_rejected(be, r: int) -> None:
     """This rank will not combine round r: both steps' signals carry the REJECTED mark, without data."""
     win, me = be.win, be.rank
-    for d in range(be.R):
+    for d in be.live_peers():
         win.signal(d, win.sig_off(r, "cw", me), r, [REJECTED])
         win.signal(d, win.sig_off(r, "comb", me), r, [REJECTED])
     win.flush()
@@ -90,6 +92,7 @@ def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndar
     win, me, K, H = be.win, be.rank, be.K, be.H
     raw = win.wait(r, "cw", list(range(be.R)), list(range(be.R)), "combine weights")
     silent = (raw & REJECTED) != 0        # sources that will not combine: no weights, no rows back
+    silent[list(win.masked)] = True       # sources fenced off (dead): the same
     counts = raw & COUNT_MASK
     base = np.concatenate([[0], np.cumsum(h.src_msgs)]).astype(np.int64)
     wts = []
@@ -114,15 +117,19 @@ def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndar
         partial[gs[starts]] = np.add.reduceat(contrib[o], starts, axis=0)
     partial = partial.astype(BF16)
     be.maybe_slow(r)
-    for s in range(be.R):
+    live = be.live_peers()
+    for s in live:
         if h.src_msgs[s] and not silent[s]:
             win.put(partial[base[s]:base[s + 1]], s, win.region(r, "comb") + me * be.M * H * 2)
     win.flush()
-    for s in range(be.R):
+    for s in live:
         win.signal(s, win.sig_off(r, "comb", me), r, [0 if silent[s] else h.src_msgs[s]])
     win.flush()
     raw = win.wait(r, "comb", list(range(be.R)), list(range(be.R)), "combine rows")
     counts = raw & COUNT_MASK
+    dead = [d for d, tok in enumerate(h.sent_tokens) if d in win.masked and len(tok)]
+    if dead:                              # every send of this round is done: raising strands no live peer
+        raise lost(be, dead, r, len(h.sent_tokens[dead[0]]))
     gone = [d for d, tok in enumerate(h.sent_tokens) if raw[d] & REJECTED and len(tok)]
     if gone:
         raise refused(be, gone, r, h, len(h.sent_tokens[gone[0]]))

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import EPError
 from ...formats import BF16
-from .steps import Received, refused
+from .steps import Received, lost, refused
 from .window import COUNT_MASK, REJECTED
 
 
@@ -72,7 +72,8 @@ def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
     rows = expert_y[n_sh:n_sh + len(h.row_tok)].view(np.uint16)
     slot = h.row_tok.astype(np.int64) * K + h.row_k
     counts = np.bincount(h.row_src, minlength=be.R) if len(slot) else np.zeros(be.R, int)
-    for s in range(be.R):
+    live = be.live_peers()
+    for s in live:
         sel = np.nonzero(h.row_src == s)[0]
         if not len(sel):
             continue
@@ -85,7 +86,7 @@ def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
         for a, b in zip(starts, ends):
             win.put(data[a:b], s, win.region(r, "comb") + int(sl[a]) * be.H * 2)
     win.flush()
-    for s in range(be.R):
+    for s in live:
         win.signal(s, win.sig_off(r, "comb", me), r, [counts[s]])
     win.flush()
 
@@ -93,7 +94,7 @@ def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
 def send_combine_rejected(be, r: int) -> None:
     """This rank will not combine round r: its combine signal carries the REJECTED mark, without rows."""
     win, me = be.win, be.rank
-    for d in range(be.R):
+    for d in be.live_peers():
         win.signal(d, win.sig_off(r, "comb", me), r, [REJECTED])
     win.flush()
 
@@ -106,6 +107,10 @@ def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndar
     ids = h.topk_ids
     valid = ids >= 0
     expect = np.bincount(ids[valid] // be.L, minlength=be.R)
+    dead = [d for d in range(be.R) if d in win.masked and expect[d]]
+    if dead:                              # every send of this round is done: raising strands no live peer
+        dest = np.where(valid, ids // be.L, -1)
+        raise lost(be, dead, r, int((dest == dead[0]).any(axis=1).sum()))
     gone = [d for d in range(be.R) if raw[d] & REJECTED and expect[d]]
     if gone:
         dest = np.where(valid, ids // be.L, -1)

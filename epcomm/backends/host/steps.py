@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import EPPeerRejectedError
+from ...errors import EPPeerRejectedError, EPRankLostError
 
 
 @dataclass
@@ -38,3 +38,15 @@ def refused(be, peers: list[int], r: int, h, tokens: int) -> EPPeerRejectedError
         f"rank went to its experts ({be.cfg.holds(d)}) and have no output, so no partial sum is returned; the "
         f"buffer is still usable", rank=d, node=be.ctx.node_of(d), round=r,
         what="dispatch" if d in h.rejected else "combine")
+
+
+def lost(be, peers: list[int], r: int, tokens: int) -> EPRankLostError:
+    """The error of a combine whose tokens of round r were on the experts of ranks fenced off since (dead)."""
+    d = peers[0]
+    more = f" (so were {', '.join(f'rank {p}' for p in peers[1:])})" if len(peers) > 1 else ""
+    return EPRankLostError(
+        f"{be.ctx.describe(be.rank)}: {be.ctx.describe(d)} was lost (declared dead and fenced off) in round {r}"
+        f"{more}: {tokens} token(s) of this rank went to its experts ({be.cfg.holds(d)}) and have no output, so no "
+        f"partial sum is returned; the buffer is still usable, later rounds run without it "
+        f"(EPBuffer.active_ranks)", rank=d, node=be.ctx.node_of(d), experts=be.cfg.experts_of(d), round=r,
+        tokens=tokens, ranks=tuple(peers))

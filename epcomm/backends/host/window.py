@@ -6,11 +6,18 @@ Layout (bytes), per parity set (round r uses set r % 2), then once the abort fla
     COMB  ht: [expert rank][M] bf16 rows; ll: [M * K] bf16 rows
     SIG   int64 words: DISP [src][local expert] (ht uses [src][0]), CW [src], COMB [src]
     ABORT int64[R] flags, then bytes[R][256] reasons
+    FENCE int64[R] death notices: word D = A + 1 once rank A declared rank D dead (fencing, docs/FAILURES.md)
 
 A send is put (Put + Flush: remote completion) then signal (Accumulate(REPLACE), atomic, + Flush): data is visible
 before its signal. Signal word = (round + 1) << 32 | count: the round tag makes stale words of earlier rounds
 harmless, so nothing is ever reset. wait() polls this rank's own window with a growing backoff (so 16 ranks
 oversubscribed on 2 cores still progress) until every word shows the round, or the deadline names the silent peer.
+
+Fencing (off unless EPBuffer(fence_dead_ranks=True)): `masked` ranks are dead to this rank: no waits on them (their
+counts read 0) and their abort words are ignored. A wait that is not yet satisfied reads the FENCE words of this
+rank's own window (peers' death notices) and masks what they name; at its deadline it declares every missing peer
+dead (writes FENCE words into every live peer's window) instead of raising. No collective is involved: a dead
+rank gets one last word (its own notice, best effort), and every survivor learns through its own window.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import time
 
 import numpy as np
 
-from ...errors import EPError, EPTimeoutError
+from ...errors import EPError, EPFencedError, EPTimeoutError
 
 REASON_BYTES = 256
 _ALIGN = 64
@@ -58,7 +65,10 @@ class Window:
         self.set_bytes = off
         self.o_abort = 2 * off
         self.o_reason = _align(self.o_abort + 8 * R)
-        total = _align(self.o_reason + REASON_BYTES * R)
+        self.o_fence = _align(self.o_reason + REASON_BYTES * R)
+        total = _align(self.o_fence + 8 * R)
+        self.fencing = False           # EPBuffer(fence_dead_ranks=True): a deadline declares the peer dead
+        self.masked: set[int] = set()  # ranks this rank treats as dead (no sends, no waits)
         self._keep: list = []          # origin buffers alive until the next flush
         self.closed = False
         self.win = MPI.Win.Allocate(total, disp_unit=1, comm=ctx.comm)
@@ -107,7 +117,7 @@ class Window:
     def _check_abort(self) -> None:
         flags = self.mem[self.o_abort:self.o_abort + 8 * self.R].view(np.int64)
         hit = np.nonzero(flags)[0]
-        hit = hit[hit != self.rank]
+        hit = [int(h) for h in hit if h != self.rank and h not in self.masked]   # a fenced rank's word is moot
         if len(hit):
             s = int(hit[0])
             raw = bytes(self.mem[self.o_reason + s * REASON_BYTES:self.o_reason + (s + 1) * REASON_BYTES])
@@ -120,17 +130,24 @@ class Window:
         n_all = self.n_dsig if phase == "disp" else self.R
         tag = (r + 1) & 0x7FFFFFFF
         idx = np.asarray(words, dtype=np.int64)
+        peer_of = np.asarray(peers, dtype=np.int64)
         deadline = time.monotonic() + self.cfg.timeout_s
         sleep = 0.0
         while True:
             self.win.Sync()
             vals = self.mem[off:off + 8 * n_all].view(np.int64)[idx].copy()
-            ok = (vals >> 32) == tag
+            dead = np.isin(peer_of, list(self.masked))
+            ok = ((vals >> 32) == tag) | dead
             if ok.all():
-                return vals & 0xFFFFFFFF
+                return np.where(dead, 0, vals & 0xFFFFFFFF)   # a masked peer counts as having sent nothing
             self._check_abort()
+            if self.fencing and self.read_notices():
+                continue
             if time.monotonic() > deadline:
                 missing = [peers[i] for i in np.nonzero(~ok)[0]]
+                if self.fencing:
+                    self.declare_dead(sorted(set(missing)))
+                    continue
                 peer = missing[0]
                 if phase == "disp" and self.ll:
                     w0 = int(idx[np.nonzero(~ok)[0][0]])
@@ -141,6 +158,51 @@ class Window:
                     timeout_s=self.cfg.timeout_s, missing=missing)
             time.sleep(sleep)
             sleep = min(max(sleep * 2, 20e-6), 2e-3)
+
+    # ------------------------------------------------------------------ fencing
+    def notices(self) -> dict[int, int]:
+        """{dead rank: the rank that declared it} from the FENCE words of this rank's own window."""
+        self.win.Sync()
+        words = self.mem[self.o_fence:self.o_fence + 8 * self.R].view(np.int64)
+        return {int(d): int(words[d]) - 1 for d in np.nonzero(words)[0]}
+
+    def read_notices(self) -> bool:
+        """Mask the ranks peers declared dead; True if any was new. A notice naming this rank: EPFencedError."""
+        new = False
+        for d, by in self.notices().items():
+            if d == self.rank:
+                raise EPFencedError(f"{self.ctx.describe(self.rank)} was fenced off by {self.ctx.describe(by)} "
+                                    f"(it missed a deadline or was fenced explicitly); the others go on without "
+                                    f"it, so this EPBuffer is unusable here", rank=self.rank, by=by)
+            if d not in self.masked:
+                self.masked.add(d)
+                new = True
+        return new
+
+    def declare_dead(self, ranks) -> None:
+        """Mask `ranks` here and write the death notice into the window of every live peer (and this rank's own):
+        one word per dead rank, Accumulate(REPLACE) + Flush, the same path as a signal. Never touches a masked
+        rank's window."""
+        ranks = [int(d) for d in ranks if d != self.rank]
+        word = np.array([self.rank + 1], np.int64)
+        self.masked.update(ranks)
+        for d in ranks:
+            for dest in range(self.R):
+                if dest not in self.masked:
+                    self._notify(dest, d, word)
+        self.win.Flush_all()
+        # The declared rank itself, last and best effort: if it is alive but stuck it learns at its next call that
+        # it is out (EPFencedError) instead of sending into a round nobody waits for.
+        try:
+            for d in ranks:
+                self._notify(d, d, word)
+                self.win.Flush(d)
+        except Exception:  # noqa: BLE001 - a dead process's memory may be unreachable (it stays masked)
+            pass
+
+    def _notify(self, dest: int, dead: int, word: np.ndarray) -> None:
+        self.win.Accumulate([word, self.MPI.INT64_T], dest, target=(self.o_fence + 8 * dead, 1, self.MPI.INT64_T),
+                            op=self.MPI.REPLACE)
 
     # ------------------------------------------------------------------ lifecycle
     def abort(self, reason: str) -> None:
@@ -153,12 +215,12 @@ class Window:
             buf[:len(raw)] = np.frombuffer(raw, np.uint8)
             flag = np.ones(1, np.int64)
             for d in range(self.R):
-                if d != self.rank:
+                if d != self.rank and d not in self.masked:
                     self.win.Put([buf, self.MPI.BYTE], d,
                                  target=(self.o_reason + self.rank * REASON_BYTES, REASON_BYTES, self.MPI.BYTE))
             self.win.Flush_all()
             for d in range(self.R):
-                if d != self.rank:
+                if d != self.rank and d not in self.masked:
                     self.win.Accumulate([flag, self.MPI.INT64_T], d,
                                         target=(self.o_abort + 8 * self.rank, 1, self.MPI.INT64_T),
                                         op=self.MPI.REPLACE)

@@ -1,0 +1,120 @@
+"""A rank lost in the middle of a dispatch is fenced off; the survivors go on with the same buffer.
+
+    python -m launch run -t cpu-4rank --keep-going -x EPCOMM_FAULT=die:rank=3,round=2 -- \
+        python tests/mpi/scripts/fence_one_rank.py ht kill
+    python -m launch run -t cpu-4rank -- python tests/mpi/scripts/fence_one_rank.py ll stall
+
+kill: the last rank sends its dispatch of round LOST to half of its peers, then SIGKILLs itself (fault "die").
+stall: the last rank stays alive but never calls dispatch again (what a hung GPU looks like); it checks later that
+its own next call is refused (EPFencedError), since the others declared it dead.
+Every survivor: rounds before LOST exact; round LOST's combine raises EPRankLostError naming the lost rank, its
+node and experts (its dispatch is exact for the world with or without the lost rank's tokens: it may have arrived
+before the death); then AFTER rounds exact against epcomm.reference with masked_ranks=(lost,), DispatchResult.dropped
+and active_ranks as the spec says. Prints "FAIL ..." lines; exit 1 on a failure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+import numpy as np  # noqa: E402
+
+import epcomm  # noqa: E402
+from epcomm import reference  # noqa: E402
+from epcomm.errors import EPFencedError, EPRankLostError  # noqa: E402
+from epcomm.workload import distinct_experts, make_world  # noqa: E402
+
+mode, how = sys.argv[1], sys.argv[2]
+LOST, AFTER = 2, int(sys.argv[3]) if len(sys.argv) > 3 else 100
+ctx = epcomm.init()
+me, R = ctx.rank, ctx.world_size
+victim = R - 1
+cfg = epcomm.EPConfig(hidden=128, topk=2, num_experts=2 * R, max_tokens_per_rank=6, world_size=R, mode=mode,
+                      timeout_s=3.0)   # the deadline is the death detector: short, to keep the test short
+problems: list[str] = []
+
+
+def fail(msg: str) -> None:
+    problems.append(msg)
+    print(f"FAIL rank {me}: {msg}", flush=True)
+
+
+def world(r: int):
+    w = make_world(cfg, 1000 + r, routing_kind=("uniform", "minus1", "skewed")[r % 3], num_tokens="ragged"
+                   if r % 4 == 3 else None)
+    if r == LOST:   # every rank's first token goes to the lost rank's first expert: every survivor needs it
+        for ids in w.topk_ids:
+            if len(ids):
+                ids[0, 0] = victim * cfg.n_local_experts
+    return w
+
+
+def check_round(buf, r: int, masked: tuple) -> None:
+    w = world(r)
+    res = buf.dispatch(w.xs[me], w.topk_ids[me])
+    exp = reference.dispatch(cfg, w.xs, w.topk_ids, masked_ranks=masked)
+    if r == LOST:   # the lost rank's tokens may have arrived before it died (kill) or not
+        without = reference.dispatch(cfg, w.xs, w.topk_ids, masked_ranks=(victim,))
+        p = reference.compare_dispatch(cfg, res, exp[me])
+        if p and reference.compare_dispatch(cfg, res, without[me]):
+            n = int(res.row_offsets[-1])
+            fail(f"round {r} dispatch: {p[0]} (sources {sorted(set(res.src_info[:n, 0].tolist()))}, expected "
+                 f"{sorted(set(exp[me].src_info[:int(exp[me].row_offsets[-1]), 0].tolist()))})")
+    else:
+        p = reference.compare_dispatch(cfg, res, exp[me])
+        if p:
+            fail(f"round {r} dispatch: {p[0]}")
+        want_drop = reference.masked_slots(cfg, w.topk_ids[me], masked)
+        if res.dropped is None or not np.array_equal(res.dropped, want_drop):
+            fail(f"round {r}: dropped {res.dropped} != {want_drop.tolist()}")
+        if tuple(res.masked_ranks) != masked:
+            fail(f"round {r}: masked_ranks {res.masked_ranks} != {masked}")
+    ey = distinct_experts(cfg, res)
+    try:
+        y = buf.combine(ey, res.handle, w.topk_weights[me])
+    except EPRankLostError as e:
+        if r != LOST:
+            fail(f"round {r}: unexpected {e}")
+        elif (e.rank, e.node, e.experts, e.round) != (victim, ctx.node_of(victim), cfg.experts_of(victim), r):
+            fail(f"round {r}: EPRankLostError names {(e.rank, e.node, e.experts, e.round)}: {e}")
+        else:
+            print(f"rank {me}: round {r}: {e}", flush=True)
+        return
+    if r == LOST:
+        fail(f"round {r}: combine returned, wanted EPRankLostError naming rank {victim}")
+        return
+    eys = [None if d is None else distinct_experts(cfg, d) for d in exp]
+    ys, mags = reference.combine_exact(cfg, eys, exp, w.topk_weights)
+    p = reference.compare_combine(y, ys[me], mags[me])
+    if p:
+        fail(f"round {r} combine: {p[0]}")
+
+
+buf = epcomm.EPBuffer(cfg, ctx, fence_dead_ranks=True)
+if tuple(buf.active_ranks) != tuple(range(R)):
+    fail(f"active_ranks {buf.active_ranks} at the start")
+t0 = time.monotonic()
+if me == victim and how == "stall":
+    for r in range(LOST):
+        check_round(buf, r, ())
+    time.sleep(3 * cfg.timeout_s)   # never calls dispatch in time: the survivors declare it dead and go on
+    try:
+        buf.dispatch(*[a[me] for a in (world(LOST).xs, world(LOST).topk_ids)])
+        fail("a dispatch of the fenced-off rank went through")
+    except EPFencedError as e:
+        print(f"rank {me}: fenced off, as it should: {e}", flush=True)
+    buf.close()
+else:
+    for r in range(LOST + 1 + AFTER):
+        masked = (victim,) if r > LOST else ()
+        check_round(buf, r, masked)
+        if r == LOST and tuple(buf.active_ranks) != tuple(q for q in range(R) if q != victim):
+            fail(f"active_ranks {buf.active_ranks} after round {r}")
+    buf.close()
+    if not problems:
+        print(f"rank {me}: rank {victim} lost in round {LOST} ({how}, {mode}), then {AFTER} rounds without it: ok "
+              f"({time.monotonic() - t0:.1f} s)", flush=True)
+sys.exit(1 if problems else 0)

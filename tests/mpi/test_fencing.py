@@ -1,0 +1,49 @@
+"""A dead rank is fenced off instead of taking the job down (host backend, real mpirun; issue 15 item 4).
+
+tests/mpi/scripts/fence_one_rank.py does the work on each of 4 ranks: rank 3 is lost in dispatch round 2, the three
+survivors finish that round with EPRankLostError naming rank 3, its node and experts, then run 100 more rounds on
+the same EPBuffer, each checked against epcomm.reference with masked_ranks=(3,).
+"""
+import re
+
+import pytest
+
+from launched import run_launched
+
+pytestmark = pytest.mark.mpi
+
+SURVIVORS = (0, 1, 2)
+
+
+def survivors_went_on(out: str, how: str, mode: str, after: int) -> None:
+    assert "FAIL" not in out and "Traceback" not in out, out[-6000:]
+    for r in SURVIVORS:
+        assert re.search(rf"rank {r}: round 2: rank {r} \(node 0\): rank 3 \(node 0\) was lost .*experts 6\.\.7", out), \
+            out[-4000:]
+        assert f"rank {r}: rank 3 lost in round 2 ({how}, {mode}), then {after} rounds without it: ok" in out, \
+            out[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_sigkill_mid_dispatch_is_fenced_off_and_the_survivors_go_on(mode):
+    """kill -9 of rank 3 halfway through its dispatch sends (fault "die"), under `launch run --keep-going` (Open MPI
+    ULFM keeps the survivors alive); the launcher reports the rank and exits with its code when all have ended."""
+    proc = run_launched("cpu-4rank", ["python", "tests/mpi/scripts/fence_one_rank.py", mode, "kill", "100"],
+                        timeout=180, launch_args=["--keep-going"], env={"EPCOMM_FAULT": "die:rank=3,round=2"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 137, out[-6000:]
+    assert "launch: rank 3 (node 0, host " in out and "killed by SIGKILL (exit 137); the others go on" in out, \
+        out[-4000:]
+    survivors_went_on(out, "kill", mode, 100)
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_a_rank_that_stops_calling_is_fenced_off(mode):
+    """Rank 3 stays alive but never calls dispatch again (a hung GPU looks like this): the survivors' deadline
+    declares it dead and they go on; its own next call raises EPFencedError."""
+    proc = run_launched("cpu-4rank", ["python", "tests/mpi/scripts/fence_one_rank.py", mode, "stall", "100"],
+                        timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    survivors_went_on(out, "stall", mode, 100)
+    assert "rank 3: fenced off, as it should: rank 3 (node 0) was fenced off by rank " in out, out[-4000:]
