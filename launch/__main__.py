@@ -24,7 +24,8 @@ Builds the mpirun command for Open MPI or MPICH (detected from `mpirun --version
 one rank per GPU (or ranks_per_node on host-only configs), ranks laid out node by node. Each rank runs
 through `python -m launch.rank_env`, which exports EPCOMM_RANK / EPCOMM_NODE / EPCOMM_LOCAL_RANK /
 EPCOMM_DEVICE / EPCOMM_TOPOLOGY (and NVSHMEM settings) and runs the command as its child: the first rank
-that ends badly (an exception, a non-zero exit, a signal) ends the whole job, named (docs/FAILURES.md)."""
+that ends badly (an exception, a non-zero exit, a signal) ends the whole job, named (docs/FAILURES.md);
+with --keep-going it is only reported and the others go on (fencing off a dead rank)."""
 
 EPILOG = """\
 examples:

@@ -31,7 +31,7 @@ def test_every_named_test_exists():
             f"docs/FAILURES.md names {path}::{name}: no such test"
 
 
-FAILURE_TESTS = ("tests/mpi/test_rank_failure.py", "tests/mpi/test_refusals.py")
+FAILURE_TESTS = ("tests/mpi/test_rank_failure.py", "tests/mpi/test_refusals.py", "tests/mpi/test_fencing.py")
 
 
 def test_every_failure_test_is_in_the_table():

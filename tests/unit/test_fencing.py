@@ -1,0 +1,152 @@
+"""Fencing off a dead rank: the spec (epcomm.reference with masked_ranks), EPBuffer's fencing API on a recording fake
+backend, and the launcher's --keep-going command line. The real protocol under mpirun: tests/mpi/test_fencing.py."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import epcomm.backends
+from epcomm import EPBuffer, EPConfig, EPInputError, EPRankLostError, reference
+from epcomm.formats import BF16
+from epcomm.workload import identity_experts, make_world
+
+CFG = EPConfig(hidden=128, topk=3, num_experts=8, max_tokens_per_rank=6, world_size=4)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "hot", "minus1", "skewed"])
+def test_masked_rank_takes_no_part_and_its_experts_slots_are_dropped(routing):
+    w = make_world(CFG, 7, routing)
+    masked = (2,)
+    res = reference.dispatch(CFG, w.xs, w.topk_ids, masked_ranks=masked)
+    assert res[2] is None
+    for r, d in enumerate(res):
+        if d is None:
+            continue
+        n = int(d.row_offsets[-1])
+        assert 2 not in d.src_info[:n, 0]                     # nothing from the masked rank
+        drop = reference.masked_slots(CFG, w.topk_ids[r], masked)
+        assert np.array_equal(drop, (w.topk_ids[r] >= 0) & (w.topk_ids[r] // CFG.n_local_experts == 2))
+    # combine with identity experts: the weighted sum over the live slots only
+    eys = [None if d is None else identity_experts(CFG, d.expert_x) for d in res]
+    ys = reference.combine(CFG, eys, res, w.topk_weights)
+    assert ys[2] is None
+    for r in (0, 1, 3):
+        ids, wt = w.topk_ids[r], w.topk_weights[r]
+        live = (ids >= 0) & ~reference.masked_slots(CFG, ids, masked)
+        want = (np.asarray(w.xs[r], np.float32)[:, None, :] * np.where(live, wt, 0)[:, :, None]).sum(axis=1)
+        assert np.allclose(np.asarray(ys[r], np.float32), want, rtol=2 ** -6, atol=1e-3)
+
+
+def test_no_masked_ranks_is_the_plain_spec():
+    w = make_world(CFG, 3)
+    a = reference.dispatch(CFG, w.xs, w.topk_ids)
+    b = reference.dispatch(CFG, w.xs, w.topk_ids, masked_ranks=())
+    for x, y in zip(a, b):
+        assert reference.compare_dispatch(CFG, x, y) == []
+
+
+class Fencer:
+    """A fake backend that can fence: records fence calls; its combine raises EPRankLostError once."""
+    broken = None
+    sms_used = None
+
+    def __init__(self):
+        self.masked: set[int] = set()
+        self.fenced: list = []
+        self.fencing = False
+        self.lose_next = False
+
+    def enable_fencing(self):
+        self.fencing = True
+
+    def fence(self, ranks):
+        self.fenced.append(list(ranks))
+        self.masked.update(ranks)
+
+    @property
+    def masked_ranks(self):
+        return tuple(sorted(self.masked))
+
+    def dispatch(self, x, ids):
+        return types.SimpleNamespace(handle=object(), rejected_ranks=())
+
+    def combine(self, ey, h, w):
+        if self.lose_next:
+            self.lose_next = False
+            raise EPRankLostError("rank 1 (node 0) was lost", rank=1, node=0, experts=range(2, 4), round=0)
+        return np.zeros((len(w), 128), BF16)
+
+    def synchronize(self):
+        pass
+
+    def raise_pending(self):
+        pass
+
+    def abort(self, reason):
+        self.aborted = reason
+
+    def close(self):
+        pass
+
+
+def _buffer(monkeypatch, backend, **kw):
+    monkeypatch.setattr(epcomm.backends, "make_backend", lambda cfg, ctx: backend)
+    ctx = types.SimpleNamespace(world_size=4, rank=0, backend="host", _buffers=set(), node_of=lambda r: 0)
+    ctx._buffers = types.SimpleNamespace(add=lambda b: None)
+    return EPBuffer(CFG, ctx, **kw)
+
+
+def test_fence_masks_and_active_ranks_follow(monkeypatch):
+    be = Fencer()
+    buf = _buffer(monkeypatch, be, fence_dead_ranks=True)
+    assert be.fencing and buf.active_ranks == (0, 1, 2, 3)
+    buf.fence([3, 1, 3])
+    assert be.fenced == [[1, 3]] and buf.active_ranks == (0, 2)
+
+
+def test_fence_refuses_bad_ranks_and_a_buffer_made_without_fencing(monkeypatch):
+    buf = _buffer(monkeypatch, Fencer(), fence_dead_ranks=True)
+    for bad in ([0], [4], [-1]):
+        with pytest.raises(EPInputError, match="fence: ranks must be peers"):
+            buf.fence(bad)
+    plain = _buffer(monkeypatch, Fencer())
+    with pytest.raises(EPInputError, match="fence_dead_ranks=True"):
+        plain.fence([1])
+
+
+def test_a_backend_that_cannot_fence_is_refused(monkeypatch):
+    be = Fencer()
+    be.enable_fencing = None
+    with pytest.raises(EPInputError, match="cannot yet"):
+        _buffer(monkeypatch, be, fence_dead_ranks=True)
+
+
+def test_a_lost_round_leaves_the_buffer_usable(monkeypatch):
+    """EPRankLostError is a round's error, like a peer's refusal: no abort, the next round runs."""
+    be = Fencer()
+    buf = _buffer(monkeypatch, be, fence_dead_ranks=True)
+    x, ids = np.zeros((2, 128), BF16), np.zeros((2, 3), np.int32)
+    ey, w = np.zeros((CFG.max_recv_rows, 128), BF16), np.zeros((2, 3), np.float32)
+    out = buf.dispatch(x, ids)
+    be.lose_next = True
+    with pytest.raises(EPRankLostError) as e:
+        buf.combine(ey, out.handle, w)
+    assert (e.value.rank, e.value.experts, e.value.ranks) == (1, range(2, 4), (1,))
+    assert not hasattr(be, "aborted")
+    out = buf.dispatch(x, ids)
+    assert buf.combine(ey, out.handle, w).shape == (2, 128)
+
+
+def test_keep_going_asks_open_mpi_for_ulfm_and_mpich_is_refused():
+    from launch.mpicmd import build_command
+    from epcomm.topology import Topology
+    topo = Topology.single_node(4)
+    argv = build_command(topo, ["prog"], mpi="openmpi", mpirun=sys.executable, keep_going=True).command
+    i = argv.index("--with-ft")
+    assert argv[i + 1] == "ulfm" and argv.index("launch.rank_env") > i
+    assert "--with-ft" not in build_command(topo, ["prog"], mpi="openmpi", mpirun=sys.executable).command
+    with pytest.raises(EPInputError, match="--keep-going needs Open MPI"):
+        build_command(topo, ["prog"], mpi="mpich", mpirun=sys.executable, keep_going=True)
