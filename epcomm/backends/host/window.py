@@ -145,7 +145,7 @@ class Window:
                 continue
             if time.monotonic() > deadline:
                 missing = [peers[i] for i in np.nonzero(~ok)[0]]
-                if self.fencing:
+                if self.fencing and self.rank not in missing:   # its own signal missing is a bug here, not a death
                     self.declare_dead(sorted(set(missing)))
                     continue
                 peer = missing[0]
