@@ -150,3 +150,29 @@ def test_keep_going_asks_open_mpi_for_ulfm_and_mpich_is_refused():
     assert "--with-ft" not in build_command(topo, ["prog"], mpi="openmpi", mpirun=sys.executable).command
     with pytest.raises(EPInputError, match="--keep-going needs Open MPI"):
         build_command(topo, ["prog"], mpi="mpich", mpirun=sys.executable, keep_going=True)
+
+
+def _fake_job(tmp_path, body: str) -> list[str]:
+    """A stand-in for mpirun running `body` (`write` = exitrecord.write into tmp_path), as in test_exit_records."""
+    from launched import REPO_ROOT
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO_ROOT)!r}); from epcomm import exitrecord; "
+            f"write = lambda *a, **k: exitrecord.write(*a, job_dir={str(tmp_path)!r}, **k); {body}")
+    return [sys.executable, "-c", code]
+
+
+def test_keep_going_reports_a_dead_rank_and_ends_the_job_when_every_rank_has(tmp_path, capsys, monkeypatch):
+    """The launcher's side without MPI: a stand-in for mpirun where rank 1 dies, the others finish later and then
+    hang (a survivor's MPI_Finalize waiting for the dead rank): reported, not ended early, then stopped."""
+    import time
+
+    from launch import runner
+    monkeypatch.setattr(runner, "MPI_OWN_ABORT_S", 0.2)
+    body = ("write(1, 137, 'killed by SIGKILL', by='wrapper'); time.sleep(1.5); "
+            "write(0, 0, 'finished', by='rank'); write(2, 0, 'finished', by='rank'); time.sleep(60)")
+    t0 = time.monotonic()
+    rc = runner.run_job(_fake_job(tmp_path, body), timeout=60, grace=1, job_dir=str(tmp_path), world=3,
+                        keep_going=True)
+    dt = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 137 and 1.5 <= dt < 20, (rc, dt, err)
+    assert "ended: killed by SIGKILL (exit 137); the others go on (--keep-going)" in err and "ended first" not in err
