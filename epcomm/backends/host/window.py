@@ -180,9 +180,9 @@ class Window:
         return new
 
     def declare_dead(self, ranks) -> None:
-        """Mask `ranks` here and write the death notice into the window of every live peer (and this rank's own):
-        one word per dead rank, Accumulate(REPLACE) + Flush, the same path as a signal. Never touches a masked
-        rank's window."""
+        """Mask `ranks` here and write the death notice into the window of every live rank (this one included):
+        one word per dead rank, Accumulate(REPLACE) + Flush, the same path as a signal. Of the masked ranks' windows
+        only the declared rank's own notice is written, last and best effort."""
         ranks = [int(d) for d in ranks if d != self.rank]
         word = np.array([self.rank + 1], np.int64)
         self.masked.update(ranks)
