@@ -47,3 +47,17 @@ def test_a_rank_that_stops_calling_is_fenced_off(mode):
     assert proc.returncode == 0, out[-6000:]
     survivors_went_on(out, "stall", mode, 100)
     assert "rank 3: fenced off, as it should: rank 3 (node 0) was fenced off by rank " in out, out[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_an_explicit_fence_masks_a_live_rank_everywhere(mode):
+    """Rank 0 calls buf.fence([3]) before round 2 while rank 3 goes on calling (fp8 tokens, a fused shared expert):
+    rank 3's round 2 raises EPFencedError naming rank 0; each survivor's round 2 is exact without rank 3 or, where
+    its tokens were already sent to rank 3 before it read the notice, raises EPRankLostError; 100 rounds follow."""
+    proc = run_launched("cpu-4rank", ["python", "tests/mpi/scripts/fence_one_rank.py", mode, "fence", "100", "fp8"],
+                        timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "FAIL" not in out and "Traceback" not in out, out[-6000:]
+    for r in SURVIVORS:
+        assert f"rank {r}: rank 3 lost in round 2 (fence, {mode}), then 100 rounds without it: ok" in out, out[-4000:]
+    assert "rank 3: fenced off, as it should: rank 3 (node 0) was fenced off by rank 0 (node 0)" in out, out[-4000:]

@@ -3,10 +3,15 @@
     python -m launch run -t cpu-4rank --keep-going -x EPCOMM_FAULT=die:rank=3,round=2 -- \
         python tests/mpi/scripts/fence_one_rank.py ht kill
     python -m launch run -t cpu-4rank -- python tests/mpi/scripts/fence_one_rank.py ll stall
+    python -m launch run -t cpu-4rank -- python tests/mpi/scripts/fence_one_rank.py ht fence 100 fp8
 
 kill: the last rank sends its dispatch of round LOST to half of its peers, then SIGKILLs itself (fault "die").
 stall: the last rank stays alive but never calls dispatch again (what a hung GPU looks like); it checks later that
 its own next call is refused (EPFencedError), since the others declared it dead.
+fence: rank 0 calls buf.fence([last]) before round LOST while the last rank goes on calling: its round LOST raises
+EPFencedError; a survivor's round LOST is exact without it, or (where its tokens were already sent to it, the notice
+not yet read) its combine raises EPRankLostError.
+A 4th argument "fp8": fp8 tokens and a fused shared expert.
 Every survivor: rounds before LOST exact; round LOST's combine raises EPRankLostError naming the lost rank, its
 node and experts (its dispatch is exact for the world with or without the lost rank's tokens: it may have arrived
 before the death); then AFTER rounds exact against epcomm.reference with masked_ranks=(lost,), DispatchResult.dropped
@@ -32,7 +37,9 @@ LOST, AFTER = 2, int(sys.argv[3]) if len(sys.argv) > 3 else 100
 ctx = epcomm.init()
 me, R = ctx.rank, ctx.world_size
 victim = R - 1
+fp8 = len(sys.argv) > 4 and sys.argv[4] == "fp8"
 cfg = epcomm.EPConfig(hidden=128, topk=2, num_experts=2 * R, max_tokens_per_rank=6, world_size=R, mode=mode,
+                      token_format="fp8" if fp8 else "bf16", fused_shared_expert=fp8,
                       timeout_s=3.0)   # the deadline is the death detector: short, to keep the test short
 problems: list[str] = []
 
@@ -83,9 +90,11 @@ def check_round(buf, r: int, masked: tuple) -> None:
         else:
             print(f"rank {me}: round {r}: {e}", flush=True)
         return
-    if r == LOST:
+    if r == LOST and how != "fence":
         fail(f"round {r}: combine returned, wanted EPRankLostError naming rank {victim}")
         return
+    if r == LOST:   # fence: this rank masked the victim before it sent anything to it
+        exp = reference.dispatch(cfg, w.xs, w.topk_ids, masked_ranks=(victim,))
     eys = [None if d is None else distinct_experts(cfg, d) for d in exp]
     ys, mags = reference.combine_exact(cfg, eys, exp, w.topk_weights)
     p = reference.compare_combine(y, ys[me], mags[me])
@@ -107,9 +116,23 @@ if me == victim and how == "stall":
     except EPFencedError as e:
         print(f"rank {me}: fenced off, as it should: {e}", flush=True)
     buf.close()
+elif me == victim and how == "fence":
+    for r in range(LOST + 1):
+        try:
+            check_round(buf, r, ())
+            if r == LOST:
+                fail(f"round {r} went through on the fenced-off rank")
+        except EPFencedError as e:
+            if r != LOST or e.by != 0:
+                fail(f"round {r}: {e}")
+            else:
+                print(f"rank {me}: fenced off, as it should: {e}", flush=True)
+    buf.close()
 else:
     for r in range(LOST + 1 + AFTER):
         masked = (victim,) if r > LOST else ()
+        if how == "fence" and r == LOST and me == 0:
+            buf.fence([victim])
         check_round(buf, r, masked)
         if r == LOST and tuple(buf.active_ranks) != tuple(q for q in range(R) if q != victim):
             fail(f"active_ranks {buf.active_ranks} after round {r}")
