@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from epcomm.backends.gpu import jit, specs  # noqa: E402
+from epcomm.backends.gpu import jit, specs
 
 KERNELS = "epcomm/backends/gpu/kernels"
 FILE_HASH = re.compile(r"(?<=_)[0-9a-f]{8}(?=_\d+_ep_cu)")   # nvcc's hash of the file in internal names

@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from epcomm.backends.gpu import specs  # noqa: E402
-from epcomm.smoke import ep as smoke_ep  # noqa: E402
-from epcomm.topology import Topology  # noqa: E402
+from epcomm.backends.gpu import specs
+from epcomm.smoke import ep as smoke_ep
+from epcomm.topology import Topology
 
 
 def demo_config():

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.backends.gpu.runtime import Runtime, torch_context, uid_context  # noqa: E402
-from epcomm.backends.gpu.specs import test_configs  # noqa: E402
-from epcomm.workload import distinct_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.backends.gpu.runtime import Runtime, torch_context, uid_context
+from epcomm.backends.gpu.specs import test_configs
+from epcomm.workload import distinct_experts, make_world
 
 
 def main():

@@ -12,16 +12,13 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.errors import EPTimeoutError  # noqa: E402
-from epcomm.workload import distinct_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.errors import EPTimeoutError
+from epcomm.workload import distinct_experts, make_world
 
 
 def tb16(a: np.ndarray, dev):

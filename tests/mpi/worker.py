@@ -14,13 +14,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import epcomm  # noqa: E402
-from epcomm.checks import Round  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+import epcomm
+from epcomm.checks import Round
+from epcomm.workload import identity_experts, make_world
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
                 H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0)
