@@ -1,8 +1,8 @@
-"""Compile every kernel the one-GPU rig (tools/one_gpu_rig.sh) needs, in parallel, before any rank starts: the GPU
+"""Compile every kernel the one-GPU rig (dev/device/one_gpu_rig.sh) needs, in parallel, before any rank starts: the GPU
 worker's suites at 2, 8 and 16 ranks, the MoE example and `make demo` at 2, and smoke's EP cases at 8. Without it each of 8 or 16
 ranks would compile the same kernel on first use at the same time (the cache is shared, the work is not).
 
-    python tools/rig_prebuild.py [--worlds 2,8,16] [--smoke-world 8] [--jobs N]
+    python dev/device/rig_prebuild.py [--worlds 2,8,16] [--smoke-world 8] [--jobs N]
 Needs nvcc + NVSHMEM (no GPU); cached kernels cost nothing ($EPCOMM_CACHE).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def rig_configs(worlds: list[int], smoke_world: int | None, smoke_quick: bool = 
     for w in worlds:
         out += specs.test_configs(w) + specs.example_configs(w)
     if smoke_world:
-        topo = Topology.load(Path(__file__).resolve().parents[1] / "configs" / f"one-gpu-{smoke_world}.yaml")
+        topo = Topology.load(Path(__file__).resolve().parents[2] / "configs" / f"one-gpu-{smoke_world}.yaml")
         out += [smoke_ep.case_config(c, topo, smoke_world, smoke_quick) for c in smoke_ep.cases(smoke_quick)]
     return out
 

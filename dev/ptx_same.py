@@ -6,8 +6,8 @@ includes), taken at the revision with `git ls-tree` / `git show`, so a single ep
 with today's split files. Both sides get today's defines (jit.defines_for): an older source ignores the derived-size
 defines it does not use.
 
-    python tools/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
-    python tools/ptx_same.py aafa508 --only ht  # modes containing "ht"
+    python dev/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
+    python dev/ptx_same.py aafa508 --only ht  # modes containing "ht"
 
 Lines that only name the source (.file, .loc, comments) and nvcc's per-file hash in internal symbol names are
 ignored, so a comment or a renamed local that compiles to the same instructions reports SAME. Exit 0 when every
