@@ -17,6 +17,8 @@ import numpy as np
 
 import epcomm
 from epcomm import reference as ref
+from epcomm.arrays import CupyArrays, TorchArrays
+from epcomm.checks import Round
 from epcomm.errors import EPTimeoutError
 from epcomm.workload import distinct_experts, make_world
 
@@ -67,53 +69,40 @@ class Checker:
         return wait(pending)
 
     def one_round(self, be, cfg, world, use_async: bool, check=True, cross_stream=False):
-        torch = self.torch
-        me = self.me
-        x = tb16(world.xs[me], self.dev)
-        ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
-        w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
+        rnd = Round(cfg, world, self.me, experts="distinct")
+        arr = TorchArrays(self.ctx.device)
+        x, ids, w = (arr.put(a) for a in rnd.inputs())
         self.poison(be)
         res = self._async_wait(be, lambda: be.dispatch_async(x, ids), be.dispatch_wait, cross_stream) \
             if use_async else be.dispatch(x, ids)
         be.synchronize()
-        refs = ref.dispatch(cfg, world.xs, world.topk_ids)
-        problems = ref.compare_dispatch(cfg, res, refs[me]) if check else []
-        eys = [distinct_experts(cfg, r) for r in refs]
-        ey = eys[me].copy()
-        n = int(refs[me].row_offsets[-1])
-        ey[n:] = np.float32("nan")  # rows past the end must never be read
-        eyg = tb16(ey, self.dev)
+        problems = rnd.check_dispatch(res) if check else []
+        eyg = arr.put(rnd.expert_y(poison_tail=True))  # rows past the end are NaN: they must never be read
         y = self._async_wait(be, lambda: be.combine_async(eyg, res.handle, w), be.combine_wait, cross_stream) \
             if use_async else be.combine(eyg, res.handle, w)
         be.synchronize()
         if check:
-            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
-            problems += ref.compare_combine(y, yx[me], mag[me])
+            problems += rnd.check_combine(y)
         return problems
 
     def one_round_cupy(self, be, cfg, world):
         """Same as one_round with cupy arrays in and out (bf16 travels as uint16 bits)."""
         import cupy as cp
         from epcomm.formats import BF16
-        me = self.me
+        rnd = Round(cfg, world, self.me, experts="distinct")
+        arr = CupyArrays(self.ctx.device)
         with cp.cuda.Device(self.ctx.device):
-            x = cp.asarray(np.ascontiguousarray(world.xs[me]).view(np.uint16))
-            ids = cp.asarray(world.topk_ids[me])
-            w = cp.asarray(world.topk_weights[me])
+            x, ids, w = (arr.put(a) for a in rnd.inputs())
             self.poison(be)
             res = be.dispatch(x, ids)
             be.synchronize()
             problems = []
             if not isinstance(res.expert_x, cp.ndarray) or not isinstance(res.src_info, cp.ndarray):
                 problems.append(f"outputs are {type(res.expert_x).__name__}, not cupy")
-            refs = ref.dispatch(cfg, world.xs, world.topk_ids)
-            problems += ref.compare_dispatch(cfg, res, refs[me])
-            eys = [distinct_experts(cfg, r) for r in refs]
-            ey = cp.asarray(np.ascontiguousarray(eys[me]).view(np.uint16))
-            y = be.combine(ey, res.handle, w)
+            problems += rnd.check_dispatch(res)
+            y = be.combine(arr.put(rnd.expert_y()), res.handle, w)
             be.synchronize()
-            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
-            problems += ref.compare_combine(cp.asnumpy(y).view(BF16), yx[me], mag[me])
+            problems += rnd.check_combine(cp.asnumpy(y).view(BF16))   # cupy returns bf16 as uint16 bits
         return problems
 
     def suite(self, cfg, quick=False):
