@@ -15,9 +15,10 @@ STAMP   := $(VENV)/.epcomm-installed
 endif
 EXTRAS  ?= test
 
-# >= 2 GPUs: the local GPU config; otherwise the 2-node host-backend config.
+# >= 2 GPUs: the local GPU config; exactly 1 GPU: 2 ranks sharing it (configs/one-gpu-2.yaml, share_gpus);
+# no GPU: the 2-node host-backend config.
 NGPUS   := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-CONFIG  ?= $(if $(filter-out 0 1,$(or $(NGPUS),0)),configs/local-2gpu.yaml,configs/cpu-2x4.yaml)
+CONFIG  ?= $(if $(filter-out 0 1,$(or $(NGPUS),0)),configs/local-2gpu.yaml,$(if $(filter 1,$(NGPUS)),configs/one-gpu-2.yaml,configs/cpu-2x4.yaml))
 TIMEOUT ?= 600
 ARGS    ?=
 

@@ -5,19 +5,28 @@
                                           max_tokens_per_rank=4096, world_size=ctx.world_size), ctx)
     out = buf.dispatch(x, topk_ids)                       # tokens grouped by local expert
     y = buf.combine(expert_y, out.handle, topk_weights)   # weighted sum back on the token's rank
+
+Without MPI (inference servers, GPU): `epcomm.torch_context()` after torch.distributed.init_process_group, or
+`epcomm.uid_context(uid, rank, world_size, device)` with your own unique-id channel.
 """
 from .config import EPConfig
 from .errors import EPError, EPInputError, EPTimeoutError
 from .results import DispatchResult
 
-__all__ = ["EPConfig", "EPError", "EPInputError", "EPTimeoutError", "DispatchResult", "init", "EPBuffer"]
+__all__ = ["EPConfig", "EPError", "EPInputError", "EPTimeoutError", "DispatchResult", "init", "EPBuffer",
+           "torch_context", "uid_context"]
 
 
-def __getattr__(name):  # the front end imports MPI; load it only when asked for
+def __getattr__(name):
+    # Loaded only when asked for: the front end needs numpy (and MPI for init); the contexts without MPI
+    # (torch.distributed, or a caller's own unique-id channel) need the GPU packages.
     if name == "init":
         from .context import init
         return init
     if name == "EPBuffer":
         from .buffer import EPBuffer
         return EPBuffer
-    raise AttributeError(name)
+    if name in ("torch_context", "uid_context"):
+        from .backends.gpu import runtime
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'epcomm' has no attribute {name!r}")

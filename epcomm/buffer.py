@@ -27,10 +27,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from .arrays import describe, is_bf16
+from . import backends
+from .arrays import describe, is_bf16, is_capturing
+from .backends.base import Backend
 from .config import EPConfig
+from .context import init
 from .errors import EPError, EPInputError
 from .results import DispatchResult
 
@@ -61,23 +62,11 @@ def _fail(msg: str):
     raise EPInputError(msg)
 
 
-def _capturing(kind: str) -> bool:
-    """Is the caller's current stream being captured into a CUDA graph (torch / cupy)?"""
-    if kind == "torch":
-        import torch
-        return bool(torch.cuda.is_current_stream_capturing())
-    if kind == "cupy":
-        import cupy
-        return bool(getattr(cupy.cuda.get_current_stream(), "is_capturing", lambda: False)())
-    return False
-
-
 class EPBuffer:
     def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False):
         if not isinstance(cfg, EPConfig):
             _fail(f"EPBuffer: cfg must be an EPConfig, got {type(cfg).__name__}")
         if ctx is None:
-            from .context import init
             ctx = init()
         if cfg.world_size != ctx.world_size:
             _fail(f"EPConfig.world_size={cfg.world_size} but the context has {ctx.world_size} ranks")
@@ -88,8 +77,7 @@ class EPBuffer:
         self._combined: set[int] = set()
         self._closed = False
         self._failed: str | None = None
-        from .backends import make_backend
-        self._backend = make_backend(cfg, ctx)
+        self._backend: Backend = backends.make_backend(cfg, ctx)
         ctx._buffers.add(self)
 
     # ------------------------------------------------------------------ checks
@@ -115,7 +103,7 @@ class EPBuffer:
             _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
         self._check_kind(xi, "dispatch")
         if t and (ii.on_host or self.check_ids):
-            if not ii.on_host and _capturing(ii.kind):
+            if not ii.on_host and is_capturing(ii.kind):
                 _fail("dispatch: check_ids=True reads the ids back to the host, which a CUDA-graph capture forbids; "
                       "make the buffer for captured calls with check_ids=False")
             ids = topk_ids if ii.kind == "numpy" else (topk_ids.cpu().numpy() if ii.kind == "torch"
@@ -265,20 +253,31 @@ class EPBuffer:
         kernels run, so their outputs are only trustworthy once the stream has passed them: a server calls this
         (or synchronize) before handing results on. Host backend: errors are raised by the calls themselves."""
         self._usable()
-        raise_pending = getattr(self._backend, "raise_pending", None)
-        if raise_pending is not None:
-            self._call(raise_pending)
+        self._call(self._backend.raise_pending)
 
     def synchronize(self) -> None:
+        """Run the receive of every outstanding *_async call (in issue order), then wait for the device."""
         self._usable()
+        self._complete()
         self._call(self._backend.synchronize)
 
+    @property
+    def sms_used(self) -> int | None:
+        """SMs (thread blocks of the persistent grid) the GPU kernels run on; None on the host backend."""
+        return self._backend.sms_used
+
     def close(self) -> None:
-        """Collective when the buffer is healthy (frees shared memory on every rank); local after a failure."""
+        """Collective when the buffer is healthy (runs outstanding receives, frees shared memory on every rank);
+        local after a failure."""
         if self._closed:
             return
+        if self._failed is None:
+            try:
+                self._complete()
+            except Exception:  # noqa: BLE001 - recorded in self._failed (and the peers told) by _call
+                pass
         self._closed = True
-        if self._failed is not None and getattr(self._backend, "broken", "") is None:
+        if self._failed is not None and self._backend.broken is None:
             self._backend.broken = self._failed   # peers may be gone: skip the collective free
         self._backend.close()
 

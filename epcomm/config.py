@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import EPInputError
-from .formats import BLOCK, FORMATS
+from .formats import BLOCK, FORMAT_NAMES, FORMATS, TokenFormat
 
 MODES = ("ht", "ll")  # high-throughput (a token crosses once per destination rank) / low-latency (per-expert slots)
 
@@ -16,12 +16,15 @@ class EPConfig:
 
     hidden: channels per token (multiple of 128). topk: experts per token. num_experts: routed experts in the world,
     divisible by world_size. max_tokens_per_rank: the most tokens one rank may dispatch at once; every buffer is sized
-    from it, so output shapes never depend on routing. token_format: "bf16" or "fp8" (blockwise, quantised in dispatch).
+    from it, so output shapes never depend on routing. token_format: "bf16" or "fp8" (blockwise, quantised in dispatch);
+    the name is resolved to its epcomm.formats.TokenFormat (which still compares equal to the name).
     mode: "ht" or "ll". fused_shared_expert: group 0 of the output holds the rank's own tokens for the shared expert.
     skip_a2a: tokens go only to experts that live on their own rank (experts replicated; an outside all-reduce
     finishes the sum). allreduce_world_size: ranks that share that all-reduce (shared-expert rows are split among them).
     timeout_s: deadline of every wait for a peer. num_sms: the most SMs (thread blocks of the persistent grid) the
-    GPU kernels may use, leaving the rest to overlapped compute; None = all of them. The host backend ignores it.
+    GPU kernels may use, leaving the rest to overlapped compute; None = all that this context can keep resident (one
+    per SM; fewer under MPS / green contexts / ranks sharing a GPU, and a larger value is clamped to that: see
+    docs/ARCHITECTURE.md "Grid size"). The host backend ignores it.
     """
 
     hidden: int
@@ -29,7 +32,7 @@ class EPConfig:
     num_experts: int
     max_tokens_per_rank: int
     world_size: int
-    token_format: str = "bf16"
+    token_format: TokenFormat | str = "bf16"
     mode: str = "ht"
     fused_shared_expert: bool = False
     skip_a2a: bool = False
@@ -38,6 +41,9 @@ class EPConfig:
     num_sms: int | None = None
 
     def __post_init__(self):
+        fmt = FORMATS.get(self.token_format) if isinstance(self.token_format, str) else None
+        if fmt is not None:
+            object.__setattr__(self, "token_format", fmt)   # frozen: set once, here
         self.validate()
 
     def validate(self) -> None:
@@ -55,7 +61,7 @@ class EPConfig:
              f"must be divisible by world_size={self.world_size}")
         need(1 <= self.topk <= self.num_experts, "topk", f"must be in 1..num_experts={self.num_experts}")
         need(self.max_tokens_per_rank >= 1, "max_tokens_per_rank", "must be >= 1")
-        need(self.token_format in FORMATS, "token_format", f"must be one of {FORMATS}")
+        need(isinstance(self.token_format, TokenFormat), "token_format", f"must be one of {FORMAT_NAMES}")
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
         need(self.allreduce_world_size >= 1, "allreduce_world_size", "must be >= 1")
         need(self.allreduce_world_size == 1 or self.skip_a2a, "allreduce_world_size",
@@ -101,9 +107,7 @@ class EPConfig:
 
     def token_bytes(self) -> int:
         """Bytes of one token on the wire in this format (data + fp8 scales)."""
-        if self.token_format == "fp8":
-            return self.hidden + 4 * self.scale_cols
-        return 2 * self.hidden
+        return self.token_format.row_bytes(self.hidden)
 
     def shared_share(self, rank: int, num_tokens: int) -> range:
         """Tokens of `rank` whose shared-expert row this rank computes (all of them unless skip_a2a splits them)."""

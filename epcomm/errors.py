@@ -25,3 +25,22 @@ class EPTimeoutError(EPError, TimeoutError):
         self.what = what
         self.waiter = waiter
         self.experts = experts
+
+    @classmethod
+    def peer_missing(cls, *, waiter: int, waiter_node: int | None, peer: int, node: int | None,
+                     experts: range | None, what: str, round: int, timeout_s: float,
+                     missing: list[int] | None = None) -> "EPTimeoutError":
+        """The error of a wait for `peer` that ran past its deadline, worded the same by every backend:
+
+        rank 0 (node 0) timed out after 30 s waiting for dispatch tokens (round 7) from rank 5 (node 1), which never
+        signalled (it holds experts 160..191)
+
+        missing: every peer that had not signalled, when more than one (listed at the end)."""
+        def who(rank: int, on: int | None) -> str:
+            return f"rank {rank}" + (f" (node {on})" if on is not None else "")
+
+        holds = f" (it holds experts {experts.start}..{experts.stop - 1})" if experts else ""
+        more = f"; all missing: {sorted(set(missing))}" if missing and len(set(missing)) > 1 else ""
+        message = (f"{who(waiter, waiter_node)} timed out after {timeout_s:g} s waiting for {what} (round {round}) "
+                   f"from {who(peer, node)}, which never signalled{holds}{more}")
+        return cls(message, rank=peer, node=node, what=f"{what} round {round}", waiter=waiter, experts=experts)

@@ -18,7 +18,9 @@ def _git(*args: str) -> str | None:
 def code_identity() -> dict:
     """git commit and dirty flag where the tree is a checkout (else None), and the hash of the kernel sources, which
     names the kernels with or without git (the device machines get a copy of the tree)."""
+    import os
     from .backends.gpu import jit
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # EPCOMM_COMMIT: a copy of the tree whose .git is not the source's (the device machines) names its commit here.
+    commit = os.environ.get("EPCOMM_COMMIT") or _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit and "EPCOMM_COMMIT" not in os.environ else None
     return {"commit": commit, "dirty": None if status is None else bool(status), "kernel_source": jit.source_hash()}

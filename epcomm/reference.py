@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import to_numpy
 from .config import EPConfig
-from .formats import BF16, FP8, quantize_fp8
+from .formats import BF16
 from .results import DispatchResult
 
 
@@ -33,8 +34,8 @@ def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray]) ->
         raise ValueError(f"need inputs of all {r_count} ranks")
     starts = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
     all_x = np.concatenate([np.asarray(x, BF16).reshape(-1, cfg.hidden) for x in xs])
-    if cfg.token_format == "fp8":
-        all_q, all_s = quantize_fp8(all_x)
+    fmt = cfg.token_format
+    all_q, all_s = fmt.quantize(all_x)      # rows as dispatch delivers them, and their scales (None for bf16)
     results = []
     for dest in range(r_count):
         groups = []
@@ -51,15 +52,12 @@ def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray]) ->
         src_info[:n_rows] = rows
         # Gather rows from all ranks' tokens at once: flat index = offset of the source rank + token.
         flat = starts[rows[:, 0]] + rows[:, 1] if n_rows else np.zeros(0, np.int64)
+        expert_x = np.zeros((cfg.max_recv_rows, cfg.hidden), dtype=fmt.dtype)
+        expert_x[:n_rows] = all_q[flat]
         scales = None
-        if cfg.token_format == "fp8":
-            expert_x = np.zeros((cfg.max_recv_rows, cfg.hidden), dtype=FP8)
-            scales = np.zeros((cfg.max_recv_rows, cfg.scale_cols), dtype=np.float32)
-            expert_x[:n_rows] = all_q[flat]
+        if fmt.quantized:
+            scales = np.zeros(fmt.scale_shape(cfg.max_recv_rows, cfg.hidden), dtype=np.float32)
             scales[:n_rows] = all_s[flat]
-        else:
-            expert_x = np.zeros((cfg.max_recv_rows, cfg.hidden), dtype=BF16)
-            expert_x[:n_rows] = all_x[flat]
         first_routed = int(cfg.fused_shared_expert)
         expert_ids = np.array(([-1] if cfg.fused_shared_expert else [])
                               + [dest * cfg.n_local_experts + l for l in range(cfg.n_local_experts)], dtype=np.int32)
@@ -102,34 +100,14 @@ def combine(cfg: EPConfig, expert_ys: list[np.ndarray], results: list[DispatchRe
     return [y.astype(np.float32).astype(BF16) for y in ys]
 
 
-# ---------------------------------------------------------------- checking helpers shared by tests, smoke and demo
-
-def to_numpy(a):
-    """numpy view of a numpy / torch / cupy array (copies device arrays to host; for tests and checks only)."""
-    if a is None or isinstance(a, np.ndarray):
-        return a
-    mod = type(a).__module__
-    if mod.startswith("torch"):
-        import torch
-        t = a.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(BF16)
-        if t.dtype == torch.float8_e4m3fn:
-            return t.view(torch.uint8).numpy().view(FP8)
-        if t.dtype == torch.uint32:
-            return t.view(torch.int32).numpy().view(np.uint32)
-        return t.numpy()
-    if mod.startswith("cupy"):
-        return a.get()
-    return np.asarray(a)
-
+# ---------------------------------------------------------------- comparing a backend's outputs with the spec's
 
 def _layout_problems(cfg: EPConfig, actual: DispatchResult, expected: DispatchResult, rows_trimmed: bool) -> list[str]:
     """Shapes and element sizes: outputs are [max_recv_rows, ...] whatever the routing (rows_trimmed: the caller
     copied only the received rows of expert_x / expert_scales)."""
     out = []
     arrays = [("expert_x", actual.expert_x, expected.expert_x), ("src_info", actual.src_info, expected.src_info)]
-    if cfg.token_format == "fp8":
+    if cfg.token_format.quantized:
         if actual.expert_scales is None:
             return ["expert_scales missing (fp8 needs them)"]
         arrays.append(("expert_scales", actual.expert_scales, expected.expert_scales))
@@ -175,7 +153,7 @@ def compare_dispatch(cfg: EPConfig, actual: DispatchResult, expected: DispatchRe
     if len(bad):
         problems.append(f"expert_x differs in {len(bad)} of {n} rows, first row {bad[0]} "
                         f"(src {expected.src_info[bad[0]].tolist()})")
-    if cfg.token_format == "fp8":
+    if cfg.token_format.quantized:
         sa = to_numpy(actual.expert_scales)[:n]
         if not np.array_equal(sa.view(np.uint32), expected.expert_scales[:n].view(np.uint32)):
             problems.append("expert_scales differ")

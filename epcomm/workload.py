@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import to_numpy
 from .config import EPConfig
-from .formats import random_tokens
+from .formats import BF16, random_tokens
 
 ROUTINGS = ("uniform", "hot", "empty_rank", "minus1", "all_minus1", "local", "skewed")
 
@@ -89,11 +90,7 @@ def make_world(cfg: EPConfig, seed: int, routing_kind: str = "uniform", num_toke
 
 def identity_experts(cfg: EPConfig, expert_x, expert_scales=None) -> np.ndarray:
     """expert_y for identity experts, bf16: what a grouped matmul with identity weights would return."""
-    from .formats import BF16, dequantize_fp8
-    x = np.asarray(expert_x)
-    if cfg.token_format == "fp8":
-        return dequantize_fp8(x, expert_scales).astype(BF16)
-    return x.astype(BF16)
+    return cfg.token_format.dequantize(np.asarray(expert_x), expert_scales).astype(BF16)
 
 
 def expert_factor(expert_id: int) -> float:
@@ -106,8 +103,6 @@ def distinct_experts(cfg: EPConfig, result) -> np.ndarray:
     With identity experts every row of a token is the same, so a combine that applies a token's weights to the wrong
     slots, or sends a row back to the wrong slot, gives the right answer; with these it does not. `result` is a
     DispatchResult (the reference's, or a backend's on the host)."""
-    from .formats import BF16
-    from .reference import to_numpy
     y = identity_experts(cfg, to_numpy(result.expert_x), to_numpy(result.expert_scales)
                          if result.expert_scales is not None else None).astype(np.float32)
     ro, ids = to_numpy(result.row_offsets).astype(np.int64), to_numpy(result.expert_ids).astype(np.int64)

@@ -1,15 +1,17 @@
 """Backends behind EPBuffer. make_backend(cfg, ctx) picks one by ctx.backend; the GPU one is imported only when asked
 for, so CPU machines never need CUDA packages.
 
-A backend implements: dispatch, dispatch_async, dispatch_wait, combine, combine_async, combine_wait, synchronize,
-close, and abort(reason) (tell every peer this rank gave up; best effort, never raises). See docs/CONTRACT.md.
+Every backend provides the Protocol of base.py (dispatch, dispatch_async, dispatch_wait, combine, combine_async,
+combine_wait, synchronize, raise_pending, abort, close, broken, sms_used); EPBuffer owns the order of the calls and
+the failed / closed state. See docs/CONTRACT.md.
 """
 from __future__ import annotations
 
 from ..errors import EPInputError
+from .base import Backend
 
 
-def make_backend(cfg, ctx):
+def make_backend(cfg, ctx) -> Backend:
     name = ctx.backend
     if name == "host":
         from .host import HostBackend

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from .stats import median
+from ..stats import median
 
 
 # ---------------------------------------------------------------- tensor helpers

@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..jsonable import jsonable
+
 SCHEMA = "epcomm.bench/1"
 RECORD_KEYS = ("case", "impl", "op", "mode", "format", "tokens", "hidden", "topk", "num_experts", "world_size",
                "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
@@ -122,23 +124,11 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "item") and callable(v.item):  # numpy scalars
-        return v.item()
-    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-        return None
-    return v
-
-
 def write_json(doc: dict, path: str) -> None:
     """Atomic write (tmp + rename), so a crash mid-run leaves the last complete document."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(doc), f, indent=1, sort_keys=False)
+        json.dump(jsonable(doc), f, indent=1, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
 

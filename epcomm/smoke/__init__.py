@@ -1,7 +1,8 @@
 """Cluster smoke test for EP traffic: inventory, pair links, EP correctness, EP speed (see docs/SMOKE.md).
 
 Run with `python -m launch smoke -t CONFIG -- [--quick] [--json PATH] [--png PATH] [--stage-timeout S]`.
-Modules: analysis (pure decisions), comm (deadline messaging), inventory, links, ep, report, cli.
+Modules: cli (options, entry), coordinator (rank 0 and the others), stages (one rank's stage under its deadline),
+analysis (pure decisions), comm (deadline messaging), inventory, links, ep, report, faults.
 """
 
 

@@ -4,9 +4,10 @@ Everything here takes plain Python / numpy data, so it is unit-tested without la
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
+
+from ..stats import median
 
 STAGES = ("inventory", "links", "ep", "speed")
 
@@ -58,14 +59,6 @@ def place_table(topology_ranks: list[dict[str, Any]], hostnames: dict[int, str] 
     return out
 
 
-def median(values: Iterable[float]) -> float | None:
-    v = sorted(x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x)))
-    if not v:
-        return None
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
-
-
 # ------------------------------------------------------------------------------------------------- links
 
 def flag_links(pairs: list[dict[str, Any]], bw_factor: float = BW_FACTOR, lat_factor: float = LAT_FACTOR,
@@ -91,6 +84,16 @@ def flag_links(pairs: list[dict[str, Any]], bw_factor: float = BW_FACTOR, lat_fa
             if lat is not None and ml is not None and lat > lat_factor * ml and lat - ml > lat_slack_us:
                 flags.append("slow_latency")
     return medians
+
+
+SHARED_GPU_NOTE = ("ranks share a GPU (share_gpus): pair copies and EP times there are not link figures, so no "
+                   "bandwidth, latency or slow-rank verdict (data checks still apply)")
+
+
+def drop_speed_flags(pairs: list[dict[str, Any]]) -> None:
+    """Ranks on one GPU: clear the bandwidth / latency flags of flag_links (no link to judge); data checks stay."""
+    for p in pairs:
+        p["flags"] = [f for f in p.get("flags", []) if f not in ("slow_bw", "slow_latency")]
 
 
 def blame_pairs(bad: list[tuple[int, int]], world: int) -> tuple[str, int | None]:
@@ -126,7 +129,7 @@ def link_failures(pairs: list[dict[str, Any]], places: list[Place], medians: dic
                                f"({'to' if who == 'src' else 'from'} ranks {_ranges(others)})",
                                rank=r, node=pl.node, host=pl.host, device=pl.device))
         for s, d in data_bad if who == "pair" else []:
-            out.append(_pair_failure("link_data", f"data check failed", places, s, d))
+            out.append(_pair_failure("link_data", "data check failed", places, s, d))
     for p in pairs:
         if p.get("error"):
             out.append(_pair_failure("link_error", p["error"], places, p["src"], p["dst"]))
@@ -183,7 +186,8 @@ def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], 
     """Named failures of the inventory stage. per_rank[r]: what rank r reported (None = nothing arrived).
 
     Checks: hostname consistent within a topology node; on GPU topologies: the rank's GPU present, the GPUs
-    visible on a host at least those the topology uses there, no GPU (UUID) shared by two ranks of a host;
+    visible on a host at least those the topology uses there, no GPU (UUID) shared by two ranks of a host unless
+    the topology gives them the same GPU (`share_gpus: true`);
     versions (VERSION_KEYS) identical on every rank that reports them.
     """
     out: list[Failure] = []
@@ -222,6 +226,8 @@ def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], 
                 out.append(Failure("inventory", "gpu_count", f"host {host}: topology uses {len(used)} GPU(s) "
                                    f"{sorted(used)} but {vis} are visible", host=host))
         for (host, uuid), ranks in sorted(uuids.items()):
+            if len({places[r].device for r in ranks}) == 1:
+                continue   # one GPU index for all of them: the topology put them there (only `share_gpus` allows it)
             if len(ranks) > 1:
                 pl = places[ranks[1]]
                 out.append(Failure("inventory", "gpu_shared", f"host {host}: ranks {_ranges(ranks)} all use GPU "
@@ -284,3 +290,138 @@ def exit_code(failures: list[Failure]) -> int:
     if not fails:
         return 0
     return 3 if any(f.what == "timeout" for f in fails) else 1
+
+
+# ------------------------------------------------------------------------------------------------- stages
+# Each *_stage function takes the ranks' results of one stage and returns (what goes into the report's stage entry,
+# failures); the coordinator only collects and sends.
+
+def timeout_failure(stage: str, place: Place, why: str, waited_on: int | None = None) -> Failure:
+    """A rank that did not arrive or did not answer (or waited in vain for `waited_on`)."""
+    return Failure(stage, "timeout", f"{place.name()} {why}", rank=place.rank, node=place.node, host=place.host,
+                   device=place.device, waited_on=waited_on)
+
+
+def collected_stage(name: str, results: dict[int, dict], missing: list[int], places: list[Place],
+                    result_deadline_s: float) -> tuple[dict[str, Any], list[Failure]]:
+    """What every stage reports: each rank's status, ranks that did not answer, hung or raised."""
+    world = len(places)
+    st: dict[str, Any] = {"status": "ok"}
+    fails = [timeout_failure(name, places[r], f"did not report its {name} result within {result_deadline_s:g}s")
+             for r in missing]
+    st["per_rank_status"] = [results[r]["status"] if r in results else "missing" for r in range(world)]
+    for r, res in sorted(results.items()):
+        if res["status"] == "timeout":
+            fails.append(timeout_failure(name, places[r], f"stuck in stage {name}: {res['error']}",
+                                         res.get("waited_on")))
+        elif res["status"] == "error":
+            pl = places[r]
+            fails.append(Failure(name, "stage_error", f"{pl.name()}: {res['error']}", rank=r, node=pl.node,
+                                 host=pl.host, device=pl.device))
+    errors = {str(r): {k: res.get(k) for k in ("status", "error", "traceback", "duration_s")}
+              for r, res in results.items() if res["status"] != "ok"}
+    if errors:
+        st["rank_errors"] = errors
+    return st, fails
+
+
+def stage_status(failures: list[Failure], any_values: bool) -> str:
+    """timeout > error (no rank produced a value) > fail > ok, from the stage's own failures."""
+    if any(f.what == "timeout" for f in failures):
+        return "timeout"
+    if any(f.what == "stage_error" for f in failures) and not any_values:
+        return "error"
+    if any(f.severity == "fail" for f in failures):
+        return "fail"
+    return "ok"
+
+
+def inventory_stage(inventory: dict[int, dict], places: list[Place], has_gpus: bool):
+    per_rank = [inventory.get(r) for r in range(len(places))]
+    return {"per_rank": per_rank}, check_inventory(per_rank, places, has_gpus)
+
+
+def links_stage(values: dict[int, Any], pairs: list[dict[str, Any]], places: list[Place], bw_factor: float,
+                lat_factor: float, lat_slack_us: float, shared_gpu: bool = False):
+    """Flags outlier pairs (in `pairs`) and names stuck senders, bad data and slow pairs (not slow ones when the
+    ranks share a GPU: there is no link to judge)."""
+    medians = flag_links(pairs, bw_factor, lat_factor, lat_slack_us)
+    if shared_gpu:
+        drop_speed_flags(pairs)
+    fails = [timeout_failure("links", places[s], "did not finish its link measurements before the stage deadline")
+             for v in values.values() for s in v.get("stuck_senders", [])]
+    fails += link_failures(pairs, places, medians)
+    st = {"pairs": pairs, "medians": medians,
+          "sizes": next((v.get("sizes") for v in values.values() if v), None),
+          "methods": sorted({p.get("method") for p in pairs if p.get("method")}),
+          "thresholds": {"bw_factor": bw_factor, "lat_factor": lat_factor, "lat_slack_us": lat_slack_us}}
+    notes = sorted({p["note"] for p in pairs if p.get("note")})
+    if notes:
+        st["notes"] = notes
+    if shared_gpu:
+        st["note"] = SHARED_GPU_NOTE
+    return st, fails
+
+
+def ep_stage(values: dict[int, Any], places: list[Place]):
+    """Per case: one status over the ranks; mismatches blamed on their source, errors on the rank waited for."""
+    world = len(places)
+    names = list(dict.fromkeys(c["name"] for v in values.values() for c in v.get("cases", [])))
+    summary, fails = [], []
+    for cname in names:
+        recs = {r: c for r, v in values.items() for c in v.get("cases", []) if c["name"] == cname}
+        statuses = {c.get("status", "error") for c in recs.values()}
+        status = "ok" if statuses <= {"ok"} else ("skipped" if statuses <= {"skipped", "ok"} else
+                                                  "error" if "error" in statuses else "mismatch")
+        summary.append({"name": cname, "status": status, "shape": next(iter(recs.values())).get("shape")})
+        bad = {r: c for r, c in recs.items() if c.get("status") == "mismatch"}
+        if bad:
+            fails += ep_blame(cname, bad, places)
+        for r, c in sorted(recs.items()):
+            if c.get("status") == "error":
+                tr = c.get("timeout_rank")
+                if tr is not None and 0 <= tr < world:
+                    pl = places[tr]
+                    fails.append(Failure("ep", "ep_timeout", f"{cname}: rank {r} waited in vain for {pl.name()}: "
+                                         f"{c['error']}", rank=tr, node=pl.node, host=pl.host, device=pl.device))
+                else:
+                    pl = places[r]
+                    fails.append(Failure("ep", "ep_error", f"{cname}: {pl.name()}: {c['error']}", rank=r,
+                                         node=pl.node, host=pl.host, device=pl.device))
+            elif c.get("status") == "skipped":
+                fails.append(Failure("ep", "ep_skipped", f"{cname}: {c.get('error')}", rank=r, severity="warn"))
+    return {"per_rank": {str(r): v for r, v in values.items()}, "cases": summary}, fails
+
+
+def ep_blame(cname: str, bad: dict[int, dict], places: list[Place]) -> list[Failure]:
+    """One failure per guilty source when every wrong receiver blames it; else one per wrong receiver."""
+    blamed: dict[int, list[int]] = {}
+    for r, c in bad.items():
+        for s in c.get("bad_sources", []):
+            blamed.setdefault(s, []).append(r)
+    common = [s for s, rs in blamed.items() if len(rs) == len(bad)]
+    if len(common) == 1 and len(bad) > 1:
+        pl = places[common[0]]
+        return [Failure("ep", "ep_mismatch", f"{cname}: rows sent by {pl.name()} are wrong on ranks "
+                        f"{_ranges(bad)}", rank=pl.rank, node=pl.node, host=pl.host, device=pl.device)]
+    out = []
+    for r, c in sorted(bad.items()):
+        pl = places[r]
+        detail = "; ".join((c.get("dispatch_problems") or []) + (c.get("combine_problems") or []))
+        srcs = c.get("bad_sources") or c.get("combine_expert_ranks") or []
+        who = f" (rows from source ranks {_ranges(srcs)})" if srcs else ""
+        out.append(Failure("ep", "ep_mismatch", f"{cname}: {pl.name()} output differs from the reference{who}: "
+                           f"{detail}", rank=r, node=pl.node, host=pl.host, device=pl.device))
+    return out
+
+
+def speed_stage(values: dict[int, Any], places: list[Place], factor: float, shared_gpu: bool = False):
+    """Per-rank round times; a slow rank fails the stage, except when the ranks share a GPU (times there say
+    nothing about one GPU or link: the report carries a note instead)."""
+    times = [(values.get(r) or {}).get("median_us") for r in range(len(places))]
+    med, fails = flag_slow_ranks(times, places, factor)
+    shape = next((v.get("shape") for v in values.values() if v), None)
+    st = {"per_rank_us": times, "median_us": med, "shape": shape, "factor": factor}
+    if shared_gpu:
+        st["note"], fails = SHARED_GPU_NOTE, []
+    return st, fails

@@ -6,10 +6,20 @@ differ (from the reference src_info), so the report can name who sent bad data.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import numpy as np
+
+from ..arrays import arrays_for, to_numpy
+from ..buffer import EPBuffer
+from ..checks import Round
+from ..config import EPConfig
+from ..context import init
+from ..errors import EPInputError, EPTimeoutError
+from ..stats import median
+from ..workload import make_world
 
 
 def cases(quick: bool) -> list[dict[str, Any]]:
@@ -29,6 +39,14 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     return c
 
 
+def case_config(case: dict[str, Any], topo, world: int, quick: bool, timeout_s: float = 30.0) -> EPConfig:
+    """The EPConfig of one correctness case (also what tools/rig_prebuild.py compiles ahead of a GPU run)."""
+    e = num_experts(topo, world, 4)
+    return EPConfig(hidden=256, topk=min(4, e), num_experts=e, max_tokens_per_rank=16 if quick else 48,
+                    world_size=world, token_format=case["token_format"], mode=case.get("mode", "ht"),
+                    fused_shared_expert=case.get("fused_shared_expert", False), timeout_s=timeout_s)
+
+
 def num_experts(topo, world: int, per_rank: int) -> int:
     e = getattr(topo, "num_experts", None)
     if isinstance(e, int) and e > 0 and e % world == 0:
@@ -36,33 +54,8 @@ def num_experts(topo, world: int, per_rank: int) -> int:
     return per_rank * world
 
 
-class Arrays:
-    """numpy in/out for the host backend; torch tensors on the rank's GPU for the gpu backend."""
-
-    def __init__(self, backend: str, device: int | None):
-        self.gpu = backend == "gpu"
-        self.device = device
-        if self.gpu:
-            import torch
-            self.torch = torch
-            torch.cuda.set_device(device)
-
-    def put(self, a: np.ndarray):
-        if not self.gpu or a is None:
-            return a
-        from ..arrays import to_torch
-        return to_torch(a, f"cuda:{self.device}")
-
-    def sync(self):
-        if self.gpu:
-            self.torch.cuda.synchronize(self.device)
-
-
 def _ctx():
-    import os
-
-    import epcomm
-    ctx = epcomm.init()
+    ctx = init()
     if ctx.backend == "gpu" and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
         # the NVSHMEM heap is sized once, at the first EPBuffer (a small one here): make room for the speed stage
         R = ctx.world_size
@@ -73,7 +66,6 @@ def _ctx():
 
 def bad_sources(cfg, actual, expected) -> list[int]:
     """Source ranks whose rows (tokens or scales) differ from the reference (rows after row_offsets match)."""
-    from ..reference import to_numpy
     ro_a = np.asarray(to_numpy(actual.row_offsets)).astype(np.int64)
     if not np.array_equal(ro_a, expected.row_offsets.astype(np.int64)):
         return []
@@ -81,7 +73,7 @@ def bad_sources(cfg, actual, expected) -> list[int]:
     xa = np.ascontiguousarray(to_numpy(actual.expert_x)[:n]).view(np.uint8).reshape(n, -1)
     xe = np.ascontiguousarray(expected.expert_x[:n]).view(np.uint8).reshape(n, -1)
     bad = (xa != xe).any(axis=1)
-    if cfg.token_format == "fp8" and actual.expert_scales is not None:
+    if cfg.token_format.quantized and actual.expert_scales is not None:
         sa = np.ascontiguousarray(to_numpy(actual.expert_scales)[:n]).view(np.uint32)
         bad |= (sa != expected.expert_scales[:n].view(np.uint32)).any(axis=1)
     info_a = np.asarray(to_numpy(actual.src_info))[:n]
@@ -100,14 +92,8 @@ def _corrupt(x: np.ndarray) -> np.ndarray:
 def run_correctness(env) -> dict[str, Any]:
     """Each case: dispatch + combine on this rank, compared with the reference. Stops at the first exception
     (the peers' next collective would not match)."""
-    from .. import reference
-    from ..buffer import EPBuffer
-    from ..config import EPConfig
-    from ..errors import EPInputError, EPTimeoutError
-    from ..workload import identity_experts, make_world
-
     ctx = _ctx()
-    arr = Arrays(ctx.backend, ctx.device)
+    arr = arrays_for(ctx)
     R, me = env.world, env.rank
     quick = env.opts.quick
     out: list[dict[str, Any]] = []
@@ -116,22 +102,18 @@ def run_correctness(env) -> dict[str, Any]:
         rec: dict[str, Any] = {"name": case["name"]}
         out.append(rec)
         try:
-            cfg = EPConfig(hidden=256, topk=min(4, num_experts(env.topo, R, 4)),
-                           num_experts=num_experts(env.topo, R, 4), max_tokens_per_rank=16 if quick else 48,
-                           world_size=R, token_format=case["token_format"], mode=case.get("mode", "ht"),
-                           fused_shared_expert=case.get("fused_shared_expert", False), timeout_s=timeout)
+            cfg = case_config(case, env.topo, R, quick, timeout)
         except EPInputError as e:
             rec.update(status="skipped", error=str(e))
             continue
         rec["shape"] = {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
                         "max_tokens_per_rank": cfg.max_tokens_per_rank, "mode": cfg.mode,
-                        "token_format": cfg.token_format, "fused_shared_expert": cfg.fused_shared_expert}
-        world = make_world(cfg, seed=1000 + k, routing_kind=case["routing"], num_tokens=case["num_tokens"])
-        refs = reference.dispatch(cfg, world.xs, world.topk_ids)
-        exp = refs[me]
-        rec["tokens"] = len(world.xs[me])
+                        "token_format": str(cfg.token_format), "fused_shared_expert": cfg.fused_shared_expert}
+        rnd = Round.random(cfg, me, seed=1000 + k, routing=case["routing"], num_tokens=case["num_tokens"])
+        exp = rnd.dispatch
+        x, ids, weights = rnd.inputs()
+        rec["tokens"] = len(x)
         rec["rows_expected"] = int(exp.row_offsets[-1])
-        x = world.xs[me]
         if env.faults.corrupts(me, "ep"):
             x = _corrupt(x)
         try:
@@ -141,26 +123,24 @@ def run_correctness(env) -> dict[str, Any]:
                 rec.update(status="skipped", error=f"{type(e).__name__}: {e}")
                 continue
             try:
-                res = buf.dispatch(arr.put(x), arr.put(world.topk_ids[me]))
+                res = buf.dispatch(arr.put(x), arr.put(ids))
                 arr.sync()
-                problems = reference.compare_dispatch(cfg, res, exp)
+                problems = rnd.check_dispatch(res)
                 rec["dispatch_problems"] = problems
                 rec["bad_sources"] = bad_sources(cfg, res, exp) if problems else []
-                ys = [identity_experts(cfg, r.expert_x, r.expert_scales) for r in refs]
-                y = buf.combine(arr.put(ys[me]), res.handle, arr.put(world.topk_weights[me]))
+                y = buf.combine(arr.put(rnd.expert_y()), res.handle, arr.put(weights))
                 arr.sync()
-                exact, mag = reference.combine_exact(cfg, ys, refs, world.topk_weights)
-                cprob = reference.compare_combine(y, exact[me], mag[me])
+                cprob = rnd.check_combine(y)
                 rec["combine_problems"] = cprob
                 if cprob:
                     # the ranks holding the experts of the wrong tokens
-                    from ..reference import to_numpy
+                    exact, mag = rnd.y_exact, rnd.magnitude
                     ya = np.asarray(to_numpy(y)).astype(np.float64)
-                    tol = 2.0 ** -8 * np.abs(exact[me]) + 2.0 ** -7 * mag[me] + 1e-6
-                    bad_t = np.nonzero((np.abs(ya - exact[me]) > tol).any(axis=1))[0] if ya.shape == exact[me].shape \
-                        else np.arange(len(exact[me]))
-                    ids = world.topk_ids[me][bad_t]
-                    holders = sorted({int(cfg.expert_rank(int(e))) for e in ids.ravel() if e >= 0})
+                    tol = 2.0 ** -8 * np.abs(exact) + 2.0 ** -7 * mag + 1e-6
+                    bad_t = np.nonzero((np.abs(ya - exact) > tol).any(axis=1))[0] if ya.shape == exact.shape \
+                        else np.arange(len(exact))
+                    bad_ids = ids[bad_t]
+                    holders = sorted({int(cfg.expert_rank(int(e))) for e in bad_ids.ravel() if e >= 0})
                     rec["combine_bad_tokens"] = int(len(bad_t))
                     rec["combine_expert_ranks"] = holders
                 rec["status"] = "ok" if not problems and not cprob else "mismatch"
@@ -180,12 +160,8 @@ def run_correctness(env) -> dict[str, Any]:
 
 def run_speed(env) -> dict[str, Any]:
     """Median time of dispatch + combine on this rank (bf16, uniform routing, identity experts)."""
-    from ..buffer import EPBuffer
-    from ..config import EPConfig
-    from ..workload import make_world
-
     ctx = _ctx()
-    arr = Arrays(ctx.backend, ctx.device)
+    arr = arrays_for(ctx)
     R, me = env.world, env.rank
     quick = env.opts.quick
     if ctx.backend == "gpu":
@@ -219,5 +195,5 @@ def run_speed(env) -> dict[str, Any]:
             pass
     return {"backend": ctx.backend, "shape": {"hidden": hidden, "topk": cfg.topk, "num_experts": e,
                                                "tokens": tokens},
-            "iters": len(times), "median_us": float(np.median(times)) * 1e6 if times else None,
+            "iters": len(times), "median_us": median(times) * 1e6 if times else None,
             "min_us": float(np.min(times)) * 1e6 if times else None}

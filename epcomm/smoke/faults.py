@@ -18,6 +18,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .. import faultspec
+
 ENV = "EPCOMM_SMOKE_FAULT"
 KINDS = ("hang", "corrupt", "slow_link")
 
@@ -45,28 +47,17 @@ class SmokeFaults:
 
 
 def parse(spec: str | None) -> SmokeFaults:
+    """SmokeFaults of a spec; ValueError (EPInputError) for a bad one."""
     out = SmokeFaults()
-    for part in (spec or "").split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        kind, _, args = part.partition(":")
-        kw = {}
-        for item in filter(None, (a.strip() for a in args.split(","))):
-            k, sep, v = item.partition("=")
-            if not sep:
-                raise ValueError(f"{ENV}: bad argument {item!r} in {part!r} (expected key=value)")
-            kw[k.strip()] = v.strip()
+    for kind, part, kw in faultspec.parse(spec, ENV, KINDS):
         try:
             if kind == "hang":
                 out.hang[int(kw["rank"])] = kw.get("stage", "links")
             elif kind == "corrupt":
                 st = kw.get("stage")
                 out.corrupt.setdefault(int(kw["rank"]), set()).update([st] if st else ["links", "ep"])
-            elif kind == "slow_link":
+            else:   # slow_link
                 out.slow[(int(kw["src"]), int(kw["dst"]))] = float(kw.get("ms", 2.0)) / 1000.0
-            else:
-                raise ValueError(f"{ENV}: unknown fault {kind!r} (expected one of {KINDS})")
         except KeyError as e:
             raise ValueError(f"{ENV}: fault {part!r} needs {e.args[0]}=") from None
     return out

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..stats import median
 from .comm import FINISH, TURN, TURN_DONE, Deadline, StageTimeout, tag
 
 SLOT = 4096          # verification payload per source
@@ -93,7 +94,7 @@ class RmaLinks:
         win.Flush(dst)
         readback_ok = bool(np.array_equal(back, big))
         self.signal(me, dst, nonce, corrupt)
-        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": float(np.median(lats)) * 1e6,
+        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": median(lats) * 1e6,
                 "bw_gbps": max(bws), "bytes_small": SMALL, "bytes_big": self.big, "readback_ok": readback_ok}
 
     def signal(self, me: int, dst: int, nonce: int, corrupt: bool) -> None:
@@ -180,7 +181,7 @@ class CudaPeer:
             del dst
             with torch.cuda.device(dst_dev):
                 torch.cuda.empty_cache()
-        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": float(np.median(lats)) * 1e6,
+        return {"method": self.method, "lat_us": min(lats) * 1e6, "lat_p50_us": median(lats) * 1e6,
                 "bw_gbps": max(bws), "bytes_small": SMALL, "bytes_big": self.big, "readback_ok": ok,
                 "peer_access": peer_ok}
 

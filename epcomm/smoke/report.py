@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 import zlib
 from typing import Any
+
+from ..jsonable import jsonable
 
 SCHEMA = "epcomm.smoke/1"
 STAGE_STATUS = ("ok", "fail", "timeout", "error", "skipped")
@@ -54,21 +55,34 @@ def validate(report: dict[str, Any]) -> list[str]:
     return errs
 
 
+def build_report(*, verdict: str, exit_code: int, topology: dict, options: dict, stages: dict, failures: list,
+                 ranks: list | None = None, started: str = "", duration_s: float = 0.0, code: dict | None = None,
+                 written_by: int | None = None) -> dict[str, Any]:
+    """The report document (schema above), from the coordinator's finish or from the rank that lost the
+    coordinator (written_by; it knows less: no ranks, no code identity)."""
+    report: dict[str, Any] = {"schema": SCHEMA, "ok": exit_code == 0, "exit_code": exit_code, "verdict": verdict,
+                              "started": started, "duration_s": duration_s}
+    if written_by is not None:
+        report["written_by"] = written_by
+    if code is not None:
+        report["code"] = code
+    report.update(topology=topology, options=options, ranks=list(ranks or []), stages=stages,
+                  failures=[f if isinstance(f, dict) else f.to_dict() for f in failures])
+    return report
+
+
 def dumps(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=1, default=_jsonable, allow_nan=False)
+    return json.dumps(jsonable(report), indent=1, default=str, allow_nan=False)
 
 
-def _jsonable(o):
-    import numpy as np
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if math.isnan(o) else float(o)
-    if isinstance(o, (np.ndarray,)):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
+def write(report: dict[str, Any], path: str) -> str | None:
+    """Write the JSON report; None when written, else why not."""
+    try:
+        with open(path, "w") as f:
+            f.write(dumps(report))
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def _fmt(v, spec: str) -> str:
@@ -94,6 +108,11 @@ def table(report: dict[str, Any]) -> str:
         dev = "-" if r.get("device") is None else str(r["device"])
         lines.append(f"{r['rank']:>4} {r['node']:>4} {str(p.get('hostname', r['host']))[:18]:<18} {dev:>4}  "
                      f"{str(p.get('pid', '-')):>7}  {detail}")
+    for line in report["stages"].get("inventory", {}).get("shared_gpus") or []:
+        lines.append(f"shared: {line} (share_gpus): checks only, timings here are not link figures")
+    for name, st in report["stages"].items():
+        if st.get("note"):
+            lines.append(f"{name}: {st['note']}")
     lines.append("stages: " + "  ".join(f"{k}={v.get('status')} ({v.get('duration_s', 0):.1f}s)"
                                         for k, v in report["stages"].items()))
     links = report["stages"].get("links", {})

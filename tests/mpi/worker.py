@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import numpy as np  # noqa: E402
 
 import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.workload import distinct_experts, identity_experts, make_world  # noqa: E402
+from epcomm.checks import Round  # noqa: E402
+from epcomm.workload import identity_experts, make_world  # noqa: E402
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
                 H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0)
@@ -56,23 +56,20 @@ def tokens_arg(c):
 
 
 def check_round(cfg, ctx, buf, world, use_async: bool) -> list[str]:
-    me = ctx.rank
+    rnd = Round(cfg, world, ctx.rank, experts="distinct")
+    x, ids, weights = rnd.inputs()
     if use_async:
-        out = buf.dispatch_wait(buf.dispatch_async(world.xs[me], world.topk_ids[me]))
+        out = buf.dispatch_wait(buf.dispatch_async(x, ids))
     else:
-        out = buf.dispatch(world.xs[me], world.topk_ids[me])
-    exp = ref.dispatch(cfg, world.xs, world.topk_ids)
-    problems = ["dispatch: " + p for p in ref.compare_dispatch(cfg, out, exp[me])]
-    eys = [distinct_experts(cfg, e) for e in exp]
-    my_ey = distinct_experts(cfg, out)
-    my_ey[int(np.asarray(out.row_offsets)[-1]):] = np.float32("nan")   # rows past the end must never be read
+        out = buf.dispatch(x, ids)
+    problems = ["dispatch: " + p for p in rnd.check_dispatch(out)]
+    my_ey = rnd.expert_y(out, poison_tail=True)   # rows past the end must never be read
     if use_async:
-        y = buf.combine_wait(buf.combine_async(my_ey, out.handle, world.topk_weights[me]))
+        y = buf.combine_wait(buf.combine_async(my_ey, out.handle, weights))
     else:
-        y = buf.combine(my_ey, out.handle, world.topk_weights[me])
-    ys, mags = ref.combine_exact(cfg, eys, exp, world.topk_weights)
-    problems += ["combine: " + p for p in ref.compare_combine(y, ys[me], mags[me])]
-    if y.dtype != np.dtype(epcomm.formats.BF16) or y.shape != (len(world.xs[me]), cfg.hidden):
+        y = buf.combine(my_ey, out.handle, weights)
+    problems += ["combine: " + p for p in rnd.check_combine(y)]
+    if y.dtype != np.dtype(epcomm.formats.BF16) or y.shape != (len(x), cfg.hidden):
         problems.append(f"combine output {y.dtype}{list(y.shape)}")
     return problems
 

@@ -49,3 +49,31 @@ def test_ll_case_runs_both_modes_alike(no_graph):
     b.case_ll()
     ops = ("dispatch", "combine", "roundtrip")
     assert calls == [("ll", ("buf", m), m, "fp8", 128, 128, ops, not no_graph) for m in ("ll", "ht")]
+
+
+def test_shared_gpu_gives_no_link_figures():
+    """Ranks on one GPU (share_gpus): no links case, no NCCL baseline, no floor (even one given on the command line),
+    and a note that says why."""
+    from types import SimpleNamespace
+
+    from epcomm.topology import Topology
+    a = driver.parse(["--case", "links,baseline", "--link-gbps", "100", "--local-gbps", "1000", "--quick"])
+    driver.resolve_shapes(a, "host", None)
+    ctx = SimpleNamespace(rank=0, world_size=2, device=0, backend="gpu",
+                          topology=Topology.load("configs/one-gpu-2.yaml"))
+    b = driver.Bench(a, ctx, driver.SelfComm(), driver.Logger(0))
+    fb = b.records.doc["floor_bandwidth"]
+    assert fb["link_gbps"] is None and fb["local_gbps"] is None and fb["source"].startswith("none: ranks share a GPU")
+    assert any("GPU 0 on localhost shared by ranks 0-1" in n and "not link figures" in n for n in b.records.notes)
+    b.case_links()
+    links = b.records.doc["links"]
+    assert links["status"] == "n/a" and "share a GPU" in links["reason"]
+    b.case_baseline()
+    results = b.records.results
+    assert [(r["impl"], r["status"]) for r in results] == [("nccl", "n/a")] * 3
+    assert all("NCCL refuses two ranks on one GPU" in r["error"] for r in results)
+    assert all(r["floor"]["floor_us"] is None for r in results)
+    # an unshared GPU topology keeps its floor from the command line
+    ctx.topology = Topology.load("configs/local-2gpu.yaml")
+    b = driver.Bench(a, ctx, driver.SelfComm(), driver.Logger(0))
+    assert b.records.doc["floor_bandwidth"]["link_gbps"] == 100 and not b.records.shared

@@ -1,9 +1,9 @@
-"""Pure parts of epcomm.bench: order statistics, byte counting from a routing, the floor."""
+"""Pure parts of epcomm.bench (and epcomm.stats): order statistics, byte counting from a routing, the floor."""
 import numpy as np
 import pytest
 
 from epcomm.bench import floor as fl
-from epcomm.bench.stats import median, percentile, slowest_rank, summarize
+from epcomm.stats import median, percentile, slowest_rank, summarize
 from epcomm.config import EPConfig
 
 

@@ -16,6 +16,8 @@ from epcomm.results import DispatchResult
 
 class RecordingBackend:
     """Dispatch / combine that only record the order of calls; results name the send they belong to."""
+    broken = None
+    sms_used = None
 
     def __init__(self):
         self.calls: list[str] = []
@@ -50,6 +52,12 @@ class RecordingBackend:
     def combine_wait(self, inner):
         self.calls.append(f"crecv {inner}")
         return f"y of {inner}"
+
+    def synchronize(self):
+        pass
+
+    def raise_pending(self):
+        pass
 
     def abort(self, reason):
         pass
@@ -103,3 +111,14 @@ def test_combine_async_left_outstanding_is_completed_by_the_next_dispatch(buf):
     buf.dispatch(*x_ids())
     assert buf.be.calls == ["dispatch 1", "csend d1", "crecv d1", "dispatch 2"]
     assert buf.combine_wait(q) == "y of d1" and buf.be.calls[-1] == "dispatch 2"
+
+
+def test_synchronize_and_close_run_the_outstanding_receives(buf):
+    """EPBuffer, not the backend, completes what is outstanding (the host backend once did it itself)."""
+    p = buf.dispatch_async(*x_ids())
+    buf.synchronize()
+    assert buf.be.calls == ["send 1", "recv d1"]
+    assert buf.dispatch_wait(p).expert_x == "d1" and buf.be.calls == ["send 1", "recv d1"]
+    buf.dispatch_async(*x_ids())
+    buf.close()
+    assert buf.be.calls[-2:] == ["send 2", "recv d2"]

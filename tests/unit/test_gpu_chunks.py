@@ -54,8 +54,8 @@ def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
 
 def test_device_inputs_must_be_16_byte_aligned():
     """x and expert_y are read with 16-byte vector loads: a view starting mid-vector is refused, not a fault."""
-    from epcomm.backends.gpu.backend import _aligned
+    from epcomm.backends.gpu.arrays import aligned
     from epcomm.errors import EPInputError
-    assert _aligned(0x7F0000001230, "x") == 0x7F0000001230
+    assert aligned(0x7F0000001230, "x") == 0x7F0000001230
     with pytest.raises(EPInputError, match="expert_y must start at a 16-byte aligned address"):
-        _aligned(0x7F0000001238, "expert_y")
+        aligned(0x7F0000001238, "expert_y")

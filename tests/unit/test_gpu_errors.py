@@ -27,8 +27,8 @@ def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
 
 
 def test_timeout_names_the_peer_its_node_and_experts():
-    with pytest.raises(EPTimeoutError, match=r"rank 0 waited .* for rank 3 \(node 1\) in combine \(weights\) round 3") \
-            as e:
+    with pytest.raises(EPTimeoutError, match=r"rank 0 \(node 0\) timed out after 30 s waiting for combine \(weights\) "
+                                             r"\(round 3\) from rank 3 \(node 1\)") as e:
         backend_with(ErrorCode.TIMEOUT, Phase.COMBINE_WEIGHTS, peer=3)._raise_recorded()
     assert (e.value.rank, e.value.node, e.value.waiter, e.value.experts) == (3, 1, 0, range(6, 8))
 

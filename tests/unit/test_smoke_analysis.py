@@ -87,6 +87,19 @@ def test_inventory_checks():
     assert {f.what for f in A.check_inventory(info, places(4, 2), gpu=False)} == {"host_mismatch"}
 
 
+def test_inventory_accepts_the_gpu_sharing_the_topology_asked_for():
+    """`share_gpus: true` gives several ranks one GPU index: one UUID for them is what was asked, not a failure;
+    the same UUID behind two different GPU indices (CUDA_VISIBLE_DEVICES gone wrong) still is one."""
+    from epcomm.topology import Topology
+    topo = Topology.load("configs/one-gpu-2x4.yaml")
+    pl = A.place_table(topo.rank_table(), {r: "h" for r in range(8)})
+    ok = {"hostname": "h", "versions": {"python": "3.12"}, "gpu": {"present": True, "device_count": 1, "uuid": "u0"}}
+    assert A.check_inventory([dict(ok) for _ in range(8)], pl, gpu=True) == []
+    pl = places(4, 2, gpu=True)
+    info = [dict(ok, hostname=f"h{r // 2}", gpu=dict(ok["gpu"], device_count=2)) for r in range(4)]
+    assert {f.what for f in A.check_inventory(info, pl, gpu=True)} == {"gpu_shared"}
+
+
 def test_slow_ranks():
     med, fs = A.flag_slow_ranks([100, 110, 95, 400], places(4))
     assert med == 105 and [f.rank for f in fs] == [3]
@@ -177,7 +190,7 @@ def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
     """A stage thread that hangs inside a put to rank 2 (env.talking_to) reports a timeout that waited on rank 2."""
     import threading
 
-    from epcomm.smoke import cli
+    from epcomm.smoke import cli, stages
     release = threading.Event()
 
     def stuck(env):
@@ -189,12 +202,21 @@ def test_a_stage_stuck_talking_to_a_peer_blames_the_peer(monkeypatch):
         env.talking_to = None
         return "done"
 
-    env = cli.StageEnv(comm=None, msgr=None, rank=0, world=4, topo=None, opts=cli.Options(stage_timeout=0.3),
+    env = stages.StageEnv(comm=None, msgr=None, rank=0, world=4, topo=None, opts=cli.Options(stage_timeout=0.3),
                        faults=None, gpu=False, device=None)
-    monkeypatch.setattr(cli, "_stage_fn", lambda name: stuck)
-    out = cli.run_local("links", env, threaded=True)
+    monkeypatch.setattr(stages, "stage_function", lambda name: stuck)
+    out = stages.run_local("links", env, threaded=True)
     release.set()
     assert out["status"] == "timeout" and out["waited_on"] == 2 and "stuck talking to rank 2" in out["error"]
-    monkeypatch.setattr(cli, "_stage_fn", lambda name: fine)
-    out = cli.run_local("links", env, threaded=True)
+    monkeypatch.setattr(stages, "stage_function", lambda name: fine)
+    out = stages.run_local("links", env, threaded=True)
     assert out["status"] == "ok" and out["value"] == "done" and "waited_on" not in out
+
+
+def test_shared_gpu_drops_speed_flags_but_keeps_data_checks():
+    ps = pairs(4, 2, special={(1, 3): {"bw_gbps": 1.2}, (2, 0): {"data_ok": False}})
+    med = A.flag_links(ps)
+    A.drop_speed_flags(ps)
+    fs = A.link_failures(ps, places(4, 2, gpu=True), med)
+    assert {f.what for f in fs} == {"link_data"}
+    assert "not link figures" in A.SHARED_GPU_NOTE

@@ -32,3 +32,56 @@ def test_ptx_same_register_renaming_is_a_bijection_per_function():
     assert a != b and canon(a) == canon(b)
     assert canon(a) != canon(swapped)
     assert canon(["add.s32 %r1, %r2, 1;"]) != canon(["add.s32 %r1, %r2, 2;"])
+
+
+def test_rig_prebuild_lists_every_kernel_the_rig_needs():
+    """16 ranks need their own expert count (8 experts do not divide 16); 2 and 8 ranks keep the usual kernels."""
+    from epcomm.backends.gpu import specs
+    cfgs = load("rig_prebuild").rig_configs([2, 8, 16], 8)
+    worlds = {c.world_size for c in cfgs}
+    assert worlds == {2, 8, 16}
+    assert all(c.num_experts % c.world_size == 0 for c in cfgs)
+    assert {c.num_experts for c in specs.test_configs(16)} == {16}
+    assert {c.num_experts for c in specs.test_configs(2)} == {8} == {c.num_experts for c in specs.test_configs(8)}
+    assert sum(c.world_size == 8 and c.hidden == 256 and c.max_tokens_per_rank == 48 for c in cfgs) >= 3  # smoke
+
+
+def test_rig_summary_table_and_json(tmp_path):
+    (tmp_path / "w2.log").write_text("[rank 0] SUMMARY pass=167 fail=0 (all ranks fail=0)\n"
+                                     "[rank 1] SUMMARY pass=167 fail=0 (all ranks fail=0)\n")
+    (tmp_path / "m.log").write_text("[rank 0] SUMMARY pass=160 fail=7\n[rank 1] SUMMARY pass=167 fail=0\n")
+    (tmp_path / "w8.log").write_text("[rank 0] SUMMARY pass=167 fail=0\n")      # 7 ranks never reported
+    (tmp_path / "moe.log").write_text("[rank 0] moe_layer ll/fp8: OK (x)\n[rank 1] moe_layer ll/fp8: OK (x)\n")
+    rows = [("prebuild", "-", "-", "-", "0", "40", "p.log", "build"),
+            ("w2", "one-gpu-2", "2", "", "0", "55", tmp_path / "w2.log", "worker"),
+            ("mps50", "one-gpu-2", "2", "50", "1", "95", tmp_path / "m.log", "worker"),
+            ("w8", "one-gpu-8", "8", "", "0", "80", tmp_path / "w8.log", "worker"),
+            ("moe-ll-fp8", "one-gpu-2", "2", "", "0", "12", tmp_path / "moe.log", "moe"),
+            ("w2x8", "one-gpu-2x8", "16", "", "skip", "0", "x", "worker")]
+    tsv = tmp_path / "steps.tsv"
+    tsv.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    assert load("rig_summary").main([str(tsv), str(tmp_path)]) == 1
+    import json
+    s = json.loads((tmp_path / "rig-summary.json").read_text())
+    status = {r["step"]: r["status"] for r in s["steps"]}
+    assert status == {"prebuild": "PASS", "w2": "PASS", "mps50": "FAIL", "w8": "FAIL", "moe-ll-fp8": "PASS",
+                      "w2x8": "NOT RUN"}
+    by = {r["step"]: r for r in s["steps"]}
+    assert by["w2"]["checks_text"] == "167/167 x2" and by["mps50"]["mps_percent"] == 50
+    assert by["mps50"]["checks"]["0"] == {"passed": 160, "run": 167}
+    assert "7 ranks silent" in by["w8"]["checks_text"]
+    assert not s["ok"]
+
+
+def test_one_gpu_rig_script_parses_and_names_real_files():
+    import re
+    import subprocess
+    script = ROOT / "tools" / "one_gpu_rig.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for cfg in set(re.findall(r"configs/([\w-]+)\.yaml", text)) | set(re.findall(r"\b(one-gpu-[\w-]+)\b", text)):
+        assert (ROOT / "configs" / f"{cfg}.yaml").is_file(), cfg
+    for tool in re.findall(r"tools/([\w]+\.py)", text):
+        assert (ROOT / "tools" / tool).is_file(), tool
+    # the safety environment is set for every step
+    assert "NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in text

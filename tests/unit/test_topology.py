@@ -15,6 +15,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 EXPECTED_WORLD = {
     "cpu-4rank": 4, "cpu-8rank": 8, "cpu-2x4": 8, "cpu-2x8": 16, "local-2gpu": 2, "local-4gpu": 4,
     "local-8gpu": 8, "sim-2node": 2, "sim-2x2gpu": 4, "sim-2x4gpu": 8, "h100-2x8": 16,
+    "one-gpu-2": 2, "one-gpu-sim-2x1": 2, "one-gpu-8": 8, "one-gpu-2x4": 8, "one-gpu-2x8": 16,
 }
 
 
@@ -181,3 +182,81 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(EPInputError, match="expected a mapping"):
         Topology.load(p)
+
+
+# ---- several ranks on one GPU (share_gpus) -------------------------------------------------------------------
+@pytest.mark.parametrize("name,nodes,per_node", [("one-gpu-2", 1, 2), ("one-gpu-sim-2x1", 2, 1), ("one-gpu-8", 1, 8),
+                                                 ("one-gpu-2x4", 2, 4), ("one-gpu-2x8", 2, 8)])
+def test_one_gpu_configs_put_every_rank_on_gpu_0(name, nodes, per_node):
+    t = Topology.load(f"configs/{name}.yaml")
+    assert (t.num_nodes, t.ranks_per_node) == (nodes, per_node)
+    assert {t.device(r) for r in range(t.world_size)} == {0}
+    assert all(t.ranks_per_gpu(r) == t.world_size for r in range(t.world_size))
+    assert t.shares_gpus and t.sharing_lines() == [
+        f"GPU 0 on localhost shared by ranks 0-{t.world_size - 1} ({t.world_size} ranks)"]
+    assert not t.same_node(0, t.world_size - 1) if nodes == 2 else t.same_node(0, t.world_size - 1)
+    assert t.resolved_backend() == "gpu"
+    assert {row["gpu_shared_by"] for row in t.rank_table()} == {t.world_size}
+
+
+def test_configs_without_sharing_say_so():
+    for name in ("sim-2node", "local-8gpu", "cpu-2x4", "h100-2x8"):
+        t = Topology.load(f"configs/{name}.yaml")
+        assert not t.shares_gpus and t.sharing_lines() == []
+        assert all(t.ranks_per_gpu(r) == 1 for r in range(t.world_size)), name
+
+
+def test_repeated_gpu_without_share_gpus_is_refused():
+    with pytest.raises(EPInputError, match=r"nodes\[0\].gpus'.*duplicate GPU 0.*share_gpus: true"):
+        Topology.from_dict({"nodes": [{"hostname": "localhost", "gpus": [0, 0]}]})
+    with pytest.raises(EPInputError, match=r"nodes\[0\].ranks'.*4 ranks but 1 GPUs.*share_gpus"):
+        Topology.from_dict({"nodes": [{"hostname": "localhost", "gpus": [0], "ranks": 4}]})
+    # the same GPU in two simulated nodes of one host: both nodes must allow it
+    two = [{"hostname": "localhost", "gpus": [0]}, {"hostname": "localhost", "gpus": [0]}]
+    with pytest.raises(EPInputError, match=r"nodes\[1\].gpus'.*GPU 0 of host 'localhost' is also used by nodes\[0\]"):
+        Topology.from_dict({"nodes": two})
+    with pytest.raises(EPInputError, match=r"nodes\[1\].gpus'.*also used by nodes\[0\]"):
+        Topology.from_dict({"nodes": [dict(two[0], share_gpus=True), two[1]]})
+    # GPU 0 of two different hosts is two GPUs
+    t = Topology.from_dict({"nodes": [{"hostname": "a", "gpus": [0]}, {"hostname": "b", "gpus": [0]}]})
+    assert not t.shares_gpus
+
+
+def test_share_gpus_schema():
+    t = Topology.from_dict({"nodes": [{"hostname": "localhost", "gpus": [0, 1], "ranks": 8, "share_gpus": True}]})
+    assert [t.device(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert t.gpu_peers(5) == [4, 5, 6, 7] and t.ranks_per_gpu(0) == 4
+    assert t.sharing_lines() == ["GPU 0 on localhost shared by ranks 0-3 (4 ranks)",
+                                 "GPU 1 on localhost shared by ranks 4-7 (4 ranks)"]
+    # an explicit per-rank list with repeats; only some GPUs shared
+    t = Topology.from_dict({"nodes": [{"hostname": "localhost", "gpus": [0, 0, 1], "share_gpus": True}]})
+    assert t.world_size == 3 and t.ranks_per_gpu(2) == 1 and t.gpu_peers(1) == [0, 1]
+    # round trip keeps the flag and the per-rank GPUs (the fingerprint the ranks check depends on it)
+    again = Topology.from_json(t.to_json())
+    assert again.to_dict() == t.to_dict() and again.fingerprint() == t.fingerprint()
+    assert t.to_dict()["nodes"][0]["share_gpus"] is True
+    for bad, msg in [({"share_gpus": "yes"}, r"share_gpus'.*expected true/false"),
+                     ({"ranks": 3, "gpus": [0, 1]}, r"ranks'.*3 ranks cannot be spread evenly over 2 GPUs")]:
+        node = {"hostname": "localhost", "gpus": [0], "share_gpus": True, **bad}
+        with pytest.raises(EPInputError, match=msg):
+            Topology.from_dict({"nodes": [node]})
+    with pytest.raises(EPInputError, match=r"share_gpus'.*no GPUs to share"):
+        Topology.from_dict({"ranks_per_node": 2, "nodes": [{"hostname": "localhost", "share_gpus": True}]})
+    # gpus_per_node + ranks: 4 ranks over GPUs 0-1
+    t = Topology.from_dict({"gpus_per_node": 2, "nodes": [{"hostname": "h", "ranks": 4, "share_gpus": True}]})
+    assert [t.device(r) for r in range(4)] == [0, 0, 1, 1]
+
+
+def test_rank_ranges():
+    from epcomm.topology import rank_ranges
+    assert rank_ranges([0, 1, 2, 3, 6]) == "0-3, 6"
+    assert rank_ranges([7]) == "7" and rank_ranges([3, 1, 2]) == "1-3"
+
+
+def test_plan_shows_the_sharing(capsys):
+    from launch.__main__ import main
+    assert main(["plan", "-t", "one-gpu-2x4"]) == 0
+    out = capsys.readouterr().out
+    assert "shared: GPU 0 on localhost shared by ranks 0-7 (8 ranks)" in out
+    assert main(["plan", "-t", "sim-2node"]) == 0
+    assert "shared" not in capsys.readouterr().out

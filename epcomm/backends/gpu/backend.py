@@ -26,123 +26,12 @@ from dataclasses import dataclass
 
 from ...errors import EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
-from . import jit
+from . import jit, occupancy
+from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
 from .layout import OUTPUT_SETS, ErrorCode, Layout, Phase, device_arrays, params_struct, send_chunk_tokens
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
-
-
-# ------------------------------------------------------------------------------------------------ array interop
-def _kind(a) -> str:
-    mod = type(a).__module__ or ""
-    if mod.startswith("torch"):
-        return "torch"
-    if mod.startswith("cupy"):
-        return "cupy"
-    if hasattr(a, "__cuda_array_interface__"):
-        return "cai"
-    raise EPInputError(f"gpu backend takes torch tensors or cupy arrays on the GPU, got {type(a).__name__}")
-
-
-def _aligned(ptr: int, what: str) -> int:
-    """x and expert_y are read with 16-byte loads: a view that starts mid-vector would fault the whole context."""
-    if ptr % 16:
-        raise EPInputError(f"gpu backend: {what} must start at a 16-byte aligned address (a view with an element "
-                           f"offset that is not a multiple of 8?); pass a fresh or .clone()d tensor")
-    return ptr
-
-
-def _ptr(a, kind: str, device: int | None = None) -> int:
-    if kind == "cupy" and device is not None and a.device.id != device:
-        raise EPInputError(f"gpu backend: array is on GPU {a.device.id}, this rank uses GPU {device}")
-    if kind == "torch":
-        if not a.is_cuda:
-            raise EPInputError("gpu backend: tensor is on the CPU; pass a CUDA tensor")
-        if device is not None and a.device.index != device:
-            raise EPInputError(f"gpu backend: tensor is on cuda:{a.device.index}, this rank uses cuda:{device}")
-        if not a.is_contiguous():
-            raise EPInputError("gpu backend: tensor must be contiguous")
-        return a.data_ptr()
-    if kind == "cupy":
-        if not a.flags.c_contiguous:
-            raise EPInputError("gpu backend: array must be C-contiguous")
-        return int(a.data.ptr)
-    return int(a.__cuda_array_interface__["data"][0])
-
-
-def _stream_of(kind: str, device: int) -> int:
-    if kind == "torch":
-        import torch
-        return int(torch.cuda.current_stream(device).cuda_stream)
-    if kind == "cupy":
-        import cupy
-        return int(cupy.cuda.get_current_stream().ptr)
-    return 0
-
-
-class _Alloc:
-    """Preallocated device arrays (torch if present, else cupy) and zero-copy views in the caller's kind."""
-
-    def __init__(self, device: int):
-        self.device = device
-        try:
-            import torch
-            self.torch = torch
-        except ImportError:  # cupy-only environment
-            self.torch = None
-        self._cupy_cache = {}
-
-    def empty(self, shape, dtype: str):
-        if self.torch is not None:
-            t = self.torch
-            dt = {"bf16": t.bfloat16, "fp8": t.float8_e4m3fn, "f32": t.float32, "i32": t.int32,
-                  "u32": t.uint32}[dtype]
-            return t.empty(shape, dtype=dt, device=f"cuda:{self.device}")
-        import cupy
-        dt = {"bf16": cupy.uint16, "fp8": cupy.uint8, "f32": cupy.float32, "i32": cupy.int32,
-              "u32": cupy.uint32}[dtype]
-        with cupy.cuda.Device(self.device):
-            return cupy.empty(shape, dtype=dt)
-
-    def zeros(self, shape, dtype):
-        a = self.empty(shape, dtype)
-        if self.torch is not None:
-            a.zero_()
-        else:
-            a.fill(0)
-        return a
-
-    @staticmethod
-    def ptr(a) -> int:
-        return a.data_ptr() if hasattr(a, "data_ptr") else int(a.data.ptr)
-
-    def view(self, a, kind: str):
-        """a (own storage) as the caller's kind, no copy."""
-        if a is None:
-            return None
-        own = "torch" if self.torch is not None else "cupy"
-        if kind == own or kind == "cai":
-            return a
-        key = (id(a), kind)
-        v = self._cupy_cache.get(key)
-        if v is None:
-            if kind == "cupy":
-                import cupy
-                t = self.torch
-                if a.dtype == t.bfloat16:
-                    v = cupy.from_dlpack(a.view(t.int16)).view(cupy.uint16)
-                elif a.dtype == t.float8_e4m3fn:
-                    v = cupy.from_dlpack(a.view(t.uint8))
-                elif a.dtype == t.uint32:
-                    v = cupy.from_dlpack(a.view(t.int32)).view(cupy.uint32)
-                else:
-                    v = cupy.from_dlpack(a)
-            else:
-                raise EPInputError("torch tensors given to a cupy-only gpu backend")
-            self._cupy_cache[key] = (v, a)
-            return v
-        return v[0]
 
 
 @dataclass
@@ -165,6 +54,8 @@ class _Pending:
 
 
 class GpuBackend:
+    broken: str | None = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
+
     def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
                  blocks: int | None = None):
         self.cfg, self.ctx = cfg, ctx
@@ -184,8 +75,11 @@ class GpuBackend:
         log.info("epcomm gpu: kernels %s in %.2f s (%s)", built.key, time.perf_counter() - t0,
                  "cached" if built.cached else "built")
         self.threads = threads
-        want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or self.rt.num_sms
-        self.grid = int(max(1, min(self.rt.num_sms, want)))   # persistent grid: one block per SM at most
+        want = blocks or getattr(cfg, "num_sms", None) or int(os.environ.get("EPCOMM_BLOCKS", "0")) or None
+        # persistent grid: every block resident at once (MPS / green contexts / ranks sharing the GPU), occupancy.py
+        self.grid_choice = occupancy.persistent_grid(self.kernels.functions, threads, self.rt.num_sms, want,
+                                                     topo.ranks_per_gpu(self.me) if topo is not None else 1, self.me)
+        self.grid = self.grid_choice.grid
         # ht tuning knobs, read once (docs/GPU-LOG.md call 13 measured the defaults on 2 x H100):
         # EPCOMM_SEND_WAVES=w: about w send items per block (1 wave 332 us bf16 dispatch at 4096 tokens, 2 waves 361)
         # EPCOMM_CRECV_BLOCKS=n: in the fused combine, n blocks sum arriving rows from the start instead of sending
@@ -194,7 +88,7 @@ class GpuBackend:
         self._crecv_blocks = max(0, int(os.environ.get("EPCOMM_CRECV_BLOCKS", "0"))) if cfg.mode == "ht" else 0
         self.Params = params_struct(R)
 
-        A = self.alloc = _Alloc(ctx.device)
+        A = self.alloc = DeviceArrays(ctx.device)
         self._sym_buf, self.sym, peers = self.rt.symmetric(self.layout.total)
         self.peers = [p if (r == self.me or same(self.me, r)) else 0 for r, p in enumerate(peers)]
         if any(p == 0 for r, p in enumerate(self.peers) if same(self.me, r)):
@@ -284,23 +178,25 @@ class GpuBackend:
         rec = self.err.read()
         if rec is None:
             return
-        code, peer, waiter, rnd = rec["code"], rec["peer"], rec["waiter"], rec["round"]
+        code, peer = rec["code"], rec["peer"]
         phase = rec["phase"].label if isinstance(rec["phase"], Phase) else "?"
-        known = 0 <= peer < self.cfg.world_size
-        node = self.node_of(peer) if known else None
         if code == ErrorCode.TIMEOUT:
-            holds = f" (it holds {self.cfg.holds(peer)})" if known else ""
-            raise EPTimeoutError(
-                f"epcomm gpu: rank {waiter} waited {self.cfg.timeout_s:g} s for rank {peer} (node {node}) in "
-                f"{phase} round {rnd}: rank {peer} (node {node}) did not arrive{holds}; this EPBuffer is "
-                f"unusable now", rank=peer, node=node, what=f"{phase} round {rnd}", waiter=waiter,
-                experts=self.cfg.experts_of(peer) if known else None)
+            node = lambda r: self.node_of(r) if 0 <= r < self.cfg.world_size else None  # noqa: E731
+            experts = self.cfg.experts_of(peer) if node(peer) is not None else None
+            if peer == rec["waiter"]:   # waited for its own blocks: the grid, not a peer
+                raise EPTimeoutError(occupancy.self_wait_message(peer, self.cfg.timeout_s, phase, rec["round"]),
+                                     rank=peer, node=node(peer), what=f"{phase} round {rec['round']}", waiter=peer,
+                                     experts=experts)
+            raise EPTimeoutError.peer_missing(
+                waiter=rec["waiter"], waiter_node=node(rec["waiter"]), peer=peer, node=node(peer),
+                experts=experts, what=phase, round=rec["round"], timeout_s=self.cfg.timeout_s)
         if code == ErrorCode.SLOT_OVERFLOW:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
         if code == ErrorCode.ABORT:
-            raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
-                          f"round {rnd}); this EPBuffer is unusable now")
+            node = self.node_of(peer) if 0 <= peer < self.cfg.world_size else None
+            raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {rec['waiter']} in {phase} "
+                          f"round {rec['round']}); this EPBuffer is unusable now")
         if code == ErrorCode.BAD_SOURCE:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
@@ -312,12 +208,13 @@ class GpuBackend:
         self._raise_recorded()
 
     def _inputs(self, x, topk_ids):
-        kind = _kind(x)
+        kind = array_kind(x)
         T = int(x.shape[0])
         if T > self.cfg.max_tokens_per_rank:
             raise EPInputError(f"{T} tokens > max_tokens_per_rank={self.cfg.max_tokens_per_rank}")
         dev = self.ctx.device
-        return kind, T, _aligned(_ptr(x, kind, dev), "x"), _ptr(topk_ids, _kind(topk_ids), dev)
+        x_ptr = aligned(device_pointer(x, kind, dev), "x")
+        return kind, T, x_ptr, device_pointer(topk_ids, array_kind(topk_ids), dev)
 
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
@@ -327,7 +224,7 @@ class GpuBackend:
         self._hp += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
-        return kind, T, hp, p, _stream_of(kind, self.ctx.device)
+        return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
@@ -360,7 +257,7 @@ class GpuBackend:
 
     def dispatch_wait(self, pending) -> DispatchResult:
         self._check_open()
-        st = _stream_of(pending.kind, self.ctx.device)
+        st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_dispatch_recv", pending.params, st)
         return self._result(pending.hp, pending.num_tokens, pending.kind)
@@ -370,15 +267,15 @@ class GpuBackend:
         self._check_open()
         if not isinstance(handle, GpuHandle):
             raise EPInputError("combine: handle must come from this GPU buffer's dispatch")
-        kind = _kind(expert_y)
+        kind = array_kind(expert_y)
         T = handle.num_tokens
         p = self._base_params(handle.hp, T)
-        p.expert_y = _aligned(_ptr(expert_y, kind, self.ctx.device), "expert_y")
-        p.weights = _ptr(topk_weights, _kind(topk_weights), self.ctx.device)
+        p.expert_y = aligned(device_pointer(expert_y, kind, self.ctx.device), "expert_y")
+        p.weights = device_pointer(topk_weights, array_kind(topk_weights), self.ctx.device)
         cp = self._cp & 1
         self._cp += 1
         p.y = self.alloc.ptr(self.ybufs[cp])
-        return kind, T, cp, p, _stream_of(kind, self.ctx.device)
+        return kind, T, cp, p, current_stream(kind, self.ctx.device)
 
     def _y(self, cp, T, kind):
         return self.alloc.view(self.ybufs[cp][:T], kind) if kind != "cupy" else \
@@ -396,7 +293,7 @@ class GpuBackend:
 
     def combine_wait(self, pending):
         self._check_open()
-        st = _stream_of(pending.kind, self.ctx.device)
+        st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_combine_recv", pending.params, st)
         return self._y(pending.hp, pending.num_tokens, pending.kind)

@@ -66,15 +66,15 @@ class Layout:
 
     def __init__(self, cfg, any_remote: bool = True):
         H, K, R, M = cfg.hidden, cfg.topk, cfg.world_size, cfg.max_tokens_per_rank
-        fp8 = cfg.token_format == "fp8"
+        fmt = cfg.token_format             # a formats.TokenFormat
         ht = cfg.mode == "ht"
         self.ht = ht
         self.any_remote = any_remote
         self.local_experts = NL = cfg.n_local_experts
         self.groups = cfg.num_groups                       # output groups: local experts (+ the shared expert)
         self.scale_cols = H // 128                         # fp8 scales per row
-        self.data_bytes = H if fp8 else 2 * H              # data bytes of one row in the dispatch format
-        self.scale_bytes = 4 * self.scale_cols if fp8 else 0
+        self.data_bytes = fmt.element_bytes * H            # data bytes of one row in the dispatch format
+        self.scale_bytes = fmt.row_bytes(H) - self.data_bytes   # its fp32 scales (none in bf16)
         self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k
         self.msg_bytes = _align16(self.data_bytes + self.scale_bytes + self.meta_bytes)   # one dispatch message
         self.hist_row_ints = _round4(NL + 1)               # ll count row (source -> destination): [NL] counts, tokens
@@ -193,11 +193,11 @@ def device_arrays(cfg) -> list[DeviceArray]:
     OUTPUT_SETS times)."""
     lay = Layout(cfg)
     H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
-    fmt = "fp8" if cfg.token_format == "fp8" else "bf16"
+    fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
     out = [DeviceArray("state", "state", (64,), "i32", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
-           DeviceArray("expert_x", "ex", (maxr, H), fmt, False, "dispatch")]
-    if fmt == "fp8":
+           DeviceArray("expert_x", "ex", (maxr, H), str(fmt), False, "dispatch")]
+    if fmt.quantized:
         out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))
     out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
             DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),

@@ -9,16 +9,25 @@ TEST_BASE = dict(hidden=384, topk=4, num_experts=8, max_tokens_per_rank=64, time
 EXAMPLE_BASE = dict(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=128)  # examples/moe_layer.py
 
 
+def experts_for(world_size: int, base: int = 8) -> int:
+    """`base` experts when the world size divides it (2, 4, 8 ranks: the same kernels as always), else the smallest
+    multiple of the world size >= base (16 ranks: 16 experts, one per rank)."""
+    if base % world_size == 0:
+        return base
+    return world_size * -(-base // world_size)
+
+
 def test_configs(world_size: int = 2) -> list[EPConfig]:
     out = []
+    base = dict(TEST_BASE, num_experts=experts_for(world_size, TEST_BASE["num_experts"]))
     for mode in ("ll", "ht"):
         for fmt in ("bf16", "fp8"):
-            b = dict(TEST_BASE, world_size=world_size, mode=mode, token_format=fmt)
+            b = dict(base, world_size=world_size, mode=mode, token_format=fmt)
             out.append(EPConfig(**b))
             out.append(EPConfig(**b, fused_shared_expert=True))
             out.append(EPConfig(**b, fused_shared_expert=True, skip_a2a=True, allreduce_world_size=2))
     # M * K not a multiple of 4: the ht combine's per-source weight stride must still be 16-byte aligned
-    out.append(EPConfig(**dict(TEST_BASE, max_tokens_per_rank=61, topk=3), world_size=world_size, mode="ht",
+    out.append(EPConfig(**dict(base, max_tokens_per_rank=61, topk=3), world_size=world_size, mode="ht",
                         token_format="bf16"))
     return out
 
@@ -37,7 +46,8 @@ def bench_configs(world_size: int = 2) -> list[EPConfig]:
 
 
 def example_configs(world_size: int = 2) -> list[EPConfig]:
-    return [EPConfig(**EXAMPLE_BASE, world_size=world_size, mode=m, token_format=f, fused_shared_expert=s)
+    base = dict(EXAMPLE_BASE, num_experts=experts_for(world_size, EXAMPLE_BASE["num_experts"]))
+    return [EPConfig(**base, world_size=world_size, mode=m, token_format=f, fused_shared_expert=s)
             for m in ("ll", "ht") for f, s in (("bf16", False), ("fp8", True))]
 
 

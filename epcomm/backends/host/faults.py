@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ... import faultspec
 from ...errors import EPInputError
 
 KINDS = ("skip_dispatch", "corrupt", "slow")
@@ -35,26 +36,16 @@ class Fault:
 
 def parse(spec: str | None) -> list[Fault]:
     faults = []
-    for part in (spec or "").split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        kind, _, args = part.partition(":")
-        kind = kind.strip()
-        if kind not in KINDS:
-            raise EPInputError(f"{ENV}: unknown fault {kind!r} in {spec!r} (expected one of {KINDS})")
-        kw: dict = {}
-        for item in filter(None, (a.strip() for a in args.split(","))):
-            k, sep, v = item.partition("=")
-            if not sep or k not in ("rank", "round", "ms"):
-                raise EPInputError(f"{ENV}: bad argument {item!r} in {part!r} (expected rank=, round=, ms=)")
-            try:
-                kw[k] = None if (k == "rank" and v == "*") else (float(v) if k == "ms" else int(v))
-            except ValueError:
-                raise EPInputError(f"{ENV}: bad value {item!r} in {part!r}") from None
+    for kind, part, kw in faultspec.parse(spec, ENV, KINDS, keys=("rank", "round", "ms")):
         if "rank" not in kw:
             raise EPInputError(f"{ENV}: fault {part!r} needs rank=N (or rank=*)")
-        faults.append(Fault(kind, kw["rank"], kw.get("round"), kw.get("ms", 0.0)))
+        try:
+            rank = None if kw["rank"] == "*" else int(kw["rank"])
+            round_ = int(kw["round"]) if "round" in kw else None
+            ms = float(kw.get("ms", 0.0))
+        except ValueError:
+            raise EPInputError(f"{ENV}: bad value in {part!r}") from None
+        faults.append(Fault(kind, rank, round_, ms))
     return faults
 
 

@@ -1,8 +1,9 @@
-"""Order statistics of timing samples (pure Python, no numpy needed)."""
+"""Order statistics of timing samples (pure Python, no numpy needed): the one median of the bench, the smoke test
+and the demo."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -18,8 +19,10 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def median(samples: Sequence[float]) -> float:
-    return percentile(samples, 50.0)
+def median(samples: Iterable[float | None]) -> float | None:
+    """Median of the samples that are numbers (None and NaN are skipped, e.g. unmeasured pairs); None if none are."""
+    present = [float(v) for v in samples if v is not None and not math.isnan(v)]
+    return percentile(present, 50.0) if present else None
 
 
 def summarize(samples: Sequence[float]) -> dict:

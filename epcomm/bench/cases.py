@@ -1,0 +1,217 @@
+"""The benchmark's cases on every rank: links (GPU copy bandwidth, the floor's), baseline (NCCL all_to_all),
+ht, ll and sweep (epcomm). Each shape is checked against the spec first (verify.py), then timed (timing.py, or
+CUDA graphs: graphs.py) and recorded (records.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import HostArrays, TorchArrays, to_numpy
+from ..buffer import EPBuffer
+from ..config import EPConfig
+from ..formats import FORMAT_NAMES
+from .gpu import A2ABaseline, init_torch_dist, measure_links
+from .graphs import time_graph
+from .records import Records
+from .timing import CudaTimer, HostTimer
+from .verify import Verifier
+
+LL_MODES = ("ll", "ht")  # EPConfig modes the ll case measures, in this order
+
+
+class Bench:
+    def __init__(self, args, ctx, comm, log, torch=None, devices=None):
+        self.args, self.ctx, self.comm, self.torch, self.log = args, ctx, comm, torch, log
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.gpu = torch is not None
+        self.timer = CudaTimer(comm, torch) if self.gpu else HostTimer(comm)
+        self.device = torch.device("cuda", ctx.device) if self.gpu else None
+        arrays = TorchArrays(ctx.device) if self.gpu else HostArrays(comm)   # where inputs go
+        self.verify = Verifier(args, self.rank, comm, arrays, torch, self.device)
+        self.records = Records(args, ctx, comm, log, self.verify.world_sets, self.timer.name, torch, devices)
+
+    def cfg(self, fmt: str, mode: str, max_tokens: int):
+        a = self.args
+        return EPConfig(hidden=a.hidden, topk=a.topk, num_experts=a.experts, max_tokens_per_rank=max_tokens,
+                        world_size=self.world, token_format=fmt, mode=mode, num_sms=a.sms)
+
+    # ---------------------------------------------------------------- cases
+    def case_links(self):
+        if self.records.shared:
+            self.records.set_links({"status": "n/a", "reason": "ranks share a GPU: no link between them to measure"})
+            return
+        if not self.gpu:
+            self.records.set_links({"status": "n/a", "reason": "host backend: no GPU copy engine"})
+            return
+        self.log("links: copy-engine peer bandwidth and device copy bandwidth")
+        links = measure_links(self.torch, self.ctx, self.comm, self.log)
+        conc, local = links["concurrent_gbps"], links["local_copy_gbps"]
+        self.records.set_links(
+            links, link_gbps=conc if all(c is not None for c in conc) else None,
+            local_gbps=local if all(v is not None for v in local) else None,
+            source=("measured in this run: link = each rank's outgoing peer copy while all ranks copy at once; "
+                    "local = 1 GiB device copy (read + write)"))
+        self.log(f"links: one-way {links['one_way_gbps']} GB/s, all at once {conc} GB/s, device copy {local}")
+
+    def case_baseline(self):
+        a = self.args
+        if not self.gpu or self.records.shared:
+            why = ("ranks share a GPU: NCCL refuses two ranks on one GPU" if self.records.shared else
+                   "host backend: no NCCL baseline")
+            cfg = self.cfg("bf16", "ht", a.tokens)
+            for op in ("dispatch", "combine", "roundtrip"):
+                self.records.record("baseline", "nccl", op, cfg, a.tokens, status="n/a", error=why)
+            return
+        torch = self.torch
+        self.log("baseline: torch.distributed NCCL init")
+        dist = init_torch_dist(torch, self.comm, self.rank, self.world, "nccl")
+        try:
+            tokens = [a.tokens, a.ll_tokens]
+            if "sweep" in a.cases:
+                tokens += a.sweep_tokens
+            tokens = sorted(set(tokens), reverse=True)
+            cfg = self.cfg("bf16", "ht", max(tokens))
+            bl = A2ABaseline(torch, dist, cfg.n_local_experts, self.rank, self.world)
+            for t in tokens:
+                self.run_baseline_shape(bl, cfg, t)
+        finally:
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # noqa: BLE001
+                self.log(f"baseline: destroy_process_group: {e}")
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def run_baseline_shape(self, bl, cfg, t: int):
+        self.log(f"baseline T={t}: inputs, reference, verify")
+        sets = self.verify.device_sets(cfg, t)
+        s0 = sets[0]
+        self.verify.precompute(cfg, t, combine=True)
+        st = bl.dispatch(s0["x"], s0["ids"], s0["w"])
+        y = bl.combine(st["expert_x"], st)
+        self.torch.cuda.synchronize()
+        exp = self.verify.round(cfg, t, 0).dispatch
+        n = int(exp.row_offsets[-1])
+        problems = []
+        got = to_numpy(st["expert_x"])
+        if got.shape[0] != n or not np.array_equal(got.view(np.uint8), exp.expert_x[:n].view(np.uint8)):
+            problems.append(f"baseline expert_x ({got.shape[0]} rows) differs from the reference ({n} rows)")
+        if not np.array_equal(to_numpy(st["tokens_per_expert"]).astype(np.int64),
+                              exp.tokens_per_expert.astype(np.int64)):
+            problems.append("baseline tokens_per_expert differs from the reference")
+        problems += self.verify.check_combine(cfg, y, t, 0)
+        problems = self.verify.agree(problems)
+        if problems:
+            for op in ("dispatch", "combine", "roundtrip"):
+                self.records.record("baseline", "nccl", op, cfg, t, status="wrong", error="; ".join(problems[:3]))
+            return
+        n_sets = len(sets)
+        w = self.args.warmup
+        tm = self.timer.run(w, self.args.iters, lambda i: sets[i % n_sets],
+                            lambda s: bl.dispatch(s["x"], s["ids"], s["w"]))
+        self.records.record("baseline", "nccl", "dispatch", cfg, t, verified=True, timing=tm, fmt="bf16")
+
+        def prep_c(i):
+            s = sets[i % n_sets]
+            return bl.dispatch(s["x"], s["ids"], s["w"])
+        tm = self.timer.run(w, self.args.iters, prep_c, lambda st_: bl.combine(st_["expert_x"], st_))
+        self.records.record("baseline", "nccl", "combine", cfg, t, verified=True, timing=tm, fmt="bf16")
+
+        def rt(s):
+            st_ = bl.dispatch(s["x"], s["ids"], s["w"])
+            return bl.combine(st_["expert_x"], st_)
+        tm = self.timer.run(w, self.args.iters, lambda i: sets[i % n_sets], rt)
+        self.records.record("baseline", "nccl", "roundtrip", cfg, t, verified=True, timing=tm, fmt="bf16")
+
+    def make_buffer(self, cfg):
+        self.log(f"EPBuffer: mode {cfg.mode}, {cfg.token_format}, max {cfg.max_tokens_per_rank} tokens/rank "
+                 f"(creating; builds kernels on first use)")
+        return EPBuffer(cfg, self.ctx)
+
+    def run_epcomm_shape(self, case: str, buf, cfg, t: int, ops, graph: bool = False):
+        """Verify the first iteration of this shape against the reference, then time each op."""
+        a = self.args
+        self.log(f"{case} {cfg.token_format} mode {cfg.mode} T={t}: inputs, reference, verify")
+        sets = self.verify.device_sets(cfg, t)
+        n_sets = len(sets)
+        ey_buf = self.verify.new_expert_y(cfg)
+        s0 = sets[0]
+        self.verify.precompute(cfg, t, combine=("combine" in ops or "roundtrip" in ops), extra_set=graph and self.gpu)
+        res = buf.dispatch(s0["x"], s0["ids"])
+        self.timer.sync()
+        problems = self.verify.check_dispatch(cfg, res, t, 0)
+        if not problems and ("combine" in ops or "roundtrip" in ops):
+            y = buf.combine(self.verify.identity_y(cfg, res, ey_buf), res.handle, s0["w"])
+            self.timer.sync()
+            problems += self.verify.check_combine(cfg, y, t, 0)
+        problems = self.verify.agree(problems)
+        sms = buf.sms_used
+        if problems:
+            for op in ops:
+                self.records.record(case, "epcomm", op, cfg, t, status="wrong", error="; ".join(problems[:3]),
+                                    sms=sms)
+            return
+        if graph and self.gpu:
+            note = time_graph(self, case, buf, cfg, t, ops, sets, ey_buf, sms)
+            if note is None:
+                return
+            self.log(f"{case} mode {cfg.mode}: CUDA graph not usable ({note}); timing eager calls")
+            self.records.notes.append(f"{case} mode {cfg.mode} T={t}: CUDA graph not usable, eager timings "
+                                      f"reported: {note}")
+        w, it = a.warmup, a.iters
+        rt_y = ey_buf  # fp8 round trip: combine reads a preallocated bf16 expert_y (no dequant in the timed region)
+
+        if "dispatch" in ops:
+            tm = self.timer.run(w, it, lambda i: sets[i % n_sets], lambda s: buf.dispatch(s["x"], s["ids"]))
+            self.records.record(case, "epcomm", "dispatch", cfg, t, verified=True, timing=tm, sms=sms)
+        if "combine" in ops:
+            def prep_c(i):
+                s = sets[i % n_sets]
+                r = buf.dispatch(s["x"], s["ids"])
+                return r, self.verify.identity_y(cfg, r, ey_buf), s["w"]
+            tm = self.timer.run(w, it, prep_c, lambda st: buf.combine(st[1], st[0].handle, st[2]))
+            self.records.record(case, "epcomm", "combine", cfg, t, verified=True, timing=tm, sms=sms)
+        if "roundtrip" in ops:
+            def rt(s):
+                r = buf.dispatch(s["x"], s["ids"])
+                return buf.combine(r.expert_x if rt_y is None else rt_y, r.handle, s["w"])
+            tm = self.timer.run(w, it, lambda i: sets[i % n_sets], rt)
+            self.records.record(case, "epcomm", "roundtrip", cfg, t, verified=True, timing=tm, sms=sms)
+
+    def with_buffer(self, cfg, fn):
+        buf = self.make_buffer(cfg)
+        try:
+            fn(buf)
+        finally:
+            try:
+                buf.close()
+            except Exception as e:  # noqa: BLE001
+                self.log(f"EPBuffer.close: {type(e).__name__}: {e}", everyone=True)
+            if self.gpu:
+                self.torch.cuda.synchronize()
+                self.torch.cuda.empty_cache()
+
+    def case_ht(self):
+        a = self.args
+        for fmt in FORMAT_NAMES:
+            cfg = self.cfg(fmt, "ht", a.tokens)
+            self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+
+    def case_ll(self):
+        # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the
+        # rows earlier runs had, first) and "ht" (one message per (token, destination rank)). Same inputs,
+        # reference check, ops and graph replay; the records differ only in "mode".
+        a = self.args
+        for mode in LL_MODES:
+            cfg = self.cfg("fp8", mode, a.ll_tokens)
+            self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
+
+    def case_sweep(self):
+        a = self.args
+        cfg = self.cfg("bf16", "ht", max(a.sweep_tokens))
+
+        def body(buf):
+            for t in a.sweep_tokens:
+                self.run_epcomm_shape("sweep", buf, cfg, t, ("dispatch", "combine"))
+        self.with_buffer(cfg, body)

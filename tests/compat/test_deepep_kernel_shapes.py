@@ -1,0 +1,38 @@
+"""The EPConfigs epcomm.compat.deep_ep makes compile for sm_90 (CPU-only nvcc build, like tests/unit/
+test_kernels_compile.py): normal mode asks for shapes no other caller does (one expert per rank, carrier widths such
+as 384, top-k 1), so they are built here. Skipped without nvcc / the NVSHMEM device library."""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from epcomm import EPConfig
+from epcomm.backends.gpu import jit
+
+pytest.importorskip("torch")
+
+
+def normal_mode_config(hidden: int, topk: int, ranks: int, tokens: int) -> EPConfig:
+    """The EPConfig Buffer.dispatch makes for this shape (see epcomm/compat/deep_ep/buffer.py _normal_pool)."""
+    from epcomm.compat.deep_ep.layouts import Carrier
+    width = min(topk, ranks) if topk else ranks
+    return EPConfig(hidden=Carrier(hidden, topk).width, topk=width, num_experts=ranks, max_tokens_per_rank=tokens,
+                    world_size=ranks, token_format="bf16", mode="ht")
+
+
+def test_normal_mode_shapes_compile():
+    try:
+        jit.find_nvcc()
+        jit.nvshmem_home()
+    except jit.BuildError as e:
+        pytest.skip(f"no CUDA compiler / NVSHMEM device library: {e}")
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("nvcc needs a host C++ compiler (g++) and none is installed")
+    configs = [normal_mode_config(256, 1, 2, 16),      # top-1: fewer routes than ranks
+               normal_mode_config(7168, 8, 8, 4096)]   # DeepSeek-V3 prefill on 8 ranks: carrier 7296 channels
+    assert configs[1].hidden == 7296 and configs[0].num_experts == configs[0].world_size
+    with ThreadPoolExecutor(2) as ex:
+        built = list(ex.map(lambda c: jit.build(jit.defines_for(c), "sm_90"), configs))
+    assert all(b.cubin for b in built)

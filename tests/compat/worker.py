@@ -1,0 +1,60 @@
+"""Per-rank worker: epcomm.compat.deep_ep on the host backend, torch CPU tensors, a gloo group over the MPI ranks.
+
+    python -m launch run -t tests/compat/cpu-2rank.yaml -- python tests/compat/worker.py --seed 5
+
+Prints "ok in" when every rank passed; "FAIL rank R: ..." lines otherwise (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
+
+import torch.distributed as dist  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from deepep_checks import run_all  # noqa: E402
+
+
+def init_gloo_from_mpi():
+    comm = MPI.COMM_WORLD
+    port = None
+    if comm.Get_rank() == 0:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
+                            world_size=comm.Get_size())
+    return comm.Get_rank(), comm.Get_size()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--suite", action="append", help="static, normal, ll (default: all)")
+    args = ap.parse_args()
+    rank, world = init_gloo_from_mpi()
+    c = run_all(rank, world, "cpu", args.seed, tuple(args.suite or ("static", "normal", "ll")))
+    results = MPI.COMM_WORLD.gather((c.passed, c.failures), root=0)
+    code = 0
+    if rank == 0:
+        for r, (passed, failures) in enumerate(results):
+            for f in failures[:20]:
+                print(f"FAIL rank {r}: {f}")
+            code |= bool(failures)
+            print(f"rank {r}: {passed} checks passed, {len(failures)} failed")
+        if not code:
+            print(f"ok in {c.elapsed:.1f}s ({world} ranks, seed {args.seed})")
+    code = MPI.COMM_WORLD.bcast(code, root=0)
+    dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
