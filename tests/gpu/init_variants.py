@@ -46,7 +46,12 @@ def main():
                 time.sleep(0.05)
         ctx = uid_context(path.read_bytes(), rank, world, rank)
     cfg = test_configs(world)[3]          # ht-bf16? index 3 = ll-fp8 plain
-    buf = epcomm.EPBuffer(cfg, ctx)
+    preset = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    buf = epcomm.EPBuffer(cfg, ctx)      # NVSHMEM starts here (deferred bootstrap), its heap sized for this buffer
+    from epcomm.backends.gpu.layout import heap_bytes
+    heap = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    want = preset or str(heap_bytes(buf._backend.layout.total))
+    heap_probs = [] if heap == want else [f"NVSHMEM_SYMMETRIC_SIZE={heap}, expected {want} (need + margin)"]
     w = make_world(cfg, seed=31, routing_kind="uniform")
     dev = torch.device(f"cuda:{rank}")
     x = torch.from_numpy(w.xs[rank].view(np.int16)).view(torch.bfloat16).to(dev)
@@ -59,7 +64,7 @@ def main():
     y = buf.combine(ey, res.handle, torch.from_numpy(w.topk_weights[rank]).to(dev))
     buf.synchronize()
     yx, mag = ref.combine_exact(cfg, eys, refs, w.topk_weights)
-    probs += ref.compare_combine(y, yx[rank], mag[rank])
+    probs += ref.compare_combine(y, yx[rank], mag[rank]) + heap_probs
     print(f"[rank {rank}] init via {how}: {'PASS' if not probs else probs}", flush=True)
     buf.close()
     Runtime.get().close()

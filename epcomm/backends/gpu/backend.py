@@ -66,7 +66,13 @@ class GpuBackend:
         self.node_of = (lambda r: topo.node_of(r)) if topo is not None else (lambda r: 0)
         any_remote = any(not same(a, b) for a in range(R) for b in range(R))
         self.layout = Layout(cfg, any_remote)
-        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=2 * self.layout.total + (512 << 20))
+        sources = 1 if cfg.skip_a2a else R
+        if cfg.recv_rows < sources * cfg.max_tokens_per_rank * cfg.topk:
+            raise EPInputError(f"gpu backend: recv_capacity {cfg.recv_rows} rows < {sources} x max_tokens_per_rank x "
+                               f"topk: the kernels do not check the capacity yet; leave recv_capacity unset with "
+                               f"topk <= local experts")
+        # NVSHMEM's heap is sized here when this is the process's first buffer: its need + layout.HEAP_MARGIN
+        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=self.layout.total)
         if self.rt.world_size != R:
             raise EPInputError(f"EPConfig.world_size={R} but the NVSHMEM world has {self.rt.world_size} ranks")
         t0 = time.perf_counter()

@@ -20,6 +20,11 @@ import enum
 from dataclasses import dataclass
 
 ALIGN = 256                 # every symmetric region starts 256-byte aligned
+# NVSHMEM symmetric heap of a process = what its first buffer needs + HEAP_MARGIN (NVSHMEM's own symmetric objects:
+# team and collective work areas, allocation alignment), at least HEAP_MIN (NVSHMEM's default size). A process that
+# makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's nvshmem.symmetric_size) to the sum.
+HEAP_MARGIN = 256 << 20
+HEAP_MIN = 1 << 30
 MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
 
 
@@ -119,6 +124,11 @@ class Layout:
         """Bytes of each region with its alignment padding (they add up to `total`)."""
         ends = [self.offset[n] for n in REGIONS[1:]] + [self.total]
         return {n: e - self.offset[n] for n, e in zip(REGIONS, ends)}
+
+
+def heap_bytes(symmetric_bytes: int) -> int:
+    """NVSHMEM_SYMMETRIC_SIZE for a process whose buffers need symmetric_bytes of symmetric memory."""
+    return max(int(symmetric_bytes) + HEAP_MARGIN, HEAP_MIN)
 
 
 def kernel_defines(cfg) -> dict[str, int]:
