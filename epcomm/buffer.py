@@ -9,7 +9,9 @@ Rules:
   what came. Any failure on one rank (bad input and timeouts included) first writes an abort word into every peer's
   window, so the peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their
   deadline.
-  After a failure the buffer is unusable (on every rank); create a new one.
+  After a failure the buffer is unusable (on every rank); create a new one. The exception is EPCapacityError (a
+  round over EPConfig.recv_capacity): every rank raises it for that round by itself, nothing is aborted, the buffer
+  stays usable (docs/MEMORY.md).
 * Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
   raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
@@ -32,7 +34,7 @@ from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPError, EPInputError
+from .errors import EPCapacityError, EPError, EPInputError
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -56,6 +58,7 @@ class Pending:
     num_tokens: int
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
+    error: EPCapacityError | None = None   # its round was over capacity: its *_wait raises this
 
 
 def _fail(msg: str):
@@ -158,6 +161,8 @@ class EPBuffer:
         """Run a check or backend call; on failure tell the peers (abort word) before raising."""
         try:
             return fn(*args)
+        except EPCapacityError:
+            raise                  # every rank raises it for the round by itself; the buffer stays usable
         except BaseException as e:
             # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
             # Only a peer's abort is not passed on (that peer already told everyone).
@@ -176,7 +181,10 @@ class EPBuffer:
         while self._outstanding:
             p = self._outstanding[0]
             wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
-            p.result = self._call(wait, p.inner)
+            try:
+                p.result = self._call(wait, p.inner)
+            except EPCapacityError as e:   # that round is void on every rank: its own wait raises it
+                p.error = e
             self._outstanding.pop(0)
             if p is upto:
                 return
@@ -186,7 +194,11 @@ class EPBuffer:
         self._usable()
         t = self._call(self._check_tokens, x, topk_ids)
         self._complete()
-        res = self._call(self._backend.dispatch, x, topk_ids)
+        try:
+            res = self._call(self._backend.dispatch, x, topk_ids)
+        except EPCapacityError:
+            self._round += 1       # the backend used up the round
+            raise
         res.handle = Handle(self._serial, self._round, t, res.handle)
         self._round += 1
         return res
@@ -213,6 +225,8 @@ class EPBuffer:
         self._complete(upto=pending)
         res, pending.result = pending.result, None
         pending.waited = True
+        if pending.error is not None:
+            raise pending.error
         res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
         return res
 
