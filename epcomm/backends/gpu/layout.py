@@ -36,6 +36,12 @@ class ErrorCode(enum.IntEnum):
     ABORT = 4            # a peer aborted (its abort word is set)
 
 
+# The receive-capacity record (not an error: the buffer stays usable) follows the 8 words of the error record in the
+# same host-mapped block: flag (the device round, 0 = none), rank, rows needed, capacity, ranks over capacity.
+CAPACITY_RECORD_WORD = 8
+CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
+
+
 class Phase(enum.IntEnum):
     """`phase` of the device error record (kernels: PHASE_*): what was being waited for."""
     DISPATCH = 0
@@ -82,11 +88,14 @@ class Layout:
         self.scale_bytes = fmt.row_bytes(H) - self.data_bytes   # its fp32 scales (none in bf16)
         self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k
         self.msg_bytes = _align16(self.data_bytes + self.scale_bytes + self.meta_bytes)   # one dispatch message
-        self.hist_row_ints = _round4(NL + 1)               # ll count row (source -> destination): [NL] counts, tokens
+        # ll count row (source -> destination): [NL] counts, tokens, then [R] the source's routed rows to every rank
+        self.hist_row_ints = _round4(NL + 1 + R)
         # ht: a source's tokens are cut into at most max_chunks send items, each with a ready flag on the destination;
-        # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1]
+        # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1], then [R] the
+        # source's routed rows to every rank (so every rank reaches the same receive-capacity verdict)
         self.max_chunks = max(256 if R <= 32 else 128, -(-M // MAX_ITEM_TOKENS)) if ht else 1
-        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1) if ht else self.hist_row_ints
+        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1 + R) if ht else self.hist_row_ints
+        self.count_rows_at = NL + 3 + self.max_chunks if ht else NL + 1   # where the [R] routed rows start
         self.combine_row_bytes = 2 * H                     # bf16 row of the combine
         # ht combine: floats of one source's [M, K] weights, padded to 16 bytes (copied with 16-byte stores)
         self.weight_stride = _round4(M * K)
@@ -141,6 +150,7 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_MSG_BYTES": lay.msg_bytes, "EP_HIST_ROW_INTS": lay.hist_row_ints, "EP_MAX_CHUNKS": lay.max_chunks,
         "EP_COUNT_ROW_INTS": lay.count_row_ints, "EP_COMBINE_ROW_BYTES": lay.combine_row_bytes,
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
+        "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
@@ -163,8 +173,8 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 
 # Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
-                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb")
+                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap")
 
 
 def params_struct(ranks: int):
@@ -217,5 +227,6 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
+            DeviceArray("status", "hstatus", (4,), "i32", True, "dispatch"),   # [0] != 0: the round was void
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

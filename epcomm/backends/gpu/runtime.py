@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .layout import HEAP_MARGIN, ErrorCode, Phase, heap_bytes
+from .layout import CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, ErrorCode, Phase, heap_bytes
 
 log = logging.getLogger("epcomm.gpu")
 
@@ -223,6 +223,16 @@ class HostErrorRecord:
         for field, kind in (("code", ErrorCode), ("phase", Phase)):
             if rec[field] in kind._value2member_map_:
                 rec[field] = kind(rec[field])
+        return rec
+
+    def read_capacity(self) -> dict | None:
+        """The receive-capacity record (words 8..: the latest void round; CapacityRec in kernels/layout.cuh), or None.
+        Cleared once read: each void round is raised once."""
+        w = CAPACITY_RECORD_WORD
+        if self.words[w] == 0:
+            return None
+        rec = {f: int(self.words[w + i]) for i, f in enumerate(CAPACITY_FIELDS)}
+        self.words[w] = 0
         return rec
 
     def clear(self):

@@ -38,6 +38,12 @@ __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
 __device__ void combine_send(const Params& p, bool fused) {
   const unsigned round = cur_round(p, S_CSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
+  if (p.hstatus[0] != 0) {   // the handle's round was void (over capacity) on every rank: nothing to send or wait for
+    if (block_done(p, S_CSEND, false) && threadIdx.x == 0) {
+      p.state[S_CSCTR] = 0; __threadfence(); p.state[S_CSEND] = round;
+    }
+    return;
+  }
   const int par = round & 1;
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
@@ -209,6 +215,10 @@ __device__ void combine_send(const Params& p, bool fused) {
 // source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row
 __device__ void combine_recv(const Params& p) {
   const unsigned round = cur_round(p, S_CRECV);
+  if (p.hstatus[0] != 0) {   // a void round (see combine_send): y is left as it is
+    if (block_done(p, S_CRECV, false, false) && threadIdx.x == 0) { p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
+    return;
+  }
   const int par = round & 1;
   const unsigned long long t0 = gtime();
   const int warp = threadIdx.x >> 5, lane = lane_id();

@@ -22,6 +22,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_ctpref[MAX_CHUNKS + 1];
   __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
   __shared__ int s_item;
+  __shared__ int s_rows[HT ? R : 1];     // HT, last chunk: this rank's routed rows to every rank (count message)
   const unsigned round = cur_round(p, S_DSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
@@ -56,6 +57,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     const int lo = d * LOCAL_EXPERTS, hi = lo + LOCAL_EXPERTS;
     for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) s_cnt[l] = 0;
     if (last) for (int q = threadIdx.x; q <= nchunks; q += THREADS) s_ctok[q] = 0;
+    if (last) for (int q = threadIdx.x; q < R; q += THREADS) s_rows[q] = 0;
     __syncthreads();
     // prefix over tokens [0, t0)
     int tok_before = 0;
@@ -67,6 +69,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         for (int k = 0; k < K; ++k) {
           int id = p.ids[t * K + k];
           if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+          if (last && id >= 0 && id < E) atomicAdd(&s_rows[id / LOCAL_EXPERTS], 1);
         }
         if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
       }
@@ -113,6 +116,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     if constexpr (HT) {
       if (last) {  // ship the count message to d (s_cnt now counts tokens [0, T))
         if (threadIdx.x == 0) s_ctok[c] = s_chunk_n;
+        for (int j = threadIdx.x; j < (t1 - t0) * K; j += THREADS) {   // the rows of the chunk's own tokens
+          const int id = p.ids[t0 * K + j];
+          if (id >= 0 && id < E) atomicAdd(&s_rows[id / LOCAL_EXPERTS], 1);
+        }
         __syncthreads();
         block_exclusive_scan(s_ctok, s_ctpref, nchunks);
         const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * COUNT_ROW_INTS * 4;
@@ -121,6 +128,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
                       : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * COUNT_ROW_INTS * 4);
         for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) cm[l] = s_cnt[l];
         for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[LOCAL_EXPERTS + 2 + q] = s_ctpref[q];
+        for (int q = threadIdx.x; q < R; q += THREADS) cm[COUNT_ROWS_AT + q] = s_rows[q];
         if (threadIdx.x == 0) { cm[LOCAL_EXPERTS] = s_ctpref[nchunks]; cm[LOCAL_EXPERTS + 1] = nchunks; }
         __syncthreads();
         const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
@@ -246,12 +254,20 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     // HIST_ROW_INTS / 32 dependent rounds per warp), each writer fences its own stores, then one thread per
     // destination signals
     const size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HIST_ROW_INTS) * 4;
+    __shared__ int s_rows_to[R];   // this rank's routed rows to every rank: the tail of every count row
+    for (int d = threadIdx.x; d < R; d += THREADS) {
+      int n = 0;
+      for (int l = 0; l < LOCAL_EXPERTS; ++l) n += __ldcg(&p.hist_acc[d * HIST_ROW_INTS + l]);
+      s_rows_to[d] = n;
+    }
+    __syncthreads();
     for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
       const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
       if (SKIP && d != p.me) continue;
       int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
-      dst[l] = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
+      const int v = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
+      dst[l] = (l >= COUNT_ROWS_AT && l < COUNT_ROWS_AT + R) ? s_rows_to[l - COUNT_ROWS_AT] : v;
     }
     __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
     const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
@@ -318,10 +334,44 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   __syncthreads();
   const int total = nshare + s_pref[LOCAL_EXPERTS * R];
+  // Receive capacity. Every count message carries its source's routed rows to every rank, so each rank sees the
+  // whole [source][rank] matrix and reaches the same verdict without another exchange: a round over the capacity on
+  // any rank is void on every rank (nothing expanded, its combine does nothing, the host raises EPCapacityError from
+  // the record). Block 0 (outputs, status, record) needs the whole verdict; the other blocks only this rank's rows,
+  // which keep expert_x in bounds.
+  bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap;
   if (blockIdx.x == 0) {
+    __shared__ unsigned long long s_worst;   // (rows << 32) | ~rank of the rank most over: the most rows, lowest rank
+    __shared__ int s_over;
+    if (threadIdx.x == 0) { s_worst = 0ull; s_over = 0; }
+    __syncthreads();
+    for (int d = threadIdx.x; d < R; d += THREADS) {
+      if (SKIP && d != p.me) continue;   // skip_a2a: nothing reaches the other ranks
+      long long need = 0;
+      for (int s = 0; s < R; ++s)
+        if (!(SKIP && s != p.me)) need += max(0, hist[s * COUNT_ROW_INTS + COUNT_ROWS_AT + d]);
+      if (need > p.cap) {
+        atomicAdd(&s_over, 1);
+        atomicMax(&s_worst, ((unsigned long long)min(need, 0x7fffffffLL) << 32) | (0xffffffffu - (unsigned)d));
+      }
+    }
+    __syncthreads();
+    void_round = s_over > 0;
+    if (threadIdx.x == 0) {
+      p.hstatus[0] = void_round ? 1 : 0;
+      if (void_round) {
+        const int worst = (int)(0xffffffffu - (unsigned)(s_worst & 0xffffffffull)), need = (int)(s_worst >> 32);
+        p.hstatus[1] = worst; p.hstatus[2] = need; p.hstatus[3] = p.cap;
+        CapacityRec* rec = reinterpret_cast<CapacityRec*>(p.err + 1);
+        rec->rank = worst; rec->needed = need; rec->capacity = p.cap; rec->over = s_over;
+        __threadfence_system();
+        rec->flag = (int)round;
+        __threadfence_system();
+      }
+    }
     for (int g = threadIdx.x; g <= GROUPS; g += THREADS) {
       unsigned v;
-      if (FUSED && g == 0) v = 0;
+      if ((FUSED && g == 0) || void_round) v = 0;
       else v = nshare + s_pref[(g - (FUSED ? 1 : 0)) * R];
       p.row_offsets[g] = v;
       if (g < GROUPS) p.expert_ids[g] = (FUSED && g == 0) ? -1 : p.me * LOCAL_EXPERTS + (g - (FUSED ? 1 : 0));
@@ -329,7 +379,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) {
       int c = 0;
       for (int s = 0; s < R; ++s) c += s_c[l * R + s];
-      p.tpe[l] = c;
+      p.tpe[l] = void_round ? 0 : c;
     }
     if constexpr (HT) {
       for (int s = threadIdx.x; s < R; s += THREADS) {
@@ -344,7 +394,9 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
 
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const char* rbuf = p.sym + p.off_drecv;
-  if constexpr (!HT) {
+  if (void_round) {
+    // nothing of a void round is expanded
+  } else if constexpr (!HT) {
     const int nr = s_pref[LOCAL_EXPERTS * R];
     constexpr int NV = DATA_BYTES / 16;                       // 16-byte chunks of the data part
     constexpr int VPS = (NV + ROW_SLICES - 1) / ROW_SLICES;

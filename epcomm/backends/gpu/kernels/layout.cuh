@@ -41,17 +41,20 @@ constexpr int SCALE_BYTES = FP8 ? 4 * SCALE_COLS : 0;
 constexpr int al16(int x) { return (x + 15) / 16 * 16; }
 constexpr int META_BYTES = HT ? al16(8 + 8 * K) : 16;     // ht: token, pad, K expert ids, K slot ranks; ll: token, k
 constexpr int MSG_BYTES = al16(DATA_BYTES + SCALE_BYTES + META_BYTES);   // one message in the dispatch receive buffer
-// ll: ints of one (source -> destination) count row: per-expert counts [LOCAL_EXPERTS], tokens
-constexpr int HIST_ROW_INTS = (LOCAL_EXPERTS + 1 + 3) / 4 * 4;
+// ll: ints of one (source -> destination) count row: per-expert counts [LOCAL_EXPERTS], tokens, then the source's
+// routed rows to every rank [R] (the receive-capacity verdict)
+constexpr int HIST_ROW_INTS = (LOCAL_EXPERTS + 1 + R + 3) / 4 * 4;
 constexpr int MAX_ITEM_TOKENS = 64;   // most tokens per send work item (the host picks p.ch <= MAX_ITEM_TOKENS)
 // ht: a source's tokens are cut into at most MAX_CHUNKS chunks (send work items), each with its own ready flag on the
 // destination, so the receiver expands the chunks that have landed while later ones are still on the link.
-// The count message of ht: per-expert counts [LOCAL_EXPERTS], tokens, chunks, token prefix by chunk [chunks + 1].
+// The count message of ht: per-expert counts [LOCAL_EXPERTS], tokens, chunks, token prefix by chunk [chunks + 1], then
+// the source's routed rows to every rank [R].
 constexpr int MIN_CHUNKS = R <= 32 ? 256 : 128;
 constexpr int MAX_CHUNKS =
     HT ? ((M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS > MIN_CHUNKS ? (M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS : MIN_CHUNKS)
        : 1;
-constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + 3) / 4 * 4 : HIST_ROW_INTS;
+constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + R + 3) / 4 * 4 : HIST_ROW_INTS;
+constexpr int COUNT_ROWS_AT = HT ? LOCAL_EXPERTS + 3 + MAX_CHUNKS : LOCAL_EXPERTS + 1;   // the [R] routed rows
 constexpr int COMBINE_ROW_BYTES = 2 * H;                  // bf16 row of the combine
 // ht combine: floats of one source's [M, K] weights in wrecv / cstage, padded to 16 bytes: the weights are copied
 // with uint4 stores and M * K need not be a multiple of 4 (unpadded, such a stride misaligns those stores)
@@ -91,6 +94,16 @@ struct ErrRec {  // lives in host-mapped pinned memory
 enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4 };
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
+// A round over the receive capacity (not an error: the buffer stays usable), right after ErrRec in host memory.
+struct CapacityRec {
+  int flag;      // the device round of the latest void round (0 = none; the host clears it once raised)
+  int rank;      // the rank most over its capacity
+  int needed;    // its routed rows
+  int capacity;  // p.cap
+  int over;      // ranks over capacity
+  int pad[3];
+};
+
 struct Params {
   const void* x;            // [T, H] bf16
   const int* ids;           // [T, K] int32
@@ -111,6 +124,7 @@ struct Params {
   int* hist_acc;            // [R][HIST_ROW_INTS] accumulators (device memory, zeroed)
   ErrRec* err;              // host-mapped
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
+  int* hstatus;             // handle: [0] != 0 when the round was void (over capacity): its combine does nothing
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;
@@ -119,6 +133,7 @@ struct Params {
   int maxr;                 // rows of expert_x
   int ch;                   // tokens per send work item (1..MAX_ITEM_TOKENS)
   int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
+  int cap;                  // receive capacity: routed rows this rank (and every rank) may receive per round
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
@@ -157,6 +172,8 @@ EP_AGREES(MAX_CHUNKS, EP_MAX_CHUNKS);
 EP_AGREES(COUNT_ROW_INTS, EP_COUNT_ROW_INTS);
 EP_AGREES(COMBINE_ROW_BYTES, EP_COMBINE_ROW_BYTES);
 EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
+EP_AGREES(COUNT_ROWS_AT, EP_COUNT_ROWS_AT);
+EP_AGREES(sizeof(ErrRec) / 4, EP_CAPACITY_RECORD_WORD);   // CapacityRec follows ErrRec
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
 EP_AGREES(REGION_BYTES_DHIST, EP_REGION_BYTES_DHIST);
 EP_AGREES(REGION_BYTES_DSIG, EP_REGION_BYTES_DSIG);
