@@ -50,7 +50,10 @@ def test_layout_defines_reach_every_specialisation():
         lay = Layout(cfg, any_remote=True)
         assert d["EP_MSG_BYTES"] == lay.msg_bytes and d["EP_MAX_CHUNKS"] == lay.max_chunks
         assert lay.msg_bytes % 16 == 0 and all(v % 256 == 0 for v in lay.offset.values())
-        assert all(lay.region_bytes[n] == d[f"EP_REGION_BYTES_{n.upper()}"] for n in lay.region_bytes)
+        # every region but cstage's rows (sized by the receive capacity at run time) is a checked define
+        assert all(lay.region_bytes[n] == d[f"EP_REGION_BYTES_{n.upper()}"] for n in lay.region_bytes if n != "cstage")
+        assert lay.region_bytes["cstage"] == d["EP_CSTAGE_WEIGHT_BYTES"] + (lay.recv_tokens * lay.combine_row_bytes
+                                                                           if lay.ht else 0)
         assert d["EP_PARAMS_BYTES"] == ctypes.sizeof(params_struct(cfg.world_size))
     # 20 pointers + timeout + 13 offsets (8 B each), 6 ints, peer[R]
     assert ctypes.sizeof(params_struct(2)) == 8 * 34 + 24 + 8 * 2

@@ -100,3 +100,4 @@ def test_issue_targets_per_rank():
     """Issue 12's targets (hidden 7168, top-8 of 256, 4096 tokens, fp8, ht; expert_y not counted)."""
     GiB = 1 << 30
     assert memory.estimate(cfg(world_size=8))["total_bytes"] <= 6 * GiB
+    assert memory.estimate(cfg(world_size=64), nodes=8)["total_bytes"] <= 24 * GiB

@@ -97,6 +97,12 @@ class Layout:
         self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1 + R) if ht else self.hist_row_ints
         self.count_rows_at = NL + 3 + self.max_chunks if ht else NL + 1   # where the [R] routed rows start
         self.combine_row_bytes = 2 * H                     # bf16 row of the combine
+        # ht: the most ranks one token goes to; its combine rows come back packed [token][index of the rank among the
+        # token's ranks], and its staged messages to other nodes likewise: min(K, R) rows a token, not R
+        self.max_dest_ranks = min(K, R)
+        # ht: the most token messages a rank receives in a round within the capacity (a token brings >= 1 row)
+        sources = 1 if cfg.skip_a2a else R
+        self.recv_tokens = min(sources * M, cfg.recv_rows)
         # ht combine: floats of one source's [M, K] weights, padded to 16 bytes (copied with 16-byte stores)
         self.weight_stride = _round4(M * K)
         self.region_bytes = self._region_bytes(cfg, any_remote)
@@ -116,14 +122,15 @@ class Layout:
             "drecv": 2 * R * M * MSG if ht else 2 * NL * R * M * MSG,   # [parity][source][slot] / [.][expert][source][slot]
             "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
             "dsig": 2 * R * 8,
-            "stage": (M * R * MSG if ht else M * K * MSG) if any_remote else 0,   # staged messages to other nodes
+            "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote else 0,   # to other nodes
             "hstage": R * self.count_row_ints * 4,                        # staged count messages
-            "crecv": 2 * R * M * RB if ht else 2 * M * K * RB,            # combine rows [parity][rank][token] / [.][t][k]
+            "crecv": 2 * M * (self.max_dest_ranks if ht else K) * RB,     # combine rows [parity][token][rank index / k]
             "csig": 2 * R * 8,
             "wrecv": 2 * R * WST * 4 if ht else 0,                        # ht: every source's weights
             "wsig": 2 * R * 8,
-            # ht: staged weights [R][weight_stride] floats, then (other nodes) staged rows [R][M] (after the weights)
-            "cstage": (R * WST * 4 + (R * M * RB if any_remote else 0)) if ht else 0,
+            # ht: staged weights [R][weight_stride] floats, then (other nodes) the staged combine rows, one per received
+            # token message (packed over sources: at most recv_tokens, the capacity's bound)
+            "cstage": (R * WST * 4 + (self.recv_tokens * RB if any_remote else 0)) if ht else 0,
             "abort": R * 8,
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
@@ -155,7 +162,11 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
     }
-    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items()})
+    # cstage's rows are sized by the receive capacity at run time (the kernels index them below the received tokens);
+    # its weights part is fixed
+    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items() if n != "cstage"})
+    out["EP_CSTAGE_WEIGHT_BYTES"] = cfg.world_size * lay.weight_stride * 4 if lay.ht else 0
+    out["EP_MAX_DEST_RANKS"] = lay.max_dest_ranks
     out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
     out.update({f"EP_PHASE_{p.name}": int(p) for p in Phase})
     return out

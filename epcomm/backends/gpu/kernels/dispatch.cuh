@@ -203,7 +203,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         char* dst[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) dst[k] = nullptr;
-        dst[0] = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES;
+        dst[0] = local ? dbase + off
+                       : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
         if (!meta_only) warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
         if (sl == 0) {
           int* meta = reinterpret_cast<int*>(dst[0] + DATA_BYTES + SCALE_BYTES);
@@ -218,7 +219,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
           if (slot < 0) continue;
           const int t = t0 + tt;
           const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
-          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES, MSG_BYTES, d);
+          const size_t staged = ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + staged, MSG_BYTES, d);
         }
         used_shmem = true;
       }
@@ -484,7 +486,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
         }
         int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
-        if (lane == 0) { hi[0] = t; hi[1] = 0; }
+        if (lane == 0) { hi[0] = t; hi[1] = dest_index(meta + 2, p.me); }   // [1]: where s expects its row
         if (lane < K) hi[2 + lane] = rows[lane];
       }
     }

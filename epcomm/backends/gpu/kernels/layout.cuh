@@ -56,6 +56,9 @@ constexpr int MAX_CHUNKS =
 constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + R + 3) / 4 * 4 : HIST_ROW_INTS;
 constexpr int COUNT_ROWS_AT = HT ? LOCAL_EXPERTS + 3 + MAX_CHUNKS : LOCAL_EXPERTS + 1;   // the [R] routed rows
 constexpr int COMBINE_ROW_BYTES = 2 * H;                  // bf16 row of the combine
+// ht: the most ranks one token goes to: its combine rows come back packed [token][index of the rank among the token's
+// ranks] and its staged messages to other nodes likewise
+constexpr int MAX_DEST_RANKS = K < R ? K : R;
 // ht combine: floats of one source's [M, K] weights in wrecv / cstage, padded to 16 bytes: the weights are copied
 // with uint4 stores and M * K need not be a multiple of 4 (unpadded, such a stride misaligns those stores)
 constexpr int WEIGHT_STRIDE = (M * K + 3) / 4 * 4;
@@ -143,14 +146,14 @@ struct Params {
 constexpr long long REGION_BYTES_DRECV = HT ? 2LL * R * M * MSG_BYTES : 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
 constexpr long long REGION_BYTES_DHIST = 2LL * R * COUNT_ROW_INTS * 4;                       // [parity][source] counts
 constexpr long long REGION_BYTES_DSIG = 2LL * R * 8;
-constexpr long long REGION_BYTES_STAGE = HT ? 1LL * M * R * MSG_BYTES : 1LL * M * K * MSG_BYTES;   // [token][dest / k]
+constexpr long long REGION_BYTES_STAGE = 1LL * M * (HT ? MAX_DEST_RANKS : K) * MSG_BYTES;   // [token][rank index / k]
 constexpr long long REGION_BYTES_HSTAGE = 1LL * R * COUNT_ROW_INTS * 4;                      // [destination] counts
-constexpr long long REGION_BYTES_CRECV = HT ? 2LL * R * M * COMBINE_ROW_BYTES                // [parity][rank][token]
-                                            : 2LL * M * K * COMBINE_ROW_BYTES;               // [parity][token][k]
+constexpr long long REGION_BYTES_CRECV = 2LL * M * (HT ? MAX_DEST_RANKS : K) * COMBINE_ROW_BYTES;   // [par][t][idx/k]
 constexpr long long REGION_BYTES_CSIG = 2LL * R * 8;
 constexpr long long REGION_BYTES_WRECV = HT ? 2LL * R * WEIGHT_STRIDE * 4 : 0;               // [parity][source] weights
 constexpr long long REGION_BYTES_WSIG = 2LL * R * 8;
-constexpr long long REGION_BYTES_CSTAGE = HT ? 1LL * R * WEIGHT_STRIDE * 4 + 1LL * R * M * COMBINE_ROW_BYTES : 0;
+// cstage: the weights [R][WEIGHT_STRIDE], then one row per received token message (sized by the capacity at run time)
+constexpr long long CSTAGE_WEIGHT_BYTES = HT ? 1LL * R * WEIGHT_STRIDE * 4 : 0;
 constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
@@ -183,7 +186,8 @@ EP_AGREES(REGION_BYTES_CRECV, EP_REGION_BYTES_CRECV);
 EP_AGREES(REGION_BYTES_CSIG, EP_REGION_BYTES_CSIG);
 EP_AGREES(REGION_BYTES_WRECV, EP_REGION_BYTES_WRECV);
 EP_AGREES(REGION_BYTES_WSIG, EP_REGION_BYTES_WSIG);
-EP_AGREES(REGION_BYTES_CSTAGE, EP_REGION_BYTES_CSTAGE);
+EP_AGREES(CSTAGE_WEIGHT_BYTES, EP_CSTAGE_WEIGHT_BYTES);
+EP_AGREES(MAX_DEST_RANKS, EP_MAX_DEST_RANKS);
 EP_AGREES(REGION_BYTES_ABORT, EP_REGION_BYTES_ABORT);
 EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
