@@ -157,6 +157,7 @@ class GpuBackend:
         p.sym = self.sym
         p.state = P(self.state)
         p.hist_acc = P(self.hist_acc)
+        p.dbase = P(self.dbase)
         p.err = self.err.dev
         p.timeout_ns = int(self.cfg.timeout_s * 1e9)
         for n, v in self.layout.offset.items():
@@ -164,6 +165,7 @@ class GpuBackend:
         p.me = self.me
         p.maxr = self.cfg.max_recv_rows
         p.cap = self.cfg.recv_rows
+        p.recv_tokens = self.layout.recv_tokens
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p

@@ -67,7 +67,7 @@ def _round4(x: int) -> int:
 
 # Regions of the symmetric buffer, in address order; each is double buffered by round parity where it receives.
 REGIONS = ("drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag",
-           "cflag")
+           "cflag", "dresv")
 
 
 class Layout:
@@ -94,15 +94,17 @@ class Layout:
         # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1], then [R] the
         # source's routed rows to every rank (so every rank reaches the same receive-capacity verdict)
         self.max_chunks = max(256 if R <= 32 else 128, -(-M // MAX_ITEM_TOKENS)) if ht else 1
-        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1 + R) if ht else self.hist_row_ints
+        # ht: then the start of the source's messages in the destination's receive buffer (its reservation)
+        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1 + R + 1) if ht else self.hist_row_ints
         self.count_rows_at = NL + 3 + self.max_chunks if ht else NL + 1   # where the [R] routed rows start
+        self.count_base_at = self.count_rows_at + R if ht else 0
         self.combine_row_bytes = 2 * H                     # bf16 row of the combine
+        sources = 1 if cfg.skip_a2a else R
+        # ht: the most token messages a rank receives in a round within the capacity (a token brings >= 1 row)
+        self.recv_tokens = min(sources * M, cfg.recv_rows)
         # ht: the most ranks one token goes to; its combine rows come back packed [token][index of the rank among the
         # token's ranks], and its staged messages to other nodes likewise: min(K, R) rows a token, not R
         self.max_dest_ranks = min(K, R)
-        # ht: the most token messages a rank receives in a round within the capacity (a token brings >= 1 row)
-        sources = 1 if cfg.skip_a2a else R
-        self.recv_tokens = min(sources * M, cfg.recv_rows)
         # ht combine: floats of one source's [M, K] weights, padded to 16 bytes (copied with 16-byte stores)
         self.weight_stride = _round4(M * K)
         self.region_bytes = self._region_bytes(cfg, any_remote)
@@ -119,7 +121,9 @@ class Layout:
         NL, MSG, RB, WST = self.local_experts, self.msg_bytes, self.combine_row_bytes, self.weight_stride
         ht = self.ht
         return {
-            "drecv": 2 * R * M * MSG if ht else 2 * NL * R * M * MSG,   # [parity][source][slot] / [.][expert][source][slot]
+            # ht: [parity][recv_tokens] messages, each source's packed at the offset it reserved (capacity-bound);
+            # ll: [parity][expert][source][slot]
+            "drecv": 2 * self.recv_tokens * MSG if ht else 2 * NL * R * M * MSG,
             "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
             "dsig": 2 * R * 8,
             "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote else 0,   # to other nodes
@@ -134,6 +138,7 @@ class Layout:
             "abort": R * 8,
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
+            "dresv": 2 * 8,                                               # ht: [parity] receive-buffer reservations
         }
 
     def regions(self) -> dict[str, int]:
@@ -158,13 +163,16 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_COUNT_ROW_INTS": lay.count_row_ints, "EP_COMBINE_ROW_BYTES": lay.combine_row_bytes,
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
         "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
+        "EP_COUNT_BASE_AT": lay.count_base_at,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
     }
     # cstage's rows are sized by the receive capacity at run time (the kernels index them below the received tokens);
     # its weights part is fixed
-    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items() if n != "cstage"})
+    # ht's receive buffer likewise (recv_tokens messages)
+    run_time = ("cstage", "drecv") if lay.ht else ("cstage",)
+    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items() if n not in run_time})
     out["EP_CSTAGE_WEIGHT_BYTES"] = cfg.world_size * lay.weight_stride * 4 if lay.ht else 0
     out["EP_MAX_DEST_RANKS"] = lay.max_dest_ranks
     out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
@@ -184,8 +192,9 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 
 # Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
-                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap")
+                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
+                  "dbase")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
 
 
 def params_struct(ranks: int):
@@ -227,6 +236,8 @@ def device_arrays(cfg) -> list[DeviceArray]:
     fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
     out = [DeviceArray("state", "state", (64,), "i32", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
+           # ht: where this rank's messages to each rank start this round (u64: round << 32 | offset)
+           DeviceArray("dispatch_base", "dbase", (2 * R,), "i32", True),
            DeviceArray("expert_x", "ex", (maxr, H), str(fmt), False, "dispatch")]
     if fmt.quantized:
         out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))

@@ -23,6 +23,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
   __shared__ int s_item;
   __shared__ int s_rows[HT ? R : 1];     // HT, last chunk: this rank's routed rows to every rank (count message)
+  __shared__ int s_base;                 // HT: where this rank's messages start in d's receive buffer (-1: over)
   const unsigned round = cur_round(p, S_DSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
@@ -122,6 +123,20 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         }
         __syncthreads();
         block_exclusive_scan(s_ctok, s_ctpref, nchunks);
+        // Reserve this rank's messages in d's receive buffer, packed over the sources (one remote atomic; d clears
+        // the word when its receive of the round is over, before it can send the count message of the next round
+        // that any reservation of round + 2 comes after). Past recv_tokens: d's buffer is over capacity this round,
+        // and then so is d's routed-row count: every rank will call the round void; nothing is written to d.
+        if (threadIdx.x == 0) {
+          const int n = s_ctpref[nchunks];
+          const size_t roff = p.off_dresv + (size_t)par * 8;
+          int old;
+          if (same_node(p, d)) old = (int)atomicAdd_system(reinterpret_cast<unsigned*>(p.peer[d] + roff), (unsigned)n);
+          else old = nvshmem_int_atomic_fetch_add(reinterpret_cast<int*>(p.sym + roff), n, d);
+          s_base = (old >= 0 && old + n <= p.recv_tokens) ? old : -1;
+          st_rel(p.dbase + d, ((unsigned long long)round << 32) | (unsigned)s_base);   // for d's other items here
+        }
+        __syncthreads();
         const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * COUNT_ROW_INTS * 4;
         const bool loc = same_node(p, d);
         int* cm = loc ? reinterpret_cast<int*>(p.peer[d] + coff)
@@ -129,7 +144,11 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) cm[l] = s_cnt[l];
         for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[LOCAL_EXPERTS + 2 + q] = s_ctpref[q];
         for (int q = threadIdx.x; q < R; q += THREADS) cm[COUNT_ROWS_AT + q] = s_rows[q];
-        if (threadIdx.x == 0) { cm[LOCAL_EXPERTS] = s_ctpref[nchunks]; cm[LOCAL_EXPERTS + 1] = nchunks; }
+        if (threadIdx.x == 0) {
+          cm[LOCAL_EXPERTS] = s_ctpref[nchunks];
+          cm[LOCAL_EXPERTS + 1] = nchunks;
+          cm[COUNT_BASE_AT] = s_base;
+        }
         __syncthreads();
         const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
         if (loc) {
@@ -194,12 +213,17 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       // rounds: the small-T latency)
       const int nt = t1 - t0;
       const bool meta_only = own_rows_from_x(fused) && d == p.me;
+      // where this rank's messages start on d: reserved by the item of d's last chunk (d's first item, taken
+      // before this one by a running block)
+      if (!last && threadIdx.x == 0) s_base = wait_base(p, d, round);
+      __syncthreads();
+      const int base = s_base;
       for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
-        if (slot < 0 || (meta_only && sl != 0)) continue;
+        if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
         const int t = t0 + tt;
-        const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
+        const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
         char* dst[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) dst[k] = nullptr;
@@ -216,9 +240,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         __syncthreads();
         for (int tt = warp; tt < nt; tt += WARPS) {
           const int slot = s_tslot[tt];
-          if (slot < 0) continue;
+          if (slot < 0 || base < 0) continue;
           const int t = t0 + tt;
-          const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
+          const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
           const size_t staged = ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
           nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + staged, MSG_BYTES, d);
         }
@@ -293,6 +317,8 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   __shared__ int s_tpref[R + 1];
   __shared__ int s_chpref[HT ? R * (MAX_CHUNKS + 1) : 1];   // HT: per source, token prefix by chunk
   __shared__ int s_nch[R];
+  __shared__ int s_mbase[HT ? R : 1];   // HT: where each source's messages start in the receive buffer
+  __shared__ int s_bad;                 // HT: a source's messages lie outside the buffer (only in a void round)
   const unsigned round = cur_round(p, S_DRECV);
   const int par = round & 1;
   const unsigned long long t0 = gtime();
@@ -316,9 +342,16 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     int l = q / R, s = q % R;
     s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + l], HT ? M * K : M);
   }
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
   for (int s = threadIdx.x; s < R; s += THREADS) {
     s_ntok[s] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS], M);
     if (HT) s_nch[s] = (SKIP && s != p.me) ? 0 : max(0, min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 1], MAX_CHUNKS));
+    if (HT) {
+      const int b = (SKIP && s != p.me) ? 0 : hist[s * COUNT_ROW_INTS + COUNT_BASE_AT];
+      s_mbase[HT ? s : 0] = b;
+      if (s_ntok[s] > 0 && (b < 0 || b + s_ntok[s] > p.recv_tokens)) s_bad = 1;
+    }
   }
   __syncthreads();
   if constexpr (HT) {
@@ -341,7 +374,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   // any rank is void on every rank (nothing expanded, its combine does nothing, the host raises EPCapacityError from
   // the record). Block 0 (outputs, status, record) needs the whole verdict; the other blocks only this rank's rows,
   // which keep expert_x in bounds.
-  bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap;
+  bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap || s_bad;
   if (blockIdx.x == 0) {
     __shared__ unsigned long long s_worst;   // (rows << 32) | ~rank of the rank most over: the most rows, lowest rank
     __shared__ int s_over;
@@ -358,7 +391,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       }
     }
     __syncthreads();
-    void_round = s_over > 0;
+    void_round = s_over > 0 || s_bad;
     if (threadIdx.x == 0) {
       p.hstatus[0] = void_round ? 1 : 0;
       if (void_round) {
@@ -456,7 +489,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         ready_s = s;
         ready_c = clo;
       }
-      const char* msg = rbuf + (((size_t)par * R + s) * M + i) * MSG_BYTES;
+      const char* msg = rbuf + ((size_t)par * p.recv_tokens + s_mbase[HT ? s : 0] + i) * MSG_BYTES;
       const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
       int t = meta[0];
       int rows[K];
@@ -492,7 +525,13 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     }
   }
   if (block_done(p, S_DRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0; }
+    if (threadIdx.x == 0) {
+      if (HT) {   // every source reserved before it sent its count message: clear this parity's reservations
+        *reinterpret_cast<volatile unsigned long long*>(p.sym + p.off_dresv + (size_t)par * 8) = 0ull;
+        __threadfence_system();
+      }
+      stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0;
+    }
   }
 }
 

@@ -53,8 +53,10 @@ constexpr int MIN_CHUNKS = R <= 32 ? 256 : 128;
 constexpr int MAX_CHUNKS =
     HT ? ((M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS > MIN_CHUNKS ? (M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS : MIN_CHUNKS)
        : 1;
-constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + R + 3) / 4 * 4 : HIST_ROW_INTS;
+// ht, then: the start of the source's messages in the destination's receive buffer (its reservation; -1: over)
+constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + R + 1 + 3) / 4 * 4 : HIST_ROW_INTS;
 constexpr int COUNT_ROWS_AT = HT ? LOCAL_EXPERTS + 3 + MAX_CHUNKS : LOCAL_EXPERTS + 1;   // the [R] routed rows
+constexpr int COUNT_BASE_AT = HT ? COUNT_ROWS_AT + R : 0;
 constexpr int COMBINE_ROW_BYTES = 2 * H;                  // bf16 row of the combine
 // ht: the most ranks one token goes to: its combine rows come back packed [token][index of the rank among the token's
 // ranks] and its staged messages to other nodes likewise
@@ -128,22 +130,25 @@ struct Params {
   ErrRec* err;              // host-mapped
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
   int* hstatus;             // handle: [0] != 0 when the round was void (over capacity): its combine does nothing
+  unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
-  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
   int T;
   int me;
   int maxr;                 // rows of expert_x
   int ch;                   // tokens per send work item (1..MAX_ITEM_TOKENS)
   int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
   int cap;                  // receive capacity: routed rows this rank (and every rank) may receive per round
+  int recv_tokens;          // ht: messages of the receive buffer per parity, min(sources x M, cap)
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
 // ------------------------------------------------------------------------------------------------ agreement with the host
 // Bytes of each symmetric region as the kernels index it (staging included: as with peers on other nodes).
-// drecv: ht [parity][source][slot], ll [parity][expert][source][slot]
-constexpr long long REGION_BYTES_DRECV = HT ? 2LL * R * M * MSG_BYTES : 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
+// drecv: ll [parity][expert][source][slot]; ht [parity][Params.recv_tokens] messages, sized by the capacity at run
+// time (each source's packed at the offset it reserved in dresv)
+constexpr long long REGION_BYTES_DRECV = 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
 constexpr long long REGION_BYTES_DHIST = 2LL * R * COUNT_ROW_INTS * 4;                       // [parity][source] counts
 constexpr long long REGION_BYTES_DSIG = 2LL * R * 8;
 constexpr long long REGION_BYTES_STAGE = 1LL * M * (HT ? MAX_DEST_RANKS : K) * MSG_BYTES;   // [token][rank index / k]
@@ -157,6 +162,7 @@ constexpr long long CSTAGE_WEIGHT_BYTES = HT ? 1LL * R * WEIGHT_STRIDE * 4 : 0;
 constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
+constexpr long long REGION_BYTES_DRESV = 2LL * 8;                                           // [parity] reservations
 
 // Every size the host derives (epcomm/backends/gpu/layout.py kernel_defines) comes in as a define and must equal the
 // kernel's own derivation: the CPU compile test of every specialisation proves the two layouts agree.
@@ -177,7 +183,11 @@ EP_AGREES(COMBINE_ROW_BYTES, EP_COMBINE_ROW_BYTES);
 EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
 EP_AGREES(COUNT_ROWS_AT, EP_COUNT_ROWS_AT);
 EP_AGREES(sizeof(ErrRec) / 4, EP_CAPACITY_RECORD_WORD);   // CapacityRec follows ErrRec
+#if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
+#endif
+EP_AGREES(REGION_BYTES_DRESV, EP_REGION_BYTES_DRESV);
+EP_AGREES(COUNT_BASE_AT, EP_COUNT_BASE_AT);
 EP_AGREES(REGION_BYTES_DHIST, EP_REGION_BYTES_DHIST);
 EP_AGREES(REGION_BYTES_DSIG, EP_REGION_BYTES_DSIG);
 EP_AGREES(REGION_BYTES_STAGE, EP_REGION_BYTES_STAGE);
