@@ -1,6 +1,7 @@
 // Dispatch: send every token to the ranks of its experts (dispatch_send), receive and lay the rows out by local
 // expert for a grouped GEMM (dispatch_recv). Protocol: README.md, "Protocol (one round)".
 #pragma once
+#include "capacity.cuh"
 #include "common.cuh"
 #include "payload.cuh"
 
@@ -369,41 +370,11 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   __syncthreads();
   const int total = nshare + s_pref[LOCAL_EXPERTS * R];
-  // Receive capacity. Every count message carries its source's routed rows to every rank, so each rank sees the
-  // whole [source][rank] matrix and reaches the same verdict without another exchange: a round over the capacity on
-  // any rank is void on every rank (nothing expanded, its combine does nothing, the host raises EPCapacityError from
-  // the record). Block 0 (outputs, status, record) needs the whole verdict; the other blocks only this rank's rows,
-  // which keep expert_x in bounds.
+  // Receive capacity (capacity.cuh): block 0, which writes the outputs, needs the verdict of every rank; the other
+  // blocks need only this rank's own rows (and the offsets), which keep expert_x and the receive buffer in bounds.
   bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap || s_bad;
   if (blockIdx.x == 0) {
-    __shared__ unsigned long long s_worst;   // (rows << 32) | ~rank of the rank most over: the most rows, lowest rank
-    __shared__ int s_over;
-    if (threadIdx.x == 0) { s_worst = 0ull; s_over = 0; }
-    __syncthreads();
-    for (int d = threadIdx.x; d < R; d += THREADS) {
-      if (SKIP && d != p.me) continue;   // skip_a2a: nothing reaches the other ranks
-      long long need = 0;
-      for (int s = 0; s < R; ++s)
-        if (!(SKIP && s != p.me)) need += max(0, hist[s * COUNT_ROW_INTS + COUNT_ROWS_AT + d]);
-      if (need > p.cap) {
-        atomicAdd(&s_over, 1);
-        atomicMax(&s_worst, ((unsigned long long)min(need, 0x7fffffffLL) << 32) | (0xffffffffu - (unsigned)d));
-      }
-    }
-    __syncthreads();
-    void_round = s_over > 0 || s_bad;
-    if (threadIdx.x == 0) {
-      p.hstatus[0] = void_round ? 1 : 0;
-      if (void_round) {
-        const int worst = (int)(0xffffffffu - (unsigned)(s_worst & 0xffffffffull)), need = (int)(s_worst >> 32);
-        p.hstatus[1] = worst; p.hstatus[2] = need; p.hstatus[3] = p.cap;
-        CapacityRec* rec = reinterpret_cast<CapacityRec*>(p.err + 1);
-        rec->rank = worst; rec->needed = need; rec->capacity = p.cap; rec->over = s_over;
-        __threadfence_system();
-        rec->flag = (int)round;
-        __threadfence_system();
-      }
-    }
+    void_round = round_verdict(p, hist, round, s_bad);
     for (int g = threadIdx.x; g <= GROUPS; g += THREADS) {
       unsigned v;
       if ((FUSED && g == 0) || void_round) v = 0;
