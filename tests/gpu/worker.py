@@ -189,7 +189,9 @@ class Checker:
         from epcomm.memory import estimate
         nodes = self.ctx.topology.num_nodes
         est = estimate(cfg, nodes if cfg.world_size % nodes == 0 else 1)
-        arrays = [be.state, be.hist_acc, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
+        from epcomm.backends.gpu.layout import device_arrays
+        shared = [getattr(be, a.param) for a in device_arrays(cfg) if a.copies == "one"]   # state, hist_acc, ...
+        arrays = [*shared, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
         real = sum(int(a.nbytes) for a in arrays)   # torch and cupy arrays both have nbytes
         problems = [] if real == est["local_bytes"] else [f"device arrays {real} B, estimate {est['local_bytes']} B"]
         if est["symmetric_bytes"] != be.layout.total:
