@@ -10,10 +10,11 @@ Without MPI (inference servers, GPU): `epcomm.torch_context()` after torch.distr
 `epcomm.uid_context(uid, rank, world_size, device)` with your own unique-id channel.
 """
 from .config import EPConfig
-from .errors import EPError, EPInputError, EPPeerRejectedError, EPTimeoutError
+from .errors import EPCapacityError, EPError, EPInputError, EPPeerRejectedError, EPTimeoutError
 from .results import DispatchResult
 
-__all__ = ["EPConfig", "EPError", "EPInputError", "EPPeerRejectedError", "EPTimeoutError", "DispatchResult", "init",
+__all__ = ["EPConfig", "EPError", "EPInputError", "EPPeerRejectedError", "EPTimeoutError", "EPCapacityError",
+           "DispatchResult", "init",
            "EPBuffer", "torch_context", "uid_context"]
 
 

@@ -16,6 +16,8 @@ Rules:
 * Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
   peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
   After such a failure the buffer is unusable (on every rank); create a new one.
+  EPCapacityError (a round over EPConfig.recv_capacity) is not a failure either: every rank raises it for that
+  round by itself, nothing is aborted, the buffer stays usable (docs/MEMORY.md).
 * Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
   raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
@@ -38,7 +40,7 @@ from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPError, EPInputError, EPPeerRejectedError
+from .errors import EPCapacityError, EPError, EPInputError, EPPeerRejectedError
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -62,7 +64,7 @@ class Pending:
     num_tokens: int
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
-    error: Exception | None = None   # an EPPeerRejectedError of that receive, raised by its own *_wait
+    error: Exception | None = None   # EPPeerRejectedError / EPCapacityError of that receive, raised by its own *_wait
 
 
 def _fail(msg: str):
@@ -170,8 +172,8 @@ class EPBuffer:
         (EPPeerRejectedError) is not a failure of this buffer."""
         try:
             return fn(*args)
-        except EPPeerRejectedError:
-            raise
+        except (EPPeerRejectedError, EPCapacityError):
+            raise                  # a peer's refusal / a round over capacity: every rank raises it, the buffer stays usable
         except BaseException as e:
             # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
             # Only a peer's abort is not passed on (that peer already told everyone).
@@ -192,8 +194,8 @@ class EPBuffer:
             wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
             try:
                 p.result = self._call(wait, p.inner)
-            except EPPeerRejectedError as e:
-                p.error = e               # that combine's own *_wait raises it
+            except (EPPeerRejectedError, EPCapacityError) as e:
+                p.error = e               # that call's own *_wait raises it (a void round over capacity: every rank)
             if p is upto:
                 return
 
@@ -239,7 +241,11 @@ class EPBuffer:
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
         self._complete()
-        res = self._call(self._backend.dispatch, x, topk_ids)
+        try:
+            res = self._call(self._backend.dispatch, x, topk_ids)
+        except EPCapacityError:
+            self._round += 1       # the backend used up the round
+            raise
         res.handle = Handle(self._serial, self._round, t, res.handle)
         self._round += 1
         return res
@@ -266,6 +272,8 @@ class EPBuffer:
         self._complete(upto=pending)
         res, pending.result = pending.result, None
         pending.waited = True
+        if pending.error is not None:
+            raise pending.error
         res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
         return res
 
