@@ -7,6 +7,7 @@
 #
 # steps (comma list, run in this order; default: all of them):
 #   prebuild  compile every kernel the steps need, in parallel (dev/device/rig_prebuild.py; cached ones cost nothing)
+#             (RIG_WORLDS=2,8: only the kernels of those world sizes, for a call that runs no 16-rank step)
 #   w2        full GPU worker (every suite, extras included), 2 ranks on one node        configs/one-gpu-2.yaml
 #   sim2      the same, 2 simulated nodes x 1 rank                                         configs/one-gpu-sim-2x1.yaml
 #   w8        the same, 8 ranks on one node                                                configs/one-gpu-8.yaml
@@ -73,7 +74,7 @@ run_worker() {
 if has prebuild; then
   l=$(limit prebuild "${T_PREBUILD:-180}"); (( l > 0 )) || l=30
   echo "=== prebuild (limit ${l} s, $(date -u +%T))"; t0=$SECONDS
-  timeout "$l" python3 dev/device/rig_prebuild.py --jobs "$(nproc)" > "$OUT/prebuild.log" 2>&1
+  timeout "$l" python3 dev/device/rig_prebuild.py --jobs "$(nproc)" --worlds "${RIG_WORLDS:-2,8,16}" > "$OUT/prebuild.log" 2>&1
   rc=$?; tail -3 "$OUT/prebuild.log"; record prebuild - - - "$rc" $((SECONDS - t0)) "$OUT/prebuild.log" build
 fi
 has w2   && run_worker w2   one-gpu-2       2  "" "${T_W2:-100}"
