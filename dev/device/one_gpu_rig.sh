@@ -74,7 +74,14 @@ run_worker() {
 if has prebuild; then
   l=$(limit prebuild "${T_PREBUILD:-180}"); (( l > 0 )) || l=30
   echo "=== prebuild (limit ${l} s, $(date -u +%T))"; t0=$SECONDS
-  timeout "$l" python3 dev/device/rig_prebuild.py --jobs "$(nproc)" --worlds "${RIG_WORLDS:-2,8,16}" > "$OUT/prebuild.log" 2>&1
+  extra=()
+  if has compat; then   # the compat checks' shapes, listed by running them on the host backend (~10 s)
+    timeout 60 python3 -m launch run -t tests/compat/cpu-2rank.yaml --timeout 50 -x MASTER_PORT=29561 -- \
+      python3 dev/device/compat_configs.py /tmp/compat-configs.json > "$OUT/compat-configs.log" 2>&1 &&
+      extra=(--configs-json /tmp/compat-configs.json)
+  fi
+  timeout "$l" python3 dev/device/rig_prebuild.py --jobs "$(nproc)" --worlds "${RIG_WORLDS:-2,8,16}" "${extra[@]}" \
+    > "$OUT/prebuild.log" 2>&1
   rc=$?; tail -3 "$OUT/prebuild.log"; record prebuild - - - "$rc" $((SECONDS - t0)) "$OUT/prebuild.log" build
 fi
 has w2   && run_worker w2   one-gpu-2       2  "" "${T_W2:-100}"

@@ -39,9 +39,17 @@ def main() -> int:
     ap.add_argument("--worlds", default="2,8,16", help="world sizes of the worker suites (comma list)")
     ap.add_argument("--smoke-world", type=int, default=8, help="world size of smoke's EP cases (0: none)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--configs-json", metavar="FILE", help="more EPConfigs to build, a JSON list of their fields "
+                    "(dev/device/compat_configs.py writes the DeepEP compat checks' list)")
     a = ap.parse_args()
     t0 = time.time()
     cfgs = rig_configs([int(w) for w in a.worlds.split(",") if w.strip()], a.smoke_world or None)
+    if a.configs_json:
+        import json
+
+        from epcomm.config import EPConfig
+        with open(a.configs_json) as f:
+            cfgs += [EPConfig(**d) for d in json.load(f)]
     built = specs.build_all(cfgs, jobs=a.jobs)
     print(f"rig prebuild: {len(built)} kernels ({sum(not b.cached for b in built)} compiled now) in "
           f"{time.time() - t0:.1f} s", flush=True)
