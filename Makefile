@@ -1,4 +1,4 @@
-# epcomm: make demo | test | bench | smoke | clean
+# epcomm: make demo | test | lint | bench | smoke | clean
 # The venv (.venv) is created only when missing; the project is installed into it once (stamp file),
 # again only when pyproject.toml changes.
 
@@ -22,7 +22,7 @@ CONFIG  ?= $(if $(filter-out 0 1,$(or $(NGPUS),0)),configs/local-2gpu.yaml,$(if 
 TIMEOUT ?= 600
 ARGS    ?=
 
-.PHONY: demo test bench smoke clean venv
+.PHONY: demo test lint bench smoke clean venv
 
 venv: $(STAMP)
 
@@ -36,8 +36,12 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(PY) -m launch run -t $(CONFIG) --timeout $(TIMEOUT) -- python -m epcomm.demo $(ARGS)
 
-test: $(STAMP)
+# lint runs first, so `make test` (and CI) fails on a ruff finding before the slower tests start.
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m launch bench -t $(CONFIG) --timeout $(TIMEOUT) -- $(ARGS)

@@ -16,6 +16,8 @@ Rules:
 * Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
   peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
   After such a failure the buffer is unusable (on every rank); create a new one.
+  EPCapacityError (a round over EPConfig.recv_capacity) is not a failure either: every rank raises it for that
+  round by itself, nothing is aborted, the buffer stays usable (docs/MEMORY.md).
 * Fencing (EPBuffer(..., fence_dead_ranks=True), host backend): a peer that misses a deadline, or that any rank
   names in fence(ranks), is declared dead and masked on every survivor instead of failing the buffer. The round
   it was lost in ends with EPRankLostError (naming it) from the combine of every rank whose tokens were on its
@@ -43,7 +45,7 @@ from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError
+from .errors import EPCapacityError, EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -67,15 +69,16 @@ class Pending:
     num_tokens: int
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
-    error: Exception | None = None   # an EPPeerRejectedError / EPRankLostError of that receive, for its *_wait
+    error: Exception | None = None   # a round error of that receive (_ROUND_ERRORS), raised by its own *_wait
 
 
 def _fail(msg: str):
     raise EPInputError(msg)
 
 
-# Errors of one round that leave the buffer usable on every rank: raised to the caller, not a failure.
-_ROUND_ERRORS = (EPPeerRejectedError, EPRankLostError)
+# Errors of one round that leave the buffer usable on every rank: raised to the caller, not a failure (a peer's
+# refusal, a round over capacity, a peer lost while this rank's tokens were on its experts).
+_ROUND_ERRORS = (EPPeerRejectedError, EPCapacityError, EPRankLostError)
 
 
 class EPBuffer:
@@ -282,7 +285,11 @@ class EPBuffer:
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
         self._complete()
-        res = self._call(self._backend.dispatch, x, topk_ids)
+        try:
+            res = self._call(self._backend.dispatch, x, topk_ids)
+        except EPCapacityError:
+            self._round += 1       # the backend used up the round
+            raise
         res.handle = Handle(self._serial, self._round, t, res.handle)
         self._round += 1
         return res
@@ -309,6 +316,8 @@ class EPBuffer:
         self._complete(upto=pending)
         res, pending.result = pending.result, None
         pending.waited = True
+        if pending.error is not None:
+            raise pending.error
         res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
         return res
 

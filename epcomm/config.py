@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import EPInputError
@@ -25,6 +26,14 @@ class EPConfig:
     GPU kernels may use, leaving the rest to overlapped compute; None = all that this context can keep resident (one
     per SM; fewer under MPS / green contexts / ranks sharing a GPU, and a larger value is clamped to that: see
     docs/ARCHITECTURE.md "Grid size"). The host backend ignores it.
+
+    Receive capacity (docs/MEMORY.md): recv_capacity is the most routed rows (token, expert) one rank may receive in
+    one dispatch round; expert_x, its scales, src_info, the caller's expert_y and the GPU receive buffers are sized
+    by it. None (default) = the exact worst case when a token's expert ids are distinct: sources x
+    max_tokens_per_rank x min(topk, local experts) (`worst_case_recv_rows`). recv_capacity_factor sets it instead as
+    a factor of the balanced mean, ceil(F x max_tokens_per_rank x topk) rows (F = 2: twice the load of uniform
+    routing). Either is capped at the worst case. A round that would need more rows on any rank delivers nothing and
+    raises EPCapacityError on every rank (naming the rank, the rows needed and the capacity); the buffer stays usable.
     """
 
     hidden: int
@@ -39,6 +48,8 @@ class EPConfig:
     allreduce_world_size: int = 1
     timeout_s: float = 30.0
     num_sms: int | None = None
+    recv_capacity: int | None = None
+    recv_capacity_factor: float | None = None
 
     def __post_init__(self):
         fmt = FORMATS.get(self.token_format) if isinstance(self.token_format, str) else None
@@ -69,6 +80,12 @@ class EPConfig:
         need(isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0, "timeout_s", "must be > 0 seconds")
         need(self.num_sms is None or (isinstance(self.num_sms, int) and self.num_sms >= 1), "num_sms",
              "must be None (all SMs) or an int >= 1")
+        cap, factor = self.recv_capacity, self.recv_capacity_factor
+        need(cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1), "recv_capacity",
+             "must be None (the worst case) or an int >= 1 (rows)")
+        need(factor is None or (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 0),
+             "recv_capacity_factor", "must be None or a number > 0 (times max_tokens_per_rank * topk)")
+        need(cap is None or factor is None, "recv_capacity_factor", "give recv_capacity or recv_capacity_factor, not both")
 
     def replace(self, **changes) -> "EPConfig":
         return dataclasses.replace(self, **changes)
@@ -87,10 +104,26 @@ class EPConfig:
         return self.hidden // BLOCK
 
     @property
-    def max_recv_rows(self) -> int:
-        """Worst-case rows of expert_x on one rank: every slot of every source rank lands here, plus shared rows."""
+    def worst_case_recv_rows(self) -> int:
+        """The most routed rows one rank can receive in a round when each token's expert ids are distinct: every token
+        of every source rank, once per local expert it picks (at most min(topk, local experts))."""
         sources = 1 if self.skip_a2a else self.world_size
-        return sources * self.max_tokens_per_rank * self.topk + (self.max_tokens_per_rank if self.fused_shared_expert else 0)
+        return sources * self.max_tokens_per_rank * min(self.topk, self.n_local_experts)
+
+    @property
+    def recv_rows(self) -> int:
+        """The receive capacity in routed rows (recv_capacity / recv_capacity_factor / the worst case, capped at it)."""
+        worst = self.worst_case_recv_rows
+        if self.recv_capacity is not None:
+            return min(self.recv_capacity, worst)
+        if self.recv_capacity_factor is not None:
+            return max(1, min(math.ceil(self.recv_capacity_factor * self.max_tokens_per_rank * self.topk), worst))
+        return worst
+
+    @property
+    def max_recv_rows(self) -> int:
+        """Rows of expert_x (and src_info, expert_y) on one rank: the receive capacity, plus the shared rows."""
+        return self.recv_rows + (self.max_tokens_per_rank if self.fused_shared_expert else 0)
 
     def expert_rank(self, expert: int) -> int:
         return expert // self.n_local_experts

@@ -22,6 +22,44 @@ class EPPeerRejectedError(EPError):
         self.rank, self.node, self.round, self.what = rank, node, round, what
 
 
+class EPCapacityError(EPError):
+    """A dispatch round would have put more routed rows on a rank than EPConfig.recv_capacity allows.
+
+    Every rank raises it for that round; nothing of the round was delivered and nothing was written past the
+    capacity; the buffer stays usable (the next round is unaffected). ``rank``: the rank that would have received
+    the most rows over its capacity; ``needed``: its rows; ``capacity``: EPConfig.recv_rows; ``round``: the dispatch
+    round (of this buffer); ``overflowing``: every rank over capacity, {rank: rows}.
+    """
+
+    def __init__(self, message: str, *, rank: int, needed: int, capacity: int, round: int | None = None,
+                 overflowing: dict | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.needed = needed
+        self.capacity = capacity
+        self.round = round
+        self.overflowing = overflowing if overflowing is not None else {rank: needed}
+
+    @classmethod
+    def for_round(cls, cfg, needed_by_rank, round: int | None, describe=None,
+                  ranks_over: int | None = None) -> "EPCapacityError":
+        """The error for a round whose routed rows per rank were needed_by_rank (any sequence indexed by rank; the
+        GPU record knows only the rank most over, and ranks_over, how many ranks were over)."""
+        over = {r: int(n) for r, n in enumerate(needed_by_rank) if int(n) > cfg.recv_rows}
+        rank = max(over, key=lambda r: (over[r], -r))
+        name = describe(rank) if describe else f"rank {rank}"
+        others = sorted(set(over) - {rank})
+        also = f" (also over: ranks {others})" if others else ""
+        if ranks_over is not None and ranks_over > len(over):
+            also = f" ({ranks_over} ranks over capacity)"
+        when = f"dispatch round {round}" if round is not None else "dispatch"
+        return cls(f"epcomm: {when}: {name} would receive {over[rank]} routed rows > recv_capacity {cfg.recv_rows}"
+                   f"{also}; nothing of this round was delivered, every rank raises this and the buffer stays "
+                   f"usable. Raise EPConfig.recv_capacity / recv_capacity_factor (worst case "
+                   f"{cfg.worst_case_recv_rows} rows) or send fewer tokens per round",
+                   rank=rank, needed=over[rank], capacity=cfg.recv_rows, round=round, overflowing=over)
+
+
 class EPTimeoutError(EPError, TimeoutError):
     """A peer did not arrive before the deadline.
 

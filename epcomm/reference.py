@@ -13,6 +13,7 @@ import numpy as np
 
 from .arrays import to_numpy
 from .config import EPConfig
+from .errors import EPCapacityError
 from .formats import BF16
 from .results import DispatchResult
 
@@ -54,9 +55,31 @@ def _without_masked(cfg: EPConfig, xs, topk_ids, masked_ranks):
     return xs2, ids2
 
 
+def recv_rows_needed(cfg: EPConfig, topk_ids: list[np.ndarray]) -> np.ndarray:
+    """Routed rows each rank receives in a round (int64 [world_size]): its (token, slot) entries from every source
+    (skip_a2a: from itself only)."""
+    need = np.zeros(cfg.world_size, np.int64)
+    for src, ids in enumerate(topk_ids):
+        ids = np.asarray(ids).reshape(-1)
+        dest = ids[(ids >= 0) & (ids < cfg.num_experts)] // cfg.n_local_experts
+        if cfg.skip_a2a:
+            dest = dest[dest == src]
+        need += np.bincount(dest, minlength=cfg.world_size)
+    return need
+
+
+def check_capacity(cfg: EPConfig, topk_ids: list[np.ndarray], round: int | None = None) -> None:
+    """The capacity rule: a round in which any rank would receive more than cfg.recv_rows routed rows delivers nothing
+    and raises EPCapacityError (on every rank; with skip_a2a, where ranks exchange nothing, on the rank itself)."""
+    need = recv_rows_needed(cfg, topk_ids)
+    if (need > cfg.recv_rows).any():
+        raise EPCapacityError.for_round(cfg, need, round)
+
+
 def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray],
              masked_ranks=()) -> list[DispatchResult | None]:
     """Every rank's dispatch outputs. xs[r]: bf16 [T_r, H]; topk_ids[r]: int32 [T_r, K], -1 = no expert.
+    Raises EPCapacityError (check_capacity) when a rank would receive more routed rows than cfg.recv_rows.
     masked_ranks: fenced-off ranks (module doc); their entries are None."""
     r_count = cfg.world_size
     if len(xs) != r_count or len(topk_ids) != r_count:
@@ -65,6 +88,7 @@ def dispatch(cfg: EPConfig, xs: list[np.ndarray], topk_ids: list[np.ndarray],
         xs, topk_ids = _without_masked(cfg, xs, topk_ids, masked_ranks)
         full = dispatch(cfg, xs, topk_ids)
         return [None if r in masked_ranks else res for r, res in enumerate(full)]
+    check_capacity(cfg, topk_ids)
     starts = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
     all_x = np.concatenate([np.asarray(x, BF16).reshape(-1, cfg.hidden) for x in xs])
     fmt = cfg.token_format

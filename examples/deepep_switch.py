@@ -8,14 +8,11 @@ decode step in low-latency mode (batched receive). Its "experts" scale tokens by
 checks the result against a dense computation of its own tokens.
 """
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from epcomm.compat import deep_ep          # was: import deep_ep  -- the only line that changes  # noqa: E402
+from epcomm.compat import deep_ep          # was: import deep_ep  -- the only line that changes
 
 HIDDEN, TOPK, EXPERTS_PER_RANK, TOKENS = 256, 4, 4, 32
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import epcomm  # noqa: E402
+import epcomm
 
 
 def main():

@@ -40,7 +40,7 @@ def cases(quick: bool) -> list[dict[str, Any]]:
 
 
 def case_config(case: dict[str, Any], topo, world: int, quick: bool, timeout_s: float = 30.0) -> EPConfig:
-    """The EPConfig of one correctness case (also what tools/rig_prebuild.py compiles ahead of a GPU run)."""
+    """The EPConfig of one correctness case (also what dev/device/rig_prebuild.py compiles ahead of a GPU run)."""
     e = num_experts(topo, world, 4)
     return EPConfig(hidden=256, topk=min(4, e), num_experts=e, max_tokens_per_rank=16 if quick else 48,
                     world_size=world, token_format=case["token_format"], mode=case.get("mode", "ht"),

@@ -7,17 +7,12 @@ Prints "ok in" when every rank passed; "FAIL rank R: ..." lines otherwise (exit 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-sys.path.insert(0, HERE)
+import torch.distributed as dist
+from mpi4py import MPI
 
-import torch.distributed as dist  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-from deepep_checks import run_all  # noqa: E402
+from tests.compat.deepep_checks import run_all
 
 
 def init_gloo_from_mpi():

@@ -5,17 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.workload import make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.workload import make_world
 
 
 def phase_text(ph) -> str:

@@ -13,11 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "compat"))
 
 for _k, _v in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
     os.environ[_k] = _v     # never NVLink multicast
@@ -25,7 +20,7 @@ for _k, _v in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("TORCH
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from deepep_checks import run_all  # noqa: E402
+from tests.compat.deepep_checks import run_all  # noqa: E402
 
 
 def rank_and_world() -> tuple[int, int]:

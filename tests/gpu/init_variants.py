@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.backends.gpu.runtime import Runtime, torch_context, uid_context  # noqa: E402
-from epcomm.backends.gpu.specs import test_configs  # noqa: E402
-from epcomm.workload import distinct_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.backends.gpu.runtime import Runtime, torch_context, uid_context
+from epcomm.backends.gpu.specs import test_configs
+from epcomm.workload import distinct_experts, make_world
 
 
 def main():
@@ -25,7 +23,8 @@ def main():
     how = sys.argv[1]
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", 0)))
     world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    torch.cuda.set_device(rank)
+    device = rank % max(1, torch.cuda.device_count())   # ranks may share one GPU (the one-GPU rig)
+    torch.cuda.set_device(device)
     if how == "torch":
         import torch.distributed as dist
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -44,11 +43,16 @@ def main():
                 if path.exists():
                     break
                 time.sleep(0.05)
-        ctx = uid_context(path.read_bytes(), rank, world, rank)
+        ctx = uid_context(path.read_bytes(), rank, world, device)
     cfg = test_configs(world)[3]          # ht-bf16? index 3 = ll-fp8 plain
-    buf = epcomm.EPBuffer(cfg, ctx)
+    preset = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    buf = epcomm.EPBuffer(cfg, ctx)      # NVSHMEM starts here (deferred bootstrap), its heap sized for this buffer
+    from epcomm.backends.gpu.layout import heap_bytes
+    heap = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    want = preset or str(heap_bytes(buf._backend.layout.total))
+    heap_probs = [] if heap == want else [f"NVSHMEM_SYMMETRIC_SIZE={heap}, expected {want} (need + margin)"]
     w = make_world(cfg, seed=31, routing_kind="uniform")
-    dev = torch.device(f"cuda:{rank}")
+    dev = torch.device(f"cuda:{device}")
     x = torch.from_numpy(w.xs[rank].view(np.int16)).view(torch.bfloat16).to(dev)
     ids = torch.from_numpy(w.topk_ids[rank]).to(dev)
     res = buf.dispatch(x, ids)
@@ -59,7 +63,7 @@ def main():
     y = buf.combine(ey, res.handle, torch.from_numpy(w.topk_weights[rank]).to(dev))
     buf.synchronize()
     yx, mag = ref.combine_exact(cfg, eys, refs, w.topk_weights)
-    probs += ref.compare_combine(y, yx[rank], mag[rank])
+    probs += ref.compare_combine(y, yx[rank], mag[rank]) + heap_probs
     print(f"[rank {rank}] init via {how}: {'PASS' if not probs else probs}", flush=True)
     buf.close()
     Runtime.get().close()

@@ -12,16 +12,15 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import epcomm  # noqa: E402
-from epcomm import reference as ref  # noqa: E402
-from epcomm.errors import EPTimeoutError  # noqa: E402
-from epcomm.workload import distinct_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.arrays import CupyArrays, TorchArrays
+from epcomm.checks import Round
+from epcomm.errors import EPCapacityError, EPTimeoutError
+from epcomm.workload import distinct_experts, make_world
 
 
 def tb16(a: np.ndarray, dev):
@@ -70,53 +69,40 @@ class Checker:
         return wait(pending)
 
     def one_round(self, be, cfg, world, use_async: bool, check=True, cross_stream=False):
-        torch = self.torch
-        me = self.me
-        x = tb16(world.xs[me], self.dev)
-        ids = torch.from_numpy(world.topk_ids[me]).to(self.dev)
-        w = torch.from_numpy(world.topk_weights[me]).to(self.dev)
+        rnd = Round(cfg, world, self.me, experts="distinct")
+        arr = TorchArrays(self.ctx.device)
+        x, ids, w = (arr.put(a) for a in rnd.inputs())
         self.poison(be)
         res = self._async_wait(be, lambda: be.dispatch_async(x, ids), be.dispatch_wait, cross_stream) \
             if use_async else be.dispatch(x, ids)
         be.synchronize()
-        refs = ref.dispatch(cfg, world.xs, world.topk_ids)
-        problems = ref.compare_dispatch(cfg, res, refs[me]) if check else []
-        eys = [distinct_experts(cfg, r) for r in refs]
-        ey = eys[me].copy()
-        n = int(refs[me].row_offsets[-1])
-        ey[n:] = np.float32("nan")  # rows past the end must never be read
-        eyg = tb16(ey, self.dev)
+        problems = rnd.check_dispatch(res) if check else []
+        eyg = arr.put(rnd.expert_y(poison_tail=True))  # rows past the end are NaN: they must never be read
         y = self._async_wait(be, lambda: be.combine_async(eyg, res.handle, w), be.combine_wait, cross_stream) \
             if use_async else be.combine(eyg, res.handle, w)
         be.synchronize()
         if check:
-            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
-            problems += ref.compare_combine(y, yx[me], mag[me])
+            problems += rnd.check_combine(y)
         return problems
 
     def one_round_cupy(self, be, cfg, world):
         """Same as one_round with cupy arrays in and out (bf16 travels as uint16 bits)."""
         import cupy as cp
         from epcomm.formats import BF16
-        me = self.me
+        rnd = Round(cfg, world, self.me, experts="distinct")
+        arr = CupyArrays(self.ctx.device)
         with cp.cuda.Device(self.ctx.device):
-            x = cp.asarray(np.ascontiguousarray(world.xs[me]).view(np.uint16))
-            ids = cp.asarray(world.topk_ids[me])
-            w = cp.asarray(world.topk_weights[me])
+            x, ids, w = (arr.put(a) for a in rnd.inputs())
             self.poison(be)
             res = be.dispatch(x, ids)
             be.synchronize()
             problems = []
             if not isinstance(res.expert_x, cp.ndarray) or not isinstance(res.src_info, cp.ndarray):
                 problems.append(f"outputs are {type(res.expert_x).__name__}, not cupy")
-            refs = ref.dispatch(cfg, world.xs, world.topk_ids)
-            problems += ref.compare_dispatch(cfg, res, refs[me])
-            eys = [distinct_experts(cfg, r) for r in refs]
-            ey = cp.asarray(np.ascontiguousarray(eys[me]).view(np.uint16))
-            y = be.combine(ey, res.handle, w)
+            problems += rnd.check_dispatch(res)
+            y = be.combine(arr.put(rnd.expert_y()), res.handle, w)
             be.synchronize()
-            yx, mag = ref.combine_exact(cfg, eys, refs, world.topk_weights)
-            problems += ref.compare_combine(cp.asnumpy(y).view(BF16), yx[me], mag[me])
+            problems += rnd.check_combine(cp.asnumpy(y).view(BF16))   # cupy returns bf16 as uint16 bits
         return problems
 
     def suite(self, cfg, quick=False):
@@ -189,7 +175,9 @@ class Checker:
         from epcomm.memory import estimate
         nodes = self.ctx.topology.num_nodes
         est = estimate(cfg, nodes if cfg.world_size % nodes == 0 else 1)
-        arrays = [be.state, be.hist_acc, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
+        from epcomm.backends.gpu.layout import device_arrays
+        shared = [getattr(be, a.param) for a in device_arrays(cfg) if a.copies == "one"]   # state, hist_acc, ...
+        arrays = [*shared, *be.ybufs] + [a for s in be.sets for a in s.values() if a is not None]
         real = sum(int(a.nbytes) for a in arrays)   # torch and cupy arrays both have nbytes
         problems = [] if real == est["local_bytes"] else [f"device arrays {real} B, estimate {est['local_bytes']} B"]
         if est["symmetric_bytes"] != be.layout.total:
@@ -236,6 +224,48 @@ class Checker:
             yx, mag = ref.combine_exact(cfg, eys, refs, wd.topk_weights)
             problems += ref.compare_combine(y, yx[me], mag[me])
         self.ok(f"{cfg.mode}-{cfg.token_format} CUDA graph capture + {replays} replays", problems)
+
+    def capacity(self, cfg):
+        """recv_capacity_factor 1 and every token picking expert 0 (hot routing): rank 0 would receive more rows than
+        its capacity. The void round's dispatch and combine launch and return on every rank (no hang), synchronize()
+        raises the EPCapacityError of the reference (rank, rows, capacity) on every rank, once, and the next round on
+        the same buffer (async, then fused) matches the reference."""
+        from epcomm.backends.gpu import GpuBackend
+        torch = self.torch
+        cfg = cfg.replace(recv_capacity_factor=1.0)
+        tag = f"{cfg.mode}-{cfg.token_format}"
+        be = GpuBackend(cfg, self.ctx)
+        self.memory(be, cfg, f"{tag} capacity")
+        problems = []
+        hot = make_world(cfg, seed=515, routing_kind="hot")
+        try:
+            ref.check_capacity(cfg, hot.topk_ids)
+            problems.append("hot routing fits the capacity: the check could not fail")
+            want = None
+        except EPCapacityError as e:
+            want = e
+        for use_async in (False, True):
+            me = self.me
+            x = tb16(hot.xs[me], self.dev)
+            ids = torch.from_numpy(hot.topk_ids[me]).to(self.dev)
+            w = torch.from_numpy(hot.topk_weights[me]).to(self.dev)
+            res = be.dispatch_wait(be.dispatch_async(x, ids)) if use_async else be.dispatch(x, ids)
+            ey = torch.zeros((cfg.max_recv_rows, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
+            be.combine(ey, res.handle, w)        # the void round's combine: nothing sent, nothing awaited
+            try:
+                be.synchronize()
+                problems.append(f"{'async' if use_async else 'fused'}: no EPCapacityError")
+            except EPCapacityError as e:
+                if want is not None and (e.rank, e.needed, e.capacity) != (want.rank, want.needed, want.capacity):
+                    problems.append(f"EPCapacityError rank {e.rank} rows {e.needed} capacity {e.capacity}, expected "
+                                    f"{want.rank} {want.needed} {want.capacity}")
+            be.synchronize()                     # raised once: the buffer is usable
+            # a round that fits for sure: T = M / R tokens per rank (at most M x min(K, local) rows on any rank)
+            fits = make_world(cfg, seed=516 + use_async, routing_kind="uniform",
+                              num_tokens=max(1, cfg.max_tokens_per_rank // cfg.world_size))
+            problems += self.one_round(be, cfg, fits, use_async=use_async)
+        be.close()
+        self.ok(f"{tag} over capacity: every rank raises EPCapacityError, the next round is correct", problems)
 
     def timeout(self, cfg):
         """Every rank but rank 1 dispatches: each must raise EPTimeoutError naming rank 1 (its node, its experts);
@@ -393,6 +423,8 @@ def main():
                 if cfg.token_format == "bf16" or cfg.mode == "ll":
                     ck.many_rounds(be, cfg, args.rounds)
             be.close()
+            if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank == 64:
+                ck.capacity(cfg)                 # each mode / format
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))

@@ -18,8 +18,8 @@ SURVIVORS = (0, 1, 2)
 def survivors_went_on(out: str, how: str, mode: str, after: int) -> None:
     assert "FAIL" not in out and "Traceback" not in out, out[-6000:]
     for r in SURVIVORS:
-        assert re.search(rf"rank {r}: round 2: rank {r} \(node 0\): rank 3 \(node 0\) was lost .*experts 6\.\.7", out), \
-            out[-4000:]
+        lost = rf"rank {r}: round 2: rank {r} \(node 0\): rank 3 \(node 0\) was lost .*experts 6\.\.7"
+        assert re.search(lost, out), out[-4000:]
         assert f"rank {r}: rank 3 lost in round 2 ({how}, {mode}), then {after} rounds without it: ok" in out, \
             out[-4000:]
 

@@ -156,3 +156,14 @@ def test_input_checks_single_rank(seed):
            sys.executable, WORKER, "checks", "--seed", str(seed)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "checks: ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_receive_capacity_overflow_is_named_on_every_rank(seed):
+    """recv_capacity_factor 1.5 with every token picking expert 0 in even rounds: rank 0 would receive more rows than
+    its capacity; every rank raises the same EPCapacityError (rank, rows, capacity) and the odd (uniform) round
+    after it on the same buffer matches the reference; the async API too (every third round)."""
+    cases = grid(extra=["cap=1.5,routing=hot,rounds=6", "cap=1.5,routing=hot,rounds=4,fused=1,tokens=ragged"])
+    cases += ["cap=1,routing=skewed,rounds=4,skip=1", "cap=1,routing=hot,rounds=3,mode=ht,dup=1,K=8,E=2"]
+    out = run_cases("cpu-4rank", seed, cases)
+    over, within = map(int, re.search(r"capacity: (\d+) round\(s\) over, (\d+) within", out).groups())
+    assert over >= 8 and within >= 8, out[-2000:]   # both kinds of round happened: the test can fail

@@ -4,7 +4,9 @@
 
 Case spec: comma-separated key=value: fmt (bf16|fp8), mode (ht|ll), routing (epcomm.workload.ROUTINGS),
 tokens (max|ragged|N), fused (0|1), skip (0|1), aws (allreduce_world_size), H, M, K, E (experts per rank),
-rounds (back-to-back rounds on one buffer, fresh inputs each, no barrier), async (0|1).
+rounds (back-to-back rounds on one buffer, fresh inputs each, no barrier), async (0|1), cap (recv_capacity_factor;
+0 = the worst case; with cap, odd rounds use uniform routing, so over-capacity and fitting rounds alternate: a round
+the reference says is over must raise the same EPCapacityError on every rank, the next must be correct).
 Exit 0 when every rank matched; prints "FAIL rank R ..." lines otherwise. Other commands: timeout, abort.
 """
 from __future__ import annotations
@@ -14,16 +16,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import epcomm  # noqa: E402
-from epcomm.checks import Round  # noqa: E402
-from epcomm.workload import identity_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference as ref
+from epcomm.checks import Round
+from epcomm.workload import identity_experts, make_world
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
-                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0)
+                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0, cap=0.0)
 
 
 def add_duplicates(world):
@@ -47,7 +48,8 @@ def parse_case(spec: str) -> dict:
 def make_cfg(c: dict, world: int) -> epcomm.EPConfig:
     return epcomm.EPConfig(hidden=c["H"], topk=c["K"], num_experts=c["E"] * world, max_tokens_per_rank=c["M"],
                            world_size=world, token_format=c["fmt"], mode=c["mode"], fused_shared_expert=bool(c["fused"]),
-                           skip_a2a=bool(c["skip"]), allreduce_world_size=c["aws"], timeout_s=c["timeout"])
+                           skip_a2a=bool(c["skip"]), allreduce_world_size=c["aws"], timeout_s=c["timeout"],
+                           recv_capacity_factor=c["cap"] or None)
 
 
 def tokens_arg(c):
@@ -55,7 +57,29 @@ def tokens_arg(c):
     return None if t == "max" else ("ragged" if t == "ragged" else int(t))
 
 
+def check_overflow(cfg, ctx, buf, world, use_async: bool, want: epcomm.EPCapacityError) -> list[str]:
+    """A round the reference says is over capacity: this rank raises the same EPCapacityError and nothing else."""
+    me = ctx.rank
+    try:
+        if use_async:
+            buf.dispatch_wait(buf.dispatch_async(world.xs[me], world.topk_ids[me]))
+        else:
+            buf.dispatch(world.xs[me], world.topk_ids[me])
+    except epcomm.EPCapacityError as e:
+        got = (e.rank, e.needed, e.capacity, e.overflowing)
+        exp = (want.rank, want.needed, want.capacity, want.overflowing)
+        return [] if got == exp and f"rank {want.rank} " in str(e) else [f"EPCapacityError {got}, expected {exp}"]
+    return [f"no EPCapacityError although rank {want.rank} needs {want.needed} rows > {want.capacity}"]
+
+
 def check_round(cfg, ctx, buf, world, use_async: bool) -> list[str]:
+    if cfg.recv_capacity_factor is not None:
+        try:
+            ref.check_capacity(cfg, world.topk_ids)
+        except epcomm.EPCapacityError as want:
+            check_round.overflows += 1
+            return check_overflow(cfg, ctx, buf, world, use_async, want)
+        check_round.fits += 1
     rnd = Round(cfg, world, ctx.rank, experts="distinct")
     x, ids, weights = rnd.inputs()
     if use_async:
@@ -74,6 +98,9 @@ def check_round(cfg, ctx, buf, world, use_async: bool) -> list[str]:
     return problems
 
 
+check_round.overflows = check_round.fits = 0
+
+
 def cmd_cases(args, ctx) -> int:
     fails = 0
     t0 = time.perf_counter()
@@ -83,7 +110,8 @@ def cmd_cases(args, ctx) -> int:
         with epcomm.EPBuffer(cfg, ctx) as buf:
             for rnd in range(c["rounds"]):
                 seed = args.seed + 1000 * i + rnd
-                world = make_world(cfg, seed, c["routing"], tokens_arg(c))
+                routing = "uniform" if c["cap"] and rnd % 2 else c["routing"]
+                world = make_world(cfg, seed, routing, tokens_arg(c))
                 if c["dup"]:
                     add_duplicates(world)
                 problems = check_round(cfg, ctx, buf, world, bool(c.get("async", 0)) or (rnd % 3 == 2))
@@ -92,6 +120,7 @@ def cmd_cases(args, ctx) -> int:
                 fails += bool(problems)
     total = ctx.comm.allreduce(fails)
     if ctx.rank == 0:
+        print(f"capacity: {check_round.overflows} round(s) over, {check_round.fits} within", flush=True)
         print(f"worker: {len(args.case)} case(s) on {ctx.world_size} ranks, seed {args.seed}: "
               f"{'ok' if total == 0 else f'{total} FAILED'} in {time.perf_counter() - t0:.1f}s", flush=True)
     return 1 if total else 0

@@ -122,3 +122,34 @@ def test_synchronize_and_close_run_the_outstanding_receives(buf):
     buf.dispatch_async(*x_ids())
     buf.close()
     assert buf.be.calls[-2:] == ["send 2", "recv d2"]
+
+
+def test_a_round_over_capacity_leaves_the_buffer_usable(buf):
+    """EPCapacityError is the round's own error: no abort, no failed state, the round is used up, and an outstanding
+    round over capacity raises at its own wait, not in the operation that completed it."""
+    from epcomm import EPCapacityError
+    over = EPCapacityError("over", rank=1, needed=9, capacity=8)
+    aborted = []
+    buf.be.abort = aborted.append
+    real_wait, real_dispatch = buf.be.dispatch_wait, buf.be.dispatch
+
+    def dispatch(x, ids):
+        buf.be.dispatch = real_dispatch
+        raise over
+    buf.be.dispatch = dispatch
+    with pytest.raises(EPCapacityError):
+        buf.dispatch(*x_ids())
+    assert buf.round == 1 and not aborted
+    r = buf.dispatch(*x_ids())                        # the next round works, with the next round number
+    assert r.handle.round == 1 and buf.round == 2
+
+    def wait(inner):
+        buf.be.dispatch_wait = real_wait
+        raise over
+    buf.be.dispatch_wait = wait
+    p = buf.dispatch_async(*x_ids())
+    r2 = buf.dispatch(*x_ids())                       # completes p (over capacity) without raising here
+    assert r2.expert_x == "d3"
+    with pytest.raises(EPCapacityError):
+        buf.dispatch_wait(p)
+    assert not aborted and buf.round == 4

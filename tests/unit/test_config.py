@@ -37,3 +37,19 @@ def test_experts_of_a_rank_name_its_group():
     cfg = EPConfig(hidden=256, topk=2, num_experts=16, max_tokens_per_rank=4, world_size=4)
     assert list(cfg.experts_of(2)) == [8, 9, 10, 11] and cfg.holds(2) == "experts 8..11"
     assert [cfg.expert_rank(e) for e in cfg.experts_of(3)] == [3] * 4
+
+
+def test_receive_capacity():
+    base = dict(hidden=256, topk=8, num_experts=16, max_tokens_per_rank=100, world_size=4)
+    c = EPConfig(**base)                                   # 4 local experts < topk: min(K, local) per token
+    assert c.worst_case_recv_rows == c.recv_rows == 4 * 100 * 4 == c.max_recv_rows
+    assert EPConfig(**base, recv_capacity=1000).max_recv_rows == 1000
+    assert EPConfig(**base, recv_capacity=10 ** 9).recv_rows == c.worst_case_recv_rows      # capped
+    assert EPConfig(**base, recv_capacity_factor=1.5).recv_rows == 1200                    # 1.5 x M x K
+    assert EPConfig(**base, recv_capacity=7, fused_shared_expert=True).max_recv_rows == 107
+    assert EPConfig(**base, skip_a2a=True).worst_case_recv_rows == 100 * 4
+    for bad, why in ((dict(recv_capacity=0), "int >= 1"), (dict(recv_capacity=2.5), "int >= 1"),
+                     (dict(recv_capacity_factor=0), "> 0"),
+                     (dict(recv_capacity=5, recv_capacity_factor=2), "not both")):
+        with pytest.raises(EPInputError, match=why):
+            EPConfig(**base, **bad)

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from epcomm import exitrecord
 from launch import runner
 from launch.rank_env import describe_status, exit_status
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_records_round_trip_and_the_rank_own_record_says_why(tmp_path, monkeypatch):
@@ -44,7 +41,7 @@ def test_wrapper_statuses():
 
 def _fake_job(tmp_path, body: str) -> list[str]:
     """A stand-in for mpirun: a Python process that runs `body` (with `write` = exitrecord.write into tmp_path)."""
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO_ROOT)!r}); from epcomm import exitrecord; "
+    code = (f"import sys, time; from epcomm import exitrecord; "
             f"write = lambda *a, **k: exitrecord.write(*a, job_dir={str(tmp_path)!r}, **k); {body}")
     return [sys.executable, "-c", code]
 

@@ -19,7 +19,8 @@ class _Record:
 
 def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
     be = object.__new__(GpuBackend)     # no GPU: only the error decoding is exercised
-    be.cfg = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=16, world_size=4)
+    be.cfg = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=256, world_size=4,
+                      recv_capacity=256)
     be.me = 0
     be.node_of = lambda r: r // 2
     be.err = _Record(flag=1, code=code, peer=peer, what=what, waiter=waiter, round=rnd, phase=phase, pad=0)
@@ -27,9 +28,8 @@ def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
 
 
 def test_timeout_names_the_peer_its_node_and_experts():
-    with pytest.raises(EPTimeoutError, match=r"rank 0 \(node 0\) timed out after .* waiting for combine \(weights\) "
-                       r"\(round 3\) from rank 3 \(node 1\)") \
-            as e:
+    with pytest.raises(EPTimeoutError, match=r"rank 0 \(node 0\) timed out after 30 s waiting for combine \(weights\) "
+                                             r"\(round 3\) from rank 3 \(node 1\)") as e:
         backend_with(ErrorCode.TIMEOUT, Phase.COMBINE_WEIGHTS, peer=3)._raise_recorded()
     assert (e.value.rank, e.value.node, e.value.waiter, e.value.experts) == (3, 1, 0, range(6, 8))
 
@@ -52,3 +52,26 @@ def test_unknown_records_are_not_swallowed():
     with pytest.raises(EPError, match="device error record"):
         backend_with(99, phase=7)._raise_recorded()
     assert backend_with(ErrorCode.TIMEOUT).err.read()["code"] == 1   # IntEnum: equal to the kernel's number
+
+
+class _CapacityRecord(_Record):
+    def __init__(self, cap):
+        super().__init__()
+        self.rec, self.cap = None, cap
+
+    def read_capacity(self):
+        cap, self.cap = self.cap, None      # raised once
+        return cap
+
+
+def test_a_void_round_is_raised_once_by_check_never_by_a_launch():
+    from epcomm import EPCapacityError
+    be = backend_with(ErrorCode.TIMEOUT)
+    be.err = _CapacityRecord(dict(flag=5, rank=2, needed=300, capacity=256, over=3))
+    be.ctx = None
+    be._raise_recorded()                   # what launching calls check: failures only
+    with pytest.raises(EPCapacityError, match=r"dispatch round 4: rank 2 would receive 300 routed rows > "
+                                              r"recv_capacity 256 \(3 ranks over capacity\)") as e:
+        be.raise_pending()
+    assert (e.value.rank, e.value.needed, e.value.capacity, e.value.round) == (2, 300, 256, 4)
+    be.raise_pending()                     # once: the buffer is usable again

@@ -1,12 +1,14 @@
-"""Developer tools that the GPU work relies on (no GPU, no nvcc here)."""
+"""Developer tools that the GPU work relies on (dev/ and dev/device/; no GPU, no nvcc here)."""
 import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+def load(path):
+    """A script under dev/ as a module: load("dev/ptx_same.py")."""
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -14,7 +16,7 @@ def load(name):
 
 def test_ptx_same_ignores_only_nvccs_file_hash():
     """Two builds of one file differ in nvcc's per-file hash inside internal names; that and nothing else is ignored."""
-    FILE_HASH = load("ptx_same").FILE_HASH
+    FILE_HASH = load("dev/ptx_same.py").FILE_HASH
     a = ".global .align 1 .b8 __nv_static_26__dbad30f6_5_ep_cu_3bd7a5dd__ZN35_INTERNAL_dbad30f6_5_ep_cu_3bd7a5dd4cudaE[1];"
     b = a.replace("dbad30f6", "94ccec3b")
     assert a != b and FILE_HASH.sub("<file>", a) == FILE_HASH.sub("<file>", b)
@@ -26,7 +28,7 @@ def test_ptx_same_ignores_only_nvccs_file_hash():
 def test_rig_prebuild_lists_every_kernel_the_rig_needs():
     """16 ranks need their own expert count (8 experts do not divide 16); 2 and 8 ranks keep the usual kernels."""
     from epcomm.backends.gpu import specs
-    cfgs = load("rig_prebuild").rig_configs([2, 8, 16], 8)
+    cfgs = load("dev/device/rig_prebuild.py").rig_configs([2, 8, 16], 8)
     worlds = {c.world_size for c in cfgs}
     assert worlds == {2, 8, 16}
     assert all(c.num_experts % c.world_size == 0 for c in cfgs)
@@ -49,7 +51,7 @@ def test_rig_summary_table_and_json(tmp_path):
             ("w2x8", "one-gpu-2x8", "16", "", "skip", "0", "x", "worker")]
     tsv = tmp_path / "steps.tsv"
     tsv.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
-    assert load("rig_summary").main([str(tsv), str(tmp_path)]) == 1
+    assert load("dev/device/rig_summary.py").main([str(tsv), str(tmp_path)]) == 1
     import json
     s = json.loads((tmp_path / "rig-summary.json").read_text())
     status = {r["step"]: r["status"] for r in s["steps"]}
@@ -65,20 +67,22 @@ def test_rig_summary_table_and_json(tmp_path):
 def test_one_gpu_rig_script_parses_and_names_real_files():
     import re
     import subprocess
-    script = ROOT / "tools" / "one_gpu_rig.sh"
+    script = ROOT / "dev" / "device" / "one_gpu_rig.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     for cfg in set(re.findall(r"configs/([\w-]+)\.yaml", text)) | set(re.findall(r"\b(one-gpu-[\w-]+)\b", text)):
         assert (ROOT / "configs" / f"{cfg}.yaml").is_file(), cfg
-    for tool in re.findall(r"tools/([\w]+\.py)", text):
-        assert (ROOT / "tools" / tool).is_file(), tool
+    tools = re.findall(r"\b((?:dev|tools|tests|examples)/[\w/]+\.(?:py|sh))", text)
+    assert "dev/device/rig_prebuild.py" in tools
+    for tool in tools:
+        assert (ROOT / tool).is_file(), tool
     # the safety environment is set for every step
     assert "NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in text
 
 
 def test_ptx_same_register_renaming_is_a_bijection_per_function():
     """--up-to-register-names forgives consistently renamed registers, never swapped operands."""
-    canon = load("ptx_same").canonical_registers
+    canon = load("dev/ptx_same.py").canonical_registers
     a = [".func f(", ".reg .b32 %r<9>;", "ld.global.v4.u32 {%r8, %r7}, [%rd3];", "st.global.v4.u32 [%rd4], {%r8, %r7};"]
     b = [".func f(", ".reg .b32 %r<7>;", "ld.global.v4.u32 {%r1, %r2}, [%rd3];", "st.global.v4.u32 [%rd4], {%r1, %r2};"]
     swapped = b[:3] + ["st.global.v4.u32 [%rd4], {%r2, %r1};"]

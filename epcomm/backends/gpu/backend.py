@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ...errors import EPError, EPInputError, EPTimeoutError
+from ...errors import EPCapacityError, EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
 from . import jit, occupancy
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
@@ -68,7 +68,8 @@ class GpuBackend:
         self.node_of = (lambda r: topo.node_of(r)) if topo is not None else (lambda r: 0)
         any_remote = any(not same(a, b) for a in range(R) for b in range(R))
         self.layout = Layout(cfg, any_remote)
-        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=2 * self.layout.total + (512 << 20))
+        # NVSHMEM's heap is sized here when this is the process's first buffer: its need + layout.HEAP_MARGIN
+        self.rt = runtime or Runtime.get() or Runtime.from_context(ctx, symmetric_bytes=self.layout.total)
         if self.rt.world_size != R:
             raise EPInputError(f"EPConfig.world_size={R} but the NVSHMEM world has {self.rt.world_size} ranks")
         t0 = time.perf_counter()
@@ -158,12 +159,15 @@ class GpuBackend:
         p.sym = self.sym
         p.state = P(self.state)
         p.hist_acc = P(self.hist_acc)
+        p.dbase = P(self.dbase)
         p.err = self.err.dev
         p.timeout_ns = int(self.cfg.timeout_s * 1e9)
         for n, v in self.layout.offset.items():
             setattr(p, "off_" + n, v)
         p.me = self.me
         p.maxr = self.cfg.max_recv_rows
+        p.cap = self.cfg.recv_rows
+        p.recv_tokens = self.layout.recv_tokens
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p
@@ -208,6 +212,18 @@ class GpuBackend:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
         raise EPError(f"epcomm gpu: device error record {rec}")
+
+    def _raise_capacity(self):
+        """EPCapacityError for a void round the kernels recorded (raised once; the buffer stays usable)."""
+        rec = self.err.read_capacity()
+        if rec is None:
+            return
+        rank, needed = rec["rank"], rec["needed"]
+        need = [0] * self.cfg.world_size
+        if 0 <= rank < len(need):
+            need[rank] = needed
+        raise EPCapacityError.for_round(self.cfg, need, rec["flag"] - 1, describe=getattr(self.ctx, "describe", None),
+                                        ranks_over=rec["over"])
 
     def _check_open(self):
         if self._closed:
@@ -307,13 +323,18 @@ class GpuBackend:
 
     # ---------------------------------------------------------------- lifecycle
     def synchronize(self):
+        """Wait for the device; raise what a kernel recorded: a failure, else a round over capacity."""
         from cuda.bindings import driver
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
         self._raise_recorded()
+        self._raise_capacity()
 
     def raise_pending(self) -> None:
-        """Raise the error a kernel recorded (timeout, abort, bad entry), if any: pinned memory, no synchronisation."""
+        """Raise what a kernel recorded (timeout, abort, bad entry; else a round over capacity), if any: pinned
+        memory, no synchronisation. Calls that launch kernels raise only failures, never EPCapacityError: its round
+        is void on every rank's device, so every rank keeps issuing the same operations."""
         self._raise_recorded()
+        self._raise_capacity()
 
     def pending_error(self) -> dict | None:
         """The device error record, read from pinned memory without synchronising (None if none)."""

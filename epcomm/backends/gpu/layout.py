@@ -20,6 +20,11 @@ import enum
 from dataclasses import dataclass
 
 ALIGN = 256                 # every symmetric region starts 256-byte aligned
+# NVSHMEM symmetric heap of a process = what its first buffer needs + HEAP_MARGIN (NVSHMEM's own symmetric objects:
+# team and collective work areas, allocation alignment), at least HEAP_MIN (NVSHMEM's default size). A process that
+# makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's nvshmem.symmetric_size) to the sum.
+HEAP_MARGIN = 256 << 20
+HEAP_MIN = 1 << 30
 MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
 
 
@@ -29,6 +34,12 @@ class ErrorCode(enum.IntEnum):
     SLOT_OVERFLOW = 2    # ll: more rows for one (expert, source) than max_tokens_per_rank slots
     BAD_SOURCE = 3       # combine: a handle entry (source rank, token, slot, row) out of range
     ABORT = 4            # a peer aborted (its abort word is set)
+
+
+# The receive-capacity record (not an error: the buffer stays usable) follows the 8 words of the error record in the
+# same host-mapped block: flag (the device round, 0 = none), rank, rows needed, capacity, ranks over capacity.
+CAPACITY_RECORD_WORD = 8
+CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
 
 
 class Phase(enum.IntEnum):
@@ -56,7 +67,7 @@ def _round4(x: int) -> int:
 
 # Regions of the symmetric buffer, in address order; each is double buffered by round parity where it receives.
 REGIONS = ("drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag",
-           "cflag")
+           "cflag", "dresv")
 
 
 class Layout:
@@ -66,23 +77,34 @@ class Layout:
 
     def __init__(self, cfg, any_remote: bool = True):
         H, K, R, M = cfg.hidden, cfg.topk, cfg.world_size, cfg.max_tokens_per_rank
-        fp8 = cfg.token_format.quantized
+        fmt = cfg.token_format             # a formats.TokenFormat
         ht = cfg.mode == "ht"
         self.ht = ht
         self.any_remote = any_remote
         self.local_experts = NL = cfg.n_local_experts
         self.groups = cfg.num_groups                       # output groups: local experts (+ the shared expert)
         self.scale_cols = H // 128                         # fp8 scales per row
-        self.data_bytes = H if fp8 else 2 * H              # data bytes of one row in the dispatch format
-        self.scale_bytes = 4 * self.scale_cols if fp8 else 0
+        self.data_bytes = fmt.element_bytes * H            # data bytes of one row in the dispatch format
+        self.scale_bytes = fmt.row_bytes(H) - self.data_bytes   # its fp32 scales (none in bf16)
         self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k
         self.msg_bytes = _align16(self.data_bytes + self.scale_bytes + self.meta_bytes)   # one dispatch message
-        self.hist_row_ints = _round4(NL + 1)               # ll count row (source -> destination): [NL] counts, tokens
+        # ll count row (source -> destination): [NL] counts, tokens, then [R] the source's routed rows to every rank
+        self.hist_row_ints = _round4(NL + 1 + R)
         # ht: a source's tokens are cut into at most max_chunks send items, each with a ready flag on the destination;
-        # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1]
+        # its count message: [NL] per-expert counts, tokens, chunks, token prefix by chunk [chunks + 1], then [R] the
+        # source's routed rows to every rank (so every rank reaches the same receive-capacity verdict)
         self.max_chunks = max(256 if R <= 32 else 128, -(-M // MAX_ITEM_TOKENS)) if ht else 1
-        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1) if ht else self.hist_row_ints
+        # ht: then the start of the source's messages in the destination's receive buffer (its reservation)
+        self.count_row_ints = _round4(NL + 2 + self.max_chunks + 1 + R + 1) if ht else self.hist_row_ints
+        self.count_rows_at = NL + 3 + self.max_chunks if ht else NL + 1   # where the [R] routed rows start
+        self.count_base_at = self.count_rows_at + R if ht else 0
         self.combine_row_bytes = 2 * H                     # bf16 row of the combine
+        sources = 1 if cfg.skip_a2a else R
+        # ht: the most token messages a rank receives in a round within the capacity (a token brings >= 1 row)
+        self.recv_tokens = min(sources * M, cfg.recv_rows)
+        # ht: the most ranks one token goes to; its combine rows come back packed [token][index of the rank among the
+        # token's ranks], and its staged messages to other nodes likewise: min(K, R) rows a token, not R
+        self.max_dest_ranks = min(K, R)
         # ht combine: floats of one source's [M, K] weights, padded to 16 bytes (copied with 16-byte stores)
         self.weight_stride = _round4(M * K)
         self.region_bytes = self._region_bytes(cfg, any_remote)
@@ -99,26 +121,35 @@ class Layout:
         NL, MSG, RB, WST = self.local_experts, self.msg_bytes, self.combine_row_bytes, self.weight_stride
         ht = self.ht
         return {
-            "drecv": 2 * R * M * MSG if ht else 2 * NL * R * M * MSG,   # [parity][source][slot] / [.][expert][source][slot]
+            # ht: [parity][recv_tokens] messages, each source's packed at the offset it reserved (capacity-bound);
+            # ll: [parity][expert][source][slot]
+            "drecv": 2 * self.recv_tokens * MSG if ht else 2 * NL * R * M * MSG,
             "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
             "dsig": 2 * R * 8,
-            "stage": (M * R * MSG if ht else M * K * MSG) if any_remote else 0,   # staged messages to other nodes
+            "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote else 0,   # to other nodes
             "hstage": R * self.count_row_ints * 4,                        # staged count messages
-            "crecv": 2 * R * M * RB if ht else 2 * M * K * RB,            # combine rows [parity][rank][token] / [.][t][k]
+            "crecv": 2 * M * (self.max_dest_ranks if ht else K) * RB,     # combine rows [parity][token][rank index / k]
             "csig": 2 * R * 8,
             "wrecv": 2 * R * WST * 4 if ht else 0,                        # ht: every source's weights
             "wsig": 2 * R * 8,
-            # ht: staged weights [R][weight_stride] floats, then (other nodes) staged rows [R][M] (after the weights)
-            "cstage": (R * WST * 4 + (R * M * RB if any_remote else 0)) if ht else 0,
+            # ht: staged weights [R][weight_stride] floats, then (other nodes) the staged combine rows, one per received
+            # token message (packed over sources: at most recv_tokens, the capacity's bound)
+            "cstage": (R * WST * 4 + (self.recv_tokens * RB if any_remote else 0)) if ht else 0,
             "abort": R * 8,
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
+            "dresv": 2 * 8,                                               # ht: [parity] receive-buffer reservations
         }
 
     def regions(self) -> dict[str, int]:
         """Bytes of each region with its alignment padding (they add up to `total`)."""
         ends = [self.offset[n] for n in REGIONS[1:]] + [self.total]
         return {n: e - self.offset[n] for n, e in zip(REGIONS, ends)}
+
+
+def heap_bytes(symmetric_bytes: int) -> int:
+    """NVSHMEM_SYMMETRIC_SIZE for a process whose buffers need symmetric_bytes of symmetric memory."""
+    return max(int(symmetric_bytes) + HEAP_MARGIN, HEAP_MIN)
 
 
 def kernel_defines(cfg) -> dict[str, int]:
@@ -131,11 +162,19 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_MSG_BYTES": lay.msg_bytes, "EP_HIST_ROW_INTS": lay.hist_row_ints, "EP_MAX_CHUNKS": lay.max_chunks,
         "EP_COUNT_ROW_INTS": lay.count_row_ints, "EP_COMBINE_ROW_BYTES": lay.combine_row_bytes,
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
+        "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
+        "EP_COUNT_BASE_AT": lay.count_base_at,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
     }
-    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items()})
+    # cstage's rows are sized by the receive capacity at run time (the kernels index them below the received tokens);
+    # its weights part is fixed
+    # ht's receive buffer likewise (recv_tokens messages)
+    run_time = ("cstage", "drecv") if lay.ht else ("cstage",)
+    out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items() if n not in run_time})
+    out["EP_CSTAGE_WEIGHT_BYTES"] = cfg.world_size * lay.weight_stride * 4 if lay.ht else 0
+    out["EP_MAX_DEST_RANKS"] = lay.max_dest_ranks
     out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
     out.update({f"EP_PHASE_{p.name}": int(p) for p in Phase})
     return out
@@ -153,8 +192,9 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 
 # Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
-                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb")
+                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
+                  "dbase")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
 
 
 def params_struct(ranks: int):
@@ -193,11 +233,13 @@ def device_arrays(cfg) -> list[DeviceArray]:
     OUTPUT_SETS times)."""
     lay = Layout(cfg)
     H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
-    fmt = str(cfg.token_format)   # the format's name is the dtype tag of the device arrays
+    fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
     out = [DeviceArray("state", "state", (64,), "i32", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
-           DeviceArray("expert_x", "ex", (maxr, H), fmt, False, "dispatch")]
-    if cfg.token_format.quantized:
+           # ht: where this rank's messages to each rank start this round (u64: round << 32 | offset)
+           DeviceArray("dispatch_base", "dbase", (2 * R,), "i32", True),
+           DeviceArray("expert_x", "ex", (maxr, H), str(fmt), False, "dispatch")]
+    if fmt.quantized:
         out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))
     out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
             DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),
@@ -207,5 +249,6 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
+            DeviceArray("status", "hstatus", (4,), "i32", True, "dispatch"),   # [0] != 0: the round was void
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

@@ -6,6 +6,11 @@ whatever the caller has: an mpi4py communicator (Runtime.from_context / from_mpi
 The device is ctx.device. Symmetric buffers come from ``nvshmem.core.buffer``; peer pointers are taken only for peers
 on the same node *by topology* (Topology.same_node), so a simulated second node on the same host still goes through
 NVSHMEM put + signal. NVLink multicast stays off (NVSHMEM_DISABLE_NVLS=1 is forced before init).
+
+Heap: NVSHMEM reserves its symmetric heap once, at init. Every bootstrap sizes it from what the first buffer needs
+(layout.heap_bytes: its symmetric bytes + a documented margin) unless NVSHMEM_SYMMETRIC_SIZE is set: the MPI path
+initialises when the first GpuBackend is made; torch_context / uid_context defer the init to that moment too (the
+unique id goes out then, collectively) unless they are given symmetric_bytes.
 """
 from __future__ import annotations
 
@@ -16,20 +21,21 @@ import time
 
 import numpy as np
 
-from .layout import ErrorCode, Phase
+from .layout import CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, ErrorCode, Phase, heap_bytes
 
 log = logging.getLogger("epcomm.gpu")
 
 _RT: "Runtime | None" = None
+_DEFERRED = None    # torch_context / uid_context without a size: the bootstrap, run by the first buffer (its need)
 
 
 def _set_safe_env(symmetric_bytes: int | None):
+    """symmetric_bytes: what the process's buffers need; the heap gets that plus the margin (layout.heap_bytes)."""
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"          # never NVLink multicast
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     if symmetric_bytes and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
-        want = max(int(symmetric_bytes * 1.25) + (256 << 20), 1 << 30)
-        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(want)
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap_bytes(symmetric_bytes))
 
 
 def _check(res, what="CUDA call"):
@@ -83,6 +89,7 @@ class Runtime:
         if nvc.my_pe() != rank or nvc.n_pes() != world_size:
             raise RuntimeError(f"nvshmem PE {nvc.my_pe()}/{nvc.n_pes()} != rank {rank}/{world_size}")
         self._bufs = []
+        self._allocated = 0      # bytes of the live symmetric buffers (for the "set the heap to ..." message)
         self.closed = False
         from cuda.bindings import driver
         self.num_sms = _check(driver.cuDeviceGetAttribute(
@@ -116,9 +123,14 @@ class Runtime:
 
     @classmethod
     def from_context(cls, ctx, symmetric_bytes: int | None = None) -> "Runtime":
-        """From an epcomm Context: uid broadcast over ctx.comm (mpi4py)."""
+        """From an epcomm Context: the deferred bootstrap of torch_context / uid_context if there is one, else a uid
+        broadcast over ctx.comm (mpi4py). symmetric_bytes: what the first buffer needs (sizes the heap)."""
+        global _DEFERRED
         if cls.get() is not None:
             return _RT
+        if _DEFERRED is not None:
+            boot, _DEFERRED = _DEFERRED, None
+            return boot(symmetric_bytes)
         comm = ctx.comm
         if comm is None:
             if ctx.world_size != 1:
@@ -152,9 +164,13 @@ class Runtime:
             buf = self.nvc.buffer(nbytes)
         except Exception as e:  # the symmetric heap is sized once, at nvshmem init
             from ...errors import EPError
-            raise EPError(f"epcomm gpu: cannot allocate {nbytes / 2**20:.0f} MiB of NVSHMEM symmetric memory ({e}); "
-                          f"the heap is NVSHMEM_SYMMETRIC_SIZE={os.environ.get('NVSHMEM_SYMMETRIC_SIZE', 'default')}: "
-                          f"set it larger (or the topology's nvshmem.symmetric_size) before the first EPBuffer") from e
+            want = self._allocated + nbytes + HEAP_MARGIN
+            raise EPError(f"epcomm gpu: cannot allocate {nbytes / 2**20:.0f} MiB of NVSHMEM symmetric memory ({e}): "
+                          f"the heap was sized at init, NVSHMEM_SYMMETRIC_SIZE="
+                          f"{os.environ.get('NVSHMEM_SYMMETRIC_SIZE', 'default')}, and holds {len(self._bufs)} "
+                          f"buffer(s) of {self._allocated / 2**20:.0f} MiB; this process needs "
+                          f"NVSHMEM_SYMMETRIC_SIZE={want} ({want / 2**30:.2f} GiB; or the topology's "
+                          f"nvshmem.symmetric_size) set before the first EPBuffer") from e
         ptr = int(buf.handle)
         _check(driver.cuMemsetD8(ptr, 0, nbytes), "cuMemsetD8")
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
@@ -168,12 +184,16 @@ class Runtime:
             else:
                 peers.append(0)
         self._bufs.append(buf)
+        self._allocated += nbytes
+        self._sizes = getattr(self, "_sizes", {})
+        self._sizes[id(buf)] = nbytes
         self.barrier()
         return buf, ptr, peers
 
     def free(self, buf):
         if buf in self._bufs:
             self._bufs.remove(buf)
+            self._allocated -= getattr(self, "_sizes", {}).pop(id(buf), 0)
             self.nvc.free(buf)
 
     def barrier(self):
@@ -224,6 +244,16 @@ class HostErrorRecord:
                 rec[field] = kind(rec[field])
         return rec
 
+    def read_capacity(self) -> dict | None:
+        """The receive-capacity record (words 8..: the latest void round; CapacityRec in kernels/layout.cuh), or None.
+        Cleared once read: each void round is raised once."""
+        w = CAPACITY_RECORD_WORD
+        if self.words[w] == 0:
+            return None
+        rec = {f: int(self.words[w + i]) for i, f in enumerate(CAPACITY_FIELDS)}
+        self.words[w] = 0
+        return rec
+
     def clear(self):
         for i in range(16):
             self.words[i] = 0
@@ -245,22 +275,38 @@ def _gpu_context(rank: int, world_size: int, device: int, topology=None):
                    local_rank=topology.local_rank(rank), device=device, backend="gpu")
 
 
+def _defer(boot) -> None:
+    global _DEFERRED
+    if Runtime.get() is None:
+        _DEFERRED = boot
+
+
 def torch_context(group=None, topology=None, device: int | None = None, symmetric_bytes: int | None = None):
     """An epcomm Context for a torch.distributed job (torchrun, ...): NVSHMEM's unique id goes over the group.
 
         ctx = torch_context()                       # after torch.distributed.init_process_group(...)
         buf = epcomm.EPBuffer(cfg, ctx)
     Without a topology every rank counts as one node (peer pointers); pass a Topology for several nodes.
+    NVSHMEM starts with the first EPBuffer (collective, as that is), its heap sized for that buffer; give
+    symmetric_bytes (the symmetric bytes your buffers need, epcomm.memory) to start it now for several buffers.
     """
     import torch
+    import torch.distributed as dist
     if device is None:
         device = torch.cuda.current_device()
-    rt = Runtime.from_torch(group, topology, device, symmetric_bytes or (4 << 30))
-    return _gpu_context(rt.rank, rt.world_size, device, topology)
+    if symmetric_bytes:
+        rt = Runtime.from_torch(group, topology, device, symmetric_bytes)
+        return _gpu_context(rt.rank, rt.world_size, device, topology)
+    _defer(lambda need: Runtime.from_torch(group, topology, device, need))
+    return _gpu_context(dist.get_rank(group), dist.get_world_size(group), device, topology)
 
 
 def uid_context(uid_bytes: bytes, rank: int, world_size: int, device: int, topology=None,
                 symmetric_bytes: int | None = None):
-    """An epcomm Context from a caller-supplied NVSHMEM unique id (Runtime.new_uid() on one rank, sent by any means)."""
-    rt = Runtime.from_uid(uid_bytes, rank, world_size, device, topology, symmetric_bytes or (4 << 30))
-    return _gpu_context(rt.rank, rt.world_size, device, topology)
+    """An epcomm Context from a caller-supplied NVSHMEM unique id (Runtime.new_uid() on one rank, sent by any means).
+    NVSHMEM starts with the first EPBuffer, sized for it, unless symmetric_bytes is given (as for torch_context)."""
+    if symmetric_bytes:
+        rt = Runtime.from_uid(uid_bytes, rank, world_size, device, topology, symmetric_bytes)
+        return _gpu_context(rt.rank, rt.world_size, device, topology)
+    _defer(lambda need: Runtime.from_uid(uid_bytes, rank, world_size, device, topology, need))
+    return _gpu_context(rank, world_size, device, topology)

@@ -11,6 +11,11 @@ the two modes' send and receive steps.
   shows the current round, with a deadline of cfg.timeout_s per wait.
 * Two buffer sets alternate by round parity (round = dispatch number of this buffer; a combine uses the round of
   the dispatch whose handle it gets). skip_a2a never communicates.
+* Receive capacity (EPConfig.recv_rows). Every sender puts its routed rows to every rank into every peer's ROWS
+  region before its dispatch signals, so a receiver that has all signals sees the whole [source][rank] matrix, and
+  every rank reaches the same verdict: a round in which some rank would receive more rows than the capacity raises
+  EPCapacityError on every rank before any output is assembled (skip_a2a: the rank itself only). Nothing is written
+  past the capacity, and the next round is unaffected (signals are round-tagged; nothing needs resetting).
 
 Why 100 back-to-back rounds need no barrier (buffer reuse argument). Every phase is all-to-all: each rank signals
 every peer (count 0 when it has nothing), and a rank starts a new operation only after it finished reading all
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...errors import EPCapacityError
 from ...formats import BF16
 from ...results import DispatchResult
 from . import faults as _faults
@@ -173,16 +179,35 @@ class HostBackend:
             self.maybe_slow(r)
             skip = self.faults.hit("skip_dispatch", r) is not None
             dests = [self.rank] if skip else self.live_peers()
-            if self.faults.hit("die", r) is not None:
-                self._die_mid_dispatch(r, payload, ids, dests, mark)
+            die = self.faults.hit("die", r) is not None
+            if die:   # fault "die": a rank lost in the middle of a dispatch (the fencing tests)
+                dests = dests[:max(1, len(dests) // 2)]
+            rows = self._rows_to_each_rank(ids)
+            for d in dests:            # visible with the data: send_dispatch flushes before it signals
+                self.win.put(rows, d, self.win.region(r, "rows") + self.rank * self.R * 8)
             p.state["sent"] = self.steps.send_dispatch(self, r, payload, ids, dests, mark)
+            if die:
+                os.kill(os.getpid(), signal.SIGKILL)
         return p
 
-    def _die_mid_dispatch(self, r, payload, ids, dests, mark) -> None:
-        """Fault "die": send this round's tokens to the first half of the peers only, then SIGKILL this process
-        (a rank lost in the middle of a dispatch, for the fencing tests)."""
-        self.steps.send_dispatch(self, r, payload, ids, list(dests)[:max(1, len(dests) // 2)], mark)
-        os.kill(os.getpid(), signal.SIGKILL)
+    def _rows_to_each_rank(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [R]: the routed rows (valid (token, slot) entries) this rank sends to each rank."""
+        flat = ids.reshape(-1)
+        return np.bincount(flat[(flat >= 0) & (flat < self.cfg.num_experts)] // self.L,
+                           minlength=self.R).astype(np.int64)
+
+    def _check_capacity(self, r: int, ids: np.ndarray) -> None:
+        """EPCapacityError for round r if a rank would receive more routed rows than the capacity (called once the
+        round's dispatch signals are in: every sender's ROWS are visible then)."""
+        if self.cfg.skip_a2a:
+            need = np.zeros(self.R, np.int64)
+            need[self.rank] = self._rows_to_each_rank(ids)[self.rank]
+        else:
+            need = self.win.read(self.win.region(r, "rows"), self.R * self.R * 8).view(np.int64).reshape(self.R, self.R)
+            need[list(self.win.masked)] = 0   # a fenced-off sender's row is stale: it sent nothing this round
+            need = need.sum(axis=0)
+        if (need > self.cfg.recv_rows).any():
+            raise EPCapacityError.for_round(self.cfg, need, r, describe=self.ctx.describe)
 
     def _own_rows(self, payload: np.ndarray, ids: np.ndarray) -> Received:
         """skip_a2a: the rows of this rank's own tokens routed to its own experts."""
@@ -200,6 +225,7 @@ class HostBackend:
         pending.state = {}
         T = ids.shape[0]
         got = self._own_rows(payload, ids) if cfg.skip_a2a else self.steps.receive_dispatch(self, r)
+        self._check_capacity(r, ids)
 
         # shared expert rows first (group 0), then routed groups
         share = np.arange(T, dtype=np.int32)[cfg.shared_share(me, T).start:cfg.shared_share(me, T).stop] \

@@ -4,6 +4,7 @@ Layout (bytes), per parity set (round r uses set r % 2), then once the abort fla
     DISP  ht: [src rank][M] messages; ll: [src rank][local expert][M] messages (msg_bytes each)
     CW    ht only: [src rank][M][K] fp32 top-k weights
     COMB  ht: [expert rank][M] bf16 rows; ll: [M * K] bf16 rows
+    ROWS  int64 [src rank][R]: the routed rows src sends to every rank this round (the receive-capacity verdict)
     SIG   int64 words: DISP [src][local expert] (ht uses [src][0]), CW [src], COMB [src]
     ABORT int64[R] flags, then bytes[R][256] reasons
     FENCE int64[R] death notices: word D = A + 1 once rank A declared rank D dead (fencing, docs/FAILURES.md)
@@ -61,6 +62,7 @@ class Window:
         self.o_disp = off; off = _align(off + disp)   # noqa: E702
         self.o_cw = off; off = _align(off + cw)       # noqa: E702
         self.o_comb = off; off = _align(off + comb)   # noqa: E702
+        self.o_rows = off; off = _align(off + R * R * 8)   # noqa: E702
         self.o_sig = off; off = _align(off + sig)     # noqa: E702
         self.set_bytes = off
         self.o_abort = 2 * off
@@ -80,8 +82,9 @@ class Window:
 
     # ------------------------------------------------------------------ offsets
     def region(self, r: int, name: str) -> int:
-        """Offset of region "disp" / "cw" / "comb" of round r's parity set."""
-        return (r & 1) * self.set_bytes + {"disp": self.o_disp, "cw": self.o_cw, "comb": self.o_comb}[name]
+        """Offset of region "disp" / "cw" / "comb" / "rows" of round r's parity set."""
+        offsets = {"disp": self.o_disp, "cw": self.o_cw, "comb": self.o_comb, "rows": self.o_rows}
+        return (r & 1) * self.set_bytes + offsets[name]
 
     def sig_off(self, r: int, phase: str, word: int) -> int:
         base = (r & 1) * self.set_bytes + self.o_sig

@@ -12,9 +12,7 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-
-import epcomm  # noqa: E402
+import epcomm
 
 how, where = sys.argv[1], sys.argv[2]
 ctx = epcomm.init()

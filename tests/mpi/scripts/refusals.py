@@ -9,18 +9,15 @@ round is correct everywhere. Prints "FAIL ..." lines for what went wrong; exit 1
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import epcomm  # noqa: E402
-from epcomm.checks import Round  # noqa: E402
-from epcomm.errors import EPInputError, EPPeerRejectedError  # noqa: E402
-from epcomm.formats import BF16  # noqa: E402
-from epcomm.workload import World, make_world  # noqa: E402
+import epcomm
+from epcomm.checks import Round
+from epcomm.errors import EPInputError, EPPeerRejectedError
+from epcomm.formats import BF16
+from epcomm.workload import World, make_world
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "ht"
 ctx = epcomm.init()

@@ -38,6 +38,12 @@ __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
 __device__ void combine_send(const Params& p, bool fused) {
   const unsigned round = cur_round(p, S_CSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
+  if (p.hstatus[0] != 0) {   // the handle's round was void (over capacity) on every rank: nothing to send or wait for
+    if (block_done(p, S_CSEND, false) && threadIdx.x == 0) {
+      p.state[S_CSCTR] = 0; __threadfence(); p.state[S_CSEND] = round;
+    }
+    return;
+  }
   const int par = round & 1;
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
@@ -101,8 +107,13 @@ __device__ void combine_send(const Params& p, bool fused) {
     // unit is written.
     __shared__ int s_cp[R * (MAX_CHUNKS + 1)];   // chunk tables of the sources (message i of s is in s's chunk c)
     __shared__ int s_cn[R];
+    __shared__ int s_mpref[R];                   // messages received from sources before s: s's staged rows start
     for (int q = threadIdx.x; q < R * (MAX_CHUNKS + 1); q += THREADS) s_cp[q] = p.hchunk[q];
     for (int q = threadIdx.x; q < R; q += THREADS) s_cn[q] = max(0, min(p.hchunk[R * (MAX_CHUNKS + 1) + q], MAX_CHUNKS));
+    if (threadIdx.x == 0) {
+      int n = 0;
+      for (int q = 0; q < R; ++q) { s_mpref[q] = n; n += max(0, p.hcount[q]); }
+    }
     __syncthreads();
     const int sb = fused ? (int)gridDim.x - max(0, min(p.crb, (int)gridDim.x - 1)) : (int)gridDim.x;
     if ((int)blockIdx.x < sb) {
@@ -138,7 +149,8 @@ __device__ void combine_send(const Params& p, bool fused) {
           const int i = i0 + w / ROW_SLICES, sl = w % ROW_SLICES;
           const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
           int t = hi[0];
-          if (t < 0 || t >= M) {
+          const int di = hi[1];   // index of this rank among t's ranks: the slot of its row on s
+          if (t < 0 || t >= M || di < 0 || di >= MAX_DEST_RANKS || s_mpref[s] + i >= p.cap) {
             if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
             continue;
           }
@@ -150,10 +162,9 @@ __device__ void combine_send(const Params& p, bool fused) {
             if (rows[k] >= p.maxr) rows[k] = -1;
             w8[k] = wr[(size_t)s * WEIGHT_STRIDE + t * K + k];
           }
-          size_t off = p.off_crecv + (((size_t)par * R + p.me) * M + t) * COMBINE_ROW_BYTES;
+          size_t off = p.off_crecv + (((size_t)par * M + t) * MAX_DEST_RANKS + di) * COMBINE_ROW_BYTES;
           char* dst = local ? p.peer[s] + off
-                            : p.sym + p.off_cstage + (size_t)R * WEIGHT_STRIDE * 4
-                                  + ((size_t)s * M + i) * COMBINE_ROW_BYTES;
+                            : p.sym + p.off_cstage + CSTAGE_WEIGHT_BYTES + ((size_t)s_mpref[s] + i) * COMBINE_ROW_BYTES;
           // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
           constexpr int CU = 2;
           const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
@@ -209,6 +220,10 @@ __device__ void combine_send(const Params& p, bool fused) {
 // source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row
 __device__ void combine_recv(const Params& p) {
   const unsigned round = cur_round(p, S_CRECV);
+  if (p.hstatus[0] != 0) {   // a void round (see combine_send): y is left as it is
+    if (block_done(p, S_CRECV, false, false) && threadIdx.x == 0) { p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
+    return;
+  }
   const int par = round & 1;
   const unsigned long long t0 = gtime();
   const int warp = threadIdx.x >> 5, lane = lane_id();
@@ -287,7 +302,8 @@ __device__ void combine_recv(const Params& p) {
           const char* row;
           if (d < R) {
             if (!((dmask >> d) & 1ull)) continue;
-            row = crecv + (((size_t)par * R + d) * M + t) * COMBINE_ROW_BYTES;
+            row = crecv + (((size_t)par * M + t) * MAX_DEST_RANKS + (SKIP ? 0 : __popcll(dmask & ((1ull << d) - 1))))
+                              * COMBINE_ROW_BYTES;
           } else {
             if (!sh) continue;
             row = ey + (size_t)(t - s0) * COMBINE_ROW_BYTES;

@@ -158,6 +158,33 @@ __device__ __forceinline__ void signal_every_destination(const Params& p, size_t
   if (any_remote && threadIdx.x == 0) nvshmem_quiet();
 }
 
+// ht: the index of rank d among the ranks the token with these K expert ids goes to, in rank order (skip_a2a: only
+// this rank, index 0). A token's combine rows and staged messages are packed by it: MAX_DEST_RANKS per token.
+__device__ __forceinline__ int dest_index(const int* ids, int d) {
+  if (SKIP) return 0;
+  unsigned long long below = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int id = ids[k];
+    if (id >= 0 && id < E && id / LOCAL_EXPERTS < d) below |= 1ull << (id / LOCAL_EXPERTS);
+  }
+  return __popcll(below);
+}
+
+// ht: the start of this rank's messages in d's receive buffer this round, published in p.dbase by the item that
+// reserved it (one thread; -1: over capacity, or an error recorded while waiting).
+__device__ int wait_base(const Params& p, int d, unsigned round) {
+  const unsigned long long t0 = gtime();
+  unsigned nap = 32;
+  unsigned long long v;
+  while (((v = ld_acq(p.dbase + d)) >> 32) != (unsigned long long)round) {
+    __nanosleep(nap);
+    if (nap < 256) nap <<= 1;
+    if (gtime() - t0 > p.timeout_ns) { report(p, ERR_TIMEOUT, p.me, d, (int)round, PHASE_DISPATCH); return -1; }
+  }
+  return (int)(unsigned)(v & 0xffffffffull);
+}
+
 // Phase timestamps (%globaltimer, ns) of the latest round in state words 32..49 (u64 [9]): 0 dispatch send start,
 // 1 block 0's send work issued, 2 last send block signalled, 3 receive wait over (block 0), 4 receive done (last block),
 // 5 combine send start, 6 combine send signalled, 7 combine receive wait over (block 0), 8 combine receive done.

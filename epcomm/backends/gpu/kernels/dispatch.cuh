@@ -1,6 +1,7 @@
 // Dispatch: send every token to the ranks of its experts (dispatch_send), receive and lay the rows out by local
 // expert for a grouped GEMM (dispatch_recv). Protocol: README.md, "Protocol (one round)".
 #pragma once
+#include "capacity.cuh"
 #include "common.cuh"
 #include "payload.cuh"
 
@@ -22,6 +23,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_ctpref[MAX_CHUNKS + 1];
   __shared__ int s_chunk_n;              // HT: tokens of this chunk that go to d
   __shared__ int s_item;
+  __shared__ int s_rows[HT ? R : 1];     // HT, last chunk: this rank's routed rows to every rank (count message)
+  __shared__ int s_base;                 // HT: where this rank's messages start in d's receive buffer (-1: over)
   const unsigned round = cur_round(p, S_DSEND);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
@@ -56,6 +59,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     const int lo = d * LOCAL_EXPERTS, hi = lo + LOCAL_EXPERTS;
     for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) s_cnt[l] = 0;
     if (last) for (int q = threadIdx.x; q <= nchunks; q += THREADS) s_ctok[q] = 0;
+    if (last) for (int q = threadIdx.x; q < R; q += THREADS) s_rows[q] = 0;
     __syncthreads();
     // prefix over tokens [0, t0)
     int tok_before = 0;
@@ -67,6 +71,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         for (int k = 0; k < K; ++k) {
           int id = p.ids[t * K + k];
           if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+          if (last && id >= 0 && id < E) atomicAdd(&s_rows[id / LOCAL_EXPERTS], 1);
         }
         if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
       }
@@ -113,15 +118,38 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     if constexpr (HT) {
       if (last) {  // ship the count message to d (s_cnt now counts tokens [0, T))
         if (threadIdx.x == 0) s_ctok[c] = s_chunk_n;
+        for (int j = threadIdx.x; j < (t1 - t0) * K; j += THREADS) {   // the rows of the chunk's own tokens
+          const int id = p.ids[t0 * K + j];
+          if (id >= 0 && id < E) atomicAdd(&s_rows[id / LOCAL_EXPERTS], 1);
+        }
         __syncthreads();
         block_exclusive_scan(s_ctok, s_ctpref, nchunks);
+        // Reserve this rank's messages in d's receive buffer, packed over the sources (one remote atomic; d clears
+        // the word when its receive of the round is over, before it can send the count message of the next round
+        // that any reservation of round + 2 comes after). Past recv_tokens: d's buffer is over capacity this round,
+        // and then so is d's routed-row count: every rank will call the round void; nothing is written to d.
+        if (threadIdx.x == 0) {
+          const int n = s_ctpref[nchunks];
+          const size_t roff = p.off_dresv + (size_t)par * 8;
+          int old;
+          if (same_node(p, d)) old = (int)atomicAdd_system(reinterpret_cast<unsigned*>(p.peer[d] + roff), (unsigned)n);
+          else old = nvshmem_int_atomic_fetch_add(reinterpret_cast<int*>(p.sym + roff), n, d);
+          s_base = (old >= 0 && old + n <= p.recv_tokens) ? old : -1;
+          st_rel(p.dbase + d, ((unsigned long long)round << 32) | (unsigned)s_base);   // for d's other items here
+        }
+        __syncthreads();
         const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * COUNT_ROW_INTS * 4;
         const bool loc = same_node(p, d);
         int* cm = loc ? reinterpret_cast<int*>(p.peer[d] + coff)
                       : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * COUNT_ROW_INTS * 4);
         for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) cm[l] = s_cnt[l];
         for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[LOCAL_EXPERTS + 2 + q] = s_ctpref[q];
-        if (threadIdx.x == 0) { cm[LOCAL_EXPERTS] = s_ctpref[nchunks]; cm[LOCAL_EXPERTS + 1] = nchunks; }
+        for (int q = threadIdx.x; q < R; q += THREADS) cm[COUNT_ROWS_AT + q] = s_rows[q];
+        if (threadIdx.x == 0) {
+          cm[LOCAL_EXPERTS] = s_ctpref[nchunks];
+          cm[LOCAL_EXPERTS + 1] = nchunks;
+          cm[COUNT_BASE_AT] = s_base;
+        }
         __syncthreads();
         const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
         if (loc) {
@@ -186,16 +214,22 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       // rounds: the small-T latency)
       const int nt = t1 - t0;
       const bool meta_only = own_rows_from_x(fused) && d == p.me;
+      // where this rank's messages start on d: reserved by the item of d's last chunk (d's first item, taken
+      // before this one by a running block)
+      if (!last && threadIdx.x == 0) s_base = wait_base(p, d, round);
+      __syncthreads();
+      const int base = s_base;
       for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
-        if (slot < 0 || (meta_only && sl != 0)) continue;
+        if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
         const int t = t0 + tt;
-        const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
+        const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
         char* dst[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) dst[k] = nullptr;
-        dst[0] = local ? dbase + off : p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES;
+        dst[0] = local ? dbase + off
+                       : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
         if (!meta_only) warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
         if (sl == 0) {
           int* meta = reinterpret_cast<int*>(dst[0] + DATA_BYTES + SCALE_BYTES);
@@ -207,10 +241,11 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         __syncthreads();
         for (int tt = warp; tt < nt; tt += WARPS) {
           const int slot = s_tslot[tt];
-          if (slot < 0) continue;
+          if (slot < 0 || base < 0) continue;
           const int t = t0 + tt;
-          const size_t off = p.off_drecv + (((size_t)par * R + p.me) * M + slot) * MSG_BYTES;
-          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + ((size_t)t * R + d) * MSG_BYTES, MSG_BYTES, d);
+          const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
+          const size_t staged = ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
+          nvshmemx_putmem_nbi_warp(p.sym + off, p.sym + p.off_stage + staged, MSG_BYTES, d);
         }
         used_shmem = true;
       }
@@ -246,12 +281,20 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     // HIST_ROW_INTS / 32 dependent rounds per warp), each writer fences its own stores, then one thread per
     // destination signals
     const size_t hoff = p.off_dhist + (((size_t)par * R + p.me) * HIST_ROW_INTS) * 4;
+    __shared__ int s_rows_to[R];   // this rank's routed rows to every rank: the tail of every count row
+    for (int d = threadIdx.x; d < R; d += THREADS) {
+      int n = 0;
+      for (int l = 0; l < LOCAL_EXPERTS; ++l) n += __ldcg(&p.hist_acc[d * HIST_ROW_INTS + l]);
+      s_rows_to[d] = n;
+    }
+    __syncthreads();
     for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
       const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
       if (SKIP && d != p.me) continue;
       int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
-      dst[l] = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
+      const int v = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
+      dst[l] = (l >= COUNT_ROWS_AT && l < COUNT_ROWS_AT + R) ? s_rows_to[l - COUNT_ROWS_AT] : v;
     }
     __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
     const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
@@ -275,6 +318,8 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   __shared__ int s_tpref[R + 1];
   __shared__ int s_chpref[HT ? R * (MAX_CHUNKS + 1) : 1];   // HT: per source, token prefix by chunk
   __shared__ int s_nch[R];
+  __shared__ int s_mbase[HT ? R : 1];   // HT: where each source's messages start in the receive buffer
+  __shared__ int s_bad;                 // HT: a source's messages lie outside the buffer (only in a void round)
   const unsigned round = cur_round(p, S_DRECV);
   const int par = round & 1;
   const unsigned long long t0 = gtime();
@@ -298,9 +343,16 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     int l = q / R, s = q % R;
     s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + l], HT ? M * K : M);
   }
+  if (threadIdx.x == 0) s_bad = 0;
+  __syncthreads();
   for (int s = threadIdx.x; s < R; s += THREADS) {
     s_ntok[s] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS], M);
     if (HT) s_nch[s] = (SKIP && s != p.me) ? 0 : max(0, min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 1], MAX_CHUNKS));
+    if (HT) {
+      const int b = (SKIP && s != p.me) ? 0 : hist[s * COUNT_ROW_INTS + COUNT_BASE_AT];
+      s_mbase[HT ? s : 0] = b;
+      if (s_ntok[s] > 0 && (b < 0 || b + s_ntok[s] > p.recv_tokens)) s_bad = 1;
+    }
   }
   __syncthreads();
   if constexpr (HT) {
@@ -318,10 +370,14 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   __syncthreads();
   const int total = nshare + s_pref[LOCAL_EXPERTS * R];
+  // Receive capacity (capacity.cuh): block 0, which writes the outputs, needs the verdict of every rank; the other
+  // blocks need only this rank's own rows (and the offsets), which keep expert_x and the receive buffer in bounds.
+  bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap || s_bad;
   if (blockIdx.x == 0) {
+    void_round = round_verdict(p, hist, round, s_bad);
     for (int g = threadIdx.x; g <= GROUPS; g += THREADS) {
       unsigned v;
-      if (FUSED && g == 0) v = 0;
+      if ((FUSED && g == 0) || void_round) v = 0;
       else v = nshare + s_pref[(g - (FUSED ? 1 : 0)) * R];
       p.row_offsets[g] = v;
       if (g < GROUPS) p.expert_ids[g] = (FUSED && g == 0) ? -1 : p.me * LOCAL_EXPERTS + (g - (FUSED ? 1 : 0));
@@ -329,7 +385,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) {
       int c = 0;
       for (int s = 0; s < R; ++s) c += s_c[l * R + s];
-      p.tpe[l] = c;
+      p.tpe[l] = void_round ? 0 : c;
     }
     if constexpr (HT) {
       for (int s = threadIdx.x; s < R; s += THREADS) {
@@ -344,7 +400,9 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
 
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const char* rbuf = p.sym + p.off_drecv;
-  if constexpr (!HT) {
+  if (void_round) {
+    // nothing of a void round is expanded
+  } else if constexpr (!HT) {
     const int nr = s_pref[LOCAL_EXPERTS * R];
     constexpr int NV = DATA_BYTES / 16;                       // 16-byte chunks of the data part
     constexpr int VPS = (NV + ROW_SLICES - 1) / ROW_SLICES;
@@ -402,7 +460,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         ready_s = s;
         ready_c = clo;
       }
-      const char* msg = rbuf + (((size_t)par * R + s) * M + i) * MSG_BYTES;
+      const char* msg = rbuf + ((size_t)par * p.recv_tokens + s_mbase[HT ? s : 0] + i) * MSG_BYTES;
       const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
       int t = meta[0];
       int rows[K];
@@ -432,13 +490,19 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
         }
         int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
-        if (lane == 0) { hi[0] = t; hi[1] = 0; }
+        if (lane == 0) { hi[0] = t; hi[1] = dest_index(meta + 2, p.me); }   // [1]: where s expects its row
         if (lane < K) hi[2 + lane] = rows[lane];
       }
     }
   }
   if (block_done(p, S_DRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0; }
+    if (threadIdx.x == 0) {
+      if (HT) {   // every source reserved before it sent its count message: clear this parity's reservations
+        *reinterpret_cast<volatile unsigned long long*>(p.sym + p.off_dresv + (size_t)par * 8) = 0ull;
+        __threadfence_system();
+      }
+      stamp(p, 4); p.state[S_DRECV] = round; p.state[S_RCTR] = 0;
+    }
   }
 }
 

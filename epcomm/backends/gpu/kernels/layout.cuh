@@ -41,18 +41,26 @@ constexpr int SCALE_BYTES = FP8 ? 4 * SCALE_COLS : 0;
 constexpr int al16(int x) { return (x + 15) / 16 * 16; }
 constexpr int META_BYTES = HT ? al16(8 + 8 * K) : 16;     // ht: token, pad, K expert ids, K slot ranks; ll: token, k
 constexpr int MSG_BYTES = al16(DATA_BYTES + SCALE_BYTES + META_BYTES);   // one message in the dispatch receive buffer
-// ll: ints of one (source -> destination) count row: per-expert counts [LOCAL_EXPERTS], tokens
-constexpr int HIST_ROW_INTS = (LOCAL_EXPERTS + 1 + 3) / 4 * 4;
+// ll: ints of one (source -> destination) count row: per-expert counts [LOCAL_EXPERTS], tokens, then the source's
+// routed rows to every rank [R] (the receive-capacity verdict)
+constexpr int HIST_ROW_INTS = (LOCAL_EXPERTS + 1 + R + 3) / 4 * 4;
 constexpr int MAX_ITEM_TOKENS = 64;   // most tokens per send work item (the host picks p.ch <= MAX_ITEM_TOKENS)
 // ht: a source's tokens are cut into at most MAX_CHUNKS chunks (send work items), each with its own ready flag on the
 // destination, so the receiver expands the chunks that have landed while later ones are still on the link.
-// The count message of ht: per-expert counts [LOCAL_EXPERTS], tokens, chunks, token prefix by chunk [chunks + 1].
+// The count message of ht: per-expert counts [LOCAL_EXPERTS], tokens, chunks, token prefix by chunk [chunks + 1], then
+// the source's routed rows to every rank [R].
 constexpr int MIN_CHUNKS = R <= 32 ? 256 : 128;
 constexpr int MAX_CHUNKS =
     HT ? ((M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS > MIN_CHUNKS ? (M + MAX_ITEM_TOKENS - 1) / MAX_ITEM_TOKENS : MIN_CHUNKS)
        : 1;
-constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + 3) / 4 * 4 : HIST_ROW_INTS;
+// ht, then: the start of the source's messages in the destination's receive buffer (its reservation; -1: over)
+constexpr int COUNT_ROW_INTS = HT ? (LOCAL_EXPERTS + 2 + MAX_CHUNKS + 1 + R + 1 + 3) / 4 * 4 : HIST_ROW_INTS;
+constexpr int COUNT_ROWS_AT = HT ? LOCAL_EXPERTS + 3 + MAX_CHUNKS : LOCAL_EXPERTS + 1;   // the [R] routed rows
+constexpr int COUNT_BASE_AT = HT ? COUNT_ROWS_AT + R : 0;
 constexpr int COMBINE_ROW_BYTES = 2 * H;                  // bf16 row of the combine
+// ht: the most ranks one token goes to: its combine rows come back packed [token][index of the rank among the token's
+// ranks] and its staged messages to other nodes likewise
+constexpr int MAX_DEST_RANKS = K < R ? K : R;
 // ht combine: floats of one source's [M, K] weights in wrecv / cstage, padded to 16 bytes: the weights are copied
 // with uint4 stores and M * K need not be a multiple of 4 (unpadded, such a stride misaligns those stores)
 constexpr int WEIGHT_STRIDE = (M * K + 3) / 4 * 4;
@@ -91,6 +99,16 @@ struct ErrRec {  // lives in host-mapped pinned memory
 enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4 };
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
+// A round over the receive capacity (not an error: the buffer stays usable), right after ErrRec in host memory.
+struct CapacityRec {
+  int flag;      // the device round of the latest void round (0 = none; the host clears it once raised)
+  int rank;      // the rank most over its capacity
+  int needed;    // its routed rows
+  int capacity;  // p.cap
+  int over;      // ranks over capacity
+  int pad[3];
+};
+
 struct Params {
   const void* x;            // [T, H] bf16
   const int* ids;           // [T, K] int32
@@ -111,34 +129,40 @@ struct Params {
   int* hist_acc;            // [R][HIST_ROW_INTS] accumulators (device memory, zeroed)
   ErrRec* err;              // host-mapped
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
+  int* hstatus;             // handle: [0] != 0 when the round was void (over capacity): its combine does nothing
+  unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
-  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;
+  unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
   int T;
   int me;
   int maxr;                 // rows of expert_x
   int ch;                   // tokens per send work item (1..MAX_ITEM_TOKENS)
   int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
+  int cap;                  // receive capacity: routed rows this rank (and every rank) may receive per round
+  int recv_tokens;          // ht: messages of the receive buffer per parity, min(sources x M, cap)
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
 // ------------------------------------------------------------------------------------------------ agreement with the host
 // Bytes of each symmetric region as the kernels index it (staging included: as with peers on other nodes).
-// drecv: ht [parity][source][slot], ll [parity][expert][source][slot]
-constexpr long long REGION_BYTES_DRECV = HT ? 2LL * R * M * MSG_BYTES : 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
+// drecv: ll [parity][expert][source][slot]; ht [parity][Params.recv_tokens] messages, sized by the capacity at run
+// time (each source's packed at the offset it reserved in dresv)
+constexpr long long REGION_BYTES_DRECV = 2LL * LOCAL_EXPERTS * R * M * MSG_BYTES;
 constexpr long long REGION_BYTES_DHIST = 2LL * R * COUNT_ROW_INTS * 4;                       // [parity][source] counts
 constexpr long long REGION_BYTES_DSIG = 2LL * R * 8;
-constexpr long long REGION_BYTES_STAGE = HT ? 1LL * M * R * MSG_BYTES : 1LL * M * K * MSG_BYTES;   // [token][dest / k]
+constexpr long long REGION_BYTES_STAGE = 1LL * M * (HT ? MAX_DEST_RANKS : K) * MSG_BYTES;   // [token][rank index / k]
 constexpr long long REGION_BYTES_HSTAGE = 1LL * R * COUNT_ROW_INTS * 4;                      // [destination] counts
-constexpr long long REGION_BYTES_CRECV = HT ? 2LL * R * M * COMBINE_ROW_BYTES                // [parity][rank][token]
-                                            : 2LL * M * K * COMBINE_ROW_BYTES;               // [parity][token][k]
+constexpr long long REGION_BYTES_CRECV = 2LL * M * (HT ? MAX_DEST_RANKS : K) * COMBINE_ROW_BYTES;   // [par][t][idx/k]
 constexpr long long REGION_BYTES_CSIG = 2LL * R * 8;
 constexpr long long REGION_BYTES_WRECV = HT ? 2LL * R * WEIGHT_STRIDE * 4 : 0;               // [parity][source] weights
 constexpr long long REGION_BYTES_WSIG = 2LL * R * 8;
-constexpr long long REGION_BYTES_CSTAGE = HT ? 1LL * R * WEIGHT_STRIDE * 4 + 1LL * R * M * COMBINE_ROW_BYTES : 0;
+// cstage: the weights [R][WEIGHT_STRIDE], then one row per received token message (sized by the capacity at run time)
+constexpr long long CSTAGE_WEIGHT_BYTES = HT ? 1LL * R * WEIGHT_STRIDE * 4 : 0;
 constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
+constexpr long long REGION_BYTES_DRESV = 2LL * 8;                                           // [parity] reservations
 
 // Every size the host derives (epcomm/backends/gpu/layout.py kernel_defines) comes in as a define and must equal the
 // kernel's own derivation: the CPU compile test of every specialisation proves the two layouts agree.
@@ -157,7 +181,13 @@ EP_AGREES(MAX_CHUNKS, EP_MAX_CHUNKS);
 EP_AGREES(COUNT_ROW_INTS, EP_COUNT_ROW_INTS);
 EP_AGREES(COMBINE_ROW_BYTES, EP_COMBINE_ROW_BYTES);
 EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
+EP_AGREES(COUNT_ROWS_AT, EP_COUNT_ROWS_AT);
+EP_AGREES(sizeof(ErrRec) / 4, EP_CAPACITY_RECORD_WORD);   // CapacityRec follows ErrRec
+#if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
+#endif
+EP_AGREES(REGION_BYTES_DRESV, EP_REGION_BYTES_DRESV);
+EP_AGREES(COUNT_BASE_AT, EP_COUNT_BASE_AT);
 EP_AGREES(REGION_BYTES_DHIST, EP_REGION_BYTES_DHIST);
 EP_AGREES(REGION_BYTES_DSIG, EP_REGION_BYTES_DSIG);
 EP_AGREES(REGION_BYTES_STAGE, EP_REGION_BYTES_STAGE);
@@ -166,7 +196,8 @@ EP_AGREES(REGION_BYTES_CRECV, EP_REGION_BYTES_CRECV);
 EP_AGREES(REGION_BYTES_CSIG, EP_REGION_BYTES_CSIG);
 EP_AGREES(REGION_BYTES_WRECV, EP_REGION_BYTES_WRECV);
 EP_AGREES(REGION_BYTES_WSIG, EP_REGION_BYTES_WSIG);
-EP_AGREES(REGION_BYTES_CSTAGE, EP_REGION_BYTES_CSTAGE);
+EP_AGREES(CSTAGE_WEIGHT_BYTES, EP_CSTAGE_WEIGHT_BYTES);
+EP_AGREES(MAX_DEST_RANKS, EP_MAX_DEST_RANKS);
 EP_AGREES(REGION_BYTES_ABORT, EP_REGION_BYTES_ABORT);
 EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);

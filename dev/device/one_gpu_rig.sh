@@ -1,12 +1,13 @@
 #!/bin/bash
 # The one-GPU rig (issue 10): the GPU backend at 2, 8 and 16 ranks and across simulated nodes on ONE GPU, in one
 # device call of under 10 minutes (1 x H200, 16 cores). Ranks share GPU 0 through the configs/one-gpu-*.yaml topologies
-# (share_gpus: true). Run from the repo root on the device machine with .whl/ carried (tools/prepare_whl.sh):
+# (share_gpus: true). Run from the repo root on the device machine with .whl/ carried (dev/device/prepare_whl.sh):
 #
-#   bash tools/one_gpu_rig.sh [steps]        logs, rig-summary.txt and rig-summary.json under $OUT (default /tmp/out)
+#   bash dev/device/one_gpu_rig.sh [steps]        logs, rig-summary.txt and rig-summary.json under $OUT (default /tmp/out)
 #
 # steps (comma list, run in this order; default: all of them):
-#   prebuild  compile every kernel the steps need, in parallel (tools/rig_prebuild.py; cached ones cost nothing)
+#   prebuild  compile every kernel the steps need, in parallel (dev/device/rig_prebuild.py; cached ones cost nothing)
+#             (RIG_WORLDS=2,8: only the kernels of those world sizes, for a call that runs no 16-rank step)
 #   w2        full GPU worker (every suite, extras included), 2 ranks on one node        configs/one-gpu-2.yaml
 #   sim2      the same, 2 simulated nodes x 1 rank                                         configs/one-gpu-sim-2x1.yaml
 #   w8        the same, 8 ranks on one node                                                configs/one-gpu-8.yaml
@@ -26,8 +27,8 @@
 # Trims (so that it fits; all suites always run): the soak check runs 200 back-to-back rounds above 2 ranks (the
 # worker's default; 1000 at 2 ranks) and ROUNDS_16 (default 100) at 16 ranks. Timings on a shared GPU are not link
 # figures: the ranks time-slice one GPU (or split its SMs under MPS).
-# Split across calls if one does not suffice, e.g.  bash tools/one_gpu_rig.sh prebuild,w2,sim2,w8,w2x4,smoke8,moe
-# then  bash tools/one_gpu_rig.sh prebuild,w2x8,mps
+# Split across calls if one does not suffice, e.g.  bash dev/device/one_gpu_rig.sh prebuild,w2,sim2,w8,w2x4,smoke8,moe
+# then  bash dev/device/one_gpu_rig.sh prebuild,w2x8,mps
 set -o pipefail
 STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,compat,demo,mps,mpsbench},"
 STEPS=${STEPS//,mps,/,mps100,mps50,mps12,}
@@ -73,7 +74,14 @@ run_worker() {
 if has prebuild; then
   l=$(limit prebuild "${T_PREBUILD:-180}"); (( l > 0 )) || l=30
   echo "=== prebuild (limit ${l} s, $(date -u +%T))"; t0=$SECONDS
-  timeout "$l" python3 tools/rig_prebuild.py --jobs "$(nproc)" > "$OUT/prebuild.log" 2>&1
+  extra=()
+  if has compat; then   # the compat checks' shapes, listed by running them on the host backend (~10 s)
+    timeout 60 python3 -m launch run -t tests/compat/cpu-2rank.yaml --timeout 50 -x MASTER_PORT=29561 -- \
+      python3 dev/device/compat_configs.py /tmp/compat-configs.json > "$OUT/compat-configs.log" 2>&1 &&
+      extra=(--configs-json /tmp/compat-configs.json)
+  fi
+  timeout "$l" python3 dev/device/rig_prebuild.py --jobs "$(nproc)" --worlds "${RIG_WORLDS:-2,8,16}" "${extra[@]}" \
+    > "$OUT/prebuild.log" 2>&1
   rc=$?; tail -3 "$OUT/prebuild.log"; record prebuild - - - "$rc" $((SECONDS - t0)) "$OUT/prebuild.log" build
 fi
 has w2   && run_worker w2   one-gpu-2       2  "" "${T_W2:-100}"
@@ -150,6 +158,6 @@ if has mps100 || has mps50 || has mps12 || has mpsbench; then
   fi
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 fi
-python3 tools/rig_summary.py "$TSV" "$OUT" | tee "$OUT/rig-summary.txt"
+python3 dev/device/rig_summary.py "$TSV" "$OUT" | tee "$OUT/rig-summary.txt"
 # The device tool brings back at most 8 files from $OUT: keep the summaries and info at the top, the logs in one tarball.
 ( cd "$OUT" && tar czf rig-logs.tgz --remove-files $(ls | grep -vE '^(rig-summary\.(txt|json)|info\.log|rig-logs\.tgz)$') 2>/dev/null )

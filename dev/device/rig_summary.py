@@ -1,6 +1,6 @@
-"""Summary of a tools/one_gpu_rig.sh run: one table on screen and rig-summary.json.
+"""Summary of a dev/device/one_gpu_rig.sh run: one table on screen and rig-summary.json.
 
-    python tools/rig_summary.py OUT/rig-steps.tsv OUT
+    python dev/device/rig_summary.py OUT/rig-steps.tsv OUT
 Reads the steps the rig recorded (step, config, ranks, MPS %, exit status, seconds, log, kind) and each step's log:
 the worker's "[rank r] SUMMARY pass=P fail=F" lines (checks passed / run, per rank), the MoE example's "OK" lines,
 smoke's JSON report. A step passes when it exited 0 and every rank reported with no failure.
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     print(f"total {sum(r['seconds'] for r in rows)} s; shared-GPU timings are not link figures")
     left = list(dict.fromkeys(r["step"].split("-")[0] for r in rows if r["status"] == "NOT RUN"))
     if left:
-        print(f"not run for lack of time: bash tools/one_gpu_rig.sh prebuild,{','.join(left)}")
+        print(f"not run for lack of time: bash dev/device/one_gpu_rig.sh prebuild,{','.join(left)}")
     summary = {"ok": ok, "commit": commit, "gpu": gpu, "steps": rows}
     (out / "rig-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if ok else 1

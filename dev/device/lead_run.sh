@@ -1,6 +1,6 @@
 #!/bin/bash
 # The lead's device-machine call: demo, smoke and bench on the 2 x H100 machine, logs and JSON/PNG under $OUT.
-# Usage (device machine, repo root, .whl carried): bash tools/lead_run.sh [steps]; steps: comma list of
+# Usage (device machine, repo root, .whl carried): bash dev/device/lead_run.sh [steps]; steps: comma list of
 # build,bench_local,worker_local,worker_sim,demo,smoke_local,smoke_sim,bench_sim,bench_sms (run in this order).
 # The bench steps compare with the recorded run in docs/perf/ (--compare): rows that moved by more than 15 % are listed.
 set -o pipefail

@@ -6,8 +6,8 @@ includes), taken at the revision with `git ls-tree` / `git show`, so a single ep
 with today's split files. Both sides get today's defines (jit.defines_for): an older source ignores the derived-size
 defines it does not use.
 
-    python tools/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
-    python tools/ptx_same.py aafa508 --only ht  # modes containing "ht"
+    python dev/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
+    python dev/ptx_same.py aafa508 --only ht  # modes containing "ht"
 
 Lines that only name the source (.file, .loc, comments) and nvcc's per-file hash in internal symbol names are
 ignored, so a comment or a renamed local that compiles to the same instructions reports SAME. Exit 0 when every
@@ -29,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from epcomm.backends.gpu import jit, specs  # noqa: E402
+from epcomm.backends.gpu import jit, specs
 
 KERNELS = "epcomm/backends/gpu/kernels"
 FILE_HASH = re.compile(r"(?<=_)[0-9a-f]{8}(?=_\d+_ep_cu)")   # nvcc's hash of the file in internal names

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Fill the git-ignored .whl/ folder that device calls carry: the nvshmem4py wheel the device image lacks, and the
 # kernels of every specialisation prebuilt here (CPU only), so no call compiles on the device.
-# Usage (repo root, after `make venv`): bash tools/prepare_whl.sh      (~2 min when the kernels are not cached)
+# Usage (repo root, after `make venv`): bash dev/device/prepare_whl.sh      (~2 min when the kernels are not cached)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 mkdir -p .whl/epcomm-cache

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device-machine call of the gpu engineer: install carried wheels, prebuild kernels, run the GPU checks on
-# local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash tools/gpu_session.sh [steps]
+# local-2gpu and sim-2node, quick timings. Usage (device machine, repo root): bash dev/device/gpu_session.sh [steps]
 # steps: comma list of smoke,local,small,sim,bench,tune,grid,benchsim,basebench,example,init,pytest,leadbench,sanitizer (default smoke,local,sim,bench)
 # basebench: bench_quick of the tree in .whl/base.tar (`git archive <commit> -o .whl/base.tar`), same call, same cards
 # grid: steady pairs at 1 and 128 tokens for each EPCOMM_BLOCKS in $GRID (default 8 16 33 66 132)
