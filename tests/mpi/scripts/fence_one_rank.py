@@ -15,7 +15,8 @@ A 4th argument "fp8": fp8 tokens and a fused shared expert.
 Every survivor: rounds before LOST exact; round LOST's combine raises EPRankLostError naming the lost rank, its
 node and experts (its dispatch is exact for the world with or without the lost rank's tokens: it may have arrived
 before the death); then AFTER rounds exact against epcomm.reference with masked_ranks=(lost,), DispatchResult.dropped
-and active_ranks as the spec says. Prints "FAIL ..." lines; exit 1 on a failure.
+and active_ranks as the spec says. Even rounds (the lost one too) go through dispatch_async / combine_async.
+Prints "FAIL ..." lines; exit 1 on a failure.
 """
 from __future__ import annotations
 
@@ -61,7 +62,9 @@ def world(r: int):
 
 def check_round(buf, r: int, masked: tuple) -> None:
     w = world(r)
-    res = buf.dispatch(w.xs[me], w.topk_ids[me])
+    run_async = r % 2 == 0   # even rounds (the lost one too) through *_async / *_wait
+    res = buf.dispatch_wait(buf.dispatch_async(w.xs[me], w.topk_ids[me])) if run_async else \
+        buf.dispatch(w.xs[me], w.topk_ids[me])
     exp = reference.dispatch(cfg, w.xs, w.topk_ids, masked_ranks=masked)
     if r == LOST:   # the lost rank's tokens may have arrived before it died (kill) or not
         without = reference.dispatch(cfg, w.xs, w.topk_ids, masked_ranks=(victim,))
@@ -81,7 +84,8 @@ def check_round(buf, r: int, masked: tuple) -> None:
             fail(f"round {r}: masked_ranks {res.masked_ranks} != {masked}")
     ey = distinct_experts(cfg, res)
     try:
-        y = buf.combine(ey, res.handle, w.topk_weights[me])
+        y = buf.combine_wait(buf.combine_async(ey, res.handle, w.topk_weights[me])) if run_async else \
+            buf.combine(ey, res.handle, w.topk_weights[me])
     except EPRankLostError as e:
         if r != LOST:
             fail(f"round {r}: unexpected {e}")
