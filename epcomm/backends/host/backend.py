@@ -270,7 +270,13 @@ class HostBackend:
         p = _Pending("combine", r, {"ey": ey, "w": w, "h": handle})
         if not self.cfg.skip_a2a:
             self.maybe_slow(r)
+            die = self.faults.hit("die_in_combine", r) is not None
+            if die:   # send to the first half of the peers only: the others look dead to this dying process
+                live = self.live_peers()
+                self.win.masked.update(live[max(1, len(live) // 2):])
             self.steps.send_combine(self, r, handle, ey, w)
+            if die:
+                os.kill(os.getpid(), signal.SIGKILL)
         return p
 
     def combine_wait(self, pending: _Pending):

@@ -9,6 +9,7 @@ Syntax: one or more faults separated by ';', each ``KIND:key=value,key=value``:
     slow:rank=1,ms=50[,round=N]      rank 1 sleeps 50 ms before each send phase (dispatch and combine).
     die:rank=1,round=N               rank 1 sends its dispatch round N to the first half of its peers, then kills
                                      itself (SIGKILL): a rank lost mid-dispatch (fencing, docs/FAILURES.md).
+    die_in_combine:rank=1,round=N    the same in the combine of round N (its first send step, to half the peers).
 
 rank=* means every rank. Rounds count dispatches of one EPBuffer from 0.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from ... import faultspec
 from ...errors import EPInputError
 
-KINDS = ("skip_dispatch", "corrupt", "slow", "die")
+KINDS = ("skip_dispatch", "corrupt", "slow", "die", "die_in_combine")
 ENV = "EPCOMM_FAULT"
 
 

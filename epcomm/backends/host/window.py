@@ -8,6 +8,7 @@ Layout (bytes), per parity set (round r uses set r % 2), then once the abort fla
     SIG   int64 words: DISP [src][local expert] (ht uses [src][0]), CW [src], COMB [src]
     ABORT int64[R] flags, then bytes[R][256] reasons
     FENCE int64[R] death notices: word D = A + 1 once rank A declared rank D dead (fencing, docs/FAILURES.md)
+    BEAT  int64[R] heartbeats: word S counts up while rank S waits (fencing: a blocked rank is not a dead one)
 
 A send is put (Put + Flush: remote completion) then signal (Accumulate(REPLACE), atomic, + Flush): data is visible
 before its signal. Signal word = (round + 1) << 32 | count: the round tag makes stale words of earlier rounds
@@ -17,8 +18,11 @@ oversubscribed on 2 cores still progress) until every word shows the round, or t
 Fencing (off unless EPBuffer(fence_dead_ranks=True)): `masked` ranks are dead to this rank: no waits on them (their
 counts read 0) and their abort words are ignored. A wait that is not yet satisfied reads the FENCE words of this
 rank's own window (peers' death notices) and masks what they name; at its deadline it declares every missing peer
-dead (writes FENCE words into every live peer's window) instead of raising. No collective is involved: a dead
-rank gets one last word (its own notice, best effort), and every survivor learns through its own window.
+dead (writes FENCE words into every live peer's window) instead of raising, except the ones whose heartbeat moved
+since the wait began: they are alive, only blocked (typically waiting for the dead rank themselves; in ht's two-step
+combine the first declared everyone it missed, the blocked live rank included). A waiting rank beats every
+timeout_s / 4. No collective is involved: a dead rank gets one last word (its own notice, best effort), and every
+survivor learns through its own window.
 """
 from __future__ import annotations
 
@@ -68,7 +72,10 @@ class Window:
         self.o_abort = 2 * off
         self.o_reason = _align(self.o_abort + 8 * R)
         self.o_fence = _align(self.o_reason + REASON_BYTES * R)
-        total = _align(self.o_fence + 8 * R)
+        self.o_beat = _align(self.o_fence + 8 * R)
+        total = _align(self.o_beat + 8 * R)
+        self._beats = 0                # heartbeats sent (fencing)
+        self._next_beat = 0.0
         self.fencing = False           # EPBuffer(fence_dead_ranks=True): a deadline declares the peer dead
         self.masked: set[int] = set()  # ranks this rank treats as dead (no sends, no waits)
         self._keep: list = []          # origin buffers alive until the next flush
@@ -134,7 +141,9 @@ class Window:
         tag = (r + 1) & 0x7FFFFFFF
         idx = np.asarray(words, dtype=np.int64)
         peer_of = np.asarray(peers, dtype=np.int64)
-        deadline = time.monotonic() + self.cfg.timeout_s
+        start = time.monotonic()
+        deadline = start + self.cfg.timeout_s
+        beats = self._beats_seen() if self.fencing else None
         sleep = 0.0
         while True:
             self.win.Sync()
@@ -144,13 +153,20 @@ class Window:
             if ok.all():
                 return np.where(dead, 0, vals & 0xFFFFFFFF)   # a masked peer counts as having sent nothing
             self._check_abort()
-            if self.fencing and self.read_notices():
-                continue
+            if self.fencing:
+                self._beat()
+                if self.read_notices():
+                    continue
             if time.monotonic() > deadline:
                 missing = [peers[i] for i in np.nonzero(~ok)[0]]
                 if self.fencing and self.rank not in missing:   # its own signal missing is a bug here, not a death
-                    self.declare_dead(sorted(set(missing)))
-                    continue
+                    now_beats = self._beats_seen()
+                    silent = sorted({p for p in missing if now_beats[p] == beats[p]})
+                    # every missing peer beats: alive but stuck; after 3 deadlines it is a timeout as without fencing
+                    if silent or time.monotonic() < start + 3 * self.cfg.timeout_s:
+                        self.declare_dead(silent)
+                        beats, deadline = now_beats, time.monotonic() + self.cfg.timeout_s
+                        continue
                 peer = missing[0]
                 if phase == "disp" and self.ll:
                     w0 = int(idx[np.nonzero(~ok)[0][0]])
@@ -163,6 +179,23 @@ class Window:
             sleep = min(max(sleep * 2, 20e-6), 2e-3)
 
     # ------------------------------------------------------------------ fencing
+    def _beats_seen(self) -> np.ndarray:
+        return self.mem[self.o_beat:self.o_beat + 8 * self.R].view(np.int64).copy()
+
+    def _beat(self) -> None:
+        """Tell every live peer this rank is alive (and waiting), at most every timeout_s / 4."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.cfg.timeout_s / 4
+        self._beats += 1
+        word = np.array([self._beats], np.int64)
+        for dest in range(self.R):
+            if dest != self.rank and dest not in self.masked:
+                self.win.Accumulate([word, self.MPI.INT64_T], dest, target=(self.o_beat + 8 * self.rank, 1,
+                                                                             self.MPI.INT64_T), op=self.MPI.REPLACE)
+        self.win.Flush_all()
+
     def notices(self) -> dict[int, int]:
         """{dead rank: the rank that declared it} from the FENCE words of this rank's own window."""
         self.win.Sync()
