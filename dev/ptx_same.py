@@ -28,9 +28,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from epcomm.backends.gpu import jit, specs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KERNELS = "epcomm/backends/gpu/kernels"
 FILE_HASH = re.compile(r"(?<=_)[0-9a-f]{8}(?=_\d+_ep_cu)")   # nvcc's hash of the file in internal names
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
             continue
         differ += 1
         first = next(i for i, (p, q) in enumerate(zip(x + [""], y + [""])) if p != q)
-        print(f"DIFFERS {name}: {len(x)} vs {len(y)} lines, first at line {first}:\n  - {x[first] if first < len(x) else ''}"
-              f"\n  + {y[first] if first < len(y) else ''}")
+        print(f"DIFFERS {name}: {len(x)} vs {len(y)} lines, first at line {first}:"
+              f"\n  - {x[first] if first < len(x) else ''}\n  + {y[first] if first < len(y) else ''}")
     how = " up to virtual register names" if a.up_to_register_names else ""
     print(f"{len(results) - differ} of {len(results)} specialisations compile to the same PTX as {a.rev}{how}")
     return 1 if differ else 0

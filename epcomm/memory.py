@@ -103,7 +103,8 @@ def table(est: dict[str, Any]) -> str:
                  + ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(est["symmetric_regions"].items(),
                                                                     key=lambda kv: -kv[1]) if v >= MiB))
     lines.append(f"  NVSHMEM heap reserved   {est['heap_reserved_bytes'] / MiB:10.1f} MiB   (symmetric + "
-                 f"{HEAP_MARGIN / MiB:.0f} MiB margin, at least {HEAP_MIN / MiB:.0f}; NVSHMEM_SYMMETRIC_SIZE overrides)")
+                 f"{HEAP_MARGIN / MiB:.0f} MiB margin, at least {HEAP_MIN / MiB:.0f}; "
+                 "NVSHMEM_SYMMETRIC_SIZE overrides)")
     big = sorted(est["local_buffers"], key=lambda b: -b["bytes"])[:4]
     lines.append(f"  device arrays           {est['local_bytes'] / MiB:10.1f} MiB   largest: "
                  + ", ".join(f"{b['name']} {b['bytes'] / MiB:.1f}" for b in big))
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=4096, help="max_tokens_per_rank (default 4096)")
     ap.add_argument("--world", type=int, default=8, help="ranks (GPUs) in the EP group (default 8)")
-    ap.add_argument("--nodes", type=int, default=1, help="nodes they span: other-node traffic needs staging (default 1)")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="nodes they span: other-node traffic needs staging (default 1)")
     ap.add_argument("--mode", choices=("ht", "ll"), default="ht")
     ap.add_argument("--format", choices=("bf16", "fp8"), default="bf16", help="dispatch token format")
     ap.add_argument("--shared", action="store_true", help="fused shared expert")

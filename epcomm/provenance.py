@@ -22,5 +22,7 @@ def code_identity() -> dict:
     from .backends.gpu import jit
     # EPCOMM_COMMIT: a copy of the tree whose .git is not the source's (the device machines) names its commit here.
     commit = os.environ.get("EPCOMM_COMMIT") or _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit and "EPCOMM_COMMIT" not in os.environ else None
+    # dirty only from git's own HEAD: under EPCOMM_COMMIT this .git's status says nothing about the named commit
+    from_git = commit and "EPCOMM_COMMIT" not in os.environ
+    status = _git("status", "--porcelain", "--untracked-files=no") if from_git else None
     return {"commit": commit, "dirty": None if status is None else bool(status), "kernel_source": jit.source_hash()}

@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     got, want = mpi_local_rank(os.environ), expected_local_rank(topo, rank)
     if got is not None and got != want:
         print(f"launch.rank_env: rank {rank} is local rank {got} on its host, but topology {topo.name} expects local "
-              f"rank {want} there (node {topo.node_of(rank)}, GPU {topo.device(rank)}): mpirun placed the ranks otherwise than the "
-              f"YAML says (an extra --hostfile or --map-by?); not starting, since ranks would share a GPU or NIC",
+              f"rank {want} there (node {topo.node_of(rank)}, GPU {topo.device(rank)}): mpirun placed the ranks "
+              f"otherwise than the YAML says (an extra --hostfile or --map-by?); not starting, since ranks would share "
+              f"a GPU or NIC",
               file=sys.stderr)
         return 2
     # global values already here came from mpirun (-x / -genv), with the operator's `launch -x NAME=VALUE` overrides

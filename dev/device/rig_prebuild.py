@@ -1,6 +1,7 @@
 """Compile every kernel the one-GPU rig (dev/device/one_gpu_rig.sh) needs, in parallel, before any rank starts: the GPU
-worker's suites at 2, 8 and 16 ranks, the MoE example and `make demo` at 2, and smoke's EP cases at 8. Without it each of 8 or 16
-ranks would compile the same kernel on first use at the same time (the cache is shared, the work is not).
+worker's suites at 2, 8 and 16 ranks, the MoE example and `make demo` at 2, and smoke's EP cases at 8. Without it
+each of 8 or 16 ranks would compile the same kernel on first use at the same time (the cache is shared, the work is
+not).
 
     python dev/device/rig_prebuild.py [--worlds 2,8,16] [--smoke-world 8] [--jobs N]
 Needs nvcc + NVSHMEM (no GPU); cached kernels cost nothing ($EPCOMM_CACHE).

@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
             status = "PASS"
         else:
             status = "TIMEOUT" if rc in ("124", "137") else "FAIL"
-        rows.append({"step": step, "config": config, "ranks": n or None, "mps_percent": int(mps) if mps.isdigit() else None,
+        rows.append({"step": step, "config": config, "ranks": n or None,
+                     "mps_percent": int(mps) if mps.isdigit() else None,
                      "status": status, "exit": rc, "seconds": int(secs or 0),
                      "checks": {str(r): {"passed": p, "run": t} for r, (p, t) in sorted(got.items())},
                      "checks_text": counts_text(n, got), "log": log})
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> int:
     except OSError:
         gpu = ""
     ok = bool(rows) and all(r["status"] == "PASS" for r in rows)
-    print(f"\none-GPU rig: {'ALL PASS' if ok else 'NOT ALL PASS'}  ({gpu or 'no GPU info'}; commit {commit[:12] or '?'})")
+    print(f"\none-GPU rig: {'ALL PASS' if ok else 'NOT ALL PASS'}  "
+          f"({gpu or 'no GPU info'}; commit {commit[:12] or '?'})")
     print(f"{'step':<12} {'config':<16} {'ranks':>5} {'MPS %':>5}  {'status':<8} {'checks passed/run per rank':<30} "
           f"{'s':>4}")
     for r in rows:

@@ -4,11 +4,11 @@
     python -m launch bench -t configs/local-2gpu.yaml -- --compare docs/perf/bench-local-2gpu.json   (after the run)
 
 Rows are matched on (case, impl, op, mode, format, tokens, graph) and their order among rows with the same fields
-(the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch). Each common row shows the recorded and the new
-median, new / recorded, and the same for the ratio to the floor: the floor is measured in each run, so that ratio
-still means something when today's link or card is slower than the recorded one. Verdict per row, on the median:
-"same" (within +-tolerance), "faster", "slower", "failed" (the new row has no timing: wrong, error), "missing"
-(recorded, not in the new run), "new" (only in the new run). The runs must have the same shapes (backend,
+(the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch). Each common row shows the recorded
+and the new median, new / recorded, and the same for the ratio to the floor: the floor is measured in each run, so
+that ratio still means something when today's link or card is slower than the recorded one. Verdict per row, on the
+median: "same" (within +-tolerance), "faster", "slower", "failed" (the new row has no timing: wrong, error),
+"missing" (recorded, not in the new run), "new" (only in the new run). The runs must have the same shapes (backend,
 world size, hidden, top-k, experts, routing, SM limit); another topology or card is compared, with a warning.
 
 Exit status: 0 no row slower, failed or missing; 1 some were; 2 the documents cannot be compared.

@@ -64,7 +64,8 @@ def measure_links(torch, ctx, comm, log, peer_bytes: int = 1 << 30, local_bytes:
     for r in range(world):  # one direction at a time
         comm.Barrier()
         if r == rank and measurable:
-            log(f"links: rank {rank} cuda:{ctx.device} -> cuda:{peer_dev} alone ({peer_bytes >> 20} MiB)", everyone=True)
+            log(f"links: rank {rank} cuda:{ctx.device} -> cuda:{peer_dev} alone ({peer_bytes >> 20} MiB)",
+                everyone=True)
             one_way = copy_gbps(torch, ctx.device, peer_dev, peer_bytes)
     comm.Barrier()
     concurrent = copy_gbps(torch, ctx.device, peer_dev, peer_bytes) if measurable else None

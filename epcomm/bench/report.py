@@ -2,14 +2,16 @@
 
 JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in the table):
   schema, date (UTC ISO 8601), command (argv), code {commit (git HEAD or null), dirty (uncommitted changes, or
-  null), kernel_source (sha256 of the kernel sources: names the kernels even without git)}, backend ("gpu" | "host"), topology, world_size, nodes, devices
-  (per rank: name, SMs), torch (version or null), timer ("cuda_events" | "perf_counter"),
+  null), kernel_source (sha256 of the kernel sources: names the kernels even without git)}, backend ("gpu" |
+  "host"), topology, world_size, nodes, devices (per rank: name, SMs), torch (version or null), timer ("cuda_events"
+  | "perf_counter"),
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
             sweep_tokens, sms_requested, sms_supported, cases},
   links {status ("ok" | "partial" | "n/a" | "error" | "skipped"), reason?, one_way_gbps[rank],
          concurrent_gbps[rank], concurrent_total_gbps, local_copy_gbps[rank], p2p[rank], peer_rank[rank], ...},
   floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
-  results [record], errors [str], notes [str] (e.g. --sms not supported, graph fallback), ok (bool: every record verified and no error).
+  results [record], errors [str], notes [str] (e.g. --sms not supported, graph fallback), ok (bool: every record
+  verified and no error).
   compare (only with --compare): {against (path), schema "epcomm.bench-compare/1", tolerance, old, new, warnings,
            rows [{case..graph, occurrence, old_us, new_us, ratio, old_x_floor, new_x_floor, x_floor_ratio, new_status,
            verdict}],
@@ -38,8 +40,8 @@ RECORD_KEYS = ("case", "impl", "op", "mode", "format", "tokens", "hidden", "topk
                "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
                "per_rank_median_us", "host_call_us", "wall_us", "bytes", "link_bytes_max", "local_bytes_max",
                "link_gbps", "local_gbps", "floor", "ratio_to_floor", "ratio_to_nccl", "sms")
-TOP_KEYS = ("schema", "date", "command", "code", "backend", "topology", "world_size", "nodes", "devices", "torch", "timer",
-            "settings", "links", "floor_bandwidth", "results", "errors", "notes", "ok")
+TOP_KEYS = ("schema", "date", "command", "code", "backend", "topology", "world_size", "nodes", "devices", "torch",
+            "timer", "settings", "links", "floor_bandwidth", "results", "errors", "notes", "ok")
 
 
 def fmt_num(v, spec: str = ".1f", na: str = "n/a") -> str:

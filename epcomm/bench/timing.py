@@ -3,7 +3,7 @@
     state = prepare(i)            untimed (pick input set i % n_sets, run an untimed dispatch before a combine, ...)
     sync; MPI barrier             untimed: every rank starts the iteration together
     [start] op(state) [end]       timed
-    
+
 HostTimer: time.perf_counter around op (the host backend returns finished numpy arrays).
 CudaTimer: torch.cuda.Event(enable_timing=True) around op on the current stream. A short GPU spin
 (torch.cuda._sleep) is queued before the start event so the host's launch overhead is hidden, as it is when a model

@@ -242,8 +242,8 @@ def check_inventory(per_rank: list[dict[str, Any] | None], places: list[Place], 
                 values.setdefault(str(v), []).append(pl.rank)
         if len(values) > 1:
             ordered = sorted(values.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-            major, odd = ordered[0], ordered[1:]
-            odd_ranks = sorted(r for _, rs in odd for r in rs)
+            # the most common version comes first (desc names it); every rank on another one is odd
+            odd_ranks = sorted(r for _, rs in ordered[1:] for r in rs)
             pl = places[odd_ranks[0]]
             desc = "; ".join(f"{v} on ranks {_ranges(rs)}" for v, rs in ordered)
             out.append(Failure("inventory", "version_skew",

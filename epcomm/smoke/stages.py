@@ -25,7 +25,8 @@ class StageEnv:
     stage_index: int = 0
     payload: dict | None = None
     deadline: Deadline | None = None
-    talking_to: int | None = None   # the peer a stage is exchanging data with now: if the stage hangs, it is the suspect
+    # the peer a stage is exchanging data with now: if the stage hangs, it is the suspect
+    talking_to: int | None = None
 
 
 def stage_function(name: str):

@@ -1,1 +1,2 @@
-"""DeepEP compatibility checks (deepep_checks) and their CPU worker; the GPU worker (tests/gpu/compat_worker.py) imports the same checks."""
+"""DeepEP compatibility checks (deepep_checks) and their CPU worker; the GPU worker (tests/gpu/compat_worker.py)
+imports the same checks."""

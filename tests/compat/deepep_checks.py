@@ -152,7 +152,10 @@ def normal_case(c: Checker, buf, h, k, per_rank, kind, t, fp8=False, align=1, wo
     per_rank_t, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idsd, e)
     # get_dispatch_layout against a direct computation
     rank_of = torch.where(ids >= 0, ids // per_rank, torch.full_like(ids, world))
-    exp_in = torch.stack([(rank_of == r).any(1) for r in range(world)], 1) if t else torch.zeros(0, world, dtype=torch.bool)
+    if t:
+        exp_in = torch.stack([(rank_of == r).any(1) for r in range(world)], 1)
+    else:
+        exp_in = torch.zeros(0, world, dtype=torch.bool)
     c.equal(in_rank.cpu(), exp_in, f"{tag} is_token_in_rank")
     c.equal(per_rank_t.cpu(), exp_in.sum(0).int(), f"{tag} num_tokens_per_rank")
     c.equal(per_expert.cpu(), torch.stack([(ids == i).sum() for i in range(e)]).int(), f"{tag} num_tokens_per_expert")
@@ -189,7 +192,8 @@ def normal_case(c: Checker, buf, h, k, per_rank, kind, t, fp8=False, align=1, wo
     c.equal(rows_out[:n].cpu().view(torch.uint8) if fp8 else rows_out[:n], exp_rows, f"{tag} recv_x")
     if fp8:
         c.equal(recv_x[1][:n], exp_sc, f"{tag} recv scales")
-        c.check(recv_x[1].stride(0) == 1 or recv_x[1].shape[0] <= 1 or t <= 1, f"{tag} scales keep the caller's column-major layout")
+        c.check(recv_x[1].stride(0) == 1 or recv_x[1].shape[0] <= 1 or t <= 1,
+                f"{tag} scales keep the caller's column-major layout")
     c.check(recv_ids.dtype == torch.int64 and recv_w.dtype == torch.float32, f"{tag} recv topk dtypes")
     c.equal(recv_ids[:n], exp_ids, f"{tag} recv_topk_idx")
     c.equal(recv_w[:n], exp_w, f"{tag} recv_topk_weights")
@@ -343,7 +347,9 @@ def ll_case(c: Checker, buf, h, k, pr, m, kind, t, use_fp8, round_scale=False, u
             c.equal(rx[le, :n].cpu().view(torch.uint8), q, f"{tag} fp8 (pow2 scales) expert {le}")
             got = recv[1][le, :n].cpu().contiguous()
             if ue8m0:
-                got = (got.flatten().clone(memory_format=torch.contiguous_format).view(torch.uint8).to(torch.int32) << 23).view(torch.float32).reshape(n, -1)
+                # ue8m0: four exponent bytes packed in an int32; byte << 23 is the float32 2**(byte - 127)
+                exps = got.flatten().clone(memory_format=torch.contiguous_format).view(torch.uint8).to(torch.int32)
+                got = (exps << 23).view(torch.float32).reshape(n, -1)
             c.equal(got, s, f"{tag} pow2 scales expert {le}")
 
     # combine: expert e's outputs are its inputs times (1 + e/8); y[t] = sum_k w[t,k] * that

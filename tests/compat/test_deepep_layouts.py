@@ -62,6 +62,7 @@ def test_pow2_scales_cover_amax_and_pack_ue8m0():
     deq = q.float().view(4, 4, 128) * s[..., None]
     assert torch.allclose(deq.view(4, 512), x.float(), rtol=0.07, atol=1e-6)
     q2, packed = L.quantize_pow2(x, ue8m0=True)
-    assert packed.dtype == torch.int32 and packed.shape == (4, 1) and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    assert packed.dtype == torch.int32 and packed.shape == (4, 1)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
     unpacked = (packed.reshape(-1).view(torch.uint8).to(torch.int32) << 23).view(torch.float32).view(4, 4)
     assert torch.equal(unpacked, s)

@@ -82,7 +82,8 @@ def launch_floor(ctx, dev, NP: int = 16) -> str:
         torch.cuda.synchronize()
         if it >= 2:
             ts.append(e0.elapsed_time(e1) * 1e3 / NP)
-    return f"[rank {ctx.rank}] launch floor: empty kernel {sms} x 512 threads in a graph: {np.median(ts):.2f} us per launch"
+    return (f"[rank {ctx.rank}] launch floor: empty kernel {sms} x 512 threads in a graph: "
+            f"{np.median(ts):.2f} us per launch")
 
 
 def main():
@@ -135,7 +136,7 @@ def main():
             ev[0].record()
             res = be.dispatch(x, ids)
             ev[1].record()
-            y = be.combine(ey, res.handle, w)
+            be.combine(ey, res.handle, w)   # outputs unused: timing only (tests/gpu/worker.py checks them)
             ev[2].record()
             pend = be.dispatch_async(x, ids)
             ev[3].record()
@@ -143,7 +144,7 @@ def main():
             ev[4].record()
             cp = be.combine_async(ey, res.handle, w)
             ev[5].record()
-            y = be.combine_wait(cp)
+            be.combine_wait(cp)
             ev[6].record()
             torch.cuda.synchronize()
             if it >= 5:
@@ -187,8 +188,8 @@ def main():
             sp, ph = steady_pair(ctx, be, cs, x[:n], ids[:n], ey, w[:n])
             times["steady_pair"] = sp
             if n != T:
-                rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={n}: steady pair {np.median(sp):.1f} us "
-                            f"(min {min(sp):.1f}) = {phase_text(ph)}")
+                rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={n}: steady pair "
+                            f"{np.median(sp):.1f} us (min {min(sp):.1f}) = {phase_text(ph)}")
                 print(rows[-1], flush=True)
         med = {k: float(np.median(v)) if v else float("nan") for k, v in times.items()}
         tok_bytes = cfg.token_bytes()
@@ -200,8 +201,9 @@ def main():
             nsend = int(sum(len(set((r // cfg.n_local_experts) for r in row if r >= 0)) for row in ids_np))
         gbs = nsend * tok_bytes / (med["dispatch"] * 1e-6) / 1e9
         cbs = nsend * 2 * cfg.hidden / (med["combine"] * 1e-6) / 1e9
-        rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={T} H={cfg.hidden} K={cfg.topk} E={cfg.num_experts}: "
-                    f"dispatch {med['dispatch']:.1f} us ({gbs:.0f} GB/s), combine {med['combine']:.1f} us ({cbs:.0f} GB/s), "
+        rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={T} H={cfg.hidden} K={cfg.topk} "
+                    f"E={cfg.num_experts}: dispatch {med['dispatch']:.1f} us ({gbs:.0f} GB/s), "
+                    f"combine {med['combine']:.1f} us ({cbs:.0f} GB/s), "
                     f"async {med['dispatch_async']:.1f} + wait {med['dispatch_wait']:.1f} us, combine async "
                     f"{med['combine_async']:.1f} + wait {med['combine_wait']:.1f} us; graph replay dispatch "
                     f"{med['graph_dispatch']:.1f} combine {med['graph_combine']:.1f} us; setup {setup:.1f} s; "

@@ -36,7 +36,8 @@ def main():
     ap.add_argument("--spread", action="store_true", help="rank r on GPU r (default: every rank on GPU 0)")
     ap.add_argument("--suite", action="append", help="static, normal, ll (default: all)")
     ap.add_argument("--cpu", action="store_true", help="CPU tensors, host backend (checks this script off the GPU "
-                    "machine; under the launcher: python -m launch run -t cpu-4rank -- python tests/gpu/compat_worker.py --cpu)")
+                    "machine; under the launcher: "
+                    "python -m launch run -t cpu-4rank -- python tests/gpu/compat_worker.py --cpu)")
     args = ap.parse_args()
     rank, world = rank_and_world()
     if not args.cpu:
@@ -62,7 +63,8 @@ def main():
             bad |= bool(failures)
             print(f"rank {r}: {passed} checks passed, {len(failures)} failed")
         if not bad:
-            print(f"ok in {c.elapsed:.1f}s ({world} ranks, seed {seed[0]}, device {'cpu' if args.cpu else torch.cuda.get_device_name()})")
+            device = "cpu" if args.cpu else torch.cuda.get_device_name()
+            print(f"ok in {c.elapsed:.1f}s ({world} ranks, seed {seed[0]}, device {device})")
     bad = any(f for _, f in results)
     dist.barrier()
     sys.exit(1 if bad else 0)

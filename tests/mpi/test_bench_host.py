@@ -54,7 +54,7 @@ def test_bench_quick_host(tmp_path):
     nccl = [r for r in recs if r["impl"] == "nccl"]
     assert nccl and all(r["status"] == "n/a" and r["time_us"] is None for r in nccl)
     assert "n/a" in proc.stdout and "result: OK" in proc.stdout
-    rows = [l.split() for l in proc.stdout.splitlines()]
+    rows = [line.split() for line in proc.stdout.splitlines()]
     ll_rows = [c for c in rows if c[:2] == ["ll", "epcomm"]]   # case impl op mode fmt tokens ... status
     assert [(c[2], c[3]) for c in ll_rows] == [(op, m) for m in ("ll", "ht")
                                                for op in ("dispatch", "combine", "roundtrip")], ll_rows
@@ -66,8 +66,8 @@ def test_bench_compare_against_a_recorded_run(tmp_path):
     wide enough that the host's noise cannot fail it; the verdict logic is tested in tests/unit)."""
     pytest.importorskip("mpi4py")
     first = tmp_path / "first.json"
-    base = [sys.executable, "-m", "launch", "bench", "-t", "configs/cpu-4rank.yaml", "--timeout", "120", "--", "--quick",
-            "--case", "ht"]
+    base = [sys.executable, "-m", "launch", "bench", "-t", "configs/cpu-4rank.yaml", "--timeout", "120", "--",
+            "--quick", "--case", "ht"]
     proc = subprocess.run(base + ["--json", str(first)], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     second = tmp_path / "second.json"

@@ -10,7 +10,6 @@ Set EPCOMM_TEST_MPICH_PYTHON to a Python whose bin/ holds MPICH's mpiexec (pip i
 pyyaml in a venv) to run the same checks under MPICH as well.
 """
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def end_rank_1(how: str, where: str, mpi: str = "openmpi", launch_args=()):
 
 def assert_ended_by_rank_1(rc, out, dt, code, reason):
     assert rc == code, f"exit {rc}, wanted {code}\n{out[-4000:]}"
-    assert f"launch: rank 1 (node 0, host " in out and f"ended first: {reason}" in out, out[-4000:]
+    assert "launch: rank 1 (node 0, host " in out and f"ended first: {reason}" in out, out[-4000:]
     assert "done" not in out.replace("rank 1: ending", ""), out[-4000:]   # no peer got past the collective
     assert dt < BOUND_S, f"job took {dt:.0f} s: the peers waited instead of being stopped\n{out[-3000:]}"
 

@@ -40,8 +40,8 @@ def test_table_marks_missing_as_na():
     report.link_ratios(rs)
     out = report.table(doc(rs))
     lines = out.splitlines()
-    assert any(" 300.0 " in l and "local" in l and l.rstrip().endswith("ok") for l in lines)
-    assert any("n/a" in l and "nccl" in l for l in lines)
+    assert any(" 300.0 " in line and "local" in line and line.rstrip().endswith("ok") for line in lines)
+    assert any("n/a" in line and "nccl" in line for line in lines)
     assert "host backend: no NCCL baseline" in out
     assert "links: n/a (test)" in out
     assert "note: --sms 8: not supported" in out
@@ -88,7 +88,7 @@ def test_table_mode_column_tells_ll_rows_apart():
     rs = [rec(case="ll", mode=m, format="fp8", tokens=128, graph=True) for m in ("ll", "ht")]
     rs.append(rec(case="baseline", impl="nccl", mode=None, tokens=128))
     report.link_ratios(rs)
-    rows = [l.split() for l in report.table(doc(rs)).splitlines()]
+    rows = [line.split() for line in report.table(doc(rs)).splitlines()]
     head = next(c for c in rows if c[:3] == ["case", "impl", "op"])
     assert head[3] == "mode"
     assert [c[:6] for c in rows if c[:2] == ["ll", "epcomm"]] == [
@@ -99,7 +99,7 @@ def test_table_mode_column_tells_ll_rows_apart():
 def test_table_roundtrip_binds_shown_as_sum():
     r = rec(op="roundtrip", floor={"floor_us": 400.0, "link_us": 300.0, "local_us": 400.0,
                                    "binds": "dispatch:local combine:local"})
-    line = next(l for l in report.table(doc([r])).splitlines() if "roundtrip" in l)
+    line = next(row for row in report.table(doc([r])).splitlines() if "roundtrip" in row)
     assert " sum " in line and "dispatch:" not in line
 
 

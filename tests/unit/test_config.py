@@ -14,7 +14,8 @@ def test_derived_sizes():
 
 @pytest.mark.parametrize("bad, field", [
     (dict(hidden=100), "hidden"), (dict(num_experts=255), "num_experts"), (dict(topk=0), "topk"),
-    (dict(token_format="fp4"), "token_format"), (dict(mode="fast"), "mode"), (dict(max_tokens_per_rank=0), "max_tokens"),
+    (dict(token_format="fp4"), "token_format"), (dict(mode="fast"), "mode"),
+    (dict(max_tokens_per_rank=0), "max_tokens"),
     (dict(allreduce_world_size=2), "allreduce_world_size"), (dict(timeout_s=0), "timeout_s"), (dict(topk=2.0), "topk"),
     (dict(num_sms=0), "num_sms"),
 ])

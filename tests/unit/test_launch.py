@@ -207,7 +207,8 @@ def test_cli_dry_run_and_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ranks_per_node: 2\nnodes: [localhost]\nep: {num_experts: 3}\n")
     r = _launch("run", "-t", str(bad), "--", "true")
-    assert r.returncode == 2 and r.stderr.strip() == f"launch: {bad}: key 'ep.num_experts': 3 experts not divisible by 2 ranks"
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"launch: {bad}: key 'ep.num_experts': 3 experts not divisible by 2 ranks"
     r = _launch("run", "-t", "cpu-4rank")
     assert r.returncode == 2 and "no command" in r.stderr
 

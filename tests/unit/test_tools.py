@@ -17,7 +17,8 @@ def load(path):
 def test_ptx_same_ignores_only_nvccs_file_hash():
     """Two builds of one file differ in nvcc's per-file hash inside internal names; that and nothing else is ignored."""
     FILE_HASH = load("dev/ptx_same.py").FILE_HASH
-    a = ".global .align 1 .b8 __nv_static_26__dbad30f6_5_ep_cu_3bd7a5dd__ZN35_INTERNAL_dbad30f6_5_ep_cu_3bd7a5dd4cudaE[1];"
+    a = (".global .align 1 .b8 "
+         "__nv_static_26__dbad30f6_5_ep_cu_3bd7a5dd__ZN35_INTERNAL_dbad30f6_5_ep_cu_3bd7a5dd4cudaE[1];")
     b = a.replace("dbad30f6", "94ccec3b")
     assert a != b and FILE_HASH.sub("<file>", a) == FILE_HASH.sub("<file>", b)
     c = "\tmul.lo.s64 \t%rd253, %rd252, 732;"
