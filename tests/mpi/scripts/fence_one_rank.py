@@ -26,14 +26,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import epcomm  # noqa: E402
-from epcomm import reference  # noqa: E402
-from epcomm.errors import EPFencedError, EPRankLostError  # noqa: E402
-from epcomm.workload import distinct_experts, make_world  # noqa: E402
+import epcomm
+from epcomm import reference
+from epcomm.errors import EPFencedError, EPRankLostError
+from epcomm.workload import distinct_experts, make_world
 
 mode, how = sys.argv[1], sys.argv[2]
 LOST, AFTER = 2, int(sys.argv[3]) if len(sys.argv) > 3 else 100
