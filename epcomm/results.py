@@ -14,6 +14,9 @@ class DispatchResult:
     int32 (global expert id, -1 for the fused shared expert), src_info [max_recv_rows, 3] int32 (source rank, source
     token, top-k slot; k = -1 for shared rows; -1 past the last row), tokens_per_expert [n_local_experts] int32.
     handle: what combine needs to send rows back (backend specific; pass it to combine unchanged).
+    That is layout "grouped"; in layout "batched" expert_x / expert_scales / src_info are [n_local_experts, capacity,
+    ...], row_offsets[g] = g * capacity and tokens_per_expert is the mask (docs/ARCHITECTURE.md "Output layouts").
+    A src_info row of -1 holds no token (padding, unused slab rows, past the end).
     """
 
     expert_x: Any
