@@ -23,6 +23,8 @@ from epcomm import reference as ref  # noqa: E402
 from epcomm.errors import EPTimeoutError  # noqa: E402
 from epcomm.workload import distinct_experts, make_world  # noqa: E402
 
+import server_checks  # noqa: E402  (tests/gpu/server_checks.py, beside this file)
+
 
 def tb16(a: np.ndarray, dev):
     import torch
@@ -350,6 +352,8 @@ def main():
                 if cfg.token_format == "bf16" or cfg.mode == "ll":
                     ck.many_rounds(be, cfg, args.rounds)
             be.close()
+            if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank != 61:
+                server_checks.run(ck, cfg)     # issue 13: int64 ids, out=, stats_out=, micro-batches, refusals
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))

@@ -251,8 +251,9 @@ def cmd_checks(args, ctx) -> int:
     out = b.dispatch(x, ids)
     probs += expect_input_error("foreign handle", lambda: fresh().combine(ey, out.handle, w), "this EPBuffer")
     b = fresh()
-    a_, b_ = b.dispatch(x, ids), b.dispatch(x, ids)
+    live = [b.dispatch(x, ids), b.dispatch(x, ids)]     # held, not combined: both still live
     probs += expect_input_error("third outstanding dispatch", lambda: b.dispatch(x, ids), "at most 2 dispatches")
+    del live
     b = fresh()
     old = b.dispatch(x, ids)
     b.combine(ey, b.dispatch(x, ids).handle, w)
