@@ -278,12 +278,13 @@ class Checker:
 
 
 def abort_test(ck, cfg):
-    """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching: rank 0 must raise EPError naming it
-    well before its 10 s deadline when they share a node (other-node peers only find out by the deadline)."""
+    """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching; every other rank dispatches and must
+    raise EPError naming it well before its 10 s deadline when it shares rank 1's node (other-node peers only find
+    out by the deadline). Every rank but 1 dispatches, so at > 2 ranks no wait is on a rank that merely stayed idle."""
     from epcomm.backends.gpu import GpuBackend
     from epcomm.errors import EPError
     torch = ck.torch
-    same = ck.ctx.topology.same_node(0, 1)
+    same = ck.ctx.topology.same_node(ck.me, 1)
     cfg = cfg.replace(timeout_s=10.0 if same else 2.0)
     be = GpuBackend(cfg, ck.ctx)
     world = make_world(cfg, seed=6, routing_kind="uniform")
@@ -292,9 +293,9 @@ def abort_test(ck, cfg):
     if ck.me == 1:
         be.abort("abort test")
     ck.ctx.comm.Barrier()
-    if ck.me == 0:
-        x = tb16(world.xs[0], ck.dev)
-        ids = torch.from_numpy(world.topk_ids[0]).to(ck.dev)
+    if ck.me != 1:
+        x = tb16(world.xs[ck.me], ck.dev)
+        ids = torch.from_numpy(world.topk_ids[ck.me]).to(ck.dev)
         t0 = time.time()
         be.dispatch(x, ids)
         try:
@@ -305,7 +306,7 @@ def abort_test(ck, cfg):
                 problems.append(f"timed out instead of seeing the abort: {e}")
         except EPError as e:
             dt = time.time() - t0
-            print(f"[rank 0] abort seen after {dt:.2f} s: {e}", flush=True)
+            print(f"[rank {ck.me}] abort seen after {dt:.2f} s: {e}", flush=True)
             if "rank 1" not in str(e) or "aborted" not in str(e):
                 problems.append(f"message does not name rank 1: {e}")
             if dt > 5:

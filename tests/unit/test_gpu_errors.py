@@ -27,10 +27,17 @@ def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
 
 
 def test_timeout_names_the_peer_its_node_and_experts():
-    with pytest.raises(EPTimeoutError, match=r"rank 0 waited .* for rank 3 \(node 1\) in combine \(weights\) round 3") \
+    with pytest.raises(EPTimeoutError, match=r"rank 0 \(node 0\) timed out after .* waiting for combine \(weights\) "
+                       r"\(round 3\) from rank 3 \(node 1\)") \
             as e:
         backend_with(ErrorCode.TIMEOUT, Phase.COMBINE_WEIGHTS, peer=3)._raise_recorded()
     assert (e.value.rank, e.value.node, e.value.waiter, e.value.experts) == (3, 1, 0, range(6, 8))
+
+
+def test_a_wait_for_itself_names_the_grid():
+    with pytest.raises(EPTimeoutError, match="blocks of this rank's own grid did not all run") as e:
+        backend_with(ErrorCode.TIMEOUT, peer=0, waiter=0)._raise_recorded()
+    assert (e.value.rank, e.value.waiter) == (0, 0)
 
 
 @pytest.mark.parametrize("code,words", [(ErrorCode.ABORT, r"rank 1 \(node 0\) aborted"),
