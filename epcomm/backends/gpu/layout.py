@@ -72,7 +72,7 @@ class Layout:
         self.any_remote = any_remote
         self.local_experts = NL = cfg.n_local_experts
         self.groups = cfg.num_groups                       # output groups: local experts (+ the shared expert)
-        self.scale_cols = H // 128                         # fp8 scales per row
+        self.scale_cols = -(-H // 128)                     # fp8 scales per row (the last block may be partial)
         self.data_bytes = H if fp8 else 2 * H              # data bytes of one row in the dispatch format
         self.scale_bytes = 4 * self.scale_cols if fp8 else 0
         self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k

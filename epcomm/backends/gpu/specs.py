@@ -29,7 +29,18 @@ def test_configs(world_size: int = 2) -> list[EPConfig]:
     # M * K not a multiple of 4: the ht combine's per-source weight stride must still be 16-byte aligned
     out.append(EPConfig(**dict(base, max_tokens_per_rank=61, topk=3), world_size=world_size, mode="ht",
                         token_format="bf16"))
+    out += server_configs(world_size)
     return out
+
+
+def server_configs(world_size: int = 2) -> list[EPConfig]:
+    """Issue 13 shapes: hidden not a multiple of 128 (gpt-oss 2880 = 22.5 fp8 blocks; 48 = one partial block, fewer
+    16-byte chunks than a warp has lanes) and power-of-two (ue8m0) fp8 scales."""
+    base = dict(TEST_BASE, num_experts=experts_for(world_size, TEST_BASE["num_experts"]), world_size=world_size)
+    return [EPConfig(**dict(base, hidden=2880), mode="ll", token_format="fp8", scale_format="ue8m0"),
+            EPConfig(**dict(base, hidden=2880), mode="ht", token_format="bf16"),
+            EPConfig(**dict(base, hidden=48), mode="ht", token_format="fp8", scale_format="ue8m0"),
+            EPConfig(**dict(base, hidden=40), mode="ll", token_format="bf16")]
 
 
 def bench_configs(world_size: int = 2) -> list[EPConfig]:

@@ -27,6 +27,10 @@ constexpr int E = EP_E;
 constexpr int R = EP_R;
 constexpr int M = EP_M;
 constexpr bool FP8 = EP_FP8 != 0;
+#ifndef EP_UE8M0
+#define EP_UE8M0 0
+#endif
+constexpr bool UE8M0 = EP_UE8M0 != 0;   // fp8 scales rounded up to a power of two (scale_format "ue8m0")
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
 constexpr bool SKIP = EP_SKIP != 0;
@@ -35,7 +39,7 @@ constexpr int THREADS = EP_THREADS;
 constexpr int WARPS = THREADS / 32;
 constexpr int LOCAL_EXPERTS = E / R;
 constexpr int GROUPS = LOCAL_EXPERTS + (FUSED ? 1 : 0);   // output groups: local experts (+ the shared expert)
-constexpr int SCALE_COLS = H / 128;                       // fp8 scales per row
+constexpr int SCALE_COLS = (H + 127) / 128;               // fp8 scales per row (the last block may be partial)
 constexpr int DATA_BYTES = FP8 ? H : 2 * H;               // data bytes of one row in the dispatch format
 constexpr int SCALE_BYTES = FP8 ? 4 * SCALE_COLS : 0;
 constexpr int al16(int x) { return (x + 15) / 16 * 16; }
@@ -64,7 +68,7 @@ constexpr int SLICE_STEPS = ROW_STEPS >= 8 ? ROW_STEPS / 8 : 1;          // warp
 constexpr int ROW_SLICES = (ROW_STEPS + SLICE_STEPS - 1) / SLICE_STEPS;  // slices per row
 constexpr int SLICE_VECS = SLICE_STEPS * 32;                             // bf16 chunks per slice
 
-static_assert(H % 128 == 0, "hidden must be a multiple of 128");
+static_assert(H % (FP8 ? 16 : 8) == 0, "hidden: 16-byte rows (a multiple of 8 for bf16, 16 for fp8)");
 static_assert(E % R == 0, "experts must divide by ranks");
 static_assert(MAX_ITEM_TOKENS * K <= 4096, "chunk too large");
 static_assert(K <= 32, "topk must be <= 32");

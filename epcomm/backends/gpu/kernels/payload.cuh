@@ -8,7 +8,16 @@
 
 namespace ep {
 
+// The fp8 scale of a block with absolute maximum amax: max(amax, 1e-4) / 448, or (UE8M0) the smallest power of two
+// >= that: the exponent is rounded up unless the mantissa is zero (the value is a normal float: >= 1e-4 / 448).
+__device__ __forceinline__ float block_scale(float amax) {
+  const float s = fmaxf(amax, 1e-4f) / 448.0f;
+  if constexpr (UE8M0) return __uint_as_float((__float_as_uint(s) + 0x007FFFFFu) & 0xFF800000u);
+  return s;
+}
+
 // fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
+// A partial last block (hidden not a multiple of 128) is padded with zeros by the inactive lanes: no amax changes.
 __device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst) {
   for (int base = 0; base < ROW_VECS; base += 32) {
     int c = base + lane_id();
@@ -24,7 +33,7 @@ __device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_
     }
 #pragma unroll
     for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    float scale = block_scale(amax);
     if (act) {
       uint32_t lo = 0, hi = 0;
 #pragma unroll
@@ -75,7 +84,7 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
         for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
 #pragma unroll
         for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float scale = fmaxf(amax, 1e-4f) / 448.0f;
+        float scale = block_scale(amax);
         if (act) {
           uint32_t lo = 0, hi = 0;
 #pragma unroll
