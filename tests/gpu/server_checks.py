@@ -145,8 +145,10 @@ def _microbatches(ck, cfg, buf):
 
 def _refused(ck, cfg):
     problems = []
-    for opts, needle in ((dict(layout="batched"), "layout='batched'"), (dict(expert_alignment=128), "expert_alignment"),
-                         (dict(hidden=cfg.hidden + 64), "hidden=")):
+    refused = [(dict(layout="batched"), "layout='batched'"), (dict(expert_alignment=128), "expert_alignment")]
+    if cfg.token_format.quantized:
+        refused.append((dict(scale_layout="col"), "scale_layout"))
+    for opts, needle in refused:
         try:
             epcomm.EPBuffer(cfg.replace(**opts), ck.ctx).close()
             problems.append(f"{opts} was not refused")
