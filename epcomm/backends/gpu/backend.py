@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ class GpuBackend:
         for n, v in self.layout.offset.items():
             setattr(p, "off_" + n, v)
         p.me = self.me
-        p.maxr = self.cfg.max_recv_rows
+        p.maxr = math.prod(self.cfg.rows_shape)    # rows of expert_x in any layout (epcomm/layouts.py)
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p
@@ -202,6 +203,10 @@ class GpuBackend:
         if code == ErrorCode.SLOT_OVERFLOW:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
+        if code == ErrorCode.SLAB_OVERFLOW:
+            raise EPError(f"epcomm gpu: rank {peer}: local expert {rec['what']} received more rows than "
+                          f"expert_capacity={self.cfg.batched_capacity} of layout 'batched' (the rest were dropped; "
+                          f"a token that lists one expert twice needs two rows: raise expert_capacity)")
         if code == ErrorCode.ABORT:
             raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
                           f"round {rnd}); this EPBuffer is unusable now")

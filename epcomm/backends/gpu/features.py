@@ -9,10 +9,6 @@ from ...errors import EPInputError
 def unsupported_options(cfg) -> list[str]:
     """The options of cfg the kernels cannot run yet, as 'name=value' strings."""
     out = []
-    if cfg.layout != "grouped":
-        out.append(f"layout={cfg.layout!r}")
-    if cfg.expert_alignment != 1:
-        out.append(f"expert_alignment={cfg.expert_alignment}")
     if cfg.scale_layout != "row":
         out.append(f"scale_layout={cfg.scale_layout!r}")
     return out

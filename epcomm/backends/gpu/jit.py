@@ -48,6 +48,8 @@ def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
         "EP_M": cfg.max_tokens_per_rank, **cfg.token_format.kernel_define, "EP_HT": int(cfg.mode == "ht"),
         "EP_FUSED": int(cfg.fused_shared_expert), "EP_SKIP": int(cfg.skip_a2a), "EP_ARW": cfg.allreduce_world_size,
         "EP_THREADS": threads, "EP_UE8M0": int(cfg.scale_format == "ue8m0"),
+        "EP_ROW_ALIGN": cfg.expert_alignment, "EP_BATCHED": int(cfg.layout == "batched"),
+        "EP_CAP": cfg.batched_capacity if cfg.layout == "batched" else 0,
     }
     return {**shape, **kernel_defines(cfg)}
 

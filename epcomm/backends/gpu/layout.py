@@ -27,6 +27,7 @@ class ErrorCode(enum.IntEnum):
     """`code` of the device error record (kernels: ERR_*)."""
     TIMEOUT = 1          # a peer did not arrive before the deadline
     SLOT_OVERFLOW = 2    # ll: more rows for one (expert, source) than max_tokens_per_rank slots
+    SLAB_OVERFLOW = 5    # layout "batched": more rows for one local expert than expert_capacity (the rest dropped)
     BAD_SOURCE = 3       # combine: a handle entry (source rank, token, slot, row) out of range
     ABORT = 4            # a peer aborted (its abort word is set)
 
@@ -192,16 +193,17 @@ def device_arrays(cfg) -> list[DeviceArray]:
     """Every device array GpuBackend allocates outside the symmetric heap (each "dispatch" / "combine" entry
     OUTPUT_SETS times)."""
     lay = Layout(cfg)
-    H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
+    H, K, M, R = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size
+    maxr = cfg.rows_shape     # (rows,) grouped, (local experts, capacity) batched: epcomm/layouts.py
     fmt = str(cfg.token_format)   # the format's name is the dtype tag of the device arrays
     out = [DeviceArray("state", "state", (64,), "i32", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
-           DeviceArray("expert_x", "ex", (maxr, H), fmt, False, "dispatch")]
+           DeviceArray("expert_x", "ex", (*maxr, H), fmt, False, "dispatch")]
     if cfg.token_format.quantized:
-        out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))
+        out.append(DeviceArray("expert_scales", "escale", (*maxr, lay.scale_cols), "f32", False, "dispatch"))
     out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
             DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),
-            DeviceArray("src_info", "src_info", (maxr, 3), "i32", True, "dispatch"),
+            DeviceArray("src_info", "src_info", (*maxr, 3), "i32", True, "dispatch"),
             DeviceArray("tokens_per_expert", "tpe", (lay.local_experts,), "i32", True, "dispatch"),
             DeviceArray("ids", "hids", (M * K,), "i32", True, "dispatch"),
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),

@@ -31,6 +31,21 @@ constexpr bool FP8 = EP_FP8 != 0;
 #define EP_UE8M0 0
 #endif
 constexpr bool UE8M0 = EP_UE8M0 != 0;   // fp8 scales rounded up to a power of two (scale_format "ue8m0")
+// Output layout (epcomm/layouts.py): EP_ROW_ALIGN pads every group of the grouped layout to a multiple of that many
+// rows; EP_BATCHED gives local expert g the rows [g * EP_CAP, (g + 1) * EP_CAP). PLACED: some rows hold no token.
+#ifndef EP_ROW_ALIGN
+#define EP_ROW_ALIGN 1
+#endif
+#ifndef EP_BATCHED
+#define EP_BATCHED 0
+#endif
+#ifndef EP_CAP
+#define EP_CAP 0
+#endif
+constexpr int ROW_ALIGN = EP_ROW_ALIGN;
+constexpr bool BATCHED = EP_BATCHED != 0;
+constexpr int CAP = EP_CAP;
+constexpr bool PLACED = BATCHED || ROW_ALIGN > 1;
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
 constexpr bool SKIP = EP_SKIP != 0;
@@ -70,6 +85,7 @@ constexpr int SLICE_VECS = SLICE_STEPS * 32;                             // bf16
 
 static_assert(H % (FP8 ? 16 : 8) == 0, "hidden: 16-byte rows (a multiple of 8 for bf16, 16 for fp8)");
 static_assert(E % R == 0, "experts must divide by ranks");
+static_assert(ROW_ALIGN >= 1 && (!BATCHED || (CAP >= 1 && !FUSED && ROW_ALIGN == 1)), "output layout");
 static_assert(MAX_ITEM_TOKENS * K <= 4096, "chunk too large");
 static_assert(K <= 32, "topk must be <= 32");
 static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
@@ -92,7 +108,7 @@ struct ErrRec {  // lives in host-mapped pinned memory
   int phase;     // PHASE_*
   int pad;
 };
-enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4 };
+enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4, ERR_SLAB_OVERFLOW = 5 };
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
 struct Params {
@@ -176,6 +192,7 @@ EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
 EP_AGREES(ERR_TIMEOUT, EP_ERR_TIMEOUT);                    // layout.py ErrorCode
 EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
+EP_AGREES(ERR_SLAB_OVERFLOW, EP_ERR_SLAB_OVERFLOW);
 EP_AGREES(ERR_BAD_SOURCE, EP_ERR_BAD_SOURCE);
 EP_AGREES(ERR_ABORT, EP_ERR_ABORT);
 EP_AGREES(PHASE_DISPATCH, EP_PHASE_DISPATCH);              // layout.py Phase
