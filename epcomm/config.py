@@ -16,7 +16,8 @@ SCALE_LAYOUTS = ("row", "col")     # expert_scales row-major / column-major with
 class EPConfig:
     """One MoE layer's communication shape.
 
-    hidden: channels per token (a multiple of 8 for bf16, of 16 for fp8: 16-byte rows). topk: experts per token. num_experts: routed experts in the world,
+    hidden: channels per token (a multiple of 8 for bf16, of 16 for fp8: 16-byte rows). topk: experts per token.
+    num_experts: routed experts in the world,
     divisible by world_size. max_tokens_per_rank: the most tokens one rank may dispatch at once; every buffer is sized
     from it, so output shapes never depend on routing. token_format: "bf16" or "fp8" (blockwise, quantised in dispatch);
     the name is resolved to its epcomm.formats.TokenFormat (which still compares equal to the name).
@@ -99,7 +100,8 @@ class EPConfig:
              "must be None (sources x max_tokens_per_rank) or an int >= 1 (rows per local expert)")
         need(cap is None or self.layout == "batched", "expert_capacity", "only means something with layout='batched'")
         need(not (self.layout == "batched" and self.fused_shared_expert), "layout",
-             "'batched' holds routed experts only: run the shared expert on your own tokens (fused_shared_expert=False)")
+             "'batched' holds routed experts only: run the shared expert on your own tokens "
+             "(fused_shared_expert=False)")
         need(self.scale_format in SCALE_FORMATS, "scale_format", f"must be one of {SCALE_FORMATS}")
         need(self.scale_layout in SCALE_LAYOUTS, "scale_layout", f"must be one of {SCALE_LAYOUTS}")
         if not self.token_format.quantized:
@@ -129,8 +131,8 @@ class EPConfig:
     def max_recv_rows(self) -> int:
         """Worst-case rows of expert_x on one rank: every slot of every source rank lands here, plus shared rows."""
         sources = 1 if self.skip_a2a else self.world_size
-        return (sources * self.max_tokens_per_rank * self.topk + (self.max_tokens_per_rank if self.fused_shared_expert else 0)
-                + self.alignment_pad_rows)
+        shared = self.max_tokens_per_rank if self.fused_shared_expert else 0
+        return sources * self.max_tokens_per_rank * self.topk + shared + self.alignment_pad_rows
 
     @property
     def alignment_pad_rows(self) -> int:

@@ -6,7 +6,7 @@ epcomm.reference. Called by tests/gpu/worker.py once per plain config (no fused 
 * dispatch(..., stats_out=) accumulates tokens_per_expert over rounds (int64 and int32 counters);
 * two micro-batches: dispatch A, dispatch B, (both outputs checked), combine A, combine B; a third live dispatch is
   refused before anything is sent;
-* the options the kernels do not run yet (column-major scales) are refused when the buffer is made.
+* caller-quantised input, which the kernels do not take yet, is refused (EPInputError) before anything is sent.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def run(ck, cfg) -> None:
         for dt in (torch.int64, torch.int32):
             _guard(ck, f"{tag} stats_out {dt}", lambda: _stats(ck, cfg, buf, dt))
         _guard(ck, f"{tag} two micro-batches", lambda: _microbatches(ck, cfg, buf))   # last: leaves buf failed
-    _guard(ck, f"{tag} unsupported options refused", lambda: _refused(ck, cfg))
+    _guard(ck, f"{tag} caller-quantised input refused", lambda: _prequant_refused(ck, cfg))
 
 
 def _guard(ck, name, fn):
@@ -143,16 +143,20 @@ def _microbatches(ck, cfg, buf):
     return problems
 
 
-def _refused(ck, cfg):
-    problems = []
-    refused = []
-    if cfg.token_format.quantized:
-        refused.append((dict(scale_layout="col"), "scale_layout"))
-    for opts, needle in refused:
-        try:
-            epcomm.EPBuffer(cfg.replace(**opts), ck.ctx).close()
-            problems.append(f"{opts} was not refused")
-        except EPInputError as e:
-            if needle not in str(e):
-                problems.append(f"{opts}: {e}")
-    return problems
+def _prequant_refused(ck, cfg):
+    """A (x_fp8, x_scales) pair: refused by the GPU backend (not quantised again, not sent)."""
+    if not cfg.token_format.quantized:
+        return []
+    torch = ck.torch
+    x = torch.zeros((4, cfg.hidden), dtype=torch.float8_e4m3fn, device=ck.dev)
+    s = torch.ones((4, cfg.scale_cols), dtype=torch.float32, device=ck.dev)
+    ids = torch.zeros((4, cfg.topk), dtype=torch.int32, device=ck.dev)
+    buf = epcomm.EPBuffer(cfg, ck.ctx)
+    try:
+        buf.dispatch((x, s), ids)
+        return ["caller-quantised input was not refused"]
+    except EPInputError as e:
+        return [] if "caller-quantised" in str(e) else [f"refusal says: {e}"]
+    finally:
+        ck.ctx.comm.Barrier()    # every rank refused before any closes the (now failed) buffer
+        buf.close()

@@ -64,7 +64,6 @@ class GpuBackend:
 
     def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
                  blocks: int | None = None):
-        features.check_config(cfg)
         self.cfg, self.ctx = cfg, ctx
         R = cfg.world_size
         self.me = ctx.rank
@@ -267,10 +266,20 @@ class GpuBackend:
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
-        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=v(s.get("escale"), kind),
+        scales = self._scales_view(v(s.get("escale"), kind), kind)
+        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
                               handle=GpuHandle(hp, T, kind))
+
+    def _scales_view(self, store, kind: str):
+        """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
+        (scale_layout "col": storage [.., cols, aligned rows] -> [.., rows, cols], no copy)."""
+        if store is None or self.cfg.scale_layout != "col":
+            return store
+        rows = self.cfg.rows_shape[-1]
+        cut = store[..., :rows]
+        return cut.transpose(-1, -2) if kind == "torch" else cut.swapaxes(-1, -2)
 
     def dispatch(self, x, topk_ids, stats_out=None) -> DispatchResult:
         kind, T, hp, p, st = self._dispatch_params(x, topk_ids)

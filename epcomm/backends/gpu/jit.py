@@ -50,6 +50,7 @@ def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
         "EP_THREADS": threads, "EP_UE8M0": int(cfg.scale_format == "ue8m0"),
         "EP_ROW_ALIGN": cfg.expert_alignment, "EP_BATCHED": int(cfg.layout == "batched"),
         "EP_CAP": cfg.batched_capacity if cfg.layout == "batched" else 0,
+        "EP_COL_SCALES": int(cfg.scale_layout == "col"),
     }
     return {**shape, **kernel_defines(cfg)}
 

@@ -189,6 +189,16 @@ class DeviceArray:
 OUTPUT_SETS = 2   # outputs are double buffered: a result stays valid until the second call after it
 
 
+def scale_storage_shape(cfg) -> tuple[int, ...]:
+    """Shape of expert_scales' storage: [*rows, cols] row-major; column-major (scale_layout "col"): [*slabs, cols,
+    rows rounded up to 4] (16-byte aligned columns, epcomm/layouts.py), handed out as a transposed view."""
+    *slabs, rows = cfg.rows_shape
+    cols = -(-cfg.hidden // 128)
+    if cfg.scale_layout == "col":
+        return (*slabs, cols, -(-rows // 4) * 4)
+    return (*slabs, rows, cols)
+
+
 def device_arrays(cfg) -> list[DeviceArray]:
     """Every device array GpuBackend allocates outside the symmetric heap (each "dispatch" / "combine" entry
     OUTPUT_SETS times)."""
@@ -200,7 +210,7 @@ def device_arrays(cfg) -> list[DeviceArray]:
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
            DeviceArray("expert_x", "ex", (*maxr, H), fmt, False, "dispatch")]
     if cfg.token_format.quantized:
-        out.append(DeviceArray("expert_scales", "escale", (*maxr, lay.scale_cols), "f32", False, "dispatch"))
+        out.append(DeviceArray("expert_scales", "escale", scale_storage_shape(cfg), "f32", False, "dispatch"))
     out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
             DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),
             DeviceArray("src_info", "src_info", (*maxr, 3), "i32", True, "dispatch"),

@@ -233,7 +233,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     for (int t = s0 + gw; t < s1; t += nw) {
       int row = t - s0;
       char* dst = reinterpret_cast<char*>(p.ex) + (size_t)row * DATA_BYTES;
-      warp_put_token(p, t, dst, p.escale + (size_t)row * SCALE_COLS);
+      // the row's scales: scale_index(row, 0), then one column stride apart (1 when row-major)
+      warp_put_token(p, t, dst, p.escale + scale_index(p, row, 0), scale_index(p, row, 1) - scale_index(p, row, 0));
       if (lane == 0) { p.src_info[row * 3] = p.me; p.src_info[row * 3 + 1] = t; p.src_info[row * 3 + 2] = -1; }
     }
   }
@@ -403,7 +404,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       if (sl != 0) continue;
       if (FP8)
         for (int c = lane; c < SCALE_COLS; c += 32)
-          p.escale[(size_t)row * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+          p.escale[scale_index(p, row, c)] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
       if (lane == 0) {
         const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
         p.src_info[row * 3] = s; p.src_info[row * 3 + 1] = meta[0]; p.src_info[row * 3 + 2] = meta[1];
@@ -480,7 +481,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           if (rows[k] < 0) continue;
           if (FP8)
             for (int c = lane; c < SCALE_COLS; c += 32)
-              p.escale[(size_t)rows[k] * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+              p.escale[scale_index(p, rows[k], c)] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
           if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
         }
         int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);

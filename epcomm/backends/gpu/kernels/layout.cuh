@@ -46,6 +46,13 @@ constexpr int ROW_ALIGN = EP_ROW_ALIGN;
 constexpr bool BATCHED = EP_BATCHED != 0;
 constexpr int CAP = EP_CAP;
 constexpr bool PLACED = BATCHED || ROW_ALIGN > 1;
+// EP_COL_SCALES: expert_scales column-major, each column padded to a multiple of 4 rows (16 bytes: TMA-aligned),
+// per slab in the batched layout (scale_layout "col"); else row-major [rows, SCALE_COLS].
+#ifndef EP_COL_SCALES
+#define EP_COL_SCALES 0
+#endif
+constexpr bool COL_SCALES = EP_COL_SCALES != 0;
+constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
 constexpr bool SKIP = EP_SKIP != 0;

@@ -18,7 +18,9 @@ __device__ __forceinline__ float block_scale(float amax) {
 
 // fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
 // A partial last block (hidden not a multiple of 128) is padded with zeros by the inactive lanes: no amax changes.
-__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst) {
+// sdst: the row's first scale; its block j goes to sdst[j * sstride] (1: row-major; column-major: the column stride).
+__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst,
+                                               size_t sstride = 1) {
   for (int base = 0; base < ROW_VECS; base += 32) {
     int c = base + lane_id();
     bool act = c < ROW_VECS;
@@ -43,16 +45,31 @@ __device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_
         if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
       }
       reinterpret_cast<uint2*>(qdst)[c] = make_uint2(lo, hi);
-      if ((lane_id() & 15) == 0) sdst[c / 16] = scale;
+      if ((lane_id() & 15) == 0) sdst[(size_t)(c / 16) * sstride] = scale;
     }
   }
 }
 
+// Index in expert_scales of row `row` (a flat row of expert_x), scale column c, in the configured scale layout
+// (epcomm/layouts.py): row-major, or column-major with columns of rows rounded up to 4 floats (per slab if batched).
+__device__ __forceinline__ size_t scale_index(const Params& p, int row, int c) {
+  if constexpr (!COL_SCALES) {
+    return (size_t)row * SCALE_COLS + c;
+  } else if constexpr (BATCHED) {
+    const int g = row / CAP, i = row - g * CAP;
+    return ((size_t)g * SCALE_COLS + c) * CAP_AL4 + i;
+  } else {
+    return (size_t)c * (size_t)((p.maxr + 3) / 4 * 4) + row;
+  }
+}
+
 // Write token t's payload (data [+ scales]) to dst (a message or an output row).
-__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales) {
+__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales,
+                                               size_t scale_stride = 1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
   if constexpr (FP8) {
-    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales);
+    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales,
+                   scale_stride);
   } else {
     warp_copy(dst_data, xrow, 2 * H);
   }
