@@ -10,11 +10,11 @@ Without MPI (inference servers, GPU): `epcomm.torch_context()` after torch.distr
 `epcomm.uid_context(uid, rank, world_size, device)` with your own unique-id channel.
 """
 from .config import EPConfig
-from .errors import EPError, EPInputError, EPTimeoutError
+from .errors import EPError, EPInputError, EPPeerRejectedError, EPTimeoutError
 from .results import DispatchResult
 
-__all__ = ["EPConfig", "EPError", "EPInputError", "EPTimeoutError", "DispatchResult", "init", "EPBuffer",
-           "torch_context", "uid_context"]
+__all__ = ["EPConfig", "EPError", "EPInputError", "EPPeerRejectedError", "EPTimeoutError", "DispatchResult", "init",
+           "EPBuffer", "torch_context", "uid_context"]
 
 
 def __getattr__(name):

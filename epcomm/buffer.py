@@ -6,10 +6,16 @@
 
 Rules:
 * Every check runs before anything is sent; a failure raises a one-line EPInputError saying what was expected and
-  what came. Any failure on one rank (bad input and timeouts included) first writes an abort word into every peer's
-  window, so the peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their
-  deadline.
-  After a failure the buffer is unusable (on every rank); create a new one.
+  what came. A refused call harms no one (host backend): the rank still takes part in the round with nothing, marked
+  "rejected", so the buffer stays usable on every rank. A refused dispatch: the peers get a correct round of the
+  other ranks' tokens and DispatchResult.rejected_ranks names the refusing rank; since its experts will not run,
+  that round's combine goes out at once too, marked and empty. A refused combine (bad arrays or handle, for the
+  latest round not yet combined) is sent marked and empty. A peer whose tokens needed the refusing rank's experts
+  gets EPPeerRejectedError from its combine instead of a partial sum.
+  On the GPU backend (no mark in its protocol yet) a refused call still aborts, as any other failure below.
+* Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
+  peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
+  After such a failure the buffer is unusable (on every rank); create a new one.
 * Array kinds (epcomm.arrays): numpy in -> numpy out (host backend); torch / cupy in -> same out (gpu backend).
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
   raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
@@ -36,7 +42,7 @@ from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPError, EPInputError
+from .errors import EPError, EPInputError, EPPeerRejectedError
 from .microbatch import LiveDispatches
 from .results import DispatchResult
 
@@ -61,6 +67,7 @@ class Pending:
     num_tokens: int
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
+    error: Exception | None = None   # an EPPeerRejectedError of that receive, raised by its own *_wait
 
 
 def _fail(msg: str):
@@ -88,6 +95,10 @@ class EPBuffer:
         self._closed = False
         self._failed: str | None = None
         self._backend: Backend = backends.make_backend(cfg, ctx)
+        # Backends that can take part in a round with nothing (a "rejected" mark in their protocol): a refused call
+        # then harms no one. The others abort on a refused call, like on any failure.
+        self._can_refuse = all(callable(getattr(self._backend, m, None))
+                               for m in ("dispatch_rejected", "combine_rejected"))
         ctx._buffers.add(self)
 
     # ------------------------------------------------------------------ checks
@@ -167,9 +178,12 @@ class EPBuffer:
             raise EPError(f"EPBuffer unusable after an earlier failure: {self._failed}")
 
     def _call(self, fn, *args):
-        """Run a check or backend call; on failure tell the peers (abort word) before raising."""
+        """Run a check or backend call; on failure tell the peers (abort word) before raising. A peer's refusal
+        (EPPeerRejectedError) is not a failure of this buffer."""
         try:
             return fn(*args)
+        except EPPeerRejectedError:
+            raise
         except BaseException as e:
             # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
             # Only a peer's abort is not passed on (that peer already told everyone).
@@ -186,19 +200,58 @@ class EPBuffer:
         """Run the receive of outstanding *_async calls in issue order (all, or up to and including `upto`): every
         backend then sees send / receive pairs in one order on every rank, whatever order the user waits in."""
         while self._outstanding:
-            p = self._outstanding[0]
+            p = self._outstanding.pop(0)
             wait = self._backend.dispatch_wait if p.kind == "dispatch" else self._backend.combine_wait
-            p.result = self._call(wait, p.inner)
-            self._outstanding.pop(0)
+            try:
+                p.result = self._call(wait, p.inner)
+            except EPPeerRejectedError as e:
+                p.error = e               # that combine's own *_wait raises it
             if p is upto:
                 return
+
+    def _checked(self, check, *args, refuse=None):
+        """Run an input check. Where the backend can take part with nothing, a refused call is local: `refuse` (if
+        any) keeps the peers' round whole, and the EPInputError goes to the caller, the buffer still usable.
+        Elsewhere a refusal fails the buffer and aborts the peers (_call)."""
+        if not self._can_refuse:
+            return self._call(check, *args)
+        try:
+            return check(*args)
+        except EPInputError:
+            if refuse is not None:
+                refuse()
+            raise
+
+    def _refuse_dispatch(self) -> None:
+        """This rank's dispatch input was refused: take part in the round with no tokens (marked), so the peers
+        get the round of the other ranks' tokens, and send that round's combine marked and empty right away (its
+        experts will not run). Both are safe to send now: the combine's signals go out after this rank's receive of
+        the same round, as in any round, and nothing is awaited for them."""
+        self._complete()
+        inner = self._call(self._backend.dispatch_rejected)
+        self._call(self._backend.dispatch_wait, inner)   # the round's receive runs as usual; its result is dropped
+        r, self._round = self._round, self._round + 1
+        self._call(self._backend.combine_rejected, r)
+        self._live.combined(r)     # never live (no handle); its combine is out
+
+    def _refuse_combine(self, handle) -> None:
+        """A combine was refused: the round it meant (its handle's when that dispatch is live, or else the latest) is
+        sent marked and empty now, unless that round was combined already (then nobody waits for this call)."""
+        latest = self._round - 1
+        r = handle.round if (isinstance(handle, Handle) and handle.buffer_serial == self._serial
+                             and handle.round in self._live.rounds()) else latest
+        if r < 0 or self._live.was_combined(r):
+            return
+        self._complete()
+        self._call(self._backend.combine_rejected, r)
+        self._live.combined(r)
 
     def dispatch(self, x, topk_ids, *, stats_out=None) -> DispatchResult:
         """Send and receive in one call (one kernel launch on GPUs). x: bf16 [T, hidden], or (x_fp8, x_scales)
         already quantised (sent unchanged). stats_out: [n_local_experts] int32 / int64 counters the received rows
         per local expert are added to (on the device)."""
         self._usable()
-        t = self._call(self._check_tokens, x, topk_ids, stats_out)
+        t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
         self._call(self._live.admit, self._round)
         self._complete()
         res = self._call(self._backend.dispatch, x, topk_ids, *_extra(stats_out))
@@ -209,7 +262,7 @@ class EPBuffer:
 
     def dispatch_async(self, x, topk_ids, *, stats_out=None) -> Pending:
         self._usable()
-        t = self._call(self._check_tokens, x, topk_ids, stats_out)
+        t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
         self._call(self._live.admit, self._round)
         self._complete()
         inner = self._call(self._backend.dispatch_async, x, topk_ids, *_extra(stats_out))
@@ -227,7 +280,7 @@ class EPBuffer:
 
     def dispatch_wait(self, pending: Pending) -> DispatchResult:
         self._usable()
-        self._call(self._check_pending, pending, "dispatch")
+        self._checked(self._check_pending, pending, "dispatch")
         self._complete(upto=pending)
         res, pending.result = pending.result, None
         pending.waited = True
@@ -239,15 +292,16 @@ class EPBuffer:
         """Send expert rows back and reduce them in one call (one kernel launch on GPUs). expert_y in the buffer's
         layout; out: the caller's bf16 [T, hidden] y to write (returned), else a buffer-owned one."""
         self._usable()
-        self._call(self._check_combine, expert_y, handle, topk_weights, out)
+        self._checked(self._check_combine, expert_y, handle, topk_weights, out,
+                      refuse=lambda: self._refuse_combine(handle))
         self._complete()
-        y = self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out))
         self._live.combined(handle.round)
-        return y
+        return self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out))
 
     def combine_async(self, expert_y, handle, topk_weights, *, out=None) -> Pending:
         self._usable()
-        self._call(self._check_combine, expert_y, handle, topk_weights, out)
+        self._checked(self._check_combine, expert_y, handle, topk_weights, out,
+                      refuse=lambda: self._refuse_combine(handle))
         self._complete()
         inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights,
                             *_extra(out))
@@ -258,10 +312,13 @@ class EPBuffer:
 
     def combine_wait(self, pending: Pending):
         self._usable()
-        self._call(self._check_pending, pending, "combine")
+        self._checked(self._check_pending, pending, "combine")
         self._complete(upto=pending)
         y, pending.result = pending.result, None
         pending.waited = True
+        if pending.error is not None:
+            err, pending.error = pending.error, None
+            raise err
         return y
 
     def check(self) -> None:

@@ -72,32 +72,138 @@ def _world_comm():
     return MPI.COMM_WORLD
 
 
-def _abort_job_on_uncaught_exception(comm) -> None:
-    """An exception that ends one rank ends the job: print it, then MPI_Abort.
+_EXIT: dict = {"code": None}   # the code of the last sys.exit / exit() on the main thread
 
-    Without this, the rank that raised waits in MPI_Finalize at exit while its peers wait for it in a collective (or a
-    signal), and the job only ends at the launcher's --timeout (seen on the GPU machine when one rank failed to import
-    a module inside EPBuffer()). Installed once, by the first init() of a multi-rank job."""
+
+def _record_exit_code(code) -> None:
+    """The code a SystemExit carries, as the interpreter will turn it into an exit status (main thread only: a
+    SystemExit in another thread ends just that thread)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if code is None:
+        _EXIT["code"] = 0
+    elif isinstance(code, int):
+        _EXIT["code"] = code & 0xFF
+    else:   # sys.exit("message") prints it and exits 1
+        _EXIT["code"] = 1
+
+
+def _end_job(comm, code: int, reason: str) -> None:
+    """This rank ends while its peers may sit in a collective waiting for it: say so, leave an exit record for the
+    launcher, then MPI_Abort so every rank ends now with this code (instead of at the launcher's --timeout)."""
+    from . import exitrecord
+    rank = comm.Get_rank()
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - a closed stdout must not stop the abort
+        pass
+    try:
+        sys.stderr.write(f"epcomm: rank {rank} ended with {reason}; aborting the job (exit {code})\n")
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    exitrecord.write(rank, code, reason, by="rank")
+    comm.Abort(code)
+    os._exit(code)   # MPI_Abort may return (MPICH did, from an atexit handler): never go on to MPI_Finalize
+
+
+def _everyone_ending(world: int) -> bool:
+    import time
+
+    from . import exitrecord
+    job_dir = os.environ.get(exitrecord.ENV)
+    if not job_dir:
+        return False
+    end = time.monotonic() + exitrecord.COLLECTIVE_EXIT_WAIT_S
+    while True:
+        if len(exitrecord.ranks_ending(exitrecord.read_all(job_dir))) >= world:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+
+
+def _install_exit_guard(comm) -> None:
+    """Any end of this rank that its peers cannot see coming ends the whole job, with this rank's code.
+
+    * an uncaught exception: printed, then MPI_Abort(1). Without it the rank that raised waits in MPI_Finalize
+      while its peers wait for it (seen on the GPU machine when one rank failed to import a module inside EPBuffer());
+    * sys.exit(n) / exit(n) with n != 0: MPI_Abort(n) at interpreter exit. Without it the rank would wait in
+      MPI_Finalize for peers that wait for it in a collective (a barrier, an EPBuffer creation), and the job would
+      only end at the launcher's --timeout (the code lost). Under the launcher, when every rank is ending within
+      exitrecord.COLLECTIVE_EXIT_WAIT_S (all exit 1 after a failed check, say), the exit is a normal one, code n;
+    * sys.exit(0) or the end of the script: a normal end, MPI_Finalize as usual.
+    A SystemExit raised directly (`raise SystemExit(3)`) carries a code that Python shows to no hook: it counts as
+    a normal end here (the launcher's --exit-wait covers it). A kill -9 is seen by the launcher's rank wrapper.
+    Installed once, by the first init() of a multi-rank job."""
     if getattr(sys.excepthook, "_epcomm_abort", False):
         return
+    import atexit
+    import builtins
+
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
-        if not issubclass(exc_type, KeyboardInterrupt):
-            sys.stderr.write(f"epcomm: rank {comm.Get_rank()} ended with {exc_type.__name__}; aborting the job\n")
-        sys.stderr.flush()
-        comm.Abort(1)
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.stderr.flush()
+            comm.Abort(1)
+            return
+        first = (str(exc).splitlines() or [""])[0]
+        _end_job(comm, 1, f"{exc_type.__name__}: {first}" if first else exc_type.__name__)
 
     hook._epcomm_abort = True
     sys.excepthook = hook
+
+    real_exit = sys.exit
+
+    def exit_(code=None):
+        _record_exit_code(code)
+        real_exit(code)
+
+    exit_.__doc__ = real_exit.__doc__
+    sys.exit = exit_
+    for name in ("exit", "quit"):   # the site builtins raise SystemExit themselves
+        q = getattr(builtins, name, None)
+        if q is not None and type(q).__name__ == "Quitter":
+            setattr(builtins, name, _Quitter(q))
+
+    def at_exit():
+        from . import exitrecord
+        code = _EXIT["code"]
+        if not code:   # a normal end: the launcher learns it now, not after MPI_Finalize
+            exitrecord.write(comm.Get_rank(), 0, "finished", by="rank")
+            return
+        # atexit handlers run before mpi4py's MPI_Finalize, which would wait for peers that may wait for this rank
+        if exitrecord.write(comm.Get_rank(), code, f"SystemExit({code})", by="rank") and \
+                _everyone_ending(comm.Get_size()):
+            return   # every rank is ending (a program that exits 1 or 3 on all ranks): finalize as usual
+        _end_job(comm, code, f"SystemExit({code})")
+
+    atexit.register(at_exit)
+
+
+class _Quitter:
+    """builtins.exit / quit that also note the code for the exit guard."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __repr__(self):
+        return repr(self._inner)
+
+    def __call__(self, code=None):
+        _record_exit_code(code)
+        self._inner(code)
 
 
 def init(topology=None, comm=None, backend: str = "auto", abort_on_error: bool = True) -> Context:
     """The Context of this process (see module doc). Raises EPInputError on a topology / communicator mismatch.
 
-    abort_on_error: an exception that reaches the top of a rank's program aborts every rank (MPI_Abort) instead of
-    leaving the peers waiting for their deadline; pass False to handle it yourself."""
+    abort_on_error: an exception that reaches the top of a rank's program, or sys.exit(n) with n != 0, aborts every
+    rank (MPI_Abort, with that code) instead of leaving the peers waiting for their deadline; pass False to handle
+    it yourself (docs/FAILURES.md)."""
     global _CTX, _CTX_KEY
     if backend not in BACKENDS:
         raise EPInputError(f"init: backend must be one of {BACKENDS}, got {backend!r}")
@@ -108,7 +214,7 @@ def init(topology=None, comm=None, backend: str = "auto", abort_on_error: bool =
     comm = _world_comm() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
     if abort_on_error and size > 1:
-        _abort_job_on_uncaught_exception(comm)
+        _install_exit_guard(comm)
     topo = _load_topology(topology)
     if topo is None:
         topo = Topology.from_env()

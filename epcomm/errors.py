@@ -9,6 +9,19 @@ class EPInputError(EPError, ValueError):
     """Bad arguments (shape, dtype, ids out of range, too many tokens), raised before anything is sent."""
 
 
+class EPPeerRejectedError(EPError):
+    """A peer refused its own input for this round (it raised EPInputError) and took part with nothing, so this
+    rank's result would miss that peer's contribution: raised instead of a partial sum. The buffer stays usable.
+
+    ``rank`` / ``node``: the peer that refused; ``round``: the dispatch round; ``what``: "dispatch" (its experts did
+    not run, since its dispatch was refused) or "combine" (it refused its combine input).
+    """
+
+    def __init__(self, message: str, *, rank: int, node: int | None, round: int, what: str):
+        super().__init__(message)
+        self.rank, self.node, self.round, self.what = rank, node, round, what
+
+
 class EPTimeoutError(EPError, TimeoutError):
     """A peer did not arrive before the deadline.
 

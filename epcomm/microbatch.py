@@ -7,8 +7,9 @@ outputs and the state its combine needs live until the second dispatch after it.
 * a dispatch is *live* from its call until it is combined, or until nothing can combine it any more: its handle
   (or, before its *_wait, its pending object) has been dropped (garbage-collected), so dispatch-only loops that
   discard their results never count;
-* a third dispatch while two are live is refused (EPInputError, before anything is sent): it would overwrite the
-  oldest one's outputs before its combine;
+* dispatch round r reuses the set of round r - 2: while round r - 2 is live, dispatch r is refused (EPInputError,
+  before anything is sent), since it would overwrite that round's outputs before its combine. With rounds issued
+  back to back that is "a third dispatch while two are live";
 * combine takes the handle of either live dispatch, in any order (every rank in the same order), once.
 
 This is host bookkeeping of eager calls. Calls inside a CUDA graph are checked at capture; on replay the device
@@ -26,20 +27,22 @@ LIVE_LIMIT = 2
 class LiveDispatches:
     def __init__(self):
         self._live: dict[int, weakref.ref] = {}     # round -> weak reference to what can still combine it
+        self._combined: set[int] = set()            # rounds combined (the latest few), for was_combined
 
     def _prune(self) -> None:
         for r in [r for r, ref in self._live.items() if ref() is None]:
             del self._live[r]
 
     def admit(self, round_: int) -> None:
-        """Before dispatch `round_` is sent: refuse a third live dispatch."""
+        """Before dispatch `round_` is sent: refuse it while round_ - 2 (whose set it reuses) is live."""
         self._prune()
-        if len(self._live) >= LIVE_LIMIT:
-            rounds = sorted(self._live)
+        old = round_ - LIVE_LIMIT
+        if old in self._live:
             raise EPInputError(
-                f"dispatch: rounds {rounds} of this buffer are dispatched and not yet combined; at most {LIVE_LIMIT} "
-                f"dispatches may be outstanding (two micro-batches): combine round {rounds[0]} first, or drop its "
-                f"result (del result / its handle) if it will not be combined")
+                f"dispatch: round {old} of this buffer is dispatched and not yet combined, and dispatch round "
+                f"{round_} would reuse its buffers; at most {LIVE_LIMIT} dispatches may be outstanding (two "
+                f"micro-batches): combine round {old} first, or drop its result (del result) if it will not be "
+                f"combined")
 
     def track(self, round_: int, owner) -> None:
         """`owner` (a Pending, then the Handle) is what can still combine dispatch `round_`."""
@@ -57,6 +60,11 @@ class LiveDispatches:
 
     def combined(self, round_: int) -> None:
         self._live.pop(round_, None)
+        self._combined.add(round_)
+        self._combined -= {r for r in self._combined if r < round_ - 2 * LIVE_LIMIT}
+
+    def was_combined(self, round_: int) -> bool:
+        return round_ in self._combined
 
     def rounds(self) -> list[int]:
         self._prune()

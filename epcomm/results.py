@@ -17,6 +17,8 @@ class DispatchResult:
     That is layout "grouped"; in layout "batched" expert_x / expert_scales / src_info are [n_local_experts, capacity,
     ...], row_offsets[g] = g * capacity and tokens_per_expert is the mask (docs/ARCHITECTURE.md "Output layouts").
     A src_info row of -1 holds no token (padding, unused slab rows, past the end).
+    rejected_ranks: ranks that refused their own input for this round (EPInputError there) and sent nothing; the
+    result holds every other rank's tokens (host backend; always empty on the GPU backend, where a refusal aborts).
     """
 
     expert_x: Any
@@ -26,3 +28,4 @@ class DispatchResult:
     src_info: Any
     tokens_per_expert: Any
     handle: Any = None
+    rejected_ranks: tuple = ()

@@ -7,8 +7,11 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 
+from epcomm import exitrecord
 from epcomm.errors import EPInputError
 from epcomm.topology import Topology
 from launch.mpicmd import JobSpec, build_command, resolve_config
@@ -20,7 +23,8 @@ Run a command on every rank of an epcomm topology (configs/*.yaml, schema in doc
 Builds the mpirun command for Open MPI or MPICH (detected from `mpirun --version`, or the YAML's `mpi:`),
 one rank per GPU (or ranks_per_node on host-only configs), ranks laid out node by node. Each rank runs
 through `python -m launch.rank_env`, which exports EPCOMM_RANK / EPCOMM_NODE / EPCOMM_LOCAL_RANK /
-EPCOMM_DEVICE / EPCOMM_TOPOLOGY (and NVSHMEM settings) before exec'ing the command."""
+EPCOMM_DEVICE / EPCOMM_TOPOLOGY (and NVSHMEM settings) and runs the command as its child: the first rank
+that ends badly (an exception, a non-zero exit, a signal) ends the whole job, named (docs/FAILURES.md)."""
 
 EPILOG = """\
 examples:
@@ -50,6 +54,9 @@ def _common(p: argparse.ArgumentParser, *, needs_cmd: bool) -> None:
                        help="kill every rank after S seconds and exit 124")
         p.add_argument("--grace", type=float, default=5.0, metavar="S",
                        help="seconds between SIGTERM and SIGKILL when stopping the job (default 5)")
+        p.add_argument("--exit-wait", type=float, metavar="S",
+                       help="stop the job (exit 1) when ranks still run S seconds after one finished with exit 0 "
+                            "(default: wait; a rank that ends badly always ends the job at once)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -59,7 +66,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("run", help="run CMD on every rank", formatter_class=fmt,
-                       description="Run CMD (after --) on every rank. Exit status: non-zero if any rank failed, "
+                       description="Run CMD (after --) on every rank. The first rank that ends badly (an "
+                                   "exception, a non-zero exit, a signal) ends the whole job at once; the "
+                                   "launcher names it (rank, node, host) and exits with its code. Otherwise: 0, "
                                    "124 on --timeout, 128+N when stopped by signal N. `python` as CMD means "
                                    "this interpreter.",
                        epilog="example: python -m launch run -t cpu-4rank --timeout 60 -- python -m epcomm.demo")
@@ -99,10 +108,12 @@ def _extra_env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _spec(args, cmd: list[str]) -> JobSpec:
+def _spec(args, cmd: list[str], job_dir: str | None = None) -> JobSpec:
     topo = _topology(args)
-    return build_command(topo, cmd, mpi=args.mpi, mpirun=args.mpirun, extra_env=_extra_env(args.env),
-                         mpi_args=args.mpi_arg)
+    extra = _extra_env(args.env)
+    if job_dir is not None:
+        extra[exitrecord.ENV] = job_dir   # where every rank leaves its exit record (epcomm/exitrecord.py)
+    return build_command(topo, cmd, mpi=args.mpi, mpirun=args.mpirun, extra_env=extra, mpi_args=args.mpi_arg)
 
 
 def _plan(spec: JobSpec, as_json: bool) -> None:
@@ -157,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             print("launch run: no command; put it after --, e.g. `python -m launch run -t cpu-4rank -- "
                   "python -m epcomm.demo`", file=sys.stderr)
             return 2
-        spec = _spec(args, cmd)
+        job_dir = None if args.dry_run else tempfile.mkdtemp(prefix="epcomm-job-")
+        try:
+            spec = _spec(args, cmd, job_dir)
+        except BaseException:
+            if job_dir is not None:
+                shutil.rmtree(job_dir, ignore_errors=True)
+            raise
     except EPInputError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 2
@@ -170,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     env.update(spec.env)
     sys.stdout.flush()
     try:
-        return run_job(spec.command, env=env, timeout=args.timeout, grace=args.grace)
+        return run_job(spec.command, env=env, timeout=args.timeout, grace=args.grace, job_dir=job_dir,
+                       world=spec.topology.world_size, exit_wait=args.exit_wait)
     finally:
+        if job_dir is not None:
+            shutil.rmtree(job_dir, ignore_errors=True)
         for path in spec.temp_files:  # the ranks are gone: nothing reads the -n topology file any more
             try:
                 os.unlink(path)

@@ -1,8 +1,13 @@
 """Per-rank wrapper: ``python -m launch.rank_env [-t TOPOLOGY] -- CMD ...``.
 
 Runs under mpirun, once per rank. Reads the rank the MPI launcher gave this process, computes its node,
-local rank, GPU and NIC from the topology, exports them, and execs CMD. All GPUs stay visible
+local rank, GPU and NIC from the topology, exports them, and runs CMD as its child. All GPUs stay visible
 (peer access needs them); the rank's GPU is named by EPCOMM_DEVICE.
+
+It stays CMD's parent (instead of exec'ing it) to see every end of the rank, a kill -9 included: it forwards the
+signals mpirun sends (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2) to CMD, exits with CMD's status (128+N for death by
+signal N) and writes an exit record for the launcher (epcomm/exitrecord.py); when that status is not 0 it also prints
+one line naming the rank and host, and the launcher ends the whole job at once (docs/FAILURES.md).
 """
 
 from __future__ import annotations
@@ -120,8 +125,9 @@ def _check_host(topo: Topology, rank: int) -> None:
               f"{want!r} (node {topo.node_of(rank)})", file=sys.stderr)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the MPI daemon that started it dies (no orphaned ranks)."""
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphaned ranks): the wrapper dies with the MPI
+    daemon that started it, the rank with its wrapper."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -129,9 +135,72 @@ def _die_with_parent() -> None:
         import signal
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG survives exec
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:  # pragma: no cover - best effort
         pass
+
+
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT")
+
+
+def exit_status(returncode: int) -> int:
+    """A child's Popen returncode as a shell would report it: -N (signal N) -> 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_status(returncode: int) -> str:
+    if returncode < 0:
+        import signal
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit {returncode}"
+
+
+def _rank_said_it(rank: int, status: int) -> bool:
+    """Did the rank itself leave a record with this code (epcomm's exit guard, which prints its own line)?"""
+    from epcomm import exitrecord
+    job_dir = os.environ.get(exitrecord.ENV)
+    return bool(job_dir) and any(r.rank == rank and r.by == "rank" and r.code == status
+                                 for r in exitrecord.read_all(job_dir))
+
+
+def run_child(argv: list[str], rank: int) -> int:
+    """Run the rank's command as a child, forward signals to it, report a non-zero end; returns the exit status."""
+    import signal
+    import socket
+    import subprocess
+
+    from epcomm import exitrecord
+
+    try:
+        # close_fds=False: the child inherits what an exec would keep (MPICH's PMI_FD socket among them)
+        child = subprocess.Popen(argv, close_fds=False, preexec_fn=_set_parent_death_signal)
+    except OSError as e:
+        print(f"launch.rank_env: rank {rank}: cannot run {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
+        return 127
+
+    def forward(signum, _frame):
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for name in FORWARDED_SIGNALS:
+        try:
+            signal.signal(getattr(signal, name), forward)
+        except (AttributeError, ValueError, OSError):
+            pass
+    rc = child.wait()   # a forwarded signal interrupts the wait only for the handler (PEP 475 retries it)
+    status = exit_status(rc)
+    if status != 0 and not _rank_said_it(rank, status):
+        node = os.environ.get("EPCOMM_NODE", "?")
+        print(f"launch.rank_env: rank {rank} (node {node}, host {socket.gethostname()}) ended: "
+              f"{describe_status(rc)}", file=sys.stderr, flush=True)
+    exitrecord.write(rank, status, describe_status(rc), by="wrapper")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,13 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rank_environment(topo, rank).items():
         if not (k in glob and k in os.environ):
             os.environ[k] = v
-    _die_with_parent()
+    _set_parent_death_signal()
     sys.stdout.flush()
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as e:
-        print(f"launch.rank_env: rank {rank}: cannot run {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
-        return 127
+    return run_child(argv, rank)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run an mpirun command: propagate its exit code, stop every rank on SIGINT/SIGTERM, enforce --timeout."""
+"""Run an mpirun command: propagate its exit code, stop every rank on SIGINT/SIGTERM, enforce --timeout, and end the
+whole job as soon as one rank ends badly (exit records in the job directory, epcomm/exitrecord.py)."""
 
 from __future__ import annotations
 
@@ -67,11 +68,74 @@ def _reap_session(sid: int, grace: float) -> None:
         time.sleep(0.05)
 
 
+# After the first failed rank, mpirun gets this long to end the job by itself (its own message is the more useful
+# one) before the launcher stops it.
+MPI_OWN_ABORT_S = 2.0
+# A rank that finished (exit 0) while others still run is reported once after this long (they may be waiting for it).
+FINISHED_NOTICE_S = 10.0
+
+
+class _Watch:
+    """The job directory's exit records, as the launcher acts on them."""
+
+    def __init__(self, job_dir: str | None, exit_wait: float | None):
+        self.job_dir, self.exit_wait = job_dir, exit_wait
+        self.failure = None            # the first failed rank's ExitRecord
+        self.first_done = None         # (record, monotonic time seen) of the first rank that ended with 0
+        self.noticed = False
+        self.next_scan = 0.0
+
+    def scan(self, now: float, world: int | None):
+        """Returns "failed" (a rank ended badly), "stranded" (--exit-wait passed since a rank finished) or None."""
+        if self.job_dir is None or self.failure is not None or now < self.next_scan:
+            return None
+        self.next_scan = now + 0.1
+        from epcomm import exitrecord
+        recs = exitrecord.read_all(self.job_dir)
+        bad = exitrecord.first_failure(recs)
+        if bad is not None:
+            if world is not None and len(exitrecord.ranks_ending(recs)) >= world:
+                return None   # every rank is ending, some with a non-zero code: mpirun ends the job by itself
+            if bad.reason.startswith("SystemExit(") and time.time() - bad.time < exitrecord.COLLECTIVE_EXIT_WAIT_S:
+                return None   # an exit the other ranks may be taking too: they get as long as the rank waits
+            self.failure = bad
+            return "failed"
+        done = {r.rank for r in recs}
+        if done and self.first_done is None:
+            self.first_done = (recs[0], now)
+        if self.first_done is None or (world is not None and len(done) >= world):
+            return None
+        rec, since = self.first_done
+        if not self.noticed and now - since >= FINISHED_NOTICE_S:
+            self.noticed = True
+            left = "" if world is None else f" ({world - len(done)} of {world} ranks still running)"
+            print(f"launch: {rec.describe()} finished (exit 0) {now - since:.0f} s ago{left}; if the others wait "
+                  f"for it, the job hangs: --exit-wait S stops them", file=sys.stderr, flush=True)
+        if self.exit_wait is not None and now - since >= self.exit_wait:
+            return "stranded"
+        return None
+
+    def last_failure(self, world: int | None):
+        """After the job: (the first failed rank or None, whether every rank was ending by then)."""
+        if self.job_dir is None:
+            return self.failure, False
+        from epcomm import exitrecord
+        recs = exitrecord.read_all(self.job_dir)
+        if self.failure is None:
+            self.failure = exitrecord.first_failure(recs)
+        return self.failure, world is not None and len(exitrecord.ranks_ending(recs)) >= world
+
+
 def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
-            grace: float = 5.0) -> int:
+            grace: float = 5.0, job_dir: str | None = None, world: int | None = None,
+            exit_wait: float | None = None) -> int:
     """Run `argv` in its own process group; returns the exit status the launcher should exit with.
 
     - normal end: mpirun's exit code (non-zero when any rank failed); death by signal N gives 128+N
+    - a rank ends badly (job_dir gets an exit record with a non-zero code: an uncaught exception, sys.exit(n != 0),
+      a signal such as kill -9): a line naming the first such rank, its node and host; mpirun gets
+      MPI_OWN_ABORT_S to end the job itself, then the stop sequence below; exits with that rank's code
+    - exit_wait: S seconds after the first rank finished with exit 0, ranks still running are stopped (exit 1)
     - SIGINT / SIGTERM / SIGHUP to the launcher: SIGTERM to mpirun's process group (mpirun forwards it to
       every rank), SIGKILL after `grace` seconds; a second signal kills at once; exits 128+signal
     - timeout: same stop sequence, a message on stderr, exit 124
@@ -97,6 +161,9 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
             pass
     deadline = None if timeout is None else time.monotonic() + timeout
     timed_out = False
+    watch = _Watch(job_dir, exit_wait)
+    ended: str | None = None           # "failed" | "stranded": the launcher is ending the job for a rank
+    stop_at = None                     # when to start the stop sequence after a failed rank
     try:
         while True:
             try:
@@ -105,6 +172,22 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
+            if ended is None and not timed_out and state["signal"] is None:
+                ended = watch.scan(now, world)
+                if ended == "failed":
+                    f = watch.failure
+                    print(f"launch: {f.describe()} ended first: {f.reason} (exit {f.code}); ending the job",
+                          file=sys.stderr, flush=True)
+                    stop_at = now + MPI_OWN_ABORT_S
+                elif ended == "stranded":
+                    rec = watch.first_done[0]
+                    print(f"launch: {rec.describe()} finished {exit_wait:g} s ago (--exit-wait) and other ranks "
+                          f"still run; stopping every rank", file=sys.stderr, flush=True)
+                    stop_at = now
+            if stop_at is not None and now >= stop_at:
+                stop_at = None
+                state["kill_at"] = now + grace
+                _signal_group(proc, signal.SIGTERM)
             if deadline is not None and not timed_out and now >= deadline:
                 timed_out = True
                 print(f"launch: job still running after --timeout {timeout:g}s; stopping every rank",
@@ -125,6 +208,16 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
         return TIMEOUT_EXIT
     if state["signal"] is not None:
         return 128 + int(state["signal"])
+    if ended is None and not timed_out:
+        f, everyone = watch.last_failure(world)
+        if f is not None:   # mpirun ended the job by itself: still use the rank's code, and name it if it was alone
+            ended = "failed"
+            if not everyone:
+                print(f"launch: {f.describe()} ended first: {f.reason} (exit {f.code})", file=sys.stderr, flush=True)
+    if ended == "failed":
+        return watch.failure.code
+    if ended == "stranded":
+        return 1
     if rc < 0:
         return 128 - rc
     return rc

@@ -21,7 +21,7 @@ def _resolve(config: str) -> str:
 
 
 def run_launched(config: str, argv: list[str], timeout: float = 120, env: dict[str, str] | None = None,
-                 check: bool = False) -> subprocess.CompletedProcess:
+                 check: bool = False, launch_args: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `argv` on every rank of `config` through ``python -m launch run`` and wait for it.
 
     config: a path, a path relative to the repo root, or a name under configs/ ("cpu-2x4" or "cpu-2x4.yaml").
@@ -29,6 +29,7 @@ def run_launched(config: str, argv: list[str], timeout: float = 120, env: dict[s
             a *.py file gets this interpreter put in front (relative paths are taken from the repo root).
     timeout: the launcher kills every rank after this many seconds (returncode 124).
     env:    extra environment variables for every rank (on top of os.environ).
+    launch_args: extra options of `python -m launch run` (e.g. ["--exit-wait", "5"]).
     Returns the CompletedProcess with text stdout / stderr captured; check=True raises on a non-zero exit
     with both streams in the message.
     """
@@ -40,8 +41,8 @@ def run_launched(config: str, argv: list[str], timeout: float = 120, env: dict[s
     full_env = dict(os.environ)
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "launch", "run", "-t", _resolve(config), "--timeout", f"{timeout:g}",
-           "--grace", "3", "--", *argv]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+           "--grace", "3", *(launch_args or []), "--", *argv]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, errors="replace",
                           timeout=timeout + 60)
     if check and proc.returncode != 0:
         raise AssertionError(f"launched job failed (exit {proc.returncode}): {' '.join(cmd)}\n"

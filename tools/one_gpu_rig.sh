@@ -14,6 +14,7 @@
 #   w2x8      the same, 2 simulated nodes x 8 (16 ranks)                                   configs/one-gpu-2x8.yaml
 #   smoke8    smoke's inventory + EP-correctness stages at 8 ranks                         configs/one-gpu-8.yaml
 #   moe       examples/moe_layer.py (ll/fp8 and ht/bf16) under the launcher, 2 ranks      configs/one-gpu-2.yaml
+#   compat    epcomm.compat.deep_ep (DeepEP's Buffer API) on the GPU: tests/gpu/compat_worker.py, 2 ranks, gloo group
 #   demo      `make demo` on this one-GPU machine: GPU backend, 2 ranks sharing GPU 0, checked against the reference
 #   mps100, mps50, mps12   under MPS (daemon started here, stopped at the end): the full worker at 2 ranks with
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
@@ -28,7 +29,7 @@
 # Split across calls if one does not suffice, e.g.  bash tools/one_gpu_rig.sh prebuild,w2,sim2,w8,w2x4,smoke8,moe
 # then  bash tools/one_gpu_rig.sh prebuild,w2x8,mps
 set -o pipefail
-STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,demo,mps,mpsbench},"
+STEPS=",${1:-prebuild,w2,sim2,w8,w2x4,w2x8,smoke8,moe,compat,demo,mps,mpsbench},"
 STEPS=${STEPS//,mps,/,mps100,mps50,mps12,}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RIG_BUDGET=${RIG_BUDGET:-540}
@@ -99,6 +100,16 @@ if has moe; then
     rc=$?; grep -E "moe_layer|Error" "$OUT/$step.log" | head -4
     record "$step" one-gpu-2 2 "" "$rc" $((SECONDS - t0)) "$OUT/$step.log" moe
   done
+fi
+if has compat; then
+  l=$(limit compat "${T_COMPAT:-240}")   # its shapes compile on first use (about 8 kernels): not in prebuild
+  if (( l == 0 )); then record compat one-gpu-2 2 "" skip 0 "$OUT/compat.log" compat; else
+    echo "=== compat: tests/gpu/compat_worker.py, one-gpu-2 (limit ${l} s)"; t0=$SECONDS
+    timeout $((l + 20)) python3 -m launch run -t configs/one-gpu-2.yaml --timeout "$l" -x MASTER_PORT=29533 -- \
+      python3 tests/gpu/compat_worker.py --seed 1 > "$OUT/compat.log" 2>&1
+    rc=$?; grep -E "^ok in|^FAIL|checks passed" "$OUT/compat.log" | head -8
+    record compat one-gpu-2 2 "" "$rc" $((SECONDS - t0)) "$OUT/compat.log" compat
+  fi
 fi
 if has demo; then
   l=$(limit demo "${T_DEMO:-60}")

@@ -32,6 +32,9 @@ def per_rank(kind: str, log: Path, out: Path) -> dict[int, tuple[int, int]]:
         if "demo: dispatch and combine match the reference" in text:
             for r, status in re.findall(r"^\s*(\d+)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+(ok|MISMATCH)", text, re.M):
                 got[int(r)] = (int(status == "ok"), 1)
+    elif kind == "compat":   # rank 0 prints "rank R: P checks passed, F failed" for every rank
+        for r, p, f in re.findall(r"^rank (\d+): (\d+) checks passed, (\d+) failed", text, re.M):
+            got[int(r)] = (int(p), int(p) + int(f))
     elif kind == "smoke":
         try:
             rep = json.loads((out / "smoke8.json").read_text())

@@ -277,13 +277,14 @@ class Checker:
 
 def abort_test(ck, cfg):
     """Rank 1 aborts (as EPBuffer does on a failure) instead of dispatching; every other rank dispatches and must
-    raise EPError naming it well before its 10 s deadline when it shares rank 1's node (other-node peers only find
-    out by the deadline). Every rank but 1 dispatches, so at > 2 ranks no wait is on a rank that merely stayed idle."""
+    raise EPError naming it well before its 10 s deadline, on rank 1's node (peer pointer) and on other nodes
+    (NVSHMEM signal) alike. Every rank but 1 dispatches, so at > 2 ranks no wait is on a rank that merely stayed
+    idle."""
     from epcomm.backends.gpu import GpuBackend
     from epcomm.errors import EPError
     torch = ck.torch
     same = ck.ctx.topology.same_node(ck.me, 1)
-    cfg = cfg.replace(timeout_s=10.0 if same else 2.0)
+    cfg = cfg.replace(timeout_s=10.0)
     be = GpuBackend(cfg, ck.ctx)
     world = make_world(cfg, seed=6, routing_kind="uniform")
     problems = []
@@ -300,8 +301,7 @@ def abort_test(ck, cfg):
             be.synchronize()
             problems.append("no error")
         except EPTimeoutError as e:
-            if same:
-                problems.append(f"timed out instead of seeing the abort: {e}")
+            problems.append(f"timed out instead of seeing the abort: {e}")
         except EPError as e:
             dt = time.time() - t0
             print(f"[rank {ck.me}] abort seen after {dt:.2f} s: {e}", flush=True)
@@ -312,8 +312,50 @@ def abort_test(ck, cfg):
     be.broken = "abort test"
     ck.ctx.comm.Barrier()
     be.close()
-    ck.ok(f"{cfg.mode}-{cfg.token_format} abort of a peer {'stops the wait at once' if same else 'ends at the deadline'}",
+    ck.ok(f"{cfg.mode}-{cfg.token_format} abort of a {'same' if same else 'other'}-node peer stops the wait at once",
           problems)
+
+
+def give_up_test(ck, cfg):
+    """3+ ranks: rank 1 never dispatches; rank 0 (deadline 2 s) times out and, through EPBuffer, gives up on rank 1
+    everywhere: the other ranks (deadline 30 s), which wait for rank 1 too, must stop within a few seconds of rank
+    0's deadline with an EPError saying that rank 0 gave up on rank 1, not at their own deadline."""
+    from epcomm.errors import EPError
+    torch = ck.torch
+    short, long_ = 2.0, 30.0
+    cfg = cfg.replace(timeout_s=short if ck.me == 0 else long_)
+    buf = epcomm.EPBuffer(cfg, ck.ctx)
+    world = make_world(cfg, seed=7, routing_kind="uniform")
+    problems = []
+    ck.ctx.comm.Barrier()
+    if ck.me != 1:
+        x = tb16(world.xs[ck.me], ck.dev)
+        ids = torch.from_numpy(world.topk_ids[ck.me]).to(ck.dev)
+        t0 = time.time()
+        try:
+            buf.dispatch(x, ids)
+            buf.synchronize()
+            problems.append("no error")
+        except EPTimeoutError as e:
+            dt = time.time() - t0
+            print(f"[rank {ck.me}] EPTimeoutError after {dt:.2f} s: {e}", flush=True)
+            if ck.me != 0 or e.rank != 1:
+                problems.append(f"rank {ck.me} timed out itself: {e}")
+        except EPError as e:
+            dt = time.time() - t0
+            print(f"[rank {ck.me}] EPError after {dt:.2f} s: {e}", flush=True)
+            m = str(e)
+            gave_up = "rank 1 " in m and "rank 0 " in m and "gave up on it" in m
+            aborted = "rank 0 " in m and "aborted" in m     # a wait that was still on rank 0 itself
+            if ck.me == 0 or not (gave_up or aborted):
+                problems.append(f"rank {ck.me}: {e}")
+            if dt > short + 5:
+                problems.append(f"rank {ck.me} took {dt:.1f} s (its own deadline is {long_:g} s)")
+    ck.ctx.comm.Barrier()
+    if ck.me == 1:
+        buf._backend.broken = "give-up test"   # the peers are done with this buffer: no collective free
+    buf.close()
+    ck.ok(f"{cfg.mode}-{cfg.token_format} a timeout stops every peer waiting for the silent rank", problems)
 
 
 def main():
@@ -369,6 +411,12 @@ def main():
         except Exception as e:
             traceback.print_exc()
             ck.fails.append(("abort", [repr(e)]))
+    if not args.no_extras and ctx.world_size >= 3:
+        try:
+            give_up_test(ck, test_configs(ctx.world_size)[0])
+        except Exception as e:
+            traceback.print_exc()
+            ck.fails.append(("give up", [repr(e)]))
     nf = ctx.comm.allreduce(len(ck.fails))
     print(f"[rank {ctx.rank}] SUMMARY pass={ck.npass} fail={len(ck.fails)} (all ranks fail={nf}) "
           f"world={ctx.world_size} {time.time() - t_start:.1f} s", flush=True)

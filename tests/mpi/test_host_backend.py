@@ -177,8 +177,11 @@ def test_abort_fails_fast_naming_the_bad_rank(seed):
     others = {r: h for r, h in hits.items() if r != 2}
     assert others, out[-3000:]
     for r, (kind, t, m) in others.items():
-        assert kind == "EPError", (r, kind, m)
-        assert m.startswith("rank 2 (node 0) aborted: EPInputError: dispatch: x must be 2-D"), m
+        # rank 2 refuses its dispatch (it takes part empty: the peers' combine names it), then its EPInputError
+        # leaves the `with EPBuffer` block, which aborts the peers: whichever reaches a peer first, it names rank 2
+        refused = kind == "EPPeerRejectedError" and "rank 2 (node 0) refused its dispatch input" in m
+        aborted = kind == "EPError" and m.startswith("rank 2 (node 0) aborted: EPInputError: dispatch: x must be 2-D")
+        assert refused or aborted, (r, kind, m)
         assert t < 10, (r, t)   # the deadline is 30 s: they did not wait for it
     assert "rank 2: EPInputError" in out
 

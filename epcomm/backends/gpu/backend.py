@@ -207,6 +207,12 @@ class GpuBackend:
                           f"expert_capacity={self.cfg.batched_capacity} of layout 'batched' (the rest were dropped; "
                           f"a token that lists one expert twice needs two rows: raise expert_capacity)")
         if code == ErrorCode.ABORT:
+            word = self._abort_word(peer) if known else None
+            if word is not None and word >= 2 and word - 2 < self.cfg.world_size:
+                by = word - 2   # abort() of rank `by` gave up on `peer` after its own deadline
+                raise EPError(f"epcomm gpu: rank {peer} (node {node}) did not arrive: rank {by} (node "
+                              f"{self.node_of(by)}) gave up on it at its deadline (seen by rank {waiter} in "
+                              f"{phase} round {rnd}); this EPBuffer is unusable now")
             raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
                           f"round {rnd}); this EPBuffer is unusable now")
         if code == ErrorCode.BAD_SOURCE:
@@ -367,25 +373,72 @@ class GpuBackend:
         return self.err.read()
 
     def abort(self, reason: str = ""):
-        """Best effort, never raises: mark this rank as gone in every same-node peer's abort word, so their waits
-        stop at once (EPError naming this rank); peers on other nodes find out through their deadlines."""
+        """Best effort, never raises: tell every peer, on every node, that this rank gives up, so that their waits
+        stop at once instead of at their own deadline.
+
+        * this rank's abort word (value 1) in every peer's symmetric region: same-node peers through the peer pointer
+          (a copy), other-node peers through NVSHMEM (a host-initiated signal on a stream);
+        * after a timeout, the silent peer's word too (value 2 + this rank), in every peer but the silent one: a
+          kernel's wait checks only the word of the rank it waits for, and the peers still waiting are waiting for
+          the silent rank, not for this one. They raise EPError saying who gave up on it.
+        The stream work is bounded (ABORT_WAIT_S): a wedged device must not turn a failure into a hang."""
         log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
         self._closed = True
         try:
             from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
             err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
             if err != driver.CUresult.CUDA_SUCCESS:
                 return
-            one = (ctypes.c_uint64 * 1)(1)
+            words = [(self.me, 1)]
+            rec = self.err.read()   # this rank's own timeout names the silent peer
+            silent = rec["peer"] if rec is not None and rec["code"] == ErrorCode.TIMEOUT else None
+            if silent is not None and 0 <= silent < self.cfg.world_size and silent != self.me:
+                words.append((silent, 2 + self.me))
+            keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
+            remote = []
             for r, base in enumerate(self.peers):
-                if r == self.me or not base:
+                if r == self.me:
                     continue
-                dst = base + self.layout.offset["abort"] + 8 * self.me
-                driver.cuMemcpyHtoDAsync(dst, ctypes.addressof(one), 8, st)
-            driver.cuStreamSynchronize(st)
-            driver.cuStreamDestroy(st)
+                for who, v in words:
+                    if r == who:
+                        continue   # the silent rank is not told that it is silent
+                    off = self.layout.offset["abort"] + 8 * who
+                    if base:
+                        driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
+                    else:
+                        remote.append((r, off, v))
+            if remote:
+                try:
+                    import nvshmem.bindings as nb
+                    for r, off, v in remote:
+                        nb.signal_op_on_stream(self.sym + off, v, int(nb.Signal_op.SIGNAL_SET), r, int(st))
+                    nb.quiet_on_stream(int(st))
+                except Exception as e:  # noqa: BLE001 - same-node peers are still told
+                    log.error("epcomm gpu: rank %d could not signal its other-node peers: %s", self.me, e)
+            if wait_stream(st, ABORT_WAIT_S):
+                driver.cuStreamDestroy(st)
         except Exception:  # noqa: BLE001 - best effort
             pass
+
+    def _abort_word(self, r: int) -> int | None:
+        """Rank r's abort word in this rank's symmetric region (None when it cannot be read in ABORT_WAIT_S)."""
+        try:
+            from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return None
+            out = (ctypes.c_uint64 * 1)(0)
+            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.layout.offset["abort"] + 8 * r, 8, st)
+            if not wait_stream(st, ABORT_WAIT_S):
+                return None
+            driver.cuStreamDestroy(st)
+            return int(out[0])
+        except Exception:  # noqa: BLE001
+            return None
 
     def close(self):
         if getattr(self, "_freed", False):

@@ -42,6 +42,25 @@ def _check(res, what="CUDA call"):
     return None
 
 
+# How long the failure paths (GpuBackend.abort and the read of an abort word) wait for their copies and NVSHMEM
+# signals before giving up: a wedged device must not turn a failure into a hang.
+ABORT_WAIT_S = 2.0
+
+
+def wait_stream(st, seconds: float) -> bool:
+    """Poll a stream until its work is done (True) or `seconds` passed (False); never blocks longer."""
+    from cuda.bindings import driver
+    end = time.monotonic() + seconds
+    while True:
+        res = driver.cuStreamQuery(st)
+        err = res[0] if isinstance(res, tuple) else res
+        if err == driver.CUresult.CUDA_SUCCESS:
+            return True
+        if err != driver.CUresult.CUDA_ERROR_NOT_READY or time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+
+
 class Runtime:
     """nvshmem init + device + symmetric allocations + peer pointers. Use Runtime.get(...) (one per process)."""
 

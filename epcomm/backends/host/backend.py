@@ -36,7 +36,7 @@ from ...results import DispatchResult
 from . import faults as _faults
 from . import ht, ll
 from .steps import Received, in_order
-from .window import Window
+from .window import REJECTED, Window
 
 
 @dataclass
@@ -54,6 +54,7 @@ class HostHandle:
     row_msg: np.ndarray | None = None     # ht: message index of the row within its source's block
     src_msgs: np.ndarray | None = None    # ht: messages received from each source
     sent_tokens: list | None = None       # ht: tokens this rank sent to each destination (message order)
+    rejected: tuple = ()                  # ranks that refused their dispatch input in this round (sent nothing)
 
 
 @dataclass
@@ -109,6 +110,21 @@ class HostBackend:
         return self.dispatch_wait(self.dispatch_async(x, topk_ids, stats_out))
 
     def dispatch_async(self, x, topk_ids, stats_out=None) -> _Pending:
+        return self._dispatch_send(x, topk_ids, 0, stats_out)
+
+    def dispatch_rejected(self) -> _Pending:
+        """This rank refused its input for the next round: it takes part with no tokens, its signals carry the
+        REJECTED mark (peers report it in DispatchResult.rejected_ranks). Its dispatch_wait runs as usual."""
+        return self._dispatch_send(np.zeros((0, self.H), BF16), np.zeros((0, self.K), np.int32), REJECTED)
+
+    def combine_rejected(self, r: int) -> None:
+        """This rank will not combine round r (it refused that round's dispatch, so its experts do not run, or its
+        combine input): every combine signal of round r goes out with the REJECTED mark and no data, and nothing is
+        awaited (a peer that needed this rank's rows raises EPPeerRejectedError; one that did not is unaffected)."""
+        if self.win is not None:
+            self.steps.send_combine_rejected(self, r)
+
+    def _dispatch_send(self, x, topk_ids, mark: int, stats_out=None) -> _Pending:
         r = self.round
         self.round += 1
         ids = np.ascontiguousarray(topk_ids, dtype=np.int32)    # int64 ids: range-checked by EPBuffer first
@@ -121,7 +137,7 @@ class HostBackend:
             self.maybe_slow(r)
             skip = self.faults.hit("skip_dispatch", r) is not None
             dests = [self.rank] if skip else range(self.R)
-            p.state["sent"] = self.steps.send_dispatch(self, r, payload, ids, dests)
+            p.state["sent"] = self.steps.send_dispatch(self, r, payload, ids, dests, mark)
         return p
 
     def _own_rows(self, payload: np.ndarray, ids: np.ndarray) -> Received:
@@ -166,10 +182,11 @@ class HostBackend:
         handle = HostHandle(round=r, num_tokens=T, topk_ids=ids, n_shared=n_sh, shared_tokens=share,
                             group_counts=group_counts,
                             row_src=got.src.astype(np.int32), row_tok=got.tok.astype(np.int32), row_k=got.slot,
-                            row_msg=got.msg, src_msgs=got.src_msgs, sent_tokens=sent)
+                            row_msg=got.msg, src_msgs=got.src_msgs, sent_tokens=sent, rejected=got.rejected)
         return DispatchResult(expert_x=expert_x, expert_scales=scales, row_offsets=row_offsets,
                               expert_ids=expert_ids, src_info=src_info,
-                              tokens_per_expert=routed_counts.astype(np.int32), handle=handle)
+                              tokens_per_expert=routed_counts.astype(np.int32), handle=handle,
+                              rejected_ranks=got.rejected)
 
     # ------------------------------------------------------------------ combine
     def combine(self, expert_y, handle, topk_weights, out=None):

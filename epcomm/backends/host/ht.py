@@ -11,11 +11,13 @@ import numpy as np
 
 from ...errors import EPError
 from ...formats import BF16
-from .steps import Received, in_order
+from .steps import Received, in_order, refused
+from .window import COUNT_MASK, REJECTED
 
 
-def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests) -> list[np.ndarray]:
-    """Returns the tokens sent to each rank, in message order (combine sends their weights back in that order)."""
+def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests, mark: int = 0) -> list[np.ndarray]:
+    """Returns the tokens sent to each rank, in message order (combine sends their weights back in that order).
+    mark: REJECTED when this rank refused its input (it then sends no tokens)."""
     win, K, tb, s = be.win, be.K, be.tb, be.rank
     dest_of = np.where(ids >= 0, ids // be.L, -1)
     sent = []
@@ -31,14 +33,15 @@ def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests) -> li
         win.put(msgs, d, win.region(r, "disp") + s * win.slots * be.msg)
     win.flush()
     for d in dests:
-        win.signal(d, win.sig_off(r, "disp", s * be.L), r, [len(sent[d])])
+        win.signal(d, win.sig_off(r, "disp", s * be.L), r, [len(sent[d]) | mark])
     win.flush()
     return sent
 
 
 def receive_dispatch(be, r: int) -> Received:
     win, K, L, M, tb, me = be.win, be.K, be.L, be.M, be.tb, be.rank
-    counts = win.wait(r, "disp", [s * L for s in range(be.R)], list(range(be.R)), "dispatch tokens")
+    raw = win.wait(r, "disp", [s * L for s in range(be.R)], list(range(be.R)), "dispatch tokens")
+    counts = raw & COUNT_MASK
     blocks, srcs, mids = [], [], []
     for s in range(be.R):
         n = int(counts[s])
@@ -56,7 +59,8 @@ def receive_dispatch(be, r: int) -> Received:
     m_i, k_i = np.nonzero((mids_ >= 0) & (local >= 0) & (local < L))
     l_i, m_i, k_i = in_order(local[m_i, k_i], m_i, k_i)
     return Received(local=l_i, src=msrc[m_i], tok=mtok[m_i], slot=k_i.astype(np.int32), rows=msgs[m_i, :tb],
-                    msg=mmid[m_i], src_msgs=counts.astype(np.int64))
+                    msg=mmid[m_i], src_msgs=counts.astype(np.int64),
+                    rejected=tuple(int(s) for s in np.nonzero(raw & REJECTED)[0]))
 
 
 def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
@@ -71,15 +75,29 @@ def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
     win.flush()
 
 
+def send_combine_rejected(be, r: int) -> None:
+    """This rank will not combine round r: both steps' signals carry the REJECTED mark, without data."""
+    win, me = be.win, be.rank
+    for d in range(be.R):
+        win.signal(d, win.sig_off(r, "cw", me), r, [REJECTED])
+        win.signal(d, win.sig_off(r, "comb", me), r, [REJECTED])
+    win.flush()
+
+
 def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
     """Step 2: weights in, reduce this rank's rows per (source, token), send one row per (token, rank); then add
     the rows that came back into y."""
     win, me, K, H = be.win, be.rank, be.K, be.H
-    counts = win.wait(r, "cw", list(range(be.R)), list(range(be.R)), "combine weights")
+    raw = win.wait(r, "cw", list(range(be.R)), list(range(be.R)), "combine weights")
+    silent = (raw & REJECTED) != 0        # sources that will not combine: no weights, no rows back
+    counts = raw & COUNT_MASK
     base = np.concatenate([[0], np.cumsum(h.src_msgs)]).astype(np.int64)
     wts = []
     for s in range(be.R):
         n = int(counts[s])
+        if silent[s]:
+            wts.append(np.zeros((int(h.src_msgs[s]), K), np.float32))
+            continue
         if n != h.src_msgs[s]:
             raise EPError(f"protocol error: {be.ctx.describe(s)} sent weights for {n} tokens, "
                           f"dispatch delivered {int(h.src_msgs[s])}")
@@ -97,14 +115,20 @@ def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndar
     partial = partial.astype(BF16)
     be.maybe_slow(r)
     for s in range(be.R):
-        if h.src_msgs[s]:
+        if h.src_msgs[s] and not silent[s]:
             win.put(partial[base[s]:base[s + 1]], s, win.region(r, "comb") + me * be.M * H * 2)
     win.flush()
     for s in range(be.R):
-        win.signal(s, win.sig_off(r, "comb", me), r, [h.src_msgs[s]])
+        win.signal(s, win.sig_off(r, "comb", me), r, [0 if silent[s] else h.src_msgs[s]])
     win.flush()
-    counts = win.wait(r, "comb", list(range(be.R)), list(range(be.R)), "combine rows")
+    raw = win.wait(r, "comb", list(range(be.R)), list(range(be.R)), "combine rows")
+    counts = raw & COUNT_MASK
+    gone = [d for d, tok in enumerate(h.sent_tokens) if raw[d] & REJECTED and len(tok)]
+    if gone:
+        raise refused(be, gone, r, h, len(h.sent_tokens[gone[0]]))
     for d, tok in enumerate(h.sent_tokens):
+        if raw[d] & REJECTED:
+            continue                      # it refused, but none of this rank's tokens needed it
         if int(counts[d]) != len(tok):
             raise EPError(f"protocol error: {be.ctx.describe(d)} returned {int(counts[d])} rows, "
                           f"expected {len(tok)}")

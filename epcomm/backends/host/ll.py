@@ -11,10 +11,12 @@ import numpy as np
 
 from ...errors import EPError
 from ...formats import BF16
-from .steps import Received
+from .steps import Received, refused
+from .window import COUNT_MASK, REJECTED
 
 
-def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests) -> None:
+def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests, mark: int = 0) -> None:
+    """mark: REJECTED when this rank refused its input (it then sends no tokens)."""
     win, K, L, M, E, tb, s = be.win, be.K, be.L, be.M, be.cfg.num_experts, be.tb, be.rank
     t_idx, k_idx = np.nonzero(ids >= 0)
     keys = t_idx.astype(np.int64) * E + ids[t_idx, k_idx]
@@ -36,14 +38,15 @@ def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests) -> No
                 win.put(msgs[starts[e]:starts[e + 1]], d, win.region(r, "disp") + ((s * L + l) * M) * be.msg)
     win.flush()
     for d in dests:
-        win.signal(d, win.sig_off(r, "disp", s * L), r, counts[d * L:(d + 1) * L])
+        win.signal(d, win.sig_off(r, "disp", s * L), r, counts[d * L:(d + 1) * L] | mark)
     win.flush()
 
 
 def receive_dispatch(be, r: int) -> Received:
     win, K, L, M, tb, R = be.win, be.K, be.L, be.M, be.tb, be.R
-    counts = win.wait(r, "disp", list(range(R * L)), [w // L for w in range(R * L)],
-                      "dispatch tokens").reshape(R, L)
+    raw = win.wait(r, "disp", list(range(R * L)), [w // L for w in range(R * L)],
+                   "dispatch tokens").reshape(R, L)
+    counts = raw & COUNT_MASK
     blocks, srcs, ls = [], [], []
     for l in range(L):
         for s in range(R):
@@ -58,7 +61,8 @@ def receive_dispatch(be, r: int) -> Received:
     msrc, ml = np.concatenate(srcs), np.concatenate(ls)
     mtok = msgs[:, tb:tb + 4].copy().view(np.int32).reshape(-1)
     m_i, k_i = np.nonzero(msgs[:, tb + 4:tb + 4 + K])     # (l, src, token) order, then slot
-    return Received(local=ml[m_i], src=msrc[m_i], tok=mtok[m_i], slot=k_i.astype(np.int32), rows=msgs[m_i, :tb])
+    return Received(local=ml[m_i], src=msrc[m_i], tok=mtok[m_i], slot=k_i.astype(np.int32), rows=msgs[m_i, :tb],
+                    rejected=tuple(int(s) for s in np.nonzero((raw & REJECTED).any(axis=1))[0]))
 
 
 def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
@@ -86,14 +90,29 @@ def send_combine(be, r: int, h, expert_y: np.ndarray, w: np.ndarray) -> None:
     win.flush()
 
 
+def send_combine_rejected(be, r: int) -> None:
+    """This rank will not combine round r: its combine signal carries the REJECTED mark, without rows."""
+    win, me = be.win, be.rank
+    for d in range(be.R):
+        win.signal(d, win.sig_off(r, "comb", me), r, [REJECTED])
+    win.flush()
+
+
 def receive_combine(be, r: int, h, routed: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
     """Every (token, slot) row of this rank's tokens, weighted and summed into y."""
     win, K, H, T = be.win, be.K, be.H, h.num_tokens
-    counts = win.wait(r, "comb", list(range(be.R)), list(range(be.R)), "combine rows")
+    raw = win.wait(r, "comb", list(range(be.R)), list(range(be.R)), "combine rows")
+    counts = raw & COUNT_MASK
     ids = h.topk_ids
     valid = ids >= 0
     expect = np.bincount(ids[valid] // be.L, minlength=be.R)
+    gone = [d for d in range(be.R) if raw[d] & REJECTED and expect[d]]
+    if gone:
+        dest = np.where(valid, ids // be.L, -1)
+        raise refused(be, gone, r, h, int((dest == gone[0]).any(axis=1).sum()))
     for d in range(be.R):
+        if raw[d] & REJECTED:
+            continue                      # it refused, but none of this rank's tokens needed it
         if int(counts[d]) != int(expect[d]):
             raise EPError(f"protocol error: {be.ctx.describe(d)} returned {int(counts[d])} rows, "
                           f"expected {int(expect[d])}")

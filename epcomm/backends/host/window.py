@@ -24,6 +24,12 @@ REASON_BYTES = 256
 _ALIGN = 64
 
 
+# Mark bit in the count field of a signal word: the sender refused its own input for this round (EPBuffer raised
+# EPInputError there) and takes part with nothing. Counts stay below 2^31 (max_tokens_per_rank * topk).
+REJECTED = 1 << 31
+COUNT_MASK = REJECTED - 1
+
+
 def _align(n: int, a: int = _ALIGN) -> int:
     return (n + a - 1) // a * a
 
