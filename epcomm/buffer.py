@@ -321,6 +321,18 @@ class EPBuffer:
             raise err
         return y
 
+    def release(self, handle=None) -> None:
+        """Declare that a dispatch will not be combined, so a later dispatch may reuse its buffers: `handle`'s
+        (DispatchResult.handle), or every dispatch not yet combined. Bookkeeping only, nothing is sent; every rank
+        releases the same rounds (no peer waits for a combine of them)."""
+        self._usable()
+        if handle is None:
+            self._live.release()
+            return
+        if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
+            _fail("release: handle must be DispatchResult.handle of a dispatch on this EPBuffer")
+        self._live.release(handle.round)
+
     def check(self) -> None:
         """Raise now an error that a kernel has recorded since the calls returned (GPU: a timeout or a peer's abort
         seen on the device; read from pinned host memory, no synchronisation). GPU calls return before their

@@ -4,9 +4,9 @@ A server overlapping two micro-batches (vLLM DBO, SGLang TBO) runs dispatch A, d
 one buffer. The buffer has two output / protocol sets, used by consecutive dispatch rounds in turn, so a dispatch's
 outputs and the state its combine needs live until the second dispatch after it. Hence:
 
-* a dispatch is *live* from its call until it is combined, or until nothing can combine it any more: its handle
-  (or, before its *_wait, its pending object) has been dropped (garbage-collected), so dispatch-only loops that
-  discard their results never count;
+* a dispatch is *live* from its call until it is combined, released (EPBuffer.release: it will not be combined),
+  or until nothing can combine it any more: its handle (or, before its *_wait, its pending object) has been dropped
+  (garbage-collected), so dispatch-only loops that discard their results never count;
 * dispatch round r reuses the set of round r - 2: while round r - 2 is live, dispatch r is refused (EPInputError,
   before anything is sent), since it would overwrite that round's outputs before its combine. With rounds issued
   back to back that is "a third dispatch while two are live";
@@ -57,6 +57,13 @@ class LiveDispatches:
         if round_ not in self._live:
             raise EPInputError(f"combine: dispatch round {round_} was already combined (a handle is good for one "
                                f"combine)")
+
+    def release(self, round_: int | None = None) -> None:
+        """Round `round_` (None: every live round) will not be combined."""
+        if round_ is None:
+            self._live.clear()
+        else:
+            self._live.pop(round_, None)
 
     def combined(self, round_: int) -> None:
         self._live.pop(round_, None)

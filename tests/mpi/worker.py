@@ -255,6 +255,12 @@ def cmd_checks(args, ctx) -> int:
     probs += expect_input_error("third outstanding dispatch", lambda: b.dispatch(x, ids), "at most 2 dispatches")
     del live
     b = fresh()
+    live = [b.dispatch(x, ids), b.dispatch(x, ids)]
+    b.release(live[0].handle)       # it will not be combined: its set may be reused
+    b.combine(ey, b.dispatch(x, ids).handle, w)
+    b.combine(ey, live[1].handle, w)
+    del live
+    b = fresh()
     old = b.dispatch(x, ids)          # never combined: dispatch round 2 would overwrite it
     b.combine(ey, b.dispatch(x, ids).handle, w)
     probs += expect_input_error("reuse of a live round's set", lambda: b.dispatch(x, ids), "at most 2 dispatches")
