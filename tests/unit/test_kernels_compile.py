@@ -52,8 +52,8 @@ def test_layout_defines_reach_every_specialisation():
         assert lay.msg_bytes % 16 == 0 and all(v % 256 == 0 for v in lay.offset.values())
         assert all(lay.region_bytes[n] == d[f"EP_REGION_BYTES_{n.upper()}"] for n in lay.region_bytes)
         assert d["EP_PARAMS_BYTES"] == ctypes.sizeof(params_struct(cfg.world_size))
-    # 19 pointers + timeout + 13 offsets (8 B each), 5 ints (+ 4 B padding), peer[R]
-    assert ctypes.sizeof(params_struct(2)) == 8 * 33 + 24 + 8 * 2
+    # 20 pointers + timeout + 13 offsets (8 B each), 5 ints (+ 4 B padding), peer[R]
+    assert ctypes.sizeof(params_struct(2)) == 8 * 34 + 24 + 8 * 2
 
 
 def test_a_disagreeing_layout_fails_the_build(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ...errors import EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
 from ...arrays import describe
-from . import features, jit, occupancy
+from . import jit, occupancy
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
 from .layout import OUTPUT_SETS, ErrorCode, Layout, Phase, device_arrays, params_struct, send_chunk_tokens
 from .runtime import HostErrorRecord, Runtime, _check
@@ -261,13 +261,15 @@ class GpuBackend:
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
         self._check_open()
-        features.check_tokens(x)
+        x, x_scales = x if isinstance(x, tuple) else (x, None)   # caller-quantised: (e4m3 [T, H], fp32 scales)
         hp = self._hp & 1
         topk_ids = self._narrow_ids(topk_ids, hp, int(x.shape[0]), array_kind(x))
         kind, T, xp, ip = self._inputs(x, topk_ids)
         self._hp += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
+        if x_scales is not None:   # sent unchanged (row-major [T, scale_cols]; the kernels copy instead of quantising)
+            p.x_scales = device_pointer(x_scales, array_kind(x_scales), self.ctx.device)
         return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:

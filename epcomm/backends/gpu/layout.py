@@ -154,7 +154,7 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 
 # Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
-                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk")
+                  "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "x_scales")
 PARAM_INTS = ("T", "me", "maxr", "ch", "crb")
 
 

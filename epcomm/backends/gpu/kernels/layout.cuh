@@ -119,7 +119,7 @@ enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
 struct Params {
-  const void* x;            // [T, H] bf16
+  const void* x;            // [T, H] bf16 (or e4m3 when x_scales is set)
   const int* ids;           // [T, K] int32
   const float* weights;     // [T, K] fp32 (combine)
   const void* expert_y;     // [MAXR, H] bf16 (combine)
@@ -138,6 +138,7 @@ struct Params {
   int* hist_acc;            // [R][HIST_ROW_INTS] accumulators (device memory, zeroed)
   ErrRec* err;              // host-mapped
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
+  const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag;

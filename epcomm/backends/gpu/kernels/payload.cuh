@@ -63,11 +63,20 @@ __device__ __forceinline__ size_t scale_index(const Params& p, int row, int c) {
   }
 }
 
+// A caller-quantised token (p.x_scales set): its e4m3 row (H bytes) and scales, sent unchanged. One warp.
+__device__ __forceinline__ void warp_copy_quantised(const Params& p, int t, char* dst_data, float* dst_scales,
+                                                    size_t scale_stride) {
+  warp_copy(dst_data, reinterpret_cast<const char*>(p.x) + (size_t)t * H, H);
+  for (int c = lane_id(); c < SCALE_COLS; c += 32) dst_scales[(size_t)c * scale_stride] = p.x_scales[(size_t)t * SCALE_COLS + c];
+}
+
 // Write token t's payload (data [+ scales]) to dst (a message or an output row).
 __device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales,
                                                size_t scale_stride = 1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
-  if constexpr (FP8) {
+  if (FP8 && p.x_scales != nullptr) {
+    warp_copy_quantised(p, t, dst_data, dst_scales, scale_stride);
+  } else if constexpr (FP8) {
     warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales,
                    scale_stride);
   } else {
@@ -79,7 +88,23 @@ __device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst
 __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K], int step0,
                                                      int step1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
-  if constexpr (FP8) {
+  if (FP8 && p.x_scales != nullptr) {
+    // caller-quantised: lane c moves the 8 e4m3 bytes of channels 8c..8c+7 (where it would store its quantised
+    // ones), and the first lane of each block that block's scale
+    const uint2* qrow = reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(p.x) + (size_t)t * H);
+    for (int st = step0; st < step1; ++st) {
+      const int c = st * 32 + lane_id();
+      if (c >= ROW_VECS) continue;
+      const uint2 q = qrow[c];
+      const float scale = p.x_scales[(size_t)t * SCALE_COLS + c / 16];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (!dst[k]) continue;
+        reinterpret_cast<uint2*>(dst[k])[c] = q;
+        if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DATA_BYTES)[c / 16] = scale;
+      }
+    }
+  } else if constexpr (FP8) {
     // the slice's SLICE_STEPS x 16-B loads of x are issued together, then quantised and stored step by step
     for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
       uint4 vv[SLICE_STEPS];
