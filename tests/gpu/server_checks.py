@@ -25,9 +25,14 @@ def _tb16(torch, a, dev):
 class World:
     """One world's inputs on this rank's GPU and the spec's answers."""
 
-    def __init__(self, ck, cfg, seed, routing, tokens=None, ids64=False):
+    def __init__(self, ck, cfg, seed, routing, tokens=None, ids64=False, huge_ids=False):
         torch, me, dev = ck.torch, ck.me, ck.dev
         self.w = make_world(cfg, seed=seed, routing_kind=routing, num_tokens=tokens)
+        if huge_ids:   # int64 ids past the int32 range: out of range (no expert), must not wrap into a valid one
+            self.w.topk_ids = [i.astype(np.int64) for i in self.w.topk_ids]
+            for i in self.w.topk_ids:
+                i[::3, 0] = 2 ** 32 + 1
+                i[1::3, -1] = -(2 ** 40)
         self.x = _tb16(torch, self.w.xs[me], dev)
         ids = torch.from_numpy(self.w.topk_ids[me]).to(dev)
         self.ids = ids.to(torch.int64) if ids64 else ids
@@ -72,7 +77,7 @@ def _guard(ck, name, fn):
 def _ids64(ck, cfg, buf):
     problems = []
     for i, routing in enumerate(("minus1", "hot")):
-        wd = World(ck, cfg, 7300 + i, routing, "ragged", ids64=True)
+        wd = World(ck, cfg, 7300 + i, routing, "ragged", ids64=True, huge_ids=i == 1)
         res = buf.dispatch(wd.x, wd.ids) if i == 0 else buf.dispatch_wait(buf.dispatch_async(wd.x, wd.ids))
         buf.synchronize()
         problems += wd.check_dispatch(res)

@@ -112,8 +112,10 @@ class GpuBackend:
                     s[a.param] = new(a.shape, a.dtype)
             else:
                 self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
-        # int64 topk_ids are narrowed into these (one per output set: a dispatch_async's receive still reads them),
-        # a stream-ordered cast on the caller's stream: no allocation, no sync (the kernels read int32 ids)
+        # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
+        # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
+        # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
+        self._ids64 = [new((cfg.max_tokens_per_rank, cfg.topk), "i64") for _ in range(OUTPUT_SETS)]
         self._ids32 = [new((cfg.max_tokens_per_rank, cfg.topk), "i32") for _ in range(OUTPUT_SETS)]
         self.err = HostErrorRecord()
         self._hp = 0     # dispatch calls so far (host parity of output sets)
@@ -231,11 +233,15 @@ class GpuBackend:
             return topk_ids
         if kind == "cai":
             raise EPInputError("gpu backend: int64 topk_ids need a torch tensor or cupy array (or pass int32)")
-        stage = self.alloc.view(self._ids32[hp], kind)[:T]
+        wide, stage = self.alloc.view(self._ids64[hp], kind)[:T], self.alloc.view(self._ids32[hp], kind)[:T]
         if kind == "torch":
-            stage.copy_(topk_ids)
+            import torch
+            torch.clamp(topk_ids, -1, self.cfg.num_experts, out=wide)
+            stage.copy_(wide)
         else:
-            stage[...] = topk_ids
+            import cupy
+            cupy.clip(topk_ids, -1, self.cfg.num_experts, out=wide)
+            stage[...] = wide
         return stage
 
     def _add_stats(self, stats_out, hp: int, kind: str) -> None:
