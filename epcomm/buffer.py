@@ -27,8 +27,12 @@ Rules:
   bf16 is ml_dtypes.bfloat16 (numpy) / torch.bfloat16; cupy has no bf16, so cupy uint16 / int16 arrays are taken as
   raw bf16 bits. Token ids are range-checked on host arrays always, on device arrays only with check_ids=True (it
   syncs the device).
-* A handle is valid for one combine: it must come from this buffer's latest dispatch, and that round must not have
-  been combined already.
+* A handle is valid for one combine: it must come from one of this buffer's two latest dispatches, not combined
+  yet. At most two dispatches may be outstanding (two micro-batches: dispatch A, dispatch B, combine A, combine B);
+  a third is refused (epcomm/microbatch.py).
+* Server-facing arguments (epcomm/server_args.py): dispatch((x_fp8, x_scales), ids) sends caller-quantised tokens
+  unchanged; topk_ids int32 or int64; dispatch(..., stats_out=counts) adds tokens_per_expert to the caller's
+  counters on the device; combine(..., out=y) writes into the caller's tensor and returns it.
 * Operations are issued in order; starting a new one completes earlier outstanding ones (their results are kept
   for their *_wait), and waiting for one completes the outstanding ones issued before it: the backends see every
   send / receive pair in issue order on every rank. All ranks must issue the same sequence of operations.
@@ -40,12 +44,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from . import backends
+from . import backends, server_args
 from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
 from .errors import EPCapacityError, EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError
+from .microbatch import LiveDispatches
 from .results import DispatchResult
 
 _serials = itertools.count()
@@ -81,6 +86,11 @@ def _fail(msg: str):
 _ROUND_ERRORS = (EPPeerRejectedError, EPCapacityError, EPRankLostError)
 
 
+def _extra(arg) -> tuple:
+    """The optional last argument of a backend call (stats_out / out), passed only when given."""
+    return () if arg is None else (arg,)
+
+
 class EPBuffer:
     def __init__(self, cfg: EPConfig, ctx=None, *, check_ids: bool = False, fence_dead_ranks: bool = False):
         if not isinstance(cfg, EPConfig):
@@ -93,7 +103,7 @@ class EPBuffer:
         self._serial = next(_serials)
         self._round = 0                 # dispatches issued
         self._outstanding: list[Pending] = []   # *_async calls whose receive has not run yet, in issue order
-        self._combined: set[int] = set()
+        self._live = LiveDispatches()           # dispatches that may still be combined (two micro-batches)
         self._closed = False
         self._failed: str | None = None
         self._backend: Backend = backends.make_backend(cfg, ctx)
@@ -135,8 +145,9 @@ class EPBuffer:
         self._call(self._backend.fence, ranks)
 
     # ------------------------------------------------------------------ checks
-    def _check_tokens(self, x, topk_ids) -> int:
+    def _check_tokens(self, x, topk_ids, stats_out=None) -> int:
         cfg = self.cfg
+        x, x_scales = server_args.split_tokens(cfg, x)
         xi, ii = describe(x), describe(topk_ids)
         if xi is None:
             _fail(f"dispatch: x must be a numpy / torch / cupy array, got {type(x).__name__}")
@@ -144,18 +155,20 @@ class EPBuffer:
             _fail(f"dispatch: topk_ids must be a numpy / torch / cupy array, got {type(topk_ids).__name__}")
         if len(xi.shape) != 2 or xi.shape[1] != cfg.hidden:
             _fail(f"dispatch: x must be 2-D [T, hidden={cfg.hidden}], got shape {list(xi.shape)}")
-        if not is_bf16(xi):
-            _fail(f"dispatch: x must be bfloat16, got {xi.dtype} ({xi.kind})")
         t = xi.shape[0]
+        if x_scales is not None:
+            server_args.check_quantised(cfg, xi, describe(x_scales), t)
+        elif not is_bf16(xi):
+            _fail(f"dispatch: x must be bfloat16, got {xi.dtype} ({xi.kind})")
         if t > cfg.max_tokens_per_rank:
             _fail(f"dispatch: x has T={t} tokens > max_tokens_per_rank={cfg.max_tokens_per_rank}")
         if ii.shape != (t, cfg.topk):
             _fail(f"dispatch: topk_ids must be [T={t}, topk={cfg.topk}], got shape {list(ii.shape)}")
-        if ii.dtype != "int32":
-            _fail(f"dispatch: topk_ids must be int32, got {ii.dtype}")
+        server_args.check_ids_dtype(ii)
         if xi.kind != ii.kind or xi.device != ii.device:
             _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
         self._check_kind(xi, "dispatch")
+        server_args.check_stats(cfg, stats_out, xi)
         if t and (ii.on_host or self.check_ids):
             if not ii.on_host and is_capturing(ii.kind):
                 _fail("dispatch: check_ids=True reads the ids back to the host, which a CUDA-graph capture forbids; "
@@ -172,23 +185,21 @@ class EPBuffer:
         if self.ctx.backend == "host" and info.kind != "numpy":
             _fail(f"{where}: the host backend takes numpy arrays, got {info}")
 
-    def _check_combine(self, expert_y, handle, topk_weights) -> None:
+    def _check_combine(self, expert_y, handle, topk_weights, out=None) -> None:
         cfg = self.cfg
         if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
             _fail("combine: handle must be DispatchResult.handle of a dispatch on this EPBuffer, "
                   f"got {type(handle).__name__}" + (" from another buffer" if isinstance(handle, Handle) else ""))
-        if handle.round != self._round - 1:
-            _fail(f"combine: handle is from dispatch round {handle.round}, but the latest dispatch of this buffer "
-                  f"is round {self._round - 1} (only the latest dispatch can be combined)")
-        if handle.round in self._combined:
-            _fail(f"combine: dispatch round {handle.round} was already combined (a handle is good for one combine)")
+        self._live.check_combine(handle.round, self._round - 1)
         yi, wi = describe(expert_y), describe(topk_weights)
         if yi is None:
             _fail(f"combine: expert_y must be a numpy / torch / cupy array, got {type(expert_y).__name__}")
         if wi is None:
             _fail(f"combine: topk_weights must be a numpy / torch / cupy array, got {type(topk_weights).__name__}")
-        if yi.shape != (cfg.max_recv_rows, cfg.hidden):
-            _fail(f"combine: expert_y must be [max_recv_rows={cfg.max_recv_rows}, hidden={cfg.hidden}], "
+        if yi.shape != (*cfg.rows_shape, cfg.hidden):
+            lead = (f"max_recv_rows={cfg.max_recv_rows}" if cfg.layout == "grouped" else
+                    f"n_local_experts={cfg.n_local_experts}, capacity={cfg.batched_capacity}")
+            _fail(f"combine: expert_y must be [{lead}, hidden={cfg.hidden}] (layout '{cfg.layout}'), "
                   f"got shape {list(yi.shape)}")
         if not is_bf16(yi):
             _fail(f"combine: expert_y must be bfloat16, got {yi.dtype} ({yi.kind})")
@@ -200,6 +211,7 @@ class EPBuffer:
             _fail(f"combine: topk_weights must be float32, got {wi.dtype}")
         self._check_kind(yi, "combine")
         self._check_kind(wi, "combine")
+        server_args.check_out(cfg, out, t, yi)
 
     # ------------------------------------------------------------------ forwarding
     def _usable(self):
@@ -239,7 +251,9 @@ class EPBuffer:
             try:
                 p.result = self._call(wait, p.inner)
             except _ROUND_ERRORS as e:
-                p.error = e               # that combine's own *_wait raises it
+                p.error = e               # that call's own *_wait raises it
+                if p.kind == "dispatch":
+                    self._live.release(p.round)   # no handle comes of it: it can never be combined
             if p is upto:
                 return
 
@@ -266,41 +280,47 @@ class EPBuffer:
         self._call(self._backend.dispatch_wait, inner)   # the round's receive runs as usual; its result is dropped
         r, self._round = self._round, self._round + 1
         self._call(self._backend.combine_rejected, r)
-        self._mark_combined(r)
+        self._live.combined(r)     # never live (no handle); its combine is out
 
     def _refuse_combine(self, handle) -> None:
-        """A combine was refused: the round it meant (its handle's, or else the latest) is sent marked and empty now,
-        unless that round was combined already (then nobody waits for this call)."""
+        """A combine was refused: the round it meant (its handle's when that dispatch is live, or else the latest) is
+        sent marked and empty now, unless that round was combined already (then nobody waits for this call)."""
         latest = self._round - 1
         r = handle.round if (isinstance(handle, Handle) and handle.buffer_serial == self._serial
-                             and handle.round == latest) else latest
-        if r < 0 or r in self._combined:
+                             and handle.round in self._live.rounds()) else latest
+        if r < 0 or self._live.was_combined(r):
             return
         self._complete()
         self._call(self._backend.combine_rejected, r)
-        self._mark_combined(r)
+        self._live.combined(r)
 
-    def dispatch(self, x, topk_ids) -> DispatchResult:
-        """Send and receive in one call (one kernel launch on GPUs)."""
+    def dispatch(self, x, topk_ids, *, stats_out=None) -> DispatchResult:
+        """Send and receive in one call (one kernel launch on GPUs). x: bf16 [T, hidden], or (x_fp8, x_scales)
+        already quantised (sent unchanged). stats_out: [n_local_experts] int32 / int64 counters the received rows
+        per local expert are added to (on the device)."""
         self._usable()
-        t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
+        t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
+        self._call(self._live.admit, self._round)
         self._complete()
         try:
-            res = self._call(self._backend.dispatch, x, topk_ids)
+            res = self._call(self._backend.dispatch, x, topk_ids, *_extra(stats_out))
         except EPCapacityError:
             self._round += 1       # the backend used up the round
             raise
         res.handle = Handle(self._serial, self._round, t, res.handle)
+        self._live.track(self._round, res.handle)
         self._round += 1
         return res
 
-    def dispatch_async(self, x, topk_ids) -> Pending:
+    def dispatch_async(self, x, topk_ids, *, stats_out=None) -> Pending:
         self._usable()
-        t = self._checked(self._check_tokens, x, topk_ids, refuse=self._refuse_dispatch)
+        t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
+        self._call(self._live.admit, self._round)
         self._complete()
-        inner = self._call(self._backend.dispatch_async, x, topk_ids)
+        inner = self._call(self._backend.dispatch_async, x, topk_ids, *_extra(stats_out))
         p = Pending("dispatch", self._round, self._serial, inner, t)
         self._outstanding.append(p)
+        self._live.track(self._round, p)
         self._round += 1
         return p
 
@@ -319,31 +339,30 @@ class EPBuffer:
         if pending.error is not None:
             raise pending.error
         res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
+        self._live.track(pending.round, res.handle)
         return res
 
-    def combine(self, expert_y, handle, topk_weights):
-        """Send expert rows back and reduce them in one call (one kernel launch on GPUs)."""
+    def combine(self, expert_y, handle, topk_weights, *, out=None):
+        """Send expert rows back and reduce them in one call (one kernel launch on GPUs). expert_y in the buffer's
+        layout; out: the caller's bf16 [T, hidden] y to write (returned), else a buffer-owned one."""
         self._usable()
-        self._checked(self._check_combine, expert_y, handle, topk_weights,
+        self._checked(self._check_combine, expert_y, handle, topk_weights, out,
                       refuse=lambda: self._refuse_combine(handle))
         self._complete()
-        self._mark_combined(handle.round)
-        return self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights)
+        self._live.combined(handle.round)
+        return self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out))
 
-    def combine_async(self, expert_y, handle, topk_weights) -> Pending:
+    def combine_async(self, expert_y, handle, topk_weights, *, out=None) -> Pending:
         self._usable()
-        self._checked(self._check_combine, expert_y, handle, topk_weights,
+        self._checked(self._check_combine, expert_y, handle, topk_weights, out,
                       refuse=lambda: self._refuse_combine(handle))
         self._complete()
-        inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights)
-        self._mark_combined(handle.round)
+        inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights,
+                            *_extra(out))
+        self._live.combined(handle.round)
         p = Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
         self._outstanding.append(p)
         return p
-
-    def _mark_combined(self, rnd: int) -> None:
-        self._combined.add(rnd)
-        self._combined.discard(rnd - 2)
 
     def combine_wait(self, pending: Pending):
         self._usable()
@@ -355,6 +374,18 @@ class EPBuffer:
             err, pending.error = pending.error, None
             raise err
         return y
+
+    def release(self, handle=None) -> None:
+        """Declare that a dispatch will not be combined, so a later dispatch may reuse its buffers: `handle`'s
+        (DispatchResult.handle), or every dispatch not yet combined. Bookkeeping only, nothing is sent; every rank
+        releases the same rounds (no peer waits for a combine of them)."""
+        self._usable()
+        if handle is None:
+            self._live.release()
+            return
+        if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
+            _fail("release: handle must be DispatchResult.handle of a dispatch on this EPBuffer")
+        self._live.release(handle.round)
 
     def check(self) -> None:
         """Raise now an error that a kernel has recorded since the calls returned (GPU: a timeout or a peer's abort

@@ -106,12 +106,13 @@ class Round:
 
     def expert_y(self, result: DispatchResult | None = None, poison_tail: bool = False) -> np.ndarray:
         """expert_y for combine, numpy bf16 [max_recv_rows, hidden]: the experts applied to `result` (a backend's
-        dispatch output, any kind; default the expected one). poison_tail: rows past the received ones are NaN, which
-        a combine must never read."""
-        y = self.experts(self.cfg, self.dispatch if result is None else result)
+        dispatch output, any kind; default the expected one). poison_tail: rows that hold no token (past the received
+        ones, alignment padding, unused slab rows of the batched layout) are NaN, which a combine must never read."""
+        res = self.dispatch if result is None else result
+        y = self.experts(self.cfg, res)
         if poison_tail:
             y = y.copy()
-            y[received_rows(self.dispatch if result is None else result):] = np.float32("nan")
+            y[np.asarray(to_numpy(res.src_info))[..., 0] < 0] = np.float32("nan")
         return y
 
     # ---------------------------------------------------------------- checks (empty list = right)

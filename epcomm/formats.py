@@ -1,5 +1,9 @@
 """Token formats on the wire and in expert_x: bf16, and fp8 e4m3 with one fp32 scale per 128 channels.
 
+fp8 scales come in two formats (SCALE_FORMATS, `EPConfig.scale_format`): "fp32" (amax / 448) and "ue8m0" (that scale
+rounded up to a power of two, so no value saturates: what DeepGEMM's UE8M0 paths consume; still stored as fp32).
+A hidden size that is not a multiple of 128 has a partial last block (its scale covers the channels that exist).
+
 A TokenFormat says everything the code needs to know about one format: bytes per row, its scales, its numpy dtype,
 how the spec quantises and dequantises it, and the define the kernels are built with. `EPConfig.token_format` is one
 of these objects (users may pass the name). Adding a format means adding one TokenFormat here (and its kernel code);
@@ -19,6 +23,7 @@ BLOCK = 128          # channels that share one fp8 scale
 FP8_MAX = 448.0      # largest finite e4m3 value
 SCALE_FLOOR = 1e-4   # amax below this is treated as this, so all-zero blocks get a finite scale
 SCALE_BYTES = 4      # one fp32 scale
+SCALE_FORMATS = ("fp32", "ue8m0")   # plain amax / 448, or that rounded up to a power of two
 
 
 class TokenFormat(str):
@@ -27,18 +32,21 @@ class TokenFormat(str):
 
     element_bytes: bytes per channel of expert_x. quantized: dispatch quantises the bf16 tokens into this format, with
     one fp32 scale per BLOCK channels (expert_scales), and dequantize turns rows back into numbers. kernel_define:
-    the -D defines the kernels are specialised with for this format.
+    the -D defines the kernels are specialised with for this format. hidden_multiple: hidden must be a multiple of
+    this (rows of 16 bytes: the transports move 16-byte vectors).
     """
 
     element_bytes: int
     quantized: bool
     kernel_define: dict[str, int]
+    hidden_multiple: int
     _dtype_name: str
 
     def __new__(cls, name: str, *, element_bytes: int, quantized: bool, kernel_define: dict[str, int],
                 dtype_name: str):
         self = super().__new__(cls, name)
         self.element_bytes, self.quantized, self._dtype_name = element_bytes, quantized, dtype_name
+        self.hidden_multiple = 16 // element_bytes
         self.kernel_define = dict(kernel_define)
         return self
 
@@ -55,8 +63,8 @@ class TokenFormat(str):
         return _numpy_dtype(self._dtype_name)
 
     def scale_cols(self, hidden: int) -> int:
-        """fp32 scales per row (0 without scales)."""
-        return hidden // BLOCK if self.quantized else 0
+        """fp32 scales per row (0 without scales); a partial last block has a scale of its own."""
+        return -(-hidden // BLOCK) if self.quantized else 0
 
     def scale_shape(self, rows: int, hidden: int) -> tuple[int, int] | None:
         """Shape of expert_scales for `rows` rows, None for a format without scales."""
@@ -66,10 +74,11 @@ class TokenFormat(str):
         """Bytes of one token on the wire: data + scales."""
         return self.element_bytes * hidden + SCALE_BYTES * self.scale_cols(hidden)
 
-    def quantize(self, x) -> tuple[Any, Any]:
-        """bf16 rows x[..., H] -> (rows in this format, fp32 scales[..., H/128] or None): what dispatch delivers."""
+    def quantize(self, x, scale_format: str = "fp32") -> tuple[Any, Any]:
+        """bf16 rows x[..., H] -> (rows in this format, fp32 scales[..., ceil(H/128)] or None): what dispatch
+        delivers. scale_format: "fp32" or "ue8m0" (see quantize_fp8)."""
         if self.quantized:
-            return quantize_fp8(x)
+            return quantize_fp8(x, pow2=scale_format == "ue8m0")
         import numpy as np
         return np.asarray(x, self.dtype), None
 
@@ -115,23 +124,43 @@ def __getattr__(name):  # BF16 / FP8: the numpy dtypes, without importing numpy 
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def quantize_fp8(x):
-    """Blockwise fp8 of rows x[..., H] -> (q[..., H] e4m3, scales[..., H/128] fp32).
+def _blocks(xf, fill=0.0):
+    """x[..., H] fp32 -> [..., ceil(H/128), 128], a partial last block padded with `fill` (zeros change no amax)."""
+    import numpy as np
+    h = xf.shape[-1]
+    n = -(-h // BLOCK)
+    if n * BLOCK != h:
+        pad = np.full((*xf.shape[:-1], n * BLOCK - h), fill, np.float32)
+        xf = np.concatenate([xf, pad], axis=-1)
+    return xf.reshape(*xf.shape[:-1], n, BLOCK)
 
-    scale = max(amax, 1e-4) / 448 in fp32; q = e4m3(x_fp32 / scale), rounded to nearest even, saturating.
+
+def pow2_ceil(s):
+    """The smallest power of two >= s (s > 0, fp32), exactly: s = m * 2**e with m in [0.5, 1)."""
+    import numpy as np
+    m, e = np.frexp(np.asarray(s, np.float32))
+    return np.ldexp(np.float32(1.0), np.where(m == 0.5, e - 1, e)).astype(np.float32)
+
+
+def quantize_fp8(x, pow2: bool = False):
+    """Blockwise fp8 of rows x[..., H] -> (q[..., H] e4m3, scales[..., ceil(H/128)] fp32).
+
+    scale = max(amax, 1e-4) / 448 in fp32 (pow2: rounded up to a power of two, the "ue8m0" scale format, so
+    amax / scale <= 448 and nothing saturates); q = e4m3(x_fp32 / scale), rounded to nearest even, saturating.
+    A partial last block (H not a multiple of 128) takes its amax over the channels it has.
     """
     import numpy as np
     xf = np.asarray(x).astype(np.float32)
     h = xf.shape[-1]
-    if h % BLOCK:
-        raise ValueError(f"hidden {h} is not a multiple of {BLOCK}")
-    blocks = xf.reshape(*xf.shape[:-1], h // BLOCK, BLOCK)
+    blocks = _blocks(xf)
     amax = np.abs(blocks).max(axis=-1, initial=0.0)
     scales = (np.maximum(amax, np.float32(SCALE_FLOOR)) / np.float32(FP8_MAX)).astype(np.float32)
+    if pow2:
+        scales = pow2_ceil(scales)
     ratio = (blocks / scales[..., None]).astype(np.float32)
     # x/scale can exceed 448 by a rounding step; saturate like the GPU's satfinite conversion.
     ratio = np.clip(ratio, -FP8_MAX, FP8_MAX)
-    q = ratio.astype(FP8_FORMAT.dtype).reshape(xf.shape)
+    q = ratio.reshape(*xf.shape[:-1], blocks.shape[-2] * BLOCK)[..., :h].astype(FP8_FORMAT.dtype)
     return q, scales
 
 
@@ -140,8 +169,9 @@ def dequantize_fp8(q, scales):
     import numpy as np
     qf = np.asarray(q).astype(np.float32)
     h = qf.shape[-1]
-    blocks = qf.reshape(*qf.shape[:-1], h // BLOCK, BLOCK)
-    return (blocks * np.asarray(scales, np.float32)[..., None]).reshape(qf.shape)
+    blocks = _blocks(qf)
+    out = blocks * np.asarray(scales, np.float32)[..., None]
+    return out.reshape(*qf.shape[:-1], blocks.shape[-2] * BLOCK)[..., :h]
 
 
 def random_tokens(rng, t: int, hidden: int, scale: float = 1.0):

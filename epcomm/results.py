@@ -9,11 +9,15 @@ from typing import Any
 class DispatchResult:
     """Tokens laid out for a grouped matmul on this rank.
 
-    expert_x [max_recv_rows, hidden] (bf16 or fp8), expert_scales [max_recv_rows, hidden/128] fp32 (fp8 only, else None),
-    row_offsets [num_groups+1] uint32 (rows of group g are row_offsets[g]:row_offsets[g+1]), expert_ids [num_groups]
-    int32 (global expert id, -1 for the fused shared expert), src_info [max_recv_rows, 3] int32 (source rank, source
-    token, top-k slot; k = -1 for shared rows; -1 past the last row), tokens_per_expert [n_local_experts] int32.
+    expert_x [max_recv_rows, hidden] (bf16 or fp8), expert_scales [max_recv_rows, ceil(hidden/128)] fp32 (fp8 only,
+    else None), row_offsets [num_groups+1] uint32 (rows of group g are row_offsets[g]:row_offsets[g+1]),
+    expert_ids [num_groups] int32 (global expert id, -1 for the fused shared expert), src_info [max_recv_rows, 3]
+    int32 (source rank, source token, top-k slot; k = -1 for shared rows; -1 past the last row), tokens_per_expert
+    [n_local_experts] int32.
     handle: what combine needs to send rows back (backend specific; pass it to combine unchanged).
+    That is layout "grouped"; in layout "batched" expert_x / expert_scales / src_info are [n_local_experts, capacity,
+    ...], row_offsets[g] = g * capacity and tokens_per_expert is the mask (docs/ARCHITECTURE.md "Output layouts").
+    A src_info row of -1 holds no token (padding, unused slab rows, past the end).
     rejected_ranks: ranks that refused their own input for this round (EPInputError there) and sent nothing; the
     result holds every other rank's tokens (host backend; always empty on the GPU backend, where a refusal aborts).
     dropped: [T, topk] bool, this rank's top-k slots that were not sent because their expert lives on a fenced-off

@@ -106,6 +106,7 @@ def distinct_experts(cfg: EPConfig, result) -> np.ndarray:
     y = identity_experts(cfg, to_numpy(result.expert_x), to_numpy(result.expert_scales)
                          if result.expert_scales is not None else None).astype(np.float32)
     ro, ids = to_numpy(result.row_offsets).astype(np.int64), to_numpy(result.expert_ids).astype(np.int64)
+    flat = y.reshape(-1, y.shape[-1])     # any layout: row_offsets are flat rows (epcomm.layouts)
     for g, e in enumerate(ids):
-        y[ro[g]:ro[g + 1]] *= np.float32(expert_factor(int(e)))
+        flat[ro[g]:ro[g + 1]] *= np.float32(expert_factor(int(e)))
     return y.astype(BF16)

@@ -131,14 +131,16 @@ def _plan(spec: JobSpec, as_json: bool) -> None:
             row["env"] = rank_environment(topo, row["rank"])
             ranks.append(row)
         print(json.dumps({"topology": topo.to_dict(), "source": topo.source, "world_size": topo.world_size,
-                          "shared_gpus": topo.sharing_lines(), "mpi": spec.flavor, "ranks": ranks, "command": spec.command, "notes": spec.notes},
+                          "shared_gpus": topo.sharing_lines(), "mpi": spec.flavor, "ranks": ranks,
+                          "command": spec.command, "notes": spec.notes},
                          indent=2))
         return
     print(f"topology {topo.name} ({topo.source or 'no file'}): {topo.world_size} ranks on "
           f"{len(set(topo.hostnames))} host(s), {topo.num_nodes} node(s) x {topo.ranks_per_node}, "
           f"backend {topo.backend}, mpi {spec.flavor}")
     shared = topo.shares_gpus
-    print(f"{'rank':>4}  {'host':<20} {'node':>4} {'local':>5} {'device':>6}  " + ("shared  " if shared else "") + "nic")
+    print(f"{'rank':>4}  {'host':<20} {'node':>4} {'local':>5} {'device':>6}  "
+          + ("shared  " if shared else "") + "nic")
     for row in topo.rank_table():
         dev = "-" if row["device"] is None else str(row["device"])
         share = f"{'x' + str(row['gpu_shared_by']):<8}" if shared else ""

@@ -21,19 +21,20 @@ class Backend(Protocol):
     def sms_used(self) -> int | None:
         """SMs the kernels of this buffer run on (None where that means nothing, e.g. the host backend)."""
 
-    def dispatch(self, x, topk_ids) -> DispatchResult:
-        """Send and receive in one call (one kernel launch on GPUs)."""
+    def dispatch(self, x, topk_ids, stats_out=None) -> DispatchResult:
+        """Send and receive in one call (one kernel launch on GPUs). x: bf16 [T, H] or a caller-quantised
+        (x_fp8, x_scales) pair; topk_ids int32 or int64; stats_out: counters to add tokens_per_expert to, or None."""
 
-    def dispatch_async(self, x, topk_ids) -> Any:
+    def dispatch_async(self, x, topk_ids, stats_out=None) -> Any:
         """Send only; returns what dispatch_wait takes."""
 
     def dispatch_wait(self, pending) -> DispatchResult:
         """Receive of a dispatch_async (called once per pending, in issue order)."""
 
-    def combine(self, expert_y, handle, topk_weights) -> Any:
-        """Send expert rows back and reduce them in one call; returns y [T, hidden] bf16."""
+    def combine(self, expert_y, handle, topk_weights, out=None) -> Any:
+        """Send expert rows back and reduce them in one call; returns y [T, hidden] bf16 (out, when given)."""
 
-    def combine_async(self, expert_y, handle, topk_weights) -> Any:
+    def combine_async(self, expert_y, handle, topk_weights, out=None) -> Any:
         """Send only; returns what combine_wait takes."""
 
     def combine_wait(self, pending) -> Any:

@@ -22,6 +22,8 @@ from epcomm.checks import Round
 from epcomm.errors import EPCapacityError, EPTimeoutError
 from epcomm.workload import distinct_experts, make_world
 
+import server_checks  # noqa: E402  (tests/gpu/server_checks.py, beside this file)
+
 
 def tb16(a: np.ndarray, dev):
     import torch
@@ -194,8 +196,7 @@ class Checker:
         sx = tb16(w0.xs[me], self.dev)
         sids = torch.from_numpy(w0.topk_ids[me]).to(self.dev)
         sw = torch.from_numpy(w0.topk_weights[me]).to(self.dev)
-        maxr = cfg.max_recv_rows
-        sey = torch.zeros((maxr, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
+        sey = torch.zeros((*cfg.rows_shape, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
         be.synchronize()
         torch.cuda.synchronize()
         g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -250,7 +251,7 @@ class Checker:
             ids = torch.from_numpy(hot.topk_ids[me]).to(self.dev)
             w = torch.from_numpy(hot.topk_weights[me]).to(self.dev)
             res = be.dispatch_wait(be.dispatch_async(x, ids)) if use_async else be.dispatch(x, ids)
-            ey = torch.zeros((cfg.max_recv_rows, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
+            ey = torch.zeros((*cfg.rows_shape, cfg.hidden), dtype=torch.bfloat16, device=self.dev)
             be.combine(ey, res.handle, w)        # the void round's combine: nothing sent, nothing awaited
             try:
                 be.synchronize()
@@ -425,6 +426,8 @@ def main():
             be.close()
             if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank == 64:
                 ck.capacity(cfg)                 # each mode / format
+            if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank != 61:
+                server_checks.run(ck, cfg)     # issue 13: int64 ids, out=, stats_out=, micro-batches, refusals
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))

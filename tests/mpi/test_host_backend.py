@@ -58,6 +58,41 @@ def test_reference_2x4(seed):
     run_cases("cpu-2x4", seed, cases)
 
 
+SERVER_CASES = [
+    "layout=batched", "layout=batched,routing=hot,tokens=ragged", "layout=batched,routing=empty_rank",
+    "layout=batched,routing=minus1,tokens=ragged", "layout=batched,dup=1,ecap=64", "layout=batched,skip=1",
+    "align=8,routing=skewed,tokens=ragged", "align=128,fused=1,routing=minus1", "align=4,skip=1,fused=1,aws=2",
+    "H=2880,routing=hot", "H=48,routing=minus1", "ids64=1,routing=minus1,tokens=ragged",
+    "out=1,fused=1", "out=1,layout=batched,async=1", "stats=1,rounds=3,routing=hot,tokens=ragged",
+    "mb=1,rounds=4,routing=skewed,tokens=ragged", "mb=1,rounds=3,align=16,async=1",
+    "mb=1,stats=1,rounds=3,layout=batched,fused=0,routing=empty_rank"]
+FP8_SERVER_CASES = [
+    "sfmt=ue8m0", "slayout=col,routing=hot", "sfmt=ue8m0,slayout=col,layout=batched,routing=skewed,tokens=ragged",
+    "H=2880,sfmt=ue8m0", "H=208,slayout=col", "prequant=1", "prequant=1,sfmt=ue8m0,slayout=col,layout=batched",
+    "prequant=1,align=128,fused=1,tokens=ragged"]
+
+
+def test_server_options_4rank(seed):
+    """Issue 13 on the host backend: batched layout, alignment, odd hidden sizes, int64 ids, out=, stats_out=,
+    two micro-batches on one buffer; fp8 scale formats / layouts and caller-quantised input."""
+    run_cases("cpu-4rank", seed, grid(extra=SERVER_CASES) + grid(fmts=("fp8",), extra=FP8_SERVER_CASES)
+              + grid(fmts=("bf16",), extra=["H=40,routing=hot,tokens=ragged"]))
+
+
+def test_server_options_2x4(seed):
+    run_cases("cpu-2x4", seed, grid(extra=["layout=batched,routing=skewed,tokens=ragged", "mb=1,rounds=3,stats=1",
+                                           "align=128,fused=1,out=1,ids64=1"]) +
+              grid(fmts=("fp8",), extra=["prequant=1,sfmt=ue8m0,slayout=col,layout=batched,mb=1,rounds=2"]))
+
+
+def test_batched_capacity_overflow_fails_on_every_rank_naming_the_expert(seed):
+    proc = run_launched("cpu-4rank", [WORKER, "cases", "--seed", str(seed), "--case",
+                                      "layout=batched,ecap=2,routing=hot"], timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "expert_capacity=2" in out, out[-3000:]
+
+
 def test_larger_case_4rank(seed):
     run_cases("cpu-4rank", seed, grid(extra=["H=1024,M=96,K=8,E=8,tokens=ragged"]))
 
@@ -164,6 +199,9 @@ def test_receive_capacity_overflow_is_named_on_every_rank(seed):
     after it on the same buffer matches the reference; the async API too (every third round)."""
     cases = grid(extra=["cap=1.5,routing=hot,rounds=6", "cap=1.5,routing=hot,rounds=4,fused=1,tokens=ragged"])
     cases += ["cap=1,routing=skewed,rounds=4,skip=1", "cap=1,routing=hot,rounds=3,mode=ht,dup=1,K=8,E=2"]
+    # with issue 13's layouts: padding on top of the capacity, batched slabs, two micro-batches (one of them over)
+    cases += ["cap=1.5,routing=hot,rounds=4,align=16,tokens=ragged", "cap=1.5,routing=hot,rounds=4,layout=batched",
+              "cap=1.5,routing=hot,rounds=3,mb=1,stats=1,async=1", "cap=1.5,routing=hot,rounds=3,mb=1,fmt=fp8"]
     out = run_cases("cpu-4rank", seed, cases)
     over, within = map(int, re.search(r"capacity: (\d+) round\(s\) over, (\d+) within", out).groups())
     assert over >= 8 and within >= 8, out[-2000:]   # both kinds of round happened: the test can fail

@@ -7,6 +7,10 @@ tokens (max|ragged|N), fused (0|1), skip (0|1), aws (allreduce_world_size), H, M
 rounds (back-to-back rounds on one buffer, fresh inputs each, no barrier), async (0|1), cap (recv_capacity_factor;
 0 = the worst case; with cap, odd rounds use uniform routing, so over-capacity and fitting rounds alternate: a round
 the reference says is over must raise the same EPCapacityError on every rank, the next must be correct).
+Server-facing (issue 13): layout (grouped|batched), align (expert_alignment), ecap (expert_capacity, 0 = default),
+sfmt (fp32|ue8m0), slayout (row|col), ids64 (int64 topk_ids), prequant (caller-quantised (x_fp8, x_scales)),
+out (combine into a poisoned caller tensor), stats (stats_out accumulated over the rounds), mb (two micro-batches:
+dispatch A, dispatch B, combine A, combine B, every round).
 Exit 0 when every rank matched; prints "FAIL rank R ..." lines otherwise. Other commands: timeout, abort.
 """
 from __future__ import annotations
@@ -24,7 +28,8 @@ from epcomm.checks import Round
 from epcomm.workload import identity_experts, make_world
 
 DEFAULTS = dict(fmt="bf16", mode="ht", routing="uniform", tokens="max", fused=0, skip=0, aws=1,
-                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0, cap=0.0)
+                H=256, M=16, K=4, E=4, rounds=1, timeout=30.0, dup=0, cap=0.0, layout="grouped", align=1, ecap=0,
+                sfmt="fp32", slayout="row", ids64=0, prequant=0, out=0, stats=0, mb=0, **{"async": 0})
 
 
 def add_duplicates(world):
@@ -47,9 +52,23 @@ def parse_case(spec: str) -> dict:
 
 def make_cfg(c: dict, world: int) -> epcomm.EPConfig:
     return epcomm.EPConfig(hidden=c["H"], topk=c["K"], num_experts=c["E"] * world, max_tokens_per_rank=c["M"],
-                           world_size=world, token_format=c["fmt"], mode=c["mode"], fused_shared_expert=bool(c["fused"]),
+                           world_size=world, token_format=c["fmt"], mode=c["mode"],
+                           fused_shared_expert=bool(c["fused"]),
                            skip_a2a=bool(c["skip"]), allreduce_world_size=c["aws"], timeout_s=c["timeout"],
-                           recv_capacity_factor=c["cap"] or None)
+                           recv_capacity_factor=c["cap"] or None,
+                           layout=c["layout"], expert_alignment=c["align"], expert_capacity=c["ecap"] or None,
+                           scale_format=c["sfmt"], scale_layout=c["slayout"])
+
+
+def caller_quantised(cfg, world, seed: int):
+    """Replace every rank's x by a caller-quantised pair whose scales epcomm would not compute itself (each row's
+    scales times a power of two), so a backend that re-derives or drops them fails."""
+    rng = np.random.default_rng(seed)
+    for r, x in enumerate(world.xs):
+        q, s = cfg.token_format.quantize(x, cfg.scale_format)
+        s = (s * np.exp2(rng.integers(-3, 4, size=(len(x), 1)))).astype(np.float32)
+        world.xs[r] = (q, s)
+    return world
 
 
 def tokens_arg(c):
@@ -72,30 +91,77 @@ def check_overflow(cfg, ctx, buf, world, use_async: bool, want: epcomm.EPCapacit
     return [f"no EPCapacityError although rank {want.rank} needs {want.needed} rows > {want.capacity}"]
 
 
-def check_round(cfg, ctx, buf, world, use_async: bool) -> list[str]:
-    if cfg.recv_capacity_factor is not None:
-        try:
-            ref.check_capacity(cfg, world.topk_ids)
-        except epcomm.EPCapacityError as want:
-            check_round.overflows += 1
-            return check_overflow(cfg, ctx, buf, world, use_async, want)
-        check_round.fits += 1
-    rnd = Round(cfg, world, ctx.rank, experts="distinct")
-    x, ids, weights = rnd.inputs()
-    if use_async:
-        out = buf.dispatch_wait(buf.dispatch_async(x, ids))
-    else:
-        out = buf.dispatch(x, ids)
-    problems = ["dispatch: " + p for p in rnd.check_dispatch(out)]
-    my_ey = rnd.expert_y(out, poison_tail=True)   # rows past the end must never be read
-    if use_async:
-        y = buf.combine_wait(buf.combine_async(my_ey, out.handle, weights))
-    else:
-        y = buf.combine(my_ey, out.handle, weights)
-    problems += ["combine: " + p for p in rnd.check_combine(y)]
-    if y.dtype != np.dtype(epcomm.formats.BF16) or y.shape != (len(x), cfg.hidden):
-        problems.append(f"combine output {y.dtype}{list(y.shape)}")
-    return problems
+def capacity_verdict(cfg, world) -> epcomm.EPCapacityError | None:
+    """The reference's EPCapacityError for this world's round (None: it fits, or no capacity was set)."""
+    if cfg.recv_capacity_factor is None:
+        return None
+    try:
+        ref.check_capacity(cfg, world.topk_ids)
+    except epcomm.EPCapacityError as want:
+        check_round.overflows += 1
+        return want
+    check_round.fits += 1
+    return None
+
+
+class RoundCalls:
+    """One round's calls with the case's server-facing options (int64 ids, stats_out, out=); a round the reference
+    says is over the receive capacity must raise the same EPCapacityError instead (and has no combine)."""
+
+    def __init__(self, cfg, ctx, buf, world, c: dict, use_async: bool, stats):
+        self.cfg, self.ctx, self.buf, self.c, self.use_async, self.stats = cfg, ctx, buf, c, use_async, stats
+        self.world = world
+        self.over = capacity_verdict(cfg, world)
+        self.rnd = Round(cfg, world, ctx.rank, experts="distinct")
+        self.x, ids, self.weights = self.rnd.inputs()
+        self.ids = ids.astype(np.int64) if c["ids64"] else ids
+
+    def dispatch(self) -> list[str]:
+        if self.over is not None:
+            return check_overflow(self.cfg, self.ctx, self.buf, self.world, self.use_async, self.over)
+        buf, kw = self.buf, {"stats_out": self.stats} if self.stats is not None else {}
+        if self.use_async:
+            self.out = buf.dispatch_wait(buf.dispatch_async(self.x, self.ids, **kw))
+        else:
+            self.out = buf.dispatch(self.x, self.ids, **kw)
+        return ["dispatch: " + p for p in self.rnd.check_dispatch(self.out)]
+
+    def combine(self) -> list[str]:
+        if self.over is not None:
+            return []
+        buf, out = self.buf, self.out
+        my_ey = self.rnd.expert_y(out, poison_tail=True)   # rows without a token must never be read
+        t = len(self.rnd.inputs()[1])
+        kw = {}
+        if self.c["out"]:
+            kw["out"] = np.full((t, self.cfg.hidden), np.nan, np.float32).astype(epcomm.formats.BF16)
+        if self.use_async:
+            y = buf.combine_wait(buf.combine_async(my_ey, out.handle, self.weights, **kw))
+        else:
+            y = buf.combine(my_ey, out.handle, self.weights, **kw)
+        problems = ["combine: " + p for p in self.rnd.check_combine(y)]
+        if "out" in kw and y is not kw["out"]:
+            problems.append("combine(out=y) did not return the caller's array")
+        if y.dtype != np.dtype(epcomm.formats.BF16) or y.shape != (t, self.cfg.hidden):
+            problems.append(f"combine output {y.dtype}{list(y.shape)}")
+        return problems
+
+    def expected_counts(self) -> np.ndarray:
+        if self.over is not None:   # a void round delivers nothing: stats_out is not touched
+            return np.zeros(self.cfg.n_local_experts, np.int64)
+        return self.rnd.dispatch.tokens_per_expert.astype(np.int64)
+
+
+def check_round(cfg, ctx, buf, worlds, c: dict, use_async: bool, stats) -> tuple[list[str], np.ndarray]:
+    """One world: dispatch, combine. Two (mb=1): dispatch A, dispatch B, combine A, combine B on the same buffer.
+    Returns the problems and the rows each local expert should have received (for stats_out)."""
+    calls = [RoundCalls(cfg, ctx, buf, w, c, use_async, stats) for w in worlds]
+    problems = []
+    for i, rc in enumerate(calls):
+        problems += [f"batch {i} {p}" if len(calls) > 1 else p for p in rc.dispatch()]
+    for i, rc in enumerate(calls):
+        problems += [f"batch {i} {p}" if len(calls) > 1 else p for p in rc.combine()]
+    return problems, sum(rc.expected_counts() for rc in calls)
 
 
 check_round.overflows = check_round.fits = 0
@@ -107,14 +173,26 @@ def cmd_cases(args, ctx) -> int:
     for i, spec in enumerate(args.case):
         c = parse_case(spec)
         cfg = make_cfg(c, ctx.world_size)
+        stats = np.zeros(cfg.n_local_experts, np.int64) if c["stats"] else None
+        counted = np.zeros(cfg.n_local_experts, np.int64)
         with epcomm.EPBuffer(cfg, ctx) as buf:
             for rnd in range(c["rounds"]):
                 seed = args.seed + 1000 * i + rnd
-                routing = "uniform" if c["cap"] and rnd % 2 else c["routing"]
-                world = make_world(cfg, seed, routing, tokens_arg(c))
-                if c["dup"]:
-                    add_duplicates(world)
-                problems = check_round(cfg, ctx, buf, world, bool(c.get("async", 0)) or (rnd % 3 == 2))
+                worlds = []
+                for b in range(2 if c["mb"] else 1):
+                    # with cap, odd rounds route uniformly: over-capacity and fitting rounds alternate
+                    routing = "uniform" if c["cap"] and (rnd + b) % 2 else c["routing"]
+                    world = make_world(cfg, seed + 500 * b, routing, tokens_arg(c))
+                    if c["dup"]:
+                        add_duplicates(world)
+                    if c["prequant"]:
+                        caller_quantised(cfg, world, seed + 500 * b)
+                    worlds.append(world)
+                problems, counts = check_round(cfg, ctx, buf, worlds, c, bool(c.get("async", 0)) or (rnd % 3 == 2),
+                                               stats)
+                counted += counts
+                if stats is not None and not np.array_equal(stats, counted):
+                    problems.append(f"stats_out {stats.tolist()} != received rows {counted.tolist()}")
                 for p in problems:
                     print(f"FAIL rank {ctx.rank} case [{spec}] seed {seed} round {rnd}: {p}", flush=True)
                 fails += bool(problems)
@@ -170,6 +248,14 @@ def expect_input_error(what: str, fn, needle: str) -> list[str]:
     return [f"{what}: no error"]
 
 
+def _batched_combine_shape(cfg, ctx, x, ids, w):
+    """A grouped-layout expert_y given to a batched-layout buffer."""
+    from epcomm.formats import BF16
+    b = epcomm.EPBuffer(cfg.replace(layout="batched"), ctx)
+    out = b.dispatch(x, ids)
+    b.combine(np.zeros((cfg.max_recv_rows, cfg.hidden), BF16), out.handle, w)
+
+
 def cmd_checks(args, ctx) -> int:
     """Input checks on a world of one rank (an abort there bothers nobody)."""
     from epcomm.formats import BF16
@@ -190,7 +276,7 @@ def cmd_checks(args, ctx) -> int:
     probs += expect_input_error("uint16 x", disp(x.view(np.uint16), ids), "bfloat16")
     probs += expect_input_error("too many tokens", disp(np.zeros((9, 256), BF16), np.zeros((9, 2), np.int32)),
                                 "max_tokens_per_rank=8")
-    probs += expect_input_error("int64 ids", disp(x, ids.astype(np.int64)), "int32")
+    probs += expect_input_error("int16 ids", disp(x, ids.astype(np.int16)), "int32 or int64")
     probs += expect_input_error("ids shape", disp(x, ids[:, :1]), "topk=2")
     probs += expect_input_error("id too big", disp(x, np.full_like(ids, cfg.num_experts)), "got 4")
     probs += expect_input_error("id -2", disp(x, np.full_like(ids, -2)), "got -2")
@@ -211,9 +297,42 @@ def cmd_checks(args, ctx) -> int:
     out = b.dispatch(x, ids)
     probs += expect_input_error("foreign handle", lambda: fresh().combine(ey, out.handle, w), "this EPBuffer")
     b = fresh()
-    old = b.dispatch(x, ids)
-    b.dispatch(x, ids)
-    probs += expect_input_error("stale handle", lambda: b.combine(ey, old.handle, w), "latest dispatch")
+    live = [b.dispatch(x, ids), b.dispatch(x, ids)]     # held, not combined: both still live
+    probs += expect_input_error("third outstanding dispatch", lambda: b.dispatch(x, ids), "at most 2 dispatches")
+    del live
+    b = fresh()
+    live = [b.dispatch(x, ids), b.dispatch(x, ids)]
+    b.release(live[0].handle)       # it will not be combined: its set may be reused
+    b.combine(ey, b.dispatch(x, ids).handle, w)
+    b.combine(ey, live[1].handle, w)
+    del live
+    b = fresh()
+    old = b.dispatch(x, ids)          # never combined: dispatch round 2 would overwrite it
+    b.combine(ey, b.dispatch(x, ids).handle, w)
+    probs += expect_input_error("reuse of a live round's set", lambda: b.dispatch(x, ids), "at most 2 dispatches")
+    del old
+    b = fresh()
+    for _ in range(4):        # results dropped: nothing can combine them, so they are not outstanding
+        b.dispatch(x, ids)
+    b = fresh()
+    probs += expect_input_error("stats_out shape", lambda: b.dispatch(x, ids, stats_out=np.zeros(3, np.int64)),
+                                "n_local_experts=4")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    probs += expect_input_error("out shape", lambda: b.combine(ey, out.handle, w, out=np.zeros((3, 256), BF16)),
+                                "T=8")
+    b = fresh()
+    out = b.dispatch(x, ids)
+    probs += expect_input_error("out dtype", lambda: b.combine(ey, out.handle, w, out=np.zeros((8, 256), np.float32)),
+                                "bfloat16")
+    b = fresh()
+    probs += expect_input_error("pair on bf16", disp((x, np.zeros((8, 2), np.float32)), ids), "quantised")
+    fp8 = cfg.replace(token_format="fp8")
+    q, sc = fp8.token_format.quantize(x)
+    probs += expect_input_error("scales shape", lambda: epcomm.EPBuffer(fp8, ctx).dispatch((q, sc[:, :1]), ids),
+                                "scale_cols=2")
+    probs += expect_input_error("batched expert_y", lambda: _batched_combine_shape(cfg, ctx, x, ids, w),
+                                "n_local_experts=4, capacity=")
     b = fresh()
     out = b.dispatch(x, ids)
     b.combine(ey, out.handle, w)

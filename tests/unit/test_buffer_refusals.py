@@ -87,7 +87,7 @@ def test_refused_dispatch_takes_part_empty_with_its_combine(monkeypatch):
     buf = make(monkeypatch, be)
     x, ids = good()
     with pytest.raises(EPInputError, match="int32"):
-        buf.dispatch(x, ids.astype(np.int64))
+        buf.dispatch(x, ids.astype(np.int16))
     # the round's receive runs as usual; its combine goes out at once (this rank's experts will not run)
     assert be.calls == ["dispatch_rejected", "dispatch_wait", "combine_rejected 0"] and buf.round == 1
     with pytest.raises(EPInputError, match="handle must be"):   # no handle of round 0 exists; nothing more is sent
@@ -113,10 +113,12 @@ def test_a_bad_handle_refuses_the_latest_round_unless_it_was_combined(monkeypatc
     be = Recorder()
     buf = make(monkeypatch, be)
     old = buf.dispatch(*good())
-    buf.dispatch(*good())
-    with pytest.raises(EPInputError, match="latest dispatch"):
+    new = buf.dispatch(*good())
+    buf.combine(*combine_args(old))            # two micro-batches: the older dispatch combines first
+    with pytest.raises(EPInputError, match="already combined"):
         buf.combine(*combine_args(old))
     assert be.calls[-1] == "combine_rejected 1"
+    del new
 
 
 def test_wait_misuse_is_refused_without_a_word_to_anyone(monkeypatch):

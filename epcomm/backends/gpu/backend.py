@@ -3,9 +3,10 @@
 Its memory layout (symmetric regions, kernel parameter struct, device arrays) is in layout.py.
 
 Public behaviour (what EPBuffer forwards to):
-  dispatch(x, topk_ids) -> DispatchResult            one launch (send + receive phases)
+  dispatch(x, topk_ids, stats_out) -> DispatchResult  one launch (send + receive phases); int64 ids are narrowed
+                                                      into a preallocated int32 copy, stats_out += tokens_per_expert
   dispatch_async(x, topk_ids) -> pending              send phase only; dispatch_wait(pending) -> DispatchResult
-  combine(expert_y, handle, topk_weights) -> y        one launch
+  combine(expert_y, handle, topk_weights, out) -> y   one launch (out=: y written into the caller's tensor)
   combine_async(...) -> pending ; combine_wait(pending) -> y
   synchronize()  waits for the device; raises EPTimeoutError / EPError recorded by a kernel
   close()        collective (frees symmetric memory)
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 
 from ...errors import EPCapacityError, EPError, EPInputError, EPTimeoutError
 from ...results import DispatchResult
+from ...arrays import describe
 from . import jit, occupancy
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
 from .layout import OUTPUT_SETS, ErrorCode, Layout, Phase, device_arrays, params_struct, send_chunk_tokens
@@ -53,6 +56,7 @@ class _Pending:
     params: object
     handle: object = None
     keep: tuple = ()
+    stats: object = None     # dispatch: the caller's stats_out, added to after the receive
 
 
 class GpuBackend:
@@ -109,6 +113,11 @@ class GpuBackend:
                     s[a.param] = new(a.shape, a.dtype)
             else:
                 self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
+        # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
+        # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
+        # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
+        self._ids64 = [new((cfg.max_tokens_per_rank, cfg.topk), "i64") for _ in range(OUTPUT_SETS)]
+        self._ids32 = [new((cfg.max_tokens_per_rank, cfg.topk), "i32") for _ in range(OUTPUT_SETS)]
         self.err = HostErrorRecord()
         self._hp = 0     # dispatch calls so far (host parity of output sets)
         self._cp = 0     # combine calls so far
@@ -165,7 +174,7 @@ class GpuBackend:
         for n, v in self.layout.offset.items():
             setattr(p, "off_" + n, v)
         p.me = self.me
-        p.maxr = self.cfg.max_recv_rows
+        p.maxr = math.prod(self.cfg.rows_shape)    # rows of expert_x in any layout (epcomm/layouts.py)
         p.cap = self.cfg.recv_rows
         p.recv_tokens = self.layout.recv_tokens
         for r, v in enumerate(self.peers):
@@ -199,6 +208,10 @@ class GpuBackend:
         if code == ErrorCode.SLOT_OVERFLOW:
             raise EPError(f"epcomm gpu: rank {self.me}: more rows for local expert {rec['what']} of rank {peer} than "
                           f"max_tokens_per_rank slots (duplicate expert ids in one token are not allowed in 'll' mode)")
+        if code == ErrorCode.SLAB_OVERFLOW:
+            raise EPError(f"epcomm gpu: rank {peer}: local expert {rec['what']} received more rows than "
+                          f"expert_capacity={self.cfg.batched_capacity} of layout 'batched' (the rest were dropped; "
+                          f"a token that lists one expert twice needs two rows: raise expert_capacity)")
         if code == ErrorCode.ABORT:
             word = self._abort_word(peer) if known else None
             if word is not None and word >= 2 and word - 2 < self.cfg.world_size:
@@ -230,6 +243,34 @@ class GpuBackend:
             raise EPError("EPBuffer is closed")
         self._raise_recorded()
 
+    def _narrow_ids(self, topk_ids, hp: int, T: int, kind: str):
+        """int64 ids -> this set's int32 staging (stream-ordered cast); int32 ids as they are."""
+        if describe(topk_ids) is None or describe(topk_ids).dtype != "int64":
+            return topk_ids
+        if kind == "cai":
+            raise EPInputError("gpu backend: int64 topk_ids need a torch tensor or cupy array (or pass int32)")
+        wide, stage = self.alloc.view(self._ids64[hp], kind)[:T], self.alloc.view(self._ids32[hp], kind)[:T]
+        if kind == "torch":
+            import torch
+            torch.clamp(topk_ids, -1, self.cfg.num_experts, out=wide)
+            stage.copy_(wide)
+        else:
+            import cupy
+            cupy.clip(topk_ids, -1, self.cfg.num_experts, out=wide)
+            stage[...] = wide
+        return stage
+
+    def _add_stats(self, stats_out, hp: int, kind: str) -> None:
+        """stats_out += tokens_per_expert of set hp, on the caller's current stream (after the receive)."""
+        if stats_out is None:
+            return
+        tpe = self.alloc.view(self.sets[hp]["tpe"], kind)
+        if kind == "torch":
+            stats_out.add_(tpe)
+        else:
+            import cupy
+            cupy.add(stats_out, tpe, out=stats_out, casting="same_kind")
+
     def _inputs(self, x, topk_ids):
         kind = array_kind(x)
         T = int(x.shape[0])
@@ -242,29 +283,44 @@ class GpuBackend:
     # ---------------------------------------------------------------- dispatch
     def _dispatch_params(self, x, topk_ids):
         self._check_open()
-        kind, T, xp, ip = self._inputs(x, topk_ids)
+        x, x_scales = x if isinstance(x, tuple) else (x, None)   # caller-quantised: (e4m3 [T, H], fp32 scales)
         hp = self._hp & 1
+        topk_ids = self._narrow_ids(topk_ids, hp, int(x.shape[0]), array_kind(x))
+        kind, T, xp, ip = self._inputs(x, topk_ids)
         self._hp += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
+        if x_scales is not None:   # sent unchanged (row-major [T, scale_cols]; the kernels copy instead of quantising)
+            p.x_scales = device_pointer(x_scales, array_kind(x_scales), self.ctx.device)
         return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
     def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
-        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=v(s.get("escale"), kind),
+        scales = self._scales_view(v(s.get("escale"), kind), kind)
+        return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
                               handle=GpuHandle(hp, T, kind))
 
-    def dispatch(self, x, topk_ids) -> DispatchResult:
+    def _scales_view(self, store, kind: str):
+        """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
+        (scale_layout "col": storage [.., cols, aligned rows] -> [.., rows, cols], no copy)."""
+        if store is None or self.cfg.scale_layout != "col":
+            return store
+        rows = self.cfg.rows_shape[-1]
+        cut = store[..., :rows]
+        return cut.transpose(-1, -2) if kind == "torch" else cut.swapaxes(-1, -2)
+
+    def dispatch(self, x, topk_ids, stats_out=None) -> DispatchResult:
         kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
         self._launch("ep_dispatch", p, st)
+        self._add_stats(stats_out, hp, kind)
         return self._result(hp, T, kind)
 
-    def dispatch_async(self, x, topk_ids):
+    def dispatch_async(self, x, topk_ids, stats_out=None):
         kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
         self._launch("ep_dispatch_send", p, st)
-        return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids))
+        return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids), stats=stats_out)
 
     @staticmethod
     def _after(pending, stream: int) -> None:
@@ -283,10 +339,11 @@ class GpuBackend:
         st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_dispatch_recv", pending.params, st)
+        self._add_stats(pending.stats, pending.hp, pending.kind)
         return self._result(pending.hp, pending.num_tokens, pending.kind)
 
     # ---------------------------------------------------------------- combine
-    def _combine_params(self, expert_y, handle, topk_weights):
+    def _combine_params(self, expert_y, handle, topk_weights, out=None):
         self._check_open()
         if not isinstance(handle, GpuHandle):
             raise EPInputError("combine: handle must come from this GPU buffer's dispatch")
@@ -297,29 +354,33 @@ class GpuBackend:
         p.weights = device_pointer(topk_weights, array_kind(topk_weights), self.ctx.device)
         cp = self._cp & 1
         self._cp += 1
-        p.y = self.alloc.ptr(self.ybufs[cp])
+        # out=: the kernels write y straight into the caller's tensor (no copy)
+        p.y = self.alloc.ptr(self.ybufs[cp]) if out is None else aligned(device_pointer(out, kind, self.ctx.device),
+                                                                          "out")
         return kind, T, cp, p, current_stream(kind, self.ctx.device)
 
-    def _y(self, cp, T, kind):
+    def _y(self, cp, T, kind, out=None):
+        if out is not None:
+            return out
         return self.alloc.view(self.ybufs[cp][:T], kind) if kind != "cupy" else \
             self.alloc.view(self.ybufs[cp], kind)[:T]
 
-    def combine(self, expert_y, handle, topk_weights):
-        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights)
+    def combine(self, expert_y, handle, topk_weights, out=None):
+        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights, out)
         self._launch("ep_combine", p, st)
-        return self._y(cp, T, kind)
+        return self._y(cp, T, kind, out)
 
-    def combine_async(self, expert_y, handle, topk_weights):
-        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights)
+    def combine_async(self, expert_y, handle, topk_weights, out=None):
+        kind, T, cp, p, st = self._combine_params(expert_y, handle, topk_weights, out)
         self._launch("ep_combine_send", p, st)
-        return _Pending("combine", cp, T, kind, st, p, handle, keep=(expert_y, topk_weights))
+        return _Pending("combine", cp, T, kind, st, p, handle, keep=(expert_y, topk_weights, out))
 
     def combine_wait(self, pending):
         self._check_open()
         st = current_stream(pending.kind, self.ctx.device)
         self._after(pending, st)
         self._launch("ep_combine_recv", pending.params, st)
-        return self._y(pending.hp, pending.num_tokens, pending.kind)
+        return self._y(pending.hp, pending.num_tokens, pending.kind, pending.keep[2])
 
     # ---------------------------------------------------------------- lifecycle
     def synchronize(self):

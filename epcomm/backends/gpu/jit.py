@@ -47,7 +47,10 @@ def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
         "EP_H": cfg.hidden, "EP_K": cfg.topk, "EP_E": cfg.num_experts, "EP_R": cfg.world_size,
         "EP_M": cfg.max_tokens_per_rank, "EP_HT": int(cfg.mode == "ht"),
         "EP_FUSED": int(cfg.fused_shared_expert), "EP_SKIP": int(cfg.skip_a2a), "EP_ARW": cfg.allreduce_world_size,
-        "EP_THREADS": threads, **cfg.token_format.kernel_define,
+        "EP_THREADS": threads, **cfg.token_format.kernel_define, "EP_UE8M0": int(cfg.scale_format == "ue8m0"),
+        "EP_ROW_ALIGN": cfg.expert_alignment, "EP_BATCHED": int(cfg.layout == "batched"),
+        "EP_CAP": cfg.batched_capacity if cfg.layout == "batched" else 0,
+        "EP_COL_SCALES": int(cfg.scale_layout == "col"),
     }
     return {**shape, **kernel_defines(cfg)}
 

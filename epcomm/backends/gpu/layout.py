@@ -32,6 +32,7 @@ class ErrorCode(enum.IntEnum):
     """`code` of the device error record (kernels: ERR_*)."""
     TIMEOUT = 1          # a peer did not arrive before the deadline
     SLOT_OVERFLOW = 2    # ll: more rows for one (expert, source) than max_tokens_per_rank slots
+    SLAB_OVERFLOW = 5    # layout "batched": more rows for one local expert than expert_capacity (the rest dropped)
     BAD_SOURCE = 3       # combine: a handle entry (source rank, token, slot, row) out of range
     ABORT = 4            # a peer aborted (its abort word is set)
 
@@ -83,9 +84,9 @@ class Layout:
         self.any_remote = any_remote
         self.local_experts = NL = cfg.n_local_experts
         self.groups = cfg.num_groups                       # output groups: local experts (+ the shared expert)
-        self.scale_cols = H // 128                         # fp8 scales per row
+        self.scale_cols = -(-H // 128)                     # fp8 scales per row (the last block may be partial)
         self.data_bytes = fmt.element_bytes * H            # data bytes of one row in the dispatch format
-        self.scale_bytes = fmt.row_bytes(H) - self.data_bytes   # its fp32 scales (none in bf16)
+        self.scale_bytes = fmt.row_bytes(H) - self.data_bytes   # its fp32 scales, ceil(H / 128) (none in bf16)
         self.meta_bytes = _align16(8 + 8 * K) if ht else 16   # ht: token, pad, K expert ids, K slot ranks; ll: token, k
         self.msg_bytes = _align16(self.data_bytes + self.scale_bytes + self.meta_bytes)   # one dispatch message
         # ll count row (source -> destination): [NL] counts, tokens, then [R] the source's routed rows to every rank
@@ -193,7 +194,7 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 # Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
-                  "dbase")
+                  "dbase", "x_scales")
 PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
 
 
@@ -228,22 +229,33 @@ class DeviceArray:
 OUTPUT_SETS = 2   # outputs are double buffered: a result stays valid until the second call after it
 
 
+def scale_storage_shape(cfg) -> tuple[int, ...]:
+    """Shape of expert_scales' storage: [*rows, cols] row-major; column-major (scale_layout "col"): [*slabs, cols,
+    rows rounded up to 4] (16-byte aligned columns, epcomm/layouts.py), handed out as a transposed view."""
+    *slabs, rows = cfg.rows_shape
+    cols = -(-cfg.hidden // 128)
+    if cfg.scale_layout == "col":
+        return (*slabs, cols, -(-rows // 4) * 4)
+    return (*slabs, rows, cols)
+
+
 def device_arrays(cfg) -> list[DeviceArray]:
     """Every device array GpuBackend allocates outside the symmetric heap (each "dispatch" / "combine" entry
     OUTPUT_SETS times)."""
     lay = Layout(cfg)
-    H, K, M, R, maxr = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size, cfg.max_recv_rows
-    fmt = cfg.token_format      # its name is the dtype tag ("bf16" / "fp8")
+    H, K, M, R = cfg.hidden, cfg.topk, cfg.max_tokens_per_rank, cfg.world_size
+    maxr = cfg.rows_shape     # (rows,) grouped, (local experts, capacity) batched: epcomm/layouts.py
+    fmt = cfg.token_format    # its name is the dtype tag ("bf16" / "fp8")
     out = [DeviceArray("state", "state", (64,), "i32", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
            # ht: where this rank's messages to each rank start this round (u64: round << 32 | offset)
            DeviceArray("dispatch_base", "dbase", (2 * R,), "i32", True),
-           DeviceArray("expert_x", "ex", (maxr, H), str(fmt), False, "dispatch")]
+           DeviceArray("expert_x", "ex", (*maxr, H), str(fmt), False, "dispatch")]
     if fmt.quantized:
-        out.append(DeviceArray("expert_scales", "escale", (maxr, lay.scale_cols), "f32", False, "dispatch"))
+        out.append(DeviceArray("expert_scales", "escale", scale_storage_shape(cfg), "f32", False, "dispatch"))
     out += [DeviceArray("row_offsets", "row_offsets", (lay.groups + 1,), "u32", True, "dispatch"),
             DeviceArray("expert_ids", "expert_ids", (lay.groups,), "i32", True, "dispatch"),
-            DeviceArray("src_info", "src_info", (maxr, 3), "i32", True, "dispatch"),
+            DeviceArray("src_info", "src_info", (*maxr, 3), "i32", True, "dispatch"),
             DeviceArray("tokens_per_expert", "tpe", (lay.local_experts,), "i32", True, "dispatch"),
             DeviceArray("ids", "hids", (M * K,), "i32", True, "dispatch"),
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),

@@ -29,7 +29,24 @@ def test_configs(world_size: int = 2) -> list[EPConfig]:
     # M * K not a multiple of 4: the ht combine's per-source weight stride must still be 16-byte aligned
     out.append(EPConfig(**dict(base, max_tokens_per_rank=61, topk=3), world_size=world_size, mode="ht",
                         token_format="bf16"))
+    out += server_configs(world_size)
     return out
+
+
+def server_configs(world_size: int = 2) -> list[EPConfig]:
+    """Issue 13 shapes: hidden not a multiple of 128 (gpt-oss 2880 = 22.5 fp8 blocks; 48 = one partial block, fewer
+    16-byte chunks than a warp has lanes), power-of-two (ue8m0) fp8 scales, the batched layout (default capacity),
+    expert_alignment (one with the shared expert) and column-major scales (in both layouts)."""
+    base = dict(TEST_BASE, num_experts=experts_for(world_size, TEST_BASE["num_experts"]), world_size=world_size)
+    return [EPConfig(**dict(base, hidden=2880), mode="ll", token_format="fp8", scale_format="ue8m0"),
+            EPConfig(**dict(base, hidden=2880), mode="ht", token_format="bf16"),
+            EPConfig(**dict(base, hidden=48), mode="ht", token_format="fp8", scale_format="ue8m0"),
+            EPConfig(**dict(base, hidden=40), mode="ll", token_format="bf16"),
+            EPConfig(**base, mode="ll", token_format="fp8", layout="batched", scale_format="ue8m0", scale_layout="col"),
+            EPConfig(**base, mode="ht", token_format="bf16", layout="batched"),
+            EPConfig(**base, mode="ht", token_format="fp8", expert_alignment=128, fused_shared_expert=True,
+                     scale_layout="col"),
+            EPConfig(**base, mode="ll", token_format="bf16", expert_alignment=16)]
 
 
 def bench_configs(world_size: int = 2) -> list[EPConfig]:
@@ -46,9 +63,16 @@ def bench_configs(world_size: int = 2) -> list[EPConfig]:
 
 
 def example_configs(world_size: int = 2) -> list[EPConfig]:
+    """examples/moe_layer.py: a prefill buffer (grouped, rows aligned to 128), a decode buffer (batched, 16 tokens)."""
     base = dict(EXAMPLE_BASE, num_experts=experts_for(world_size, EXAMPLE_BASE["num_experts"]))
-    return [EPConfig(**base, world_size=world_size, mode=m, token_format=f, fused_shared_expert=s)
-            for m in ("ll", "ht") for f, s in (("bf16", False), ("fp8", True))]
+    out = []
+    for m in ("ll", "ht"):
+        for f, s in (("bf16", False), ("fp8", True)):
+            prefill = EPConfig(**base, world_size=world_size, mode=m, token_format=f, fused_shared_expert=s,
+                               expert_alignment=128)
+            out += [prefill, prefill.replace(max_tokens_per_rank=16, fused_shared_expert=False, expert_alignment=1,
+                                             layout="batched")]
+    return out
 
 
 def all_configs(world_size: int = 2) -> list[EPConfig]:

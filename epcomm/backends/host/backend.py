@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import EPCapacityError
+from ... import layouts
 from ...formats import BF16
 from ...results import DispatchResult
 from . import faults as _faults
@@ -60,6 +61,7 @@ class HostHandle:
     topk_ids: np.ndarray                  # this rank's ids [T, K] (copy)
     n_shared: int                         # shared rows at the top of expert_x
     shared_tokens: np.ndarray             # their token ids
+    group_counts: np.ndarray              # rows per output group (where combine finds them: epcomm.layouts)
     row_src: np.ndarray                   # routed rows: source rank
     row_tok: np.ndarray                   # routed rows: source token
     row_k: np.ndarray                     # routed rows: top-k slot
@@ -133,20 +135,25 @@ class HostBackend:
         return (ids >= 0) & np.isin(np.where(ids >= 0, ids // self.L, -1), masked)
 
     # ------------------------------------------------------------------ dispatch
-    def _payload(self, x: np.ndarray) -> np.ndarray:
-        """Token rows as they travel: the rows in the wire format, then their scales (if any), as bytes."""
-        t = x.shape[0]
-        rows, scales = self.fmt.quantize(x)
+    def _payload(self, x) -> np.ndarray:
+        """Token rows as they travel: the rows in the wire format, then their scales (if any), as bytes. x: bf16
+        [T, H] (quantised here in the configured scale format), or a caller-quantised (x_fp8, x_scales), unchanged."""
+        if isinstance(x, tuple):
+            rows, scales = np.asarray(x[0]).view(self.fmt.dtype), np.asarray(x[1], np.float32)
+        else:
+            rows, scales = self.fmt.quantize(np.asarray(x), self.cfg.scale_format)
+        t = rows.shape[0]
+        scales = None if scales is None else np.ascontiguousarray(scales)
         parts = [np.ascontiguousarray(rows).view(np.uint8).reshape(t, self.fmt.element_bytes * self.H)]
         if scales is not None:
             parts.append(scales.view(np.uint8).reshape(t, 4 * self.fmt.scale_cols(self.H)))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
-    def dispatch(self, x, topk_ids) -> DispatchResult:
-        return self.dispatch_wait(self.dispatch_async(x, topk_ids))
+    def dispatch(self, x, topk_ids, stats_out=None) -> DispatchResult:
+        return self.dispatch_wait(self.dispatch_async(x, topk_ids, stats_out))
 
-    def dispatch_async(self, x, topk_ids) -> _Pending:
-        return self._dispatch_send(x, topk_ids, 0)
+    def dispatch_async(self, x, topk_ids, stats_out=None) -> _Pending:
+        return self._dispatch_send(x, topk_ids, 0, stats_out)
 
     def dispatch_rejected(self) -> _Pending:
         """This rank refused its input for the next round: it takes part with no tokens, its signals carry the
@@ -160,11 +167,10 @@ class HostBackend:
         if self.win is not None:
             self.steps.send_combine_rejected(self, r)
 
-    def _dispatch_send(self, x, topk_ids, mark: int) -> _Pending:
+    def _dispatch_send(self, x, topk_ids, mark: int, stats_out=None) -> _Pending:
         r = self.round
         self.round += 1
-        x = np.ascontiguousarray(x)
-        ids = np.ascontiguousarray(topk_ids, dtype=np.int32)
+        ids = np.ascontiguousarray(topk_ids, dtype=np.int32)    # int64 ids: range-checked by EPBuffer first
         if self.win is not None and self.win.fencing:
             self.win.read_notices()          # deaths declared since the last wait: masked from this round on
         dropped = self._drop_masked(ids)
@@ -174,7 +180,7 @@ class HostBackend:
         if self.faults.hit("corrupt", r) is not None and len(payload):
             payload = payload.copy()
             payload[:, 1] ^= 0x40  # exponent bits of the first channel (bf16) / a value byte (fp8)
-        p = _Pending("dispatch", r, {"payload": payload, "ids": ids, "dropped": dropped})
+        p = _Pending("dispatch", r, {"payload": payload, "ids": ids, "dropped": dropped, "stats": stats_out})
         if not self.cfg.skip_a2a:
             self.maybe_slow(r)
             skip = self.faults.hit("skip_dispatch", r) is not None
@@ -222,6 +228,7 @@ class HostBackend:
         cfg, r, me, L = self.cfg, pending.round, self.rank, self.L
         payload, ids, sent = pending.state["payload"], pending.state["ids"], pending.state.get("sent")
         dropped = pending.state["dropped"]
+        stats_out = pending.state["stats"]
         pending.state = {}
         T = ids.shape[0]
         got = self._own_rows(payload, ids) if cfg.skip_a2a else self.steps.receive_dispatch(self, r)
@@ -235,22 +242,22 @@ class HostBackend:
         routed_counts = np.bincount(got.local, minlength=L).astype(np.int64) if len(got.local) \
             else np.zeros(L, np.int64)
         group_counts = np.concatenate([[n_sh], routed_counts]) if cfg.fused_shared_expert else routed_counts
-        row_offsets = np.concatenate([[0], np.cumsum(group_counts)]).astype(np.uint32)
-        mr = cfg.max_recv_rows
-        src_info = np.full((mr, 3), -1, np.int32)
-        src_info[:n_sh, 0], src_info[:n_sh, 1] = me, share
-        src_info[n_sh:n_rows] = np.stack([got.src, got.tok, got.slot], axis=1)
+        info = np.full((n_rows, 3), -1, np.int32)
+        info[:n_sh, 0], info[:n_sh, 1] = me, share
+        info[n_sh:] = np.stack([got.src, got.tok, got.slot], axis=1)
         allrows = np.concatenate([payload[share], got.rows]) if n_sh else got.rows
         row_bytes = self.fmt.element_bytes * self.H
-        expert_x = np.zeros((mr, self.H), self.fmt.dtype)
-        expert_x.view(np.uint8)[:n_rows] = allrows[:, :row_bytes]
-        scales = None
-        if self.fmt.quantized:
-            scales = np.zeros(self.fmt.scale_shape(mr, self.H), np.float32)
-            scales.view(np.uint8)[:n_rows] = allrows[:, row_bytes:self.tb]
-        expert_ids = np.array(([-1] if cfg.fused_shared_expert else []) + [me * L + l for l in range(L)],
+        rows = np.ascontiguousarray(allrows[:, :row_bytes]).view(self.fmt.dtype)
+        row_scales = (np.ascontiguousarray(allrows[:, row_bytes:self.tb]).view(np.float32)
+                      if self.fmt.quantized else None)
+        layouts.check_capacity(cfg, group_counts, me)
+        expert_x, scales, row_offsets, src_info = layouts.arrange(cfg, group_counts, info, rows, row_scales)
+        if stats_out is not None:
+            stats_out += routed_counts.astype(stats_out.dtype)
+        expert_ids = np.array(([-1] if cfg.fused_shared_expert else []) + [me * L + g for g in range(L)],
                               dtype=np.int32)
         handle = HostHandle(round=r, num_tokens=T, topk_ids=ids, n_shared=n_sh, shared_tokens=share,
+                            group_counts=group_counts,
                             row_src=got.src.astype(np.int32), row_tok=got.tok.astype(np.int32), row_k=got.slot,
                             row_msg=got.msg, src_msgs=got.src_msgs, sent_tokens=sent, rejected=got.rejected,
                             dropped=dropped)
@@ -260,14 +267,14 @@ class HostBackend:
                               rejected_ranks=got.rejected, dropped=dropped, masked_ranks=self.masked_ranks)
 
     # ------------------------------------------------------------------ combine
-    def combine(self, expert_y, handle, topk_weights):
-        return self.combine_wait(self.combine_async(expert_y, handle, topk_weights))
+    def combine(self, expert_y, handle, topk_weights, out=None):
+        return self.combine_wait(self.combine_async(expert_y, handle, topk_weights, out))
 
-    def combine_async(self, expert_y, handle: HostHandle, topk_weights) -> _Pending:
+    def combine_async(self, expert_y, handle: HostHandle, topk_weights, out=None) -> _Pending:
         r = handle.round
-        ey = np.asarray(expert_y)
+        ey = layouts.packed(self.cfg, expert_y, handle.group_counts)   # rows group after group, as received
         w = np.ascontiguousarray(topk_weights, dtype=np.float32)
-        p = _Pending("combine", r, {"ey": ey, "w": w, "h": handle})
+        p = _Pending("combine", r, {"ey": ey, "w": w, "h": handle, "out": out})
         if not self.cfg.skip_a2a:
             self.maybe_slow(r)
             die = self.faults.hit("die_in_combine", r) is not None
@@ -281,7 +288,7 @@ class HostBackend:
 
     def combine_wait(self, pending: _Pending):
         r, K, H = pending.round, self.K, self.H
-        ey, w, h = pending.state["ey"], pending.state["w"], pending.state["h"]
+        ey, w, h, out = pending.state["ey"], pending.state["w"], pending.state["h"], pending.state["out"]
         pending.state = {}
         T = h.num_tokens
         y = np.zeros((T, H), np.float32)
@@ -296,7 +303,10 @@ class HostBackend:
             y += dense.reshape(T, K, H).sum(axis=1)
         else:
             self.steps.receive_combine(self, r, h, routed, w, y)
-        return y.astype(BF16)
+        if out is None:
+            return y.astype(BF16)
+        out[...] = y.astype(BF16)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def synchronize(self) -> None:

@@ -32,10 +32,10 @@ def send_dispatch(be, r: int, payload: np.ndarray, ids: np.ndarray, dests, mark:
     counts = np.bincount(ue, minlength=E).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
     for d in dests:
-        for l in range(L):
-            e = d * L + l
+        for le in range(L):
+            e = d * L + le
             if counts[e]:
-                win.put(msgs[starts[e]:starts[e + 1]], d, win.region(r, "disp") + ((s * L + l) * M) * be.msg)
+                win.put(msgs[starts[e]:starts[e + 1]], d, win.region(r, "disp") + ((s * L + le) * M) * be.msg)
     win.flush()
     for d in dests:
         win.signal(d, win.sig_off(r, "disp", s * L), r, counts[d * L:(d + 1) * L] | mark)
@@ -48,19 +48,19 @@ def receive_dispatch(be, r: int) -> Received:
                    "dispatch tokens").reshape(R, L)
     counts = raw & COUNT_MASK
     blocks, srcs, ls = [], [], []
-    for l in range(L):
+    for le in range(L):
         for s in range(R):
-            n = int(counts[s, l])
+            n = int(counts[s, le])
             if n > M:
                 raise EPError(f"protocol error: {be.ctx.describe(s)} announced {n} tokens > {M}")
-            base = win.region(r, "disp") + ((s * L + l) * M) * be.msg
+            base = win.region(r, "disp") + ((s * L + le) * M) * be.msg
             blocks.append(win.read(base, n * be.msg).reshape(n, be.msg))
             srcs.append(np.full(n, s, np.int32))
-            ls.append(np.full(n, l, np.int64))
+            ls.append(np.full(n, le, np.int64))
     msgs = np.concatenate(blocks)
     msrc, ml = np.concatenate(srcs), np.concatenate(ls)
     mtok = msgs[:, tb:tb + 4].copy().view(np.int32).reshape(-1)
-    m_i, k_i = np.nonzero(msgs[:, tb + 4:tb + 4 + K])     # (l, src, token) order, then slot
+    m_i, k_i = np.nonzero(msgs[:, tb + 4:tb + 4 + K])     # (le, src, token) order, then slot
     return Received(local=ml[m_i], src=msrc[m_i], tok=mtok[m_i], slot=k_i.astype(np.int32), rows=msgs[m_i, :tb],
                     rejected=tuple(int(s) for s in np.nonzero((raw & REJECTED).any(axis=1))[0]))
 

@@ -128,6 +128,7 @@ class Lane:
 
     def dispatch(self, x, ids, host: bool, async_: bool = False):
         args = (to_backend(x, host), to_backend(ids, host))
+        self.ep.release()   # a lane combines only its latest dispatch: the earlier ones will not be combined here
         out = self.ep.dispatch_async(*args) if async_ else self.ep.dispatch(*args)
         self.open_round = self.ep.round - 1
         return out, self.open_round

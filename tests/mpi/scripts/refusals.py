@@ -35,7 +35,7 @@ DISPATCH = {
     "float32 x": lambda x, ids: (x.astype(np.float32), ids),
     "uint16 x": lambda x, ids: (x.view(np.uint16), ids),
     "too many tokens": lambda x, ids: (np.zeros((M + 1, H), BF16), np.zeros((M + 1, K), np.int32)),
-    "int64 ids": lambda x, ids: (x, ids.astype(np.int64)),
+    "int16 ids": lambda x, ids: (x, ids.astype(np.int16)),
     "ids shape": lambda x, ids: (x, ids[:, :1]),
     "ids rows": lambda x, ids: (x, ids[:-1]),
     "id too big": lambda x, ids: (x, np.full_like(ids, E)),
@@ -153,7 +153,11 @@ def combine_kind(step: str, buf, make_bad, refusing, seed: int, foreign) -> None
     world = world_for(seed, local_rank0=0 not in refusing)
     rnd = Round(cfg, world, me, experts="distinct")
     x, ids, w = rnd.inputs()
-    old = buf.dispatch(x, ids).handle if step.endswith("stale handle") else None   # a round nobody combines
+    old = None
+    if step.endswith("stale handle"):   # a round combined already: its handle is good for nothing now
+        first = buf.dispatch(x, ids)
+        buf.combine(rnd.expert_y(first), first.handle, w)
+        old = first.handle
     out = buf.dispatch(x, ids)
     for p in rnd.check_dispatch(out):
         fail(step, f"dispatch: {p}")

@@ -56,6 +56,7 @@ __device__ void combine_send(const Params& p, bool fused) {
     for (int it = gw; it < nrow * ROW_SLICES; it += nw) {
       const int j = begin + it / ROW_SLICES, sl = it % ROW_SLICES;
       int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
+      if (PLACED && s == -1 && t == -1 && k == -1) continue;   // a row without a token (padding, unused slab row)
       if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {
         if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, j, (int)round, PHASE_COMBINE);
         continue;

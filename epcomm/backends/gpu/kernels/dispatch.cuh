@@ -268,7 +268,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     for (int t = s0 + gw; t < s1; t += nw) {
       int row = t - s0;
       char* dst = reinterpret_cast<char*>(p.ex) + (size_t)row * DATA_BYTES;
-      warp_put_token(p, t, dst, p.escale + (size_t)row * SCALE_COLS);
+      // the row's scales: scale_index(row, 0), then one column stride apart (1 when row-major)
+      warp_put_token(p, t, dst, p.escale + scale_index(p, row, 0), scale_index(p, row, 1) - scale_index(p, row, 0));
       if (lane == 0) { p.src_info[row * 3] = p.me; p.src_info[row * 3 + 1] = t; p.src_info[row * 3 + 2] = -1; }
     }
   }
@@ -320,6 +321,8 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   __shared__ int s_nch[R];
   __shared__ int s_mbase[HT ? R : 1];   // HT: where each source's messages start in the receive buffer
   __shared__ int s_bad;                 // HT: a source's messages lie outside the buffer (only in a void round)
+  __shared__ int s_gstart[PLACED ? GROUPS + 1 : 1];          // PLACED: first row of each group (then the end)
+  __shared__ int s_gpad[PLACED && !BATCHED ? GROUPS : 1];     // aligned: each group's rows rounded up
   const unsigned round = cur_round(p, S_DRECV);
   const int par = round & 1;
   const unsigned long long t0 = gtime();
@@ -370,6 +373,19 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   __syncthreads();
   const int total = nshare + s_pref[LOCAL_EXPERTS * R];
+  constexpr int F = FUSED ? 1 : 0;
+  // rows of group g (the shared expert's, or a local expert's from every source)
+  auto group_rows = [&](int g) { return (FUSED && g == 0) ? nshare : s_pref[(g - F + 1) * R] - s_pref[(g - F) * R]; };
+  if constexpr (PLACED) {
+    if constexpr (BATCHED) {
+      for (int g = threadIdx.x; g <= GROUPS; g += THREADS) s_gstart[g] = g * CAP;
+    } else {
+      for (int g = threadIdx.x; g < GROUPS; g += THREADS) s_gpad[g] = (group_rows(g) + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
+      __syncthreads();
+      block_exclusive_scan(s_gpad, s_gstart, GROUPS);
+    }
+    __syncthreads();
+  }
   // Receive capacity (capacity.cuh): block 0, which writes the outputs, needs the verdict of every rank; the other
   // blocks need only this rank's own rows (and the offsets), which keep expert_x and the receive buffer in bounds.
   bool void_round = s_pref[LOCAL_EXPERTS * R] > p.cap || s_bad;
@@ -377,7 +393,9 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     void_round = round_verdict(p, hist, round, s_bad);
     for (int g = threadIdx.x; g <= GROUPS; g += THREADS) {
       unsigned v;
-      if ((FUSED && g == 0) || void_round) v = 0;
+      if (void_round) v = 0;   // a void round delivers nothing: every group empty
+      else if (PLACED) v = s_gstart[PLACED ? g : 0];
+      else if (FUSED && g == 0) v = 0;
       else v = nshare + s_pref[(g - (FUSED ? 1 : 0)) * R];
       p.row_offsets[g] = v;
       if (g < GROUPS) p.expert_ids[g] = (FUSED && g == 0) ? -1 : p.me * LOCAL_EXPERTS + (g - (FUSED ? 1 : 0));
@@ -395,8 +413,26 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       for (int q = threadIdx.x; q < R * (MAX_CHUNKS + 1); q += THREADS) p.hchunk[q] = s_chpref[q];
     }
   }
-  // rows past the end: src_info = -1
-  for (int i = total * 3 + blockIdx.x * THREADS + threadIdx.x; i < p.maxr * 3; i += gridDim.x * THREADS) p.src_info[i] = -1;
+  if constexpr (!PLACED) {
+    // rows past the end: src_info = -1
+    for (int i = total * 3 + blockIdx.x * THREADS + threadIdx.x; i < p.maxr * 3; i += gridDim.x * THREADS) p.src_info[i] = -1;
+  } else {
+    // every row that holds no token (alignment padding, a slab's rows past its count, past the end): src_info = -1
+    for (int i = blockIdx.x * THREADS + threadIdx.x; i < p.maxr; i += gridDim.x * THREADS) {
+      int g;   // the group row i lies in (GROUPS: past the end)
+      if constexpr (BATCHED) {
+        g = i / CAP;
+      } else {
+        int lo = 0, hi = GROUPS;   // invariant: s_gstart[lo] <= i < s_gstart[hi] (or i past the end)
+        if (i >= s_gstart[GROUPS]) lo = GROUPS;
+        else while (hi - lo > 1) { const int mid = (lo + hi) >> 1; if (s_gstart[mid] <= i) lo = mid; else hi = mid; }
+        g = lo;
+      }
+      if (g >= GROUPS || i - s_gstart[g] >= group_rows(g)) {
+        p.src_info[(size_t)i * 3] = -1; p.src_info[(size_t)i * 3 + 1] = -1; p.src_info[(size_t)i * 3 + 2] = -1;
+      }
+    }
+  }
 
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const char* rbuf = p.sym + p.off_drecv;
@@ -414,12 +450,20 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       int l = lo / R, s = lo % R, i = j - s_pref[lo];
       const char* msg = rbuf + ((((size_t)par * LOCAL_EXPERTS + l) * R + s) * M + i) * MSG_BYTES;
       int row = nshare + j;
+      if constexpr (PLACED) {
+        const int idx = j - s_pref[l * R];     // row of local expert l
+        if (BATCHED && idx >= CAP) {           // a slab holds CAP rows: drop the rest, and say so
+          if (lane == 0 && sl == 0) report(p, ERR_SLAB_OVERFLOW, p.me, l, (int)round, PHASE_DISPATCH);
+          continue;
+        }
+        row = s_gstart[PLACED ? l + F : 0] + idx;
+      }
       char* const dst[1] = {reinterpret_cast<char*>(p.ex) + (size_t)row * DATA_BYTES};
       warp_copy_multi<1, (VPS + 31) / 32>(dst, msg, sl * VPS, min(NV, (sl + 1) * VPS));
       if (sl != 0) continue;
       if (FP8)
         for (int c = lane; c < SCALE_COLS; c += 32)
-          p.escale[(size_t)row * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+          p.escale[scale_index(p, row, c)] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
       if (lane == 0) {
         const int* meta = reinterpret_cast<const int*>(msg + DATA_BYTES + SCALE_BYTES);
         p.src_info[row * 3] = s; p.src_info[row * 3 + 1] = meta[0]; p.src_info[row * 3 + 2] = meta[1];
@@ -469,6 +513,16 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         int id = meta[2 + k];
         int l = id - p.me * LOCAL_EXPERTS;
         rows[k] = (l >= 0 && l < LOCAL_EXPERTS) ? nshare + s_pref[l * R + s] + meta[2 + K + k] : -1;
+        if constexpr (PLACED) {
+          if (rows[k] >= 0) {
+            const int idx = s_pref[l * R + s] - s_pref[l * R] + meta[2 + K + k];   // row of local expert l
+            rows[k] = s_gstart[PLACED ? l + F : 0] + idx;
+            if (BATCHED && idx >= CAP) {   // a slab holds CAP rows: drop the rest, and say so
+              rows[k] = -1;
+              if (lane == 0 && sl == 0) report(p, ERR_SLAB_OVERFLOW, p.me, l, (int)round, PHASE_DISPATCH);
+            }
+          }
+        }
       }
       // one read of the message slice, one write per local expert slot
       char* dst[K];
@@ -486,7 +540,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           if (rows[k] < 0) continue;
           if (FP8)
             for (int c = lane; c < SCALE_COLS; c += 32)
-              p.escale[(size_t)rows[k] * SCALE_COLS + c] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
+              p.escale[scale_index(p, rows[k], c)] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
           if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
         }
         int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);

@@ -27,6 +27,32 @@ constexpr int E = EP_E;
 constexpr int R = EP_R;
 constexpr int M = EP_M;
 constexpr bool FP8 = EP_FP8 != 0;
+#ifndef EP_UE8M0
+#define EP_UE8M0 0
+#endif
+constexpr bool UE8M0 = EP_UE8M0 != 0;   // fp8 scales rounded up to a power of two (scale_format "ue8m0")
+// Output layout (epcomm/layouts.py): EP_ROW_ALIGN pads every group of the grouped layout to a multiple of that many
+// rows; EP_BATCHED gives local expert g the rows [g * EP_CAP, (g + 1) * EP_CAP). PLACED: some rows hold no token.
+#ifndef EP_ROW_ALIGN
+#define EP_ROW_ALIGN 1
+#endif
+#ifndef EP_BATCHED
+#define EP_BATCHED 0
+#endif
+#ifndef EP_CAP
+#define EP_CAP 0
+#endif
+constexpr int ROW_ALIGN = EP_ROW_ALIGN;
+constexpr bool BATCHED = EP_BATCHED != 0;
+constexpr int CAP = EP_CAP;
+constexpr bool PLACED = BATCHED || ROW_ALIGN > 1;
+// EP_COL_SCALES: expert_scales column-major, each column padded to a multiple of 4 rows (16 bytes: TMA-aligned),
+// per slab in the batched layout (scale_layout "col"); else row-major [rows, SCALE_COLS].
+#ifndef EP_COL_SCALES
+#define EP_COL_SCALES 0
+#endif
+constexpr bool COL_SCALES = EP_COL_SCALES != 0;
+constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
 constexpr bool SKIP = EP_SKIP != 0;
@@ -35,7 +61,7 @@ constexpr int THREADS = EP_THREADS;
 constexpr int WARPS = THREADS / 32;
 constexpr int LOCAL_EXPERTS = E / R;
 constexpr int GROUPS = LOCAL_EXPERTS + (FUSED ? 1 : 0);   // output groups: local experts (+ the shared expert)
-constexpr int SCALE_COLS = H / 128;                       // fp8 scales per row
+constexpr int SCALE_COLS = (H + 127) / 128;               // fp8 scales per row (the last block may be partial)
 constexpr int DATA_BYTES = FP8 ? H : 2 * H;               // data bytes of one row in the dispatch format
 constexpr int SCALE_BYTES = FP8 ? 4 * SCALE_COLS : 0;
 constexpr int al16(int x) { return (x + 15) / 16 * 16; }
@@ -72,8 +98,9 @@ constexpr int SLICE_STEPS = ROW_STEPS >= 8 ? ROW_STEPS / 8 : 1;          // warp
 constexpr int ROW_SLICES = (ROW_STEPS + SLICE_STEPS - 1) / SLICE_STEPS;  // slices per row
 constexpr int SLICE_VECS = SLICE_STEPS * 32;                             // bf16 chunks per slice
 
-static_assert(H % 128 == 0, "hidden must be a multiple of 128");
+static_assert(H % (FP8 ? 16 : 8) == 0, "hidden: 16-byte rows (a multiple of 8 for bf16, 16 for fp8)");
 static_assert(E % R == 0, "experts must divide by ranks");
+static_assert(ROW_ALIGN >= 1 && (!BATCHED || (CAP >= 1 && !FUSED && ROW_ALIGN == 1)), "output layout");
 static_assert(MAX_ITEM_TOKENS * K <= 4096, "chunk too large");
 static_assert(K <= 32, "topk must be <= 32");
 static_assert(THREADS % 32 == 0 && THREADS >= 64, "threads");
@@ -96,7 +123,7 @@ struct ErrRec {  // lives in host-mapped pinned memory
   int phase;     // PHASE_*
   int pad;
 };
-enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4 };
+enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4, ERR_SLAB_OVERFLOW = 5 };
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
 // A round over the receive capacity (not an error: the buffer stays usable), right after ErrRec in host memory.
@@ -110,7 +137,7 @@ struct CapacityRec {
 };
 
 struct Params {
-  const void* x;            // [T, H] bf16
+  const void* x;            // [T, H] bf16 (or e4m3 when x_scales is set)
   const int* ids;           // [T, K] int32
   const float* weights;     // [T, K] fp32 (combine)
   const void* expert_y;     // [MAXR, H] bf16 (combine)
@@ -131,6 +158,7 @@ struct Params {
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
   int* hstatus;             // handle: [0] != 0 when the round was void (over capacity): its combine does nothing
   unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
+  const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
   unsigned long long timeout_ns;
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
@@ -203,6 +231,7 @@ EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
 EP_AGREES(ERR_TIMEOUT, EP_ERR_TIMEOUT);                    // layout.py ErrorCode
 EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
+EP_AGREES(ERR_SLAB_OVERFLOW, EP_ERR_SLAB_OVERFLOW);
 EP_AGREES(ERR_BAD_SOURCE, EP_ERR_BAD_SOURCE);
 EP_AGREES(ERR_ABORT, EP_ERR_ABORT);
 EP_AGREES(PHASE_DISPATCH, EP_PHASE_DISPATCH);              // layout.py Phase

@@ -8,8 +8,19 @@
 
 namespace ep {
 
+// The fp8 scale of a block with absolute maximum amax: max(amax, 1e-4) / 448, or (UE8M0) the smallest power of two
+// >= that: the exponent is rounded up unless the mantissa is zero (the value is a normal float: >= 1e-4 / 448).
+__device__ __forceinline__ float block_scale(float amax) {
+  const float s = fmaxf(amax, 1e-4f) / 448.0f;
+  if constexpr (UE8M0) return __uint_as_float((__float_as_uint(s) + 0x007FFFFFu) & 0xFF800000u);
+  return s;
+}
+
 // fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
-__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst) {
+// A partial last block (hidden not a multiple of 128) is padded with zeros by the inactive lanes: no amax changes.
+// sdst: the row's first scale; its block j goes to sdst[j * sstride] (1: row-major; column-major: the column stride).
+__device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_t* qdst, float* sdst,
+                                               size_t sstride = 1) {
   for (int base = 0; base < ROW_VECS; base += 32) {
     int c = base + lane_id();
     bool act = c < ROW_VECS;
@@ -24,7 +35,7 @@ __device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_
     }
 #pragma unroll
     for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    float scale = block_scale(amax);
     if (act) {
       uint32_t lo = 0, hi = 0;
 #pragma unroll
@@ -34,16 +45,40 @@ __device__ __forceinline__ void warp_quant_row(const __nv_bfloat16* xrow, uint8_
         if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
       }
       reinterpret_cast<uint2*>(qdst)[c] = make_uint2(lo, hi);
-      if ((lane_id() & 15) == 0) sdst[c / 16] = scale;
+      if ((lane_id() & 15) == 0) sdst[(size_t)(c / 16) * sstride] = scale;
     }
   }
 }
 
+// Index in expert_scales of row `row` (a flat row of expert_x), scale column c, in the configured scale layout
+// (epcomm/layouts.py): row-major, or column-major with columns of rows rounded up to 4 floats (per slab if batched).
+__device__ __forceinline__ size_t scale_index(const Params& p, int row, int c) {
+  if constexpr (!COL_SCALES) {
+    return (size_t)row * SCALE_COLS + c;
+  } else if constexpr (BATCHED) {
+    const int g = row / CAP, i = row - g * CAP;
+    return ((size_t)g * SCALE_COLS + c) * CAP_AL4 + i;
+  } else {
+    return (size_t)c * (size_t)((p.maxr + 3) / 4 * 4) + row;
+  }
+}
+
+// A caller-quantised token (p.x_scales set): its e4m3 row (H bytes) and scales, sent unchanged. One warp.
+__device__ __forceinline__ void warp_copy_quantised(const Params& p, int t, char* dst_data, float* dst_scales,
+                                                    size_t scale_stride) {
+  warp_copy(dst_data, reinterpret_cast<const char*>(p.x) + (size_t)t * H, H);
+  for (int c = lane_id(); c < SCALE_COLS; c += 32) dst_scales[(size_t)c * scale_stride] = p.x_scales[(size_t)t * SCALE_COLS + c];
+}
+
 // Write token t's payload (data [+ scales]) to dst (a message or an output row).
-__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales) {
+__device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst_data, float* dst_scales,
+                                               size_t scale_stride = 1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
-  if constexpr (FP8) {
-    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales);
+  if (FP8 && p.x_scales != nullptr) {
+    warp_copy_quantised(p, t, dst_data, dst_scales, scale_stride);
+  } else if constexpr (FP8) {
+    warp_quant_row(reinterpret_cast<const __nv_bfloat16*>(xrow), reinterpret_cast<uint8_t*>(dst_data), dst_scales,
+                   scale_stride);
   } else {
     warp_copy(dst_data, xrow, 2 * H);
   }
@@ -53,7 +88,23 @@ __device__ __forceinline__ void warp_put_token(const Params& p, int t, char* dst
 __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, char* const (&dst)[K], int step0,
                                                      int step1) {
   const char* xrow = reinterpret_cast<const char*>(p.x) + (size_t)t * 2 * H;
-  if constexpr (FP8) {
+  if (FP8 && p.x_scales != nullptr) {
+    // caller-quantised: lane c moves the 8 e4m3 bytes of channels 8c..8c+7 (where it would store its quantised
+    // ones), and the first lane of each block that block's scale
+    const uint2* qrow = reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(p.x) + (size_t)t * H);
+    for (int st = step0; st < step1; ++st) {
+      const int c = st * 32 + lane_id();
+      if (c >= ROW_VECS) continue;
+      const uint2 q = qrow[c];
+      const float scale = p.x_scales[(size_t)t * SCALE_COLS + c / 16];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (!dst[k]) continue;
+        reinterpret_cast<uint2*>(dst[k])[c] = q;
+        if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DATA_BYTES)[c / 16] = scale;
+      }
+    }
+  } else if constexpr (FP8) {
     // the slice's SLICE_STEPS x 16-B loads of x are issued together, then quantised and stored step by step
     for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
       uint4 vv[SLICE_STEPS];
@@ -75,7 +126,7 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
         for (int j = 0; j < 8; ++j) { f[j] = __bfloat162float(h[j]); amax = fmaxf(amax, fabsf(f[j])); }
 #pragma unroll
         for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        float scale = fmaxf(amax, 1e-4f) / 448.0f;
+        float scale = block_scale(amax);
         if (act) {
           uint32_t lo = 0, hi = 0;
 #pragma unroll
