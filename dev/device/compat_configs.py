@@ -16,6 +16,7 @@ import sys
 import torch.distributed as dist
 
 import epcomm.buffer
+import epcomm.compat.deep_ep.buffer as deep_ep_buffer
 from tests.compat.deepep_checks import run_all
 
 
@@ -31,6 +32,9 @@ def main() -> int:
         original(self, cfg, *args, **kwargs)
 
     epcomm.buffer.EPBuffer.__init__ = recording_init
+    # the host backend also where CUDA is present (the GPU machine): the checks run on CPU tensors here, and only
+    # the configs matter (on 2026-11-30 "auto" chose the GPU backend there and the listing failed)
+    deep_ep_buffer.choose_backend = lambda backend: "host"
     rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ.get('MASTER_PORT', '29561')}",
                             rank=rank, world_size=world)
