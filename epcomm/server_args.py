@@ -28,7 +28,8 @@ def split_tokens(cfg, x):
 
 
 def check_quantised(cfg, xi, si, t: int) -> None:
-    """x_fp8 [T, H] e4m3 and x_scales [T, scale_cols] fp32 (any strides) in cfg's scale format, sent unchanged."""
+    """x_fp8 [T, H] e4m3 and x_scales [T, scale_cols] fp32 in cfg's scale format, sent unchanged (x_scales
+    row-major and contiguous on the GPU backend)."""
     if si is None:
         _fail("dispatch: x_scales must be a numpy / torch / cupy array")
     fmt = cfg.token_format

@@ -433,6 +433,10 @@ def ll_suite(c: Checker, buf):
     c.raises(lambda: buf.low_latency_dispatch(tokens(c.rng, 9, 512).to(c.device), torch.zeros(9, 4, dtype=torch.int64,
              device=c.device), 8, 4 * c.world), EPInputError, "more tokens than num_max_dispatch_tokens_per_rank")
     c.raises(lambda: buf.low_latency_update_mask_buffer(0, True), EPError, "rank masking is refused")
+    if c.device == "cpu":   # an int64 id past the int32 range must stay out of range, not wrap into expert 3
+        huge = torch.full((2, 4), (1 << 32) + 3, dtype=torch.int64)
+        c.raises(lambda: buf.low_latency_dispatch(tokens(c.rng, 2, 512), huge, 8, 4 * c.world), EPInputError,
+                 "int64 id past the int32 range")
 
 
 def static_suite(c: Checker, buf):

@@ -123,7 +123,6 @@ class GpuBackend:
         self._cp = 0     # combine calls so far
         self._closed = False
         self.broken = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
-        self._streams = set()
         self._tmpl = {}
         self._check_params_size()
         if A.torch is not None:
@@ -187,7 +186,6 @@ class GpuBackend:
         res = driver.cuLaunchKernel(self.kernels.functions[name], self.grid, 1, 1, self.threads, 1, 1, 0,
                                     driver.CUstream(stream), ctypes.addressof(pp), 0)
         _check(res, f"launch {name}")
-        self._streams.add(stream)
 
     def _raise_recorded(self):
         rec = self.err.read()

@@ -16,7 +16,7 @@ How the calls map (details and every argument in docs/COMPAT-DEEPEP.md):
   host for counts too); it grows to the next power of two when a call needs more (collectively).
 * Low-latency mode: an epcomm buffer in mode "ll" per (hidden, topk, num_experts, num_max_dispatch_tokens_per_rank,
   format); the batched [local experts, M * ranks, hidden] layout is built from epcomm's grouped output by
-  layouts.batched_from_grouped (a gather on the device) until epcomm has its own batched layout (issue 13).
+  layouts.batched_from_grouped (a gather on the device); EPBuffer's own layout="batched" (issue 13) is to replace it.
 * Host synchronisation: dispatch without num_worst_tokens syncs once (received rows and per-expert counts, which it
   returns as a Python list), and once more for the capacity all-reduce when no capacity hint is given.
   get_dispatch_layout, cached dispatch, combine and the low-latency calls do not sync.
@@ -533,7 +533,9 @@ class Buffer:
                                   layout_range=torch.empty(g, r, dtype=torch.int64, device=dev),
                                   num_max_dispatch_tokens_per_rank=m, hidden=hidden, num_experts=num_experts,
                                   key=("ll", hidden, topk_idx.shape[1], num_experts, m, fmt),
-                                  topk_ids=topk_idx.to(torch.int32).contiguous())
+                                  # clamped before narrowing: an int64 id past the int32 range must stay out of
+                                  # range (dropped), not wrap into a valid expert
+                                  topk_ids=topk_idx.clamp(-1, num_experts).to(torch.int32).contiguous())
         lane = pool.lane_for_dispatch()
         out, rnd = lane.dispatch(x, handle.topk_ids, self._host, async_=return_recv_hook)
         handle.lane, handle.round = lane, rnd

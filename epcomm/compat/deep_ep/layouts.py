@@ -9,8 +9,8 @@ Two layouts are built:
   (source rank, source token). The DeepEP per-token fields (top-k ids and weights, caller-quantised fp8 and scales)
   travel in a bf16 *carrier* row next to the token's bytes, because epcomm moves token rows only.
 * batched (DeepEP's low-latency dispatch): [local experts, capacity, ...]. `batched_from_grouped` /
-  `grouped_from_batched` are the stopgap until epcomm grows its own batched layout (issue 13): replace those two
-  functions by the native layout and nothing else here changes.
+  `grouped_from_batched` are the stopgap until the pool uses EPBuffer's own layout="batched" (issue 13): replace
+  those two functions by the native layout and nothing else here changes.
 """
 from __future__ import annotations
 
