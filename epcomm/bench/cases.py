@@ -18,6 +18,7 @@ from .timing import CudaTimer, HostTimer
 from .verify import Verifier
 
 LL_MODES = ("ll", "ht")  # EPConfig modes the ll case measures, in this order
+LL_LAYOUTS = ("grouped", "batched")  # then output layouts: the default's rows first, as in files recorded before
 
 
 class Logger:
@@ -52,10 +53,10 @@ class Bench:
     floor_source = property(lambda self: self.records.doc["floor_bandwidth"]["source"])
     shared = property(lambda self: self.records.shared)   # the note when ranks share a GPU, else None
 
-    def cfg(self, fmt: str, mode: str, max_tokens: int):
+    def cfg(self, fmt: str, mode: str, max_tokens: int, layout: str = "grouped"):
         a = self.args
         return EPConfig(hidden=a.hidden, topk=a.topk, num_experts=a.experts, max_tokens_per_rank=max_tokens,
-                        world_size=self.world, token_format=fmt, mode=mode, num_sms=a.sms)
+                        world_size=self.world, token_format=fmt, mode=mode, num_sms=a.sms, layout=layout)
 
     # ---------------------------------------------------------------- cases
     def case_links(self):
@@ -146,14 +147,14 @@ class Bench:
         self.records.record("baseline", "nccl", "roundtrip", cfg, t, verified=True, timing=tm, fmt="bf16")
 
     def make_buffer(self, cfg):
-        self.log(f"EPBuffer: mode {cfg.mode}, {cfg.token_format}, max {cfg.max_tokens_per_rank} tokens/rank "
-                 f"(creating; builds kernels on first use)")
+        self.log(f"EPBuffer: mode {cfg.mode}, layout {cfg.layout}, {cfg.token_format}, "
+                 f"max {cfg.max_tokens_per_rank} tokens/rank (creating; builds kernels on first use)")
         return EPBuffer(cfg, self.ctx)
 
     def run_epcomm_shape(self, case: str, buf, cfg, t: int, ops, graph: bool = False):
         """Verify the first iteration of this shape against the reference, then time each op."""
         a = self.args
-        self.log(f"{case} {cfg.token_format} mode {cfg.mode} T={t}: inputs, reference, verify")
+        self.log(f"{case} {cfg.token_format} mode {cfg.mode} layout {cfg.layout} T={t}: inputs, reference, verify")
         sets = self.verify.device_sets(cfg, t)
         n_sets = len(sets)
         ey_buf = self.verify.new_expert_y(cfg)
@@ -222,13 +223,16 @@ class Bench:
 
     def case_ll(self):
         # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the
-        # rows earlier runs had, first) and "ht" (one message per (token, destination rank)). Same inputs,
-        # reference check, ops and graph replay; the records differ only in "mode".
+        # rows earlier runs had, first) and "ht" (one message per (token, destination rank)); then both again with
+        # the batched output layout (a slab per local expert: what masked / batched expert GEMMs take at decode),
+        # unless --no-batched. Same inputs, reference check, ops and graph replay; records differ in "mode" and
+        # "layout".
         a = self.args
-        for mode in LL_MODES:
-            cfg = self.cfg("fp8", mode, a.ll_tokens)
-            self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
-                "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
+        for layout in a.ll_layouts:
+            for mode in LL_MODES:
+                cfg = self.cfg("fp8", mode, a.ll_tokens, layout)
+                self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                    "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
 
     def case_sweep(self):
         a = self.args

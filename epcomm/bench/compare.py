@@ -3,10 +3,12 @@
     python -m epcomm.bench.compare docs/perf/bench-local-2gpu.json new.json
     python -m launch bench -t configs/local-2gpu.yaml -- --compare docs/perf/bench-local-2gpu.json   (after the run)
 
-Rows are matched on (case, impl, op, mode, format, tokens, graph) and their order among rows with the same fields
-(the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch). Each common row shows the recorded
-and the new median, new / recorded, and the same for the ratio to the floor: the floor is measured in each run, so
-that ratio still means something when today's link or card is slower than the recorded one. Verdict per row, on the
+Rows are matched on (case, impl, op, mode, layout, format, tokens, graph) and their order among rows with the same
+fields (the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch); a record without a layout
+(written before the field existed) is of the default layout, "grouped", so older files still match row for row.
+Each common row shows the recorded and the new median, new / recorded, and the same for the ratio to the floor: the
+floor is measured in each run, so that ratio still means something when today's link or card is slower than the
+recorded one. Verdict per row, on the
 median: "same" (within +-tolerance), "faster", "slower", "failed" (the new row has no timing: wrong, error),
 "missing" (recorded, not in the new run), "new" (only in the new run). The runs must have the same shapes (backend,
 world size, hidden, top-k, experts, routing, SM limit); another topology or card is compared, with a warning.
@@ -20,9 +22,11 @@ import json
 import sys
 from typing import Any
 
+from .report import layout_of
+
 SCHEMA = "epcomm.bench-compare/1"
 DEFAULT_TOLERANCE = 0.15   # the lent machines vary by ~5-10 % between calls (docs/PERF.md); more is a change
-KEY = ("case", "impl", "op", "mode", "format", "tokens", "graph")
+KEY = ("case", "impl", "op", "mode", "layout", "format", "tokens", "graph")
 BAD = ("slower", "failed", "missing")
 # what must match for a row-by-row comparison to mean anything (top level, then settings)
 SAME_TOP = ("backend", "world_size")
@@ -62,7 +66,7 @@ def _keyed(results: list[dict]) -> dict[tuple, dict]:
     and after the fp8 dispatch), told apart by their order."""
     out: dict[tuple, dict] = {}
     for rec in results:
-        base = tuple(rec.get(k) for k in KEY)
+        base = tuple(layout_of(rec) if k == "layout" else rec.get(k) for k in KEY)
         n = sum(1 for k in out if k[:-1] == base)
         out[base + (n,)] = rec
     return out
@@ -115,10 +119,16 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
     skipped = sorted({k[0] for k in olds if k[0] not in ran and k not in news})
     if skipped:
         warnings.append(f"not run this time, not compared: case {', '.join(map(str, skipped))}")
+    ll_layouts = (new.get("settings") or {}).get("ll_layouts")   # absent in files written before --no-batched
+    lay = KEY.index("layout")
+    skipped_ll = sorted({k[lay] for k in olds if k[0] == "ll" and k[0] in ran and ll_layouts is not None
+                         and k[lay] not in ll_layouts and k not in news})
+    if skipped_ll:
+        warnings.append(f"not run this time, not compared: ll case, layout {', '.join(map(str, skipped_ll))}")
     rows = []
     for k in list(olds) + [k for k in news if k not in olds]:
         o, n = olds.get(k), news.get(k)
-        if n is None and k[0] in skipped:
+        if n is None and (k[0] in skipped or (k[0] == "ll" and k[lay] in skipped_ll)):
             continue
         mo, mn = _median(o), _median(n)
         if mn is not None:
@@ -143,15 +153,16 @@ def _f(v, spec=".1f"):
 
 
 def table(cmp: dict, only_changes: bool = False) -> str:
-    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'fmt':>4} {'tokens':>6} {'graph':>5} "
+    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'layout':>7} {'fmt':>4} {'tokens':>6} {'graph':>5} "
             f"{'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
     lines = [head, "-" * len(head)]
     for r in cmp["rows"]:
         if only_changes and r["verdict"] == "same":
             continue
         op = r["op"] + (f"#{r['occurrence'] + 1}" if r["occurrence"] else "")   # the 2nd row with these fields
-        lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>4} {r['format']:>4} "
-                     f"{r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} {_f(r['old_us']):>9} {_f(r['new_us']):>9} "
+        lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>4} {r['layout'] or '-':>7} "
+                     f"{r['format']:>4} {r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} "
+                     f"{_f(r['old_us']):>9} {_f(r['new_us']):>9} "
                      f"{_f(r['ratio'], '.2f'):>7} {_f(r['old_x_floor'], '.2f'):>7} {_f(r['new_x_floor'], '.2f'):>7}  "
                      f"{r['verdict']}")
     for w in cmp["warnings"]:

@@ -4,7 +4,8 @@ Run it under the launcher (one rank per GPU):
     python -m launch bench -t configs/local-2gpu.yaml --timeout 600 -- --json bench.json --png bench.png
 Cases: links (copy-engine peer and device copy bandwidth; GPU only), baseline (NCCL all_to_all_single; GPU only),
 ht (4096 tokens, bf16 and fp8 dispatch, bf16 combine, mode "ht"), ll (128 tokens, fp8 dispatch + bf16 combine,
-CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht": records differ in "mode"),
+CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht": records differ in "mode"; then
+both again with layout "batched", a slab per local expert: records differ in "layout"; --no-batched skips those),
 sweep (tokens 1..4096, powers of 2, mode "ht", bf16).
 Every epcomm and baseline shape is checked against epcomm.reference on its first iteration; a wrong result is
 reported as "wrong" and its timings are withheld (exit status 1).
@@ -22,7 +23,7 @@ import traceback
 from ..context import init
 
 from . import compare, report
-from .cases import Bench
+from .cases import LL_LAYOUTS, Bench
 
 CASES = ("links", "baseline", "ht", "ll", "sweep")
 
@@ -55,6 +56,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--local-gbps", type=float, default=None,
                     help="device copy bandwidth for the floor when the links case is not run (GB/s)")
     ap.add_argument("--no-graph", action="store_true", help="ll case: time eager calls instead of graph replays")
+    ap.add_argument("--no-batched", action="store_true",
+                    help="ll case: measure the default output layout only (not also layout 'batched')")
     ap.add_argument("--backend", choices=("auto", "host", "gpu"), default="auto")
     ap.add_argument("--compare", metavar="PATH",
                     help="a recorded run's JSON (e.g. docs/perf/bench-local-2gpu.json): after the run, print the rows "
@@ -68,6 +71,7 @@ def parse(argv=None) -> argparse.Namespace:
     if bad:
         ap.error(f"--case: unknown {bad}; choose from {','.join(CASES)}")
     args.cases = cases
+    args.ll_layouts = list(LL_LAYOUTS[:1] if args.no_batched else LL_LAYOUTS)
     if args.sets < 4:
         ap.error("--sets must be >= 4 (inputs rotate so caches do not serve repeated data)")
     if not args.tolerance > 0:

@@ -9,7 +9,7 @@ def time_graph(bench, case, buf, cfg, t, ops, sets, ey_buf, sms):
     torch = bench.torch
     a = bench.args
     if ey_buf is None:
-        ey_buf = torch.empty((cfg.max_recv_rows, cfg.hidden), dtype=torch.bfloat16, device=bench.device)
+        ey_buf = torch.empty((*cfg.rows_shape, cfg.hidden), dtype=torch.bfloat16, device=bench.device)
         ey_buf.normal_()
     sx = torch.empty_like(sets[0]["x"])
     sids = torch.empty_like(sets[0]["ids"])

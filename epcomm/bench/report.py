@@ -6,7 +6,8 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
   "host"), topology, world_size, nodes, devices (per rank: name, SMs), torch (version or null), timer ("cuda_events"
   | "perf_counter"),
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
-            sweep_tokens, sms_requested, sms_supported, cases},
+            sweep_tokens, ll_layouts (the ll case's output layouts; absent in files written before), sms_requested,
+            sms_supported, cases},
   links {status ("ok" | "partial" | "n/a" | "error" | "skipped"), reason?, one_way_gbps[rank],
          concurrent_gbps[rank], concurrent_total_gbps, local_copy_gbps[rank], p2p[rank], peer_rank[rank], ...},
   floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
@@ -19,7 +20,10 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
 record:
   case ("ht" | "ll" | "sweep" | "baseline"), impl ("epcomm" | "nccl"), op ("dispatch" | "combine" | "roundtrip"),
   mode (EPConfig mode of epcomm records, "ht" | "ll"; null for nccl. The ll case has one set of rows per mode,
-  "ll" then "ht", same tokens and inputs; files written before that have only mode "ll" there), format, tokens,
+  "ll" then "ht", same tokens and inputs; files written before that have only mode "ll" there), layout (EPConfig
+  output layout of epcomm records, "grouped" | "batched"; null for nccl. The ll case repeats its rows of both
+  modes with "batched" after the "grouped" ones, unless --no-batched; files written before have no layout field:
+  read a missing one as "grouped"), format, tokens,
   hidden, topk, num_experts, world_size, graph (bool), status ("ok" | "wrong" | "error" | "n/a"),
   verified (bool: first iteration of this shape matched epcomm.reference before timing), error (str|null),
   iters, warmup, input_sets, time_us {median, p10, p90, min, max, mean, n} (slowest rank per iteration) | null,
@@ -36,8 +40,8 @@ import os
 from ..jsonable import jsonable
 
 SCHEMA = "epcomm.bench/1"
-RECORD_KEYS = ("case", "impl", "op", "mode", "format", "tokens", "hidden", "topk", "num_experts", "world_size",
-               "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
+RECORD_KEYS = ("case", "impl", "op", "mode", "layout", "format", "tokens", "hidden", "topk", "num_experts",
+               "world_size", "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
                "per_rank_median_us", "host_call_us", "wall_us", "bytes", "link_bytes_max", "local_bytes_max",
                "link_gbps", "local_gbps", "floor", "ratio_to_floor", "ratio_to_nccl", "sms")
 TOP_KEYS = ("schema", "date", "command", "code", "backend", "topology", "world_size", "nodes", "devices", "torch",
@@ -62,6 +66,13 @@ def fmt_bytes(n) -> str:
     return f"{int(n)} B"
 
 
+def layout_of(rec: dict) -> str | None:
+    """A record's output layout; records written before the field existed are of the default layout."""
+    if "layout" in rec:
+        return rec["layout"]
+    return "grouped" if rec.get("impl") == "epcomm" else None
+
+
 def link_ratios(results: list[dict]) -> None:
     """Fill ratio_to_floor and ratio_to_nccl of every record in place."""
     nccl = {(r["op"], r["tokens"]): r for r in results
@@ -77,7 +88,7 @@ def link_ratios(results: list[dict]) -> None:
             r.setdefault("ratio_to_nccl", None)
 
 
-COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("mode", 4), ("fmt", 4), ("tokens", 6), ("graph", 5),
+COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("mode", 4), ("layout", 7), ("fmt", 4), ("tokens", 6), ("graph", 5),
            ("median", 9), ("p10", 9), ("p90", 9), ("floor", 9), ("link", 9), ("local", 9), ("binds", 6), ("x floor", 7),
            ("x nccl", 7), ("link GB/s", 9), ("sms", 4), ("status", 6))
 
@@ -107,7 +118,8 @@ def table(doc: dict) -> str:
     for r in doc.get("results", []):
         t = r.get("time_us") or {}
         fl = r.get("floor") or {}
-        cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("mode") or "-", r.get("format") or "-",
+        cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("mode") or "-", layout_of(r) or "-",
+                 r.get("format") or "-",
                  r.get("tokens", "-"), "yes" if r.get("graph") else "no", fmt_num(t.get("median")),
                  fmt_num(t.get("p10")), fmt_num(t.get("p90")), fmt_num(fl.get("floor_us")),
                  fmt_num(fl.get("link_us")), fmt_num(fl.get("local_us")), fl.get("binds") or "n/a",

@@ -28,8 +28,9 @@ class Verifier:
         return self._worlds[key]
 
     def round(self, cfg, t: int, k: int) -> Round:
-        """Input set k of t tokens against the spec, for this rank only (computed once per format and shape)."""
-        key = (cfg.token_format, t, k)       # the spec does not depend on the mode
+        """Input set k of t tokens against the spec, for this rank only (computed once per format, layout and
+        shape)."""
+        key = (cfg.token_format, cfg.layout, t, k)       # the spec does not depend on the mode
         if key not in self._expected:
             self._expected[key] = Round(cfg, self.world_sets(cfg, t)[k], self.rank, local_only=True)
         return self._expected[key]
@@ -69,15 +70,22 @@ class Verifier:
             return res.expert_x
         if not self.gpu:
             return identity(cfg, res)
-        dequant_fp8_into(self.torch, out, res.expert_x, res.expert_scales, received_rows(res))
+        if cfg.layout == "grouped":
+            dequant_fp8_into(self.torch, out, res.expert_x, res.expert_scales, received_rows(res))
+        else:   # slabs: the received rows are not a prefix, so every row (the unused ones hold no token)
+            h = cfg.hidden
+            dequant_fp8_into(self.torch, out.view(-1, h), res.expert_x.reshape(-1, h),
+                             res.expert_scales.reshape(-1, cfg.scale_cols), out.numel() // h)
         return out
 
     def new_expert_y(self, cfg):
-        """A preallocated bf16 expert_y (random values) for fp8 shapes: combine's input after dequantisation."""
+        """A preallocated bf16 expert_y (random values) for fp8 shapes: combine's input after dequantisation, in the
+        config's layout ([*cfg.rows_shape, hidden])."""
         if not cfg.token_format.quantized:
             return None
         if self.gpu:
-            ey = self.torch.empty((cfg.max_recv_rows, cfg.hidden), dtype=self.torch.bfloat16, device=self.device)
+            ey = self.torch.empty((*cfg.rows_shape, cfg.hidden), dtype=self.torch.bfloat16, device=self.device)
             ey.normal_()
             return ey
-        return random_tokens(np.random.default_rng(self.rank), cfg.max_recv_rows, cfg.hidden)
+        rows = int(np.prod(cfg.rows_shape))
+        return random_tokens(np.random.default_rng(self.rank), rows, cfg.hidden).reshape(*cfg.rows_shape, cfg.hidden)

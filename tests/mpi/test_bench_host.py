@@ -39,11 +39,13 @@ def test_bench_quick_host(tmp_path):
     seen = {(r["case"], r["op"], r["format"], r["tokens"]) for r in ep}
     assert ("ht", "dispatch", "bf16", 32) in seen and ("ht", "dispatch", "fp8", 32) in seen
     assert ("ll", "dispatch", "fp8", 16) in seen and ("ll", "combine", "bf16", 16) in seen
-    # the ll shape once per wire design: mode "ll" rows first (as before), then the same ops with mode "ht"
-    ll = [(r["mode"], r["op"], r["format"], r["tokens"]) for r in ep if r["case"] == "ll"]
-    assert ll == [(m, op, f, 16) for m in ("ll", "ht")
+    # the ll shape once per wire design: mode "ll" rows first (as before), then the same ops with mode "ht"; then
+    # both again with the batched output layout (every row verified below, like the others)
+    ll = [(r["layout"], r["mode"], r["op"], r["format"], r["tokens"]) for r in ep if r["case"] == "ll"]
+    assert ll == [(lay, m, op, f, 16) for lay in ("grouped", "batched") for m in ("ll", "ht")
                   for op, f in (("dispatch", "fp8"), ("combine", "bf16"), ("roundtrip", "fp8"))], ll
-    assert all(r["mode"] == "ht" for r in ep if r["case"] != "ll")
+    assert doc["settings"]["ll_layouts"] == ["grouped", "batched"]
+    assert all(r["mode"] == "ht" and r["layout"] == "grouped" for r in ep if r["case"] != "ll")
     assert {r["tokens"] for r in ep if r["case"] == "sweep"} == {1, 2, 4, 8, 16, 32}
     for r in ep:
         assert r["status"] == "ok" and r["verified"] is True, r
@@ -55,9 +57,10 @@ def test_bench_quick_host(tmp_path):
     assert nccl and all(r["status"] == "n/a" and r["time_us"] is None for r in nccl)
     assert "n/a" in proc.stdout and "result: OK" in proc.stdout
     rows = [line.split() for line in proc.stdout.splitlines()]
-    ll_rows = [c for c in rows if c[:2] == ["ll", "epcomm"]]   # case impl op mode fmt tokens ... status
-    assert [(c[2], c[3]) for c in ll_rows] == [(op, m) for m in ("ll", "ht")
-                                               for op in ("dispatch", "combine", "roundtrip")], ll_rows
+    ll_rows = [c for c in rows if c[:2] == ["ll", "epcomm"]]   # case impl op mode layout fmt tokens ... status
+    assert [(c[2], c[3], c[4]) for c in ll_rows] == [(op, m, lay) for lay in ("grouped", "batched")
+                                                     for m in ("ll", "ht")
+                                                     for op in ("dispatch", "combine", "roundtrip")], ll_rows
     assert all(c[-1] == "ok" for c in ll_rows)
 
 

@@ -36,19 +36,24 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("no_graph", [False, True])
-def test_ll_case_runs_both_modes_alike(no_graph):
-    # the ll case measures one shape per wire design: identical calls except the config's mode
-    a = driver.parse(["--case", "ll"] + (["--no-graph"] if no_graph else []))
+@pytest.mark.parametrize("no_batched", [False, True])
+def test_ll_case_runs_both_modes_and_layouts_alike(no_graph, no_batched):
+    # the ll case measures one shape per wire design, then again per output layout (the default's rows first, as in
+    # the files recorded before): identical calls except the config's mode and layout
+    a = driver.parse(["--case", "ll"] + (["--no-graph"] if no_graph else []) + (["--no-batched"] if no_batched else []))
     driver.resolve_shapes(a, "gpu", None)
     b = driver.Bench.__new__(driver.Bench)
     b.args, b.world, b.sms_supported = a, 8, False
     calls = []
-    b.with_buffer = lambda cfg, fn: fn(("buf", cfg.mode))
+    b.with_buffer = lambda cfg, fn: fn(("buf", cfg.mode, cfg.layout))
     b.run_epcomm_shape = lambda case, buf, cfg, t, ops, graph=False: calls.append(
-        (case, buf, cfg.mode, cfg.token_format, cfg.max_tokens_per_rank, t, ops, graph))
+        (case, buf, cfg.mode, cfg.layout, cfg.token_format, cfg.max_tokens_per_rank, t, ops, graph))
     b.case_ll()
     ops = ("dispatch", "combine", "roundtrip")
-    assert calls == [("ll", ("buf", m), m, "fp8", 128, 128, ops, not no_graph) for m in ("ll", "ht")]
+    layouts = ("grouped",) if no_batched else ("grouped", "batched")
+    assert a.ll_layouts == list(layouts)
+    assert calls == [("ll", ("buf", m, lay), m, lay, "fp8", 128, 128, ops, not no_graph)
+                     for lay in layouts for m in ("ll", "ht")]
 
 
 def test_shared_gpu_gives_no_link_figures():

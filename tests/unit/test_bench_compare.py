@@ -115,3 +115,30 @@ def test_the_recorded_files_compare_with_themselves_row_for_row():
         cmp = C.compare(d, d)
         timed = [r for r in d["results"] if r.get("status") == "ok" and (r.get("time_us") or {}).get("median")]
         assert cmp["ok"] and cmp["counts"]["same"] == len(timed), path.name
+
+
+def test_records_without_a_layout_match_the_default_layout_and_batched_rows_are_their_own():
+    """Files recorded before the layout field: their rows are "grouped" ones; the batched rows of a new run are new,
+    never compared with the grouped ones."""
+    ll = dict(case="ll", mode="ll", format="fp8", tokens=128, graph=True)
+    old = doc([rec(40.0, **ll)])
+    new = doc([rec(41.0, layout="grouped", **ll), rec(90.0, layout="batched", **ll)],
+              settings={**doc([])["settings"], "ll_layouts": ["grouped", "batched"]})
+    cmp = C.compare(old, new)
+    assert [(r["layout"], r["verdict"]) for r in cmp["rows"]] == [("grouped", "same"), ("batched", "new")]
+    assert cmp["ok"]
+    back = C.compare(new, old)     # the other way: the batched row is recorded, the old-style run lacks it
+    assert [(r["layout"], r["verdict"]) for r in back["rows"]] == [("grouped", "same"), ("batched", "missing")]
+    assert "batched" in C.table(cmp)
+
+
+def test_layouts_not_run_are_not_missing():
+    ll = dict(case="ll", mode="ll", format="fp8", tokens=128, graph=True)
+    both = {**doc([])["settings"], "ll_layouts": ["grouped", "batched"]}
+    old = doc([rec(40.0, layout="grouped", **ll), rec(90.0, layout="batched", **ll)], settings=both)
+    new = doc([rec(40.0, layout="grouped", **ll)], settings={**both, "ll_layouts": ["grouped"]})   # --no-batched
+    cmp = C.compare(old, new)
+    assert [(r["layout"], r["verdict"]) for r in cmp["rows"]] == [("grouped", "same")] and cmp["ok"]
+    assert any("layout batched" in w for w in cmp["warnings"])
+    lost = doc([rec(40.0, layout="grouped", **ll)], settings=both)      # batched was to run: its row is missing
+    assert [r["verdict"] for r in C.compare(old, lost)["rows"]] == ["same", "missing"]

@@ -84,16 +84,28 @@ def test_png_without_results():
     assert report.write_png(doc([]), "/nonexistent/x.png") == "no sweep results to plot"
 
 
-def test_table_mode_column_tells_ll_rows_apart():
-    rs = [rec(case="ll", mode=m, format="fp8", tokens=128, graph=True) for m in ("ll", "ht")]
-    rs.append(rec(case="baseline", impl="nccl", mode=None, tokens=128))
+def test_table_mode_and_layout_columns_tell_ll_rows_apart():
+    rs = [rec(case="ll", mode=m, layout=lay, format="fp8", tokens=128, graph=True)
+          for lay in ("grouped", "batched") for m in ("ll", "ht")]
+    rs.append(rec(case="baseline", impl="nccl", mode=None, layout=None, tokens=128))
+    old = rec(case="ll", mode="ll", format="fp8", tokens=64)    # written before records had a layout
+    old.pop("layout", None)
+    rs.append(old)
     report.link_ratios(rs)
     rows = [line.split() for line in report.table(doc(rs)).splitlines()]
     head = next(c for c in rows if c[:3] == ["case", "impl", "op"])
-    assert head[3] == "mode"
-    assert [c[:6] for c in rows if c[:2] == ["ll", "epcomm"]] == [
-        ["ll", "epcomm", "dispatch", "ll", "fp8", "128"], ["ll", "epcomm", "dispatch", "ht", "fp8", "128"]]
-    assert any(c[:4] == ["baseline", "nccl", "dispatch", "-"] for c in rows)
+    assert head[3:5] == ["mode", "layout"]
+    assert [c[:7] for c in rows if c[:2] == ["ll", "epcomm"]] == [
+        ["ll", "epcomm", "dispatch", m, lay, "fp8", t] for lay, m, t in
+        (("grouped", "ll", "128"), ("grouped", "ht", "128"), ("batched", "ll", "128"), ("batched", "ht", "128"),
+         ("grouped", "ll", "64"))]
+    assert any(c[:5] == ["baseline", "nccl", "dispatch", "-", "-"] for c in rows)
+
+
+def test_layout_of_reads_a_missing_layout_as_the_default():
+    assert report.layout_of({"impl": "epcomm", "layout": "batched"}) == "batched"
+    assert report.layout_of({"impl": "epcomm"}) == "grouped"
+    assert report.layout_of({"impl": "nccl"}) is None and report.layout_of({"impl": "nccl", "layout": None}) is None
 
 
 def test_table_roundtrip_binds_shown_as_sum():
@@ -113,4 +125,4 @@ def test_saved_perf_files_still_render(capsys):
     for f in files:
         assert report.main([str(f)]) == 0
         out = capsys.readouterr().out
-        assert " mode " in out and "result:" in out
+        assert " mode " in out and " layout " in out and "result:" in out
