@@ -75,3 +75,16 @@ def test_a_void_round_is_raised_once_by_check_never_by_a_launch():
         be.raise_pending()
     assert (e.value.rank, e.value.needed, e.value.capacity, e.value.round) == (2, 300, 256, 4)
     be.raise_pending()                     # once: the buffer is usable again
+
+
+def test_int64_ids_on_the_cpu_get_the_named_input_error():
+    """int64 ids are cast on the device before the pointer checks run: a CPU tensor must still be refused by name
+    (EPInputError), before any cast is queued."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from epcomm.errors import EPInputError
+    be = backend_with(ErrorCode.TIMEOUT)
+    be.ctx = SimpleNamespace(device=0)
+    with pytest.raises(EPInputError, match="tensor is on the CPU"):
+        be._narrow_ids(torch.zeros((2, 2), dtype=torch.int64), 0, 2, "torch")

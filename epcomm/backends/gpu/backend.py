@@ -247,6 +247,9 @@ class GpuBackend:
             return topk_ids
         if kind == "cai":
             raise EPInputError("gpu backend: int64 topk_ids need a torch tensor or cupy array (or pass int32)")
+        # the same device / contiguity checks as int32 ids get in _inputs, before the cast is queued: a CPU or
+        # other-GPU tensor gets the named EPInputError, not a torch error from the clamp
+        device_pointer(topk_ids, array_kind(topk_ids), self.ctx.device)
         wide, stage = self.alloc.view(self._ids64[hp], kind)[:T], self.alloc.view(self._ids32[hp], kind)[:T]
         if kind == "torch":
             import torch
