@@ -475,3 +475,17 @@ def run_all(rank: int, world: int, device: str, seed: int, suites=("static", "no
     b2.destroy()
     c.elapsed = time.monotonic() - t0
     return c
+
+
+def print_summary(results, ok_line: str) -> bool:
+    """Rank 0's summary of every rank's (passed, failures): the failures (20 per rank), one count line per rank (the
+    one-GPU rig's summary reads them), and `ok_line` when none failed. Returns whether any rank failed."""
+    bad = False
+    for r, (passed, failures) in enumerate(results):
+        for f in failures[:20]:
+            print(f"FAIL rank {r}: {f}")
+        bad |= bool(failures)
+        print(f"rank {r}: {passed} checks passed, {len(failures)} failed")
+    if not bad:
+        print(ok_line)
+    return bad

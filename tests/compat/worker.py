@@ -12,7 +12,7 @@ import sys
 import torch.distributed as dist
 from mpi4py import MPI
 
-from tests.compat.deepep_checks import run_all
+from tests.compat.deepep_checks import print_summary, run_all
 
 
 def init_gloo_from_mpi():
@@ -39,13 +39,7 @@ def main():
     results = MPI.COMM_WORLD.gather((c.passed, c.failures), root=0)
     code = 0
     if rank == 0:
-        for r, (passed, failures) in enumerate(results):
-            for f in failures[:20]:
-                print(f"FAIL rank {r}: {f}")
-            code |= bool(failures)
-            print(f"rank {r}: {passed} checks passed, {len(failures)} failed")
-        if not code:
-            print(f"ok in {c.elapsed:.1f}s ({world} ranks, seed {args.seed})")
+        code = int(print_summary(results, f"ok in {c.elapsed:.1f}s ({world} ranks, seed {args.seed})"))
     code = MPI.COMM_WORLD.bcast(code, root=0)
     dist.destroy_process_group()
     sys.exit(code)

@@ -20,7 +20,7 @@ for _k, _v in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("TORCH
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.compat.deepep_checks import run_all  # noqa: E402
+from tests.compat.deepep_checks import print_summary, run_all  # noqa: E402
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -55,16 +55,9 @@ def main():
     c = run_all(rank, world, "cpu" if args.cpu else "cuda", seed[0], tuple(args.suite or ("static", "normal", "ll")))
     results = [None] * world
     dist.all_gather_object(results, (c.passed, c.failures))
-    bad = False
     if rank == 0:
-        for r, (passed, failures) in enumerate(results):
-            for f in failures[:20]:
-                print(f"FAIL rank {r}: {f}")
-            bad |= bool(failures)
-            print(f"rank {r}: {passed} checks passed, {len(failures)} failed")
-        if not bad:
-            device = "cpu" if args.cpu else torch.cuda.get_device_name()
-            print(f"ok in {c.elapsed:.1f}s ({world} ranks, seed {seed[0]}, device {device})")
+        device = "cpu" if args.cpu else torch.cuda.get_device_name()
+        print_summary(results, f"ok in {c.elapsed:.1f}s ({world} ranks, seed {seed[0]}, device {device})")
     bad = any(f for _, f in results)
     dist.barrier()
     sys.exit(1 if bad else 0)
