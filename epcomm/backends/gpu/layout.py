@@ -20,10 +20,14 @@ import enum
 from dataclasses import dataclass
 
 ALIGN = 256                 # every symmetric region starts 256-byte aligned
-# NVSHMEM symmetric heap of a process = what its first buffer needs + HEAP_MARGIN (NVSHMEM's own symmetric objects:
-# team and collective work areas, allocation alignment), at least HEAP_MIN (NVSHMEM's default size). A process that
-# makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's nvshmem.symmetric_size) to the sum.
-HEAP_MARGIN = 256 << 20
+# NVSHMEM_SYMMETRIC_SIZE of a process = what its first buffer needs + HEAP_MARGIN, at least HEAP_MIN (NVSHMEM's
+# default size). A process that makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's
+# nvshmem.symmetric_size) to the sum. NVSHMEM_SYMMETRIC_SIZE is what the process may allocate: NVSHMEM adds its own
+# objects (teams, psync and reduce areas, its g buffers) on top of it (NVSHMEM 3.4.5, mem_heap.cpp
+# set_heap_size_attr: "heapextra", which also reserves 20 x 512 B of alignment for user allocations; heap.py counts
+# it). So the margin covers only the allocator's alignment of our one allocation and whatever small symmetric objects
+# nvshmem4py makes: 16 MiB (dev/device/heap_margin.py tries 0 to 128 MiB on the GPU).
+HEAP_MARGIN = 16 << 20
 HEAP_MIN = 1 << 30
 MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
 
