@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--margins", default="0,1,4,16,32,64,128", help="MiB over the buffer (comma list)")
     ap.add_argument("--kinds", default="vmm,static", help="heap kinds: vmm (default NVSHMEM), static")
     ap.add_argument("--need", type=int, default=0, help="buffer bytes (default: issue 12's 64-rank factor-2 buffer)")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per trial")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per trial (default 60)")
     ap.add_argument("--json", help="rank 0 writes the rows here")
     ap.add_argument("--dir", help="where the scratch folder goes (default /tmp)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
