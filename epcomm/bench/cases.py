@@ -66,6 +66,17 @@ class Bench:
         f = getattr(self.args, "recv_capacity_factor", None)
         return [None] if f is None else [None, f]
 
+    def note_capacity(self, cfg) -> None:
+        """A note when a capacity factor gives the worst case anyway (few ranks: F x tokens x topk >= ranks x tokens x
+        min(topk, local experts)): its rows then measure the same buffer as the default's."""
+        if cfg.recv_capacity_factor is not None and cfg.recv_rows >= cfg.worst_case_recv_rows:
+            note = (f"recv_capacity_factor {cfg.recv_capacity_factor:g} at {cfg.world_size} ranks, "
+                    f"{cfg.max_tokens_per_rank} tokens is the worst case ({cfg.worst_case_recv_rows} rows): its rows "
+                    f"measure the same buffer sizes as the default capacity's")
+            if note not in self.records.notes:
+                self.records.notes.append(note)
+                self.log(f"note: {note}")
+
     # ---------------------------------------------------------------- cases
     def case_links(self):
         if self.records.shared:
@@ -228,6 +239,7 @@ class Bench:
         for cap in self.capacities():
             for fmt in FORMAT_NAMES:
                 cfg = self.cfg(fmt, "ht", a.tokens, capacity=cap)
+                self.note_capacity(cfg)
                 self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
                     "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
 
@@ -242,6 +254,7 @@ class Bench:
             for layout in a.ll_layouts:
                 for mode in LL_MODES:
                     cfg = self.cfg("fp8", mode, a.ll_tokens, layout, capacity=cap)
+                    self.note_capacity(cfg)
                     self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
                         "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
 
