@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any
 
+from .backends.gpu.heap import heap_footprint
 from .backends.gpu.layout import HEAP_MARGIN, HEAP_MIN, OUTPUT_SETS, Layout, device_arrays, heap_bytes
 from .config import EPConfig
 
@@ -42,25 +43,30 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 def heap_reserved(symmetric_bytes: int) -> int:
     """NVSHMEM_SYMMETRIC_SIZE that the GPU runtime sets for the first buffer of a process: its symmetric bytes plus
-    HEAP_MARGIN, at least HEAP_MIN (layout.heap_bytes), on every bootstrap (MPI, torch, unique id)."""
+    HEAP_MARGIN, at least HEAP_MIN (layout.heap_bytes), on every bootstrap (MPI, torch, unique id). What the heap
+    takes on the GPU is more: heap_footprint (NVSHMEM's own objects, granularity)."""
     return heap_bytes(symmetric_bytes)
 
 
-def estimate(cfg: EPConfig, nodes: int = 1) -> dict[str, Any]:
-    """Bytes per rank: symmetric buffer (exact), the heap reserved at NVSHMEM init, device arrays, their sum."""
+def estimate(cfg: EPConfig, nodes: int = 1, env=None) -> dict[str, Any]:
+    """Bytes per rank: symmetric buffer (exact), what NVSHMEM's heap takes for it (heap.heap_footprint), device
+    arrays, their sum. env: the NVSHMEM settings to assume (NVSHMEM_CUMEM_GRANULARITY, NVSHMEM_MAX_TEAMS; default
+    os.environ, where unset epcomm's defaults)."""
     if nodes < 1 or cfg.world_size % nodes:
         raise ValueError(f"nodes must divide world_size {cfg.world_size}, got {nodes}")
     L = Layout(cfg, any_remote=nodes > 1)
     bufs = [{"name": n, "shape": list(s), "dtype": d, "bytes": nbytes(s, d)} for n, s, d in local_buffers(cfg)]
     local = sum(b["bytes"] for b in bufs)
     regions = L.regions()
-    reserved = heap_reserved(L.total)
+    heap = heap_footprint(L.total, cfg.world_size, env)   # NVSHMEM_SYMMETRIC_SIZE + NVSHMEM's own, in granules
+    reserved = heap["bytes"]
     return {"config": {"hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts,
                        "max_tokens_per_rank": cfg.max_tokens_per_rank, "world_size": cfg.world_size, "nodes": nodes,
                        "mode": cfg.mode, "token_format": cfg.token_format,
                        "fused_shared_expert": cfg.fused_shared_expert, "max_recv_rows": cfg.max_recv_rows,
                        "recv_capacity": cfg.recv_rows, "worst_case_recv_rows": cfg.worst_case_recv_rows},
             "symmetric_bytes": L.total, "symmetric_regions": regions, "heap_reserved_bytes": reserved,
+            "nvshmem_symmetric_size": heap["symmetric_size"], "nvshmem_heap": heap,
             "local_bytes": local, "local_buffers": bufs, "total_bytes": reserved + local}
 
 
@@ -86,7 +92,8 @@ def markdown_table() -> str:
             for fmt in ("fp8", "bf16"):
                 for cap in ({}, {"recv_capacity_factor": 2}):
                     cfg = doc_config(world, tokens, fmt, **cap)
-                    cells.append(f"{estimate(cfg, max(1, world // 8))['total_bytes'] / 2**30:.2f} GiB")
+                    est = estimate(cfg, max(1, world // 8), env={})   # epcomm's NVSHMEM settings
+                    cells.append(f"{est['total_bytes'] / 2**30:.2f} GiB")
             lines.append(f"| {world} / {max(1, world // 8)} | {tokens} | {doc_config(world, tokens, 'fp8').mode} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -102,9 +109,11 @@ def table(est: dict[str, Any]) -> str:
     lines.append(f"  symmetric buffer        {est['symmetric_bytes'] / MiB:10.1f} MiB   "
                  + ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(est["symmetric_regions"].items(),
                                                                     key=lambda kv: -kv[1]) if v >= MiB))
-    lines.append(f"  NVSHMEM heap reserved   {est['heap_reserved_bytes'] / MiB:10.1f} MiB   (symmetric + "
-                 f"{HEAP_MARGIN / MiB:.0f} MiB margin, at least {HEAP_MIN / MiB:.0f}; "
-                 "NVSHMEM_SYMMETRIC_SIZE overrides)")
+    h = est["nvshmem_heap"]
+    lines.append(f"  NVSHMEM heap            {est['heap_reserved_bytes'] / MiB:10.1f} MiB   (NVSHMEM_SYMMETRIC_SIZE "
+                 f"{h['symmetric_size'] / MiB:.1f}: symmetric + {HEAP_MARGIN / MiB:.0f} MiB margin, at least "
+                 f"{HEAP_MIN / MiB:.0f}; + NVSHMEM's own {h['nvshmem_own'] / MiB:.1f} at {h['max_teams']} teams; "
+                 f"in {h['granularity'] / MiB:g} MiB granules)")
     big = sorted(est["local_buffers"], key=lambda b: -b["bytes"])[:4]
     lines.append(f"  device arrays           {est['local_bytes'] / MiB:10.1f} MiB   largest: "
                  + ", ".join(f"{b['name']} {b['bytes'] / MiB:.1f}" for b in big))

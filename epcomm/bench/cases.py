@@ -13,6 +13,7 @@ from ..config import EPConfig
 from ..formats import FORMAT_NAMES
 from .gpu import A2ABaseline, init_torch_dist, measure_links
 from .graphs import time_graph
+from . import report
 from .records import Records
 from .timing import CudaTimer, HostTimer
 from .verify import Verifier
@@ -53,10 +54,28 @@ class Bench:
     floor_source = property(lambda self: self.records.doc["floor_bandwidth"]["source"])
     shared = property(lambda self: self.records.shared)   # the note when ranks share a GPU, else None
 
-    def cfg(self, fmt: str, mode: str, max_tokens: int, layout: str = "grouped"):
+    def cfg(self, fmt: str, mode: str, max_tokens: int, layout: str = "grouped", capacity: float | None = None):
         a = self.args
         return EPConfig(hidden=a.hidden, topk=a.topk, num_experts=a.experts, max_tokens_per_rank=max_tokens,
-                        world_size=self.world, token_format=fmt, mode=mode, num_sms=a.sms, layout=layout)
+                        world_size=self.world, token_format=fmt, mode=mode, num_sms=a.sms, layout=layout,
+                        recv_capacity_factor=capacity)
+
+    def capacities(self) -> list:
+        """Receive capacities the ht and ll cases measure: the default (worst case, None) first, as in files recorded
+        before, then --recv-capacity-factor's if given (so one run compares the two)."""
+        f = getattr(self.args, "recv_capacity_factor", None)
+        return [None] if f is None else [None, f]
+
+    def note_capacity(self, cfg) -> None:
+        """A note when a capacity factor gives the worst case anyway (few ranks: F x tokens x topk >= ranks x tokens x
+        min(topk, local experts)): its rows then measure the same buffer as the default's."""
+        if cfg.recv_capacity_factor is not None and cfg.recv_rows >= cfg.worst_case_recv_rows:
+            note = (f"recv_capacity_factor {cfg.recv_capacity_factor:g} at {cfg.world_size} ranks, "
+                    f"{cfg.max_tokens_per_rank} tokens is the worst case ({cfg.worst_case_recv_rows} rows): its rows "
+                    f"measure the same buffer sizes as the default capacity's")
+            if note not in self.records.notes:
+                self.records.notes.append(note)
+                self.log(f"note: {note}")
 
     # ---------------------------------------------------------------- cases
     def case_links(self):
@@ -154,7 +173,8 @@ class Bench:
     def run_epcomm_shape(self, case: str, buf, cfg, t: int, ops, graph: bool = False):
         """Verify the first iteration of this shape against the reference, then time each op."""
         a = self.args
-        self.log(f"{case} {cfg.token_format} mode {cfg.mode} layout {cfg.layout} T={t}: inputs, reference, verify")
+        self.log(f"{case} {cfg.token_format} mode {cfg.mode} layout {cfg.layout}{report.capacity_label(cfg)} T={t}: "
+                 "inputs, reference, verify")
         sets = self.verify.device_sets(cfg, t)
         n_sets = len(sets)
         ey_buf = self.verify.new_expert_y(cfg)
@@ -216,10 +236,12 @@ class Bench:
 
     def case_ht(self):
         a = self.args
-        for fmt in FORMAT_NAMES:
-            cfg = self.cfg(fmt, "ht", a.tokens)
-            self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
-                "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+        for cap in self.capacities():
+            for fmt in FORMAT_NAMES:
+                cfg = self.cfg(fmt, "ht", a.tokens, capacity=cap)
+                self.note_capacity(cfg)
+                self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                    "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
 
     def case_ll(self):
         # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the
@@ -228,11 +250,13 @@ class Bench:
         # unless --no-batched. Same inputs, reference check, ops and graph replay; records differ in "mode" and
         # "layout".
         a = self.args
-        for layout in a.ll_layouts:
-            for mode in LL_MODES:
-                cfg = self.cfg("fp8", mode, a.ll_tokens, layout)
-                self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
-                    "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
+        for cap in self.capacities():
+            for layout in a.ll_layouts:
+                for mode in LL_MODES:
+                    cfg = self.cfg("fp8", mode, a.ll_tokens, layout, capacity=cap)
+                    self.note_capacity(cfg)
+                    self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                        "ll", buf, cfg, a.ll_tokens, ("dispatch", "combine", "roundtrip"), graph=not a.no_graph))
 
     def case_sweep(self):
         a = self.args

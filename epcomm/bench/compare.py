@@ -3,9 +3,11 @@
     python -m epcomm.bench.compare docs/perf/bench-local-2gpu.json new.json
     python -m launch bench -t configs/local-2gpu.yaml -- --compare docs/perf/bench-local-2gpu.json   (after the run)
 
-Rows are matched on (case, impl, op, mode, layout, format, tokens, graph) and their order among rows with the same
-fields (the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch); a record without a layout
-(written before the field existed) is of the default layout, "grouped", so older files still match row for row.
+Rows are matched on (case, impl, op, mode, layout, capacity, format, tokens, graph) and their order among rows with
+the same fields (the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch); a record without a
+layout (written before the field existed) is of the default layout, "grouped", one without a capacity of the default
+capacity (null), so older files still match row for row. Rows of a receive capacity factor the new run did not
+measure (--recv-capacity-factor) are left out, with a warning.
 Each common row shows the recorded and the new median, new / recorded, and the same for the ratio to the floor: the
 floor is measured in each run, so that ratio still means something when today's link or card is slower than the
 recorded one. Verdict per row, on the
@@ -22,11 +24,12 @@ import json
 import sys
 from typing import Any
 
-from .report import layout_of
+from .report import capacity_cell, capacity_of, layout_of
 
 SCHEMA = "epcomm.bench-compare/1"
 DEFAULT_TOLERANCE = 0.15   # the lent machines vary by ~5-10 % between calls (docs/PERF.md); more is a change
-KEY = ("case", "impl", "op", "mode", "layout", "format", "tokens", "graph")
+KEY = ("case", "impl", "op", "mode", "layout", "capacity", "format", "tokens", "graph")
+_READERS = {"layout": layout_of, "capacity": capacity_of}   # fields older records may lack
 BAD = ("slower", "failed", "missing")
 # what must match for a row-by-row comparison to mean anything (top level, then settings)
 SAME_TOP = ("backend", "world_size")
@@ -66,7 +69,7 @@ def _keyed(results: list[dict]) -> dict[tuple, dict]:
     and after the fp8 dispatch), told apart by their order."""
     out: dict[tuple, dict] = {}
     for rec in results:
-        base = tuple(layout_of(rec) if k == "layout" else rec.get(k) for k in KEY)
+        base = tuple(_READERS[k](rec) if k in _READERS else rec.get(k) for k in KEY)
         n = sum(1 for k in out if k[:-1] == base)
         out[base + (n,)] = rec
     return out
@@ -125,10 +128,15 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
                          and k[lay] not in ll_layouts and k not in news})
     if skipped_ll:
         warnings.append(f"not run this time, not compared: ll case, layout {', '.join(map(str, skipped_ll))}")
+    skipped_caps = _capacities_not_run(olds, news, new)
+    if skipped_caps:
+        warnings.append(f"not run this time, not compared: receive capacity factor "
+                        f"{', '.join(f'{c:g}' for c in skipped_caps)}")
+    cap = KEY.index("capacity")
     rows = []
     for k in list(olds) + [k for k in news if k not in olds]:
         o, n = olds.get(k), news.get(k)
-        if n is None and (k[0] in skipped or (k[0] == "ll" and k[lay] in skipped_ll)):
+        if n is None and (k[0] in skipped or (k[0] == "ll" and k[lay] in skipped_ll) or k[cap] in skipped_caps):
             continue
         mo, mn = _median(o), _median(n)
         if mn is not None:
@@ -148,19 +156,27 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
             "rows": rows, "counts": counts, "ok": not any(counts[v] for v in BAD)}
 
 
+def _capacities_not_run(olds: dict, news: dict, new: dict) -> list:
+    """Receive capacity factors of recorded rows that the new run did not measure (its --recv-capacity-factor)."""
+    factor = (new.get("settings") or {}).get("recv_capacity_factor")
+    cap = KEY.index("capacity")
+    return sorted({k[cap] for k in olds if k[cap] is not None and k[cap] != factor and k not in news})
+
+
 def _f(v, spec=".1f"):
     return "n/a" if v is None else format(v, spec)
 
 
 def table(cmp: dict, only_changes: bool = False) -> str:
-    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'layout':>7} {'fmt':>4} {'tokens':>6} {'graph':>5} "
-            f"{'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
+    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'layout':>7} {'cap':>4} {'fmt':>4} {'tokens':>6} "
+            f"{'graph':>5} {'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
     lines = [head, "-" * len(head)]
     for r in cmp["rows"]:
         if only_changes and r["verdict"] == "same":
             continue
         op = r["op"] + (f"#{r['occurrence'] + 1}" if r["occurrence"] else "")   # the 2nd row with these fields
         lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>4} {r['layout'] or '-':>7} "
+                     f"{capacity_cell(r):>4} "
                      f"{r['format']:>4} {r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} "
                      f"{_f(r['old_us']):>9} {_f(r['new_us']):>9} "
                      f"{_f(r['ratio'], '.2f'):>7} {_f(r['old_x_floor'], '.2f'):>7} {_f(r['new_x_floor'], '.2f'):>7}  "

@@ -6,7 +6,9 @@ Cases: links (copy-engine peer and device copy bandwidth; GPU only), baseline (N
 ht (4096 tokens, bf16 and fp8 dispatch, bf16 combine, mode "ht"), ll (128 tokens, fp8 dispatch + bf16 combine,
 CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht": records differ in "mode"; then
 both again with layout "batched", a slab per local expert: records differ in "layout"; --no-batched skips those),
-sweep (tokens 1..4096, powers of 2, mode "ht", bf16).
+sweep (tokens 1..4096, powers of 2, mode "ht", bf16). --recv-capacity-factor F repeats the ht and ll shapes with
+that receive capacity (EPConfig.recv_capacity_factor): worst-case and capacity rows of one run, "capacity" F in the
+latter's records.
 Every epcomm and baseline shape is checked against epcomm.reference on its first iteration; a wrong result is
 reported as "wrong" and its timings are withheld (exit status 1).
 --compare RECORDED.json checks that this run reproduces a recorded one (epcomm.bench.compare): exit status 3 when
@@ -58,6 +60,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-graph", action="store_true", help="ll case: time eager calls instead of graph replays")
     ap.add_argument("--no-batched", action="store_true",
                     help="ll case: measure the default output layout only (not also layout 'batched')")
+    ap.add_argument("--recv-capacity-factor", type=float, default=None, metavar="F",
+                    help="ht and ll cases: after each shape at the default receive capacity (the worst case), the "
+                         "same shape again with EPConfig.recv_capacity_factor=F (rows marked capacity F); default off")
     ap.add_argument("--backend", choices=("auto", "host", "gpu"), default="auto")
     ap.add_argument("--compare", metavar="PATH",
                     help="a recorded run's JSON (e.g. docs/perf/bench-local-2gpu.json): after the run, print the rows "
@@ -76,6 +81,8 @@ def parse(argv=None) -> argparse.Namespace:
         ap.error("--sets must be >= 4 (inputs rotate so caches do not serve repeated data)")
     if not args.tolerance > 0:
         ap.error("--tolerance must be > 0")
+    if args.recv_capacity_factor is not None and not args.recv_capacity_factor > 0:
+        ap.error("--recv-capacity-factor must be > 0")
     return args
 
 

@@ -38,7 +38,8 @@ class Records:
                          "num_experts": a.experts, "tokens_ht": a.tokens, "tokens_ll": a.ll_tokens,
                          "sweep_tokens": a.sweep_tokens if "sweep" in a.cases else [],
                          "ll_layouts": a.ll_layouts if "ll" in a.cases else [],
-                         "sms_requested": a.sms, "sms_supported": True, "cases": a.cases},
+                         "sms_requested": a.sms, "sms_supported": True, "cases": a.cases,
+                         "recv_capacity_factor": getattr(a, "recv_capacity_factor", None)},
             "links": {"status": "skipped", "reason": "links case not selected"},
             "floor_bandwidth": {"link_gbps": a.link_gbps, "local_gbps": a.local_gbps,
                                 "source": "command line" if (a.link_gbps or a.local_gbps) else "n/a"},
@@ -114,7 +115,7 @@ class Records:
                timing=None, sms=None, fmt=None) -> dict:
         a = self.args
         rec = {"case": case, "impl": impl, "op": op, "mode": cfg.mode if impl == "epcomm" else None,
-               "layout": cfg.layout if impl == "epcomm" else None,
+               "layout": cfg.layout if impl == "epcomm" else None, "capacity": report.capacity_of_cfg(cfg, impl),
                "format": str(fmt or ("bf16" if op == "combine" else cfg.token_format)), "tokens": t,
                "hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts, "world_size": self.world,
                "graph": bool(graph), "status": status, "verified": bool(verified), "error": error,
@@ -144,7 +145,7 @@ class Records:
         if status == "ok" and rec["time_us"]:
             tm = rec["time_us"]
             self.log(f"  {case:<8} {impl:<6} {op:<9} {rec['mode'] or '-':<4} {rec['layout'] or '-':<7} "
-                     f"{rec['format']:<4} T={t:<5} "
+                     f"{rec['format']:<4} T={t:<5} {report.capacity_cell(rec) + ' ' if rec['capacity'] else ''}"
                      f"{'graph ' if graph else ''}"
                      f"median {tm['median']:9.1f} us (p10 {tm['p10']:.1f}, p90 {tm['p90']:.1f}); floor "
                      f"{report.fmt_num(fl['floor_us'])} us")

@@ -7,7 +7,8 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
   | "perf_counter"),
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
             sweep_tokens, ll_layouts (the ll case's output layouts; absent in files written before), sms_requested,
-            sms_supported, cases},
+            sms_supported, cases, recv_capacity_factor (--recv-capacity-factor or null; absent in files written
+            before)},
   links {status ("ok" | "partial" | "n/a" | "error" | "skipped"), reason?, one_way_gbps[rank],
          concurrent_gbps[rank], concurrent_total_gbps, local_copy_gbps[rank], p2p[rank], peer_rank[rank], ...},
   floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
@@ -23,7 +24,9 @@ record:
   "ll" then "ht", same tokens and inputs; files written before that have only mode "ll" there), layout (EPConfig
   output layout of epcomm records, "grouped" | "batched"; null for nccl. The ll case repeats its rows of both
   modes with "batched" after the "grouped" ones, unless --no-batched; files written before have no layout field:
-  read a missing one as "grouped"), format, tokens,
+  read a missing one as "grouped"), capacity (EPConfig.recv_capacity_factor of epcomm records measured with
+  --recv-capacity-factor; null: the default capacity, the worst case, and in files written before the field),
+  format, tokens,
   hidden, topk, num_experts, world_size, graph (bool), status ("ok" | "wrong" | "error" | "n/a"),
   verified (bool: first iteration of this shape matched epcomm.reference before timing), error (str|null),
   iters, warmup, input_sets, time_us {median, p10, p90, min, max, mean, n} (slowest rank per iteration) | null,
@@ -40,7 +43,7 @@ import os
 from ..jsonable import jsonable
 
 SCHEMA = "epcomm.bench/1"
-RECORD_KEYS = ("case", "impl", "op", "mode", "layout", "format", "tokens", "hidden", "topk", "num_experts",
+RECORD_KEYS = ("case", "impl", "op", "mode", "layout", "capacity", "format", "tokens", "hidden", "topk", "num_experts",
                "world_size", "graph", "status", "verified", "error", "iters", "warmup", "input_sets", "time_us",
                "per_rank_median_us", "host_call_us", "wall_us", "bytes", "link_bytes_max", "local_bytes_max",
                "link_gbps", "local_gbps", "floor", "ratio_to_floor", "ratio_to_nccl", "sms")
@@ -73,6 +76,27 @@ def layout_of(rec: dict) -> str | None:
     return "grouped" if rec.get("impl") == "epcomm" else None
 
 
+def capacity_of_cfg(cfg, impl: str):
+    """A record's "capacity": the EPConfig's recv_capacity_factor (epcomm records; None: the worst case)."""
+    return cfg.recv_capacity_factor if impl == "epcomm" else None
+
+
+def capacity_of(rec: dict):
+    """A record's receive capacity factor; None for the default (and for records written before the field)."""
+    return rec.get("capacity")
+
+
+def capacity_cell(rec: dict) -> str:
+    c = capacity_of(rec)
+    return "-" if c is None else f"x{c:g}"
+
+
+def capacity_label(cfg) -> str:
+    """' capacity xF' for a config with a receive capacity factor, else ''."""
+    c = cfg.recv_capacity_factor
+    return "" if c is None else f" capacity x{c:g}"
+
+
 def link_ratios(results: list[dict]) -> None:
     """Fill ratio_to_floor and ratio_to_nccl of every record in place."""
     nccl = {(r["op"], r["tokens"]): r for r in results
@@ -88,7 +112,8 @@ def link_ratios(results: list[dict]) -> None:
             r.setdefault("ratio_to_nccl", None)
 
 
-COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("mode", 4), ("layout", 7), ("fmt", 4), ("tokens", 6), ("graph", 5),
+COLUMNS = (("case", 8), ("impl", 6), ("op", 9), ("mode", 4), ("layout", 7), ("cap", 4), ("fmt", 4), ("tokens", 6),
+           ("graph", 5),
            ("median", 9), ("p10", 9), ("p90", 9), ("floor", 9), ("link", 9), ("local", 9), ("binds", 6), ("x floor", 7),
            ("x nccl", 7), ("link GB/s", 9), ("sms", 4), ("status", 6))
 
@@ -119,7 +144,7 @@ def table(doc: dict) -> str:
         t = r.get("time_us") or {}
         fl = r.get("floor") or {}
         cells = (r.get("case"), r.get("impl"), r.get("op"), r.get("mode") or "-", layout_of(r) or "-",
-                 r.get("format") or "-",
+                 capacity_cell(r), r.get("format") or "-",
                  r.get("tokens", "-"), "yes" if r.get("graph") else "no", fmt_num(t.get("median")),
                  fmt_num(t.get("p10")), fmt_num(t.get("p90")), fmt_num(fl.get("floor_us")),
                  fmt_num(fl.get("link_us")), fmt_num(fl.get("local_us")), fl.get("binds") or "n/a",

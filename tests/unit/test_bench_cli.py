@@ -56,6 +56,45 @@ def test_ll_case_runs_both_modes_and_layouts_alike(no_graph, no_batched):
                      for lay in layouts for m in ("ll", "ht")]
 
 
+def test_capacity_factor_repeats_the_ht_and_ll_shapes():
+    """--recv-capacity-factor F: the ht and ll cases measure each shape at the default capacity (first, as in the
+    files recorded before) and again with EPConfig.recv_capacity_factor=F; without it, only the default."""
+    with_factor = ["--case", "ht,ll", "--recv-capacity-factor", "2"]
+    for argv, caps in ((["--case", "ht,ll"], [None]), (with_factor, [None, 2.0])):
+        a = driver.parse(argv + ["--no-batched"])
+        driver.resolve_shapes(a, "gpu", None)
+        b = driver.Bench.__new__(driver.Bench)
+        b.args, b.world = a, 8
+        calls = []
+        b.with_buffer = lambda cfg, fn: fn(None)
+        b.note_capacity = lambda cfg: None
+        b.run_epcomm_shape = lambda case, buf, cfg, t, ops, graph=False: calls.append(
+            (case, cfg.mode, cfg.token_format, t, cfg.recv_capacity_factor))
+        b.case_ht()
+        b.case_ll()
+        assert calls == ([("ht", "ht", f, 4096, c) for c in caps for f in ("bf16", "fp8")]
+                         + [("ll", m, "fp8", 128, c) for c in caps for m in ("ll", "ht")])
+    with pytest.raises(SystemExit):
+        driver.parse(["--recv-capacity-factor", "0"])
+
+
+def test_capacity_that_is_the_worst_case_is_noted():
+    """At 2 ranks factor 2 is the worst case already (2 x 4096 x 8 rows): the run says its rows measure the same
+    buffer; at 8 ranks it does not."""
+    from types import SimpleNamespace
+    from epcomm.config import EPConfig
+    for world, noted in ((2, True), (8, False)):
+        b = driver.Bench.__new__(driver.Bench)
+        b.records, b.log = SimpleNamespace(notes=[]), lambda msg: None
+        cfg = EPConfig(hidden=7168, topk=8, num_experts=256, max_tokens_per_rank=4096, world_size=world, mode="ht",
+                       recv_capacity_factor=2)
+        b.note_capacity(cfg)
+        b.note_capacity(cfg)   # once per run
+        assert len(b.records.notes) == (1 if noted else 0)
+        b.note_capacity(cfg.replace(recv_capacity_factor=None))
+        assert len(b.records.notes) == (1 if noted else 0)
+
+
 def test_shared_gpu_gives_no_link_figures():
     """Ranks on one GPU (share_gpus): no links case, no NCCL baseline, no floor (even one given on the command line),
     and a note that says why."""

@@ -142,3 +142,23 @@ def test_layouts_not_run_are_not_missing():
     assert any("layout batched" in w for w in cmp["warnings"])
     lost = doc([rec(40.0, layout="grouped", **ll)], settings=both)      # batched was to run: its row is missing
     assert [r["verdict"] for r in C.compare(old, lost)["rows"]] == ["same", "missing"]
+
+
+def test_capacity_rows_are_their_own_and_old_files_match_the_default():
+    """Rows measured with --recv-capacity-factor F (capacity F) never match the default-capacity rows; a recorded file
+    without the field matches the new run's default rows; recorded capacity rows of a factor not run this time are
+    left out with a warning, not "missing"."""
+    old = doc([rec(300.0), rec(300.0, op="combine")])                       # written before the field
+    settings2 = {**doc([])["settings"], "recv_capacity_factor": 2.0}
+    new = doc([rec(300.0, capacity=None), rec(300.0, op="combine", capacity=None), rec(250.0, capacity=2.0),
+               rec(290.0, op="combine", capacity=2.0)], settings=settings2)
+    cmp = C.compare(old, new)
+    assert cmp["ok"] and [(r["op"], r["capacity"], r["verdict"]) for r in cmp["rows"]] == [
+        ("dispatch", None, "same"), ("combine", None, "same"), ("dispatch", 2.0, "new"), ("combine", 2.0, "new")]
+    back = C.compare(new, doc([rec(300.0), rec(300.0, op="combine")]))      # the factor-2 rows not run now
+    assert back["ok"] and all(r["capacity"] is None for r in back["rows"])
+    assert any("receive capacity factor 2" in w for w in back["warnings"])
+    slower = C.compare(new, doc([rec(300.0), rec(300.0, op="combine"), rec(400.0, capacity=2.0),
+                                 rec(290.0, op="combine", capacity=2.0)], settings=settings2))
+    assert not slower["ok"] and [r["verdict"] for r in slower["rows"] if r["capacity"] == 2.0] == ["slower", "same"]
+    assert " x2 " in C.table(slower)

@@ -94,9 +94,9 @@ def test_table_mode_and_layout_columns_tell_ll_rows_apart():
     report.link_ratios(rs)
     rows = [line.split() for line in report.table(doc(rs)).splitlines()]
     head = next(c for c in rows if c[:3] == ["case", "impl", "op"])
-    assert head[3:5] == ["mode", "layout"]
-    assert [c[:7] for c in rows if c[:2] == ["ll", "epcomm"]] == [
-        ["ll", "epcomm", "dispatch", m, lay, "fp8", t] for lay, m, t in
+    assert head[3:6] == ["mode", "layout", "cap"]
+    assert [c[:8] for c in rows if c[:2] == ["ll", "epcomm"]] == [
+        ["ll", "epcomm", "dispatch", m, lay, "-", "fp8", t] for lay, m, t in
         (("grouped", "ll", "128"), ("grouped", "ht", "128"), ("batched", "ll", "128"), ("batched", "ht", "128"),
          ("grouped", "ll", "64"))]
     assert any(c[:5] == ["baseline", "nccl", "dispatch", "-", "-"] for c in rows)
@@ -126,3 +126,16 @@ def test_saved_perf_files_still_render(capsys):
         assert report.main([str(f)]) == 0
         out = capsys.readouterr().out
         assert " mode " in out and " layout " in out and "result:" in out
+
+
+def test_capacity_rows_are_marked():
+    """--recv-capacity-factor rows carry their factor (column "cap"); default-capacity rows and records written before
+    the field show "-"."""
+    rs = [rec(case="ht", capacity=None), rec(case="ht", capacity=2.0)]
+    old = rec(case="ht")
+    old.pop("capacity", None)
+    rs.append(old)
+    report.link_ratios(rs)
+    rows = [line.split() for line in report.table(doc(rs)).splitlines()]
+    assert [c[5] for c in rows if c[:2] == ["ht", "epcomm"]] == ["-", "x2", "-"]
+    assert report.capacity_of(old) is None and report.capacity_cell({"capacity": 1.5}) == "x1.5"

@@ -40,8 +40,8 @@ def test_ht_waves_split_large_items():
 @pytest.mark.parametrize("M,K", [(61, 3), (64, 4), (1001, 2), (7, 1)])
 def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
     """combine.cuh copies each source's [M, K] weights with 16-byte stores at off_wrecv + s * weight_stride floats and
-    stages combine rows after R * weight_stride floats of cstage: every such address must be 16-byte aligned whatever
-    M * K is."""
+    stages combine rows after the weight_stride floats of cstage (one staged copy of the weights): every such address
+    must be 16-byte aligned whatever M * K is."""
     R = 4
     cfg = EPConfig(hidden=256, topk=K, num_experts=8, max_tokens_per_rank=M, world_size=R, mode="ht")
     L = Layout(cfg, any_remote=True)
@@ -49,7 +49,8 @@ def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
     assert W >= M * K and W % 4 == 0 and W - M * K < 4
     assert all(off % 16 == 0 for off in L.offset.values())
     assert all((L.offset["wrecv"] + (par * R + s) * W * 4) % 16 == 0 for par in (0, 1) for s in range(R))
-    assert (L.offset["cstage"] + R * W * 4) % 16 == 0
+    assert (L.offset["cstage"] + W * 4) % 16 == 0
+    assert L.region_bytes["cstage"] == W * 4 + L.recv_tokens * L.combine_row_bytes
 
 
 def test_device_inputs_must_be_16_byte_aligned():

@@ -27,7 +27,11 @@ def test_estimate_adds_up():
     assert ex["set0.expert_x"]["bytes"] == c.max_recv_rows * c.hidden          # fp8: one byte per channel
     assert ex["set1.expert_scales"]["bytes"] == c.max_recv_rows * (c.hidden // 128) * 4
     assert ex["y0"]["bytes"] == c.max_tokens_per_rank * c.hidden * 2            # bf16 combine output
-    assert est["heap_reserved_bytes"] == max(est["symmetric_bytes"] + HEAP_MARGIN, 1 << 30)   # need + margin
+    assert est["nvshmem_symmetric_size"] == max(est["symmetric_bytes"] + HEAP_MARGIN, 1 << 30)   # need + margin
+    # the heap on the GPU: that + NVSHMEM's own objects, in granules (heap.py)
+    h = memory.estimate(c, env={})["nvshmem_heap"]
+    assert h["static"] == -(-(h["symmetric_size"] + h["nvshmem_own"]) // (2 << 20)) * (2 << 20)
+    assert memory.estimate(c, env={})["heap_reserved_bytes"] == h["bytes"] == max(h["static"], h["dynamic"])
 
 
 def test_other_nodes_need_staging_and_bf16_no_scales():
@@ -101,4 +105,60 @@ def test_issue_targets_per_rank():
     """Issue 12's targets (hidden 7168, top-8 of 256, 4096 tokens, fp8, ht; expert_y not counted)."""
     GiB = 1 << 30
     assert memory.estimate(cfg(world_size=8))["total_bytes"] <= 6 * GiB
-    assert memory.estimate(cfg(world_size=64), nodes=8)["total_bytes"] <= 24 * GiB
+    assert memory.estimate(cfg(world_size=64), nodes=8, env={})["total_bytes"] <= 24 * GiB
+    assert memory.estimate(cfg(world_size=8), env={})["total_bytes"] <= 6 * GiB
+    factor2 = memory.estimate(cfg(world_size=64, recv_capacity_factor=2), nodes=8, env={})
+    assert factor2["total_bytes"] <= 4 * GiB
+    # with NVSHMEM's own defaults (512 MiB granules, 32 teams) the heap of the same buffer takes 512 MiB more
+    stock = memory.estimate(cfg(world_size=64, recv_capacity_factor=2), nodes=8,
+                            env={"NVSHMEM_CUMEM_GRANULARITY": "512M", "NVSHMEM_MAX_TEAMS": "32"})
+    assert stock["total_bytes"] - factor2["total_bytes"] >= 512 << 20
+
+
+def test_nvshmem_heap_model():
+    """heap.py: NVSHMEM 3.4.5's own symmetric objects and the heap granules (numbers from its source)."""
+    from epcomm.backends.gpu import heap
+    MiB = 1 << 20
+    assert heap.parse_size("2M") == 2 * MiB and heap.parse_size("0.5g") == 512 * MiB
+    assert heap.parse_size("4096") == 4096
+    assert heap.nvshmem_settings({}) == (2 * MiB, 7)
+    stock_env = {"NVSHMEM_CUMEM_GRANULARITY": "536870912", "NVSHMEM_MAX_TEAMS": "32"}
+    assert heap.nvshmem_settings(stock_env) == (512 * MiB, 32)
+    # psync area per team: 2 x 2 x 27648 + 65536 + 10 x 27648 + 1024 x npes + 2 x 27648 longs
+    per_team = 8 * (507904 + 1024 * 64)
+    own = heap.nvshmem_own_bytes(64, 32)
+    assert 32 * per_team + 10 * MiB < own < 32 * per_team + 10 * MiB + MiB          # ~150 MiB
+    assert heap.nvshmem_own_bytes(64, 3) == heap.nvshmem_own_bytes(64, 6)            # its 6 predefined teams at least
+    need = 3000 * MiB
+    stock = heap.heap_footprint(need, 64, {"NVSHMEM_CUMEM_GRANULARITY": "512M", "NVSHMEM_MAX_TEAMS": "32"})
+    assert stock["dynamic"] == 512 * MiB + 3072 * MiB and stock["bytes"] == stock["dynamic"]
+    ours = heap.heap_footprint(need, 64, {})
+    assert ours["bytes"] - need < 64 * MiB and ours["bytes"] % (2 * MiB) == 0
+
+
+def test_nvshmem_settings_are_set_before_nvshmem_reads_them(monkeypatch):
+    """NVSHMEM reads its environment once, at the first unique id or init of the process: Runtime.new_uid sets
+    epcomm's settings (2 MiB granules, 7 teams, the heap size when known, no NVLink multicast) before it asks NVSHMEM
+    for the id; values the environment already has are kept."""
+    import sys
+    import types
+
+    from epcomm.backends.gpu import runtime
+    seen = {}
+
+    def get_unique_id(empty=False):
+        seen.update({k: runtime.os.environ.get(k) for k in ("NVSHMEM_CUMEM_GRANULARITY", "NVSHMEM_MAX_TEAMS",
+                                                             "NVSHMEM_SYMMETRIC_SIZE", "NVSHMEM_DISABLE_NVLS")})
+        raise RuntimeError("stop here")
+    core = types.SimpleNamespace(get_unique_id=get_unique_id)
+    monkeypatch.setitem(sys.modules, "nvshmem", types.SimpleNamespace(core=core))
+    monkeypatch.setitem(sys.modules, "nvshmem.core", core)
+    for k in ("NVSHMEM_CUMEM_GRANULARITY", "NVSHMEM_SYMMETRIC_SIZE", "NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE",
+              "TORCH_SYMM_MEM_DISABLE_MULTICAST"):
+        monkeypatch.setenv(k, "-")   # recorded, so that what the call sets is undone after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("NVSHMEM_MAX_TEAMS", "9")
+    with pytest.raises(RuntimeError, match="stop here"):
+        runtime.Runtime.new_uid(3 << 30)
+    assert seen == {"NVSHMEM_CUMEM_GRANULARITY": str(2 << 20), "NVSHMEM_MAX_TEAMS": "9",
+                    "NVSHMEM_SYMMETRIC_SIZE": str((3 << 30) + HEAP_MARGIN), "NVSHMEM_DISABLE_NVLS": "1"}

@@ -20,10 +20,14 @@ import enum
 from dataclasses import dataclass
 
 ALIGN = 256                 # every symmetric region starts 256-byte aligned
-# NVSHMEM symmetric heap of a process = what its first buffer needs + HEAP_MARGIN (NVSHMEM's own symmetric objects:
-# team and collective work areas, allocation alignment), at least HEAP_MIN (NVSHMEM's default size). A process that
-# makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's nvshmem.symmetric_size) to the sum.
-HEAP_MARGIN = 256 << 20
+# NVSHMEM_SYMMETRIC_SIZE of a process = what its first buffer needs + HEAP_MARGIN, at least HEAP_MIN (NVSHMEM's
+# default size). A process that makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's
+# nvshmem.symmetric_size) to the sum. NVSHMEM_SYMMETRIC_SIZE is what the process may allocate: NVSHMEM adds its own
+# objects (teams, psync and reduce areas, its g buffers) on top of it (NVSHMEM 3.4.5, mem_heap.cpp
+# set_heap_size_attr: "heapextra", which also reserves 20 x 512 B of alignment for user allocations; heap.py counts
+# it). So the margin covers only the allocator's alignment of our one allocation and whatever small symmetric objects
+# nvshmem4py makes: 16 MiB (dev/device/heap_margin.py tries 0 to 128 MiB on the GPU).
+HEAP_MARGIN = 16 << 20
 HEAP_MIN = 1 << 30
 MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
 
@@ -133,9 +137,10 @@ class Layout:
             "csig": 2 * R * 8,
             "wrecv": 2 * R * WST * 4 if ht else 0,                        # ht: every source's weights
             "wsig": 2 * R * 8,
-            # ht: staged weights [R][weight_stride] floats, then (other nodes) the staged combine rows, one per received
-            # token message (packed over sources: at most recv_tokens, the capacity's bound)
-            "cstage": (R * WST * 4 + (self.recv_tokens * RB if any_remote else 0)) if ht else 0,
+            # ht: the staged weights [weight_stride] floats (one copy: every other-node destination gets the same
+            # [T, K] weights, put from it), then (other nodes) the staged combine rows, one per received token message
+            # (packed over sources: at most recv_tokens, the capacity's bound)
+            "cstage": (WST * 4 + (self.recv_tokens * RB if any_remote else 0)) if ht else 0,
             "abort": R * 8,
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
@@ -174,7 +179,7 @@ def kernel_defines(cfg) -> dict[str, int]:
     # ht's receive buffer likewise (recv_tokens messages)
     run_time = ("cstage", "drecv") if lay.ht else ("cstage",)
     out.update({f"EP_REGION_BYTES_{n.upper()}": v for n, v in lay.region_bytes.items() if n not in run_time})
-    out["EP_CSTAGE_WEIGHT_BYTES"] = cfg.world_size * lay.weight_stride * 4 if lay.ht else 0
+    out["EP_CSTAGE_WEIGHT_BYTES"] = lay.weight_stride * 4 if lay.ht else 0
     out["EP_MAX_DEST_RANKS"] = lay.max_dest_ranks
     out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
     out.update({f"EP_PHASE_{p.name}": int(p) for p in Phase})
@@ -258,7 +263,9 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("src_info", "src_info", (*maxr, 3), "i32", True, "dispatch"),
             DeviceArray("tokens_per_expert", "tpe", (lay.local_experts,), "i32", True, "dispatch"),
             DeviceArray("ids", "hids", (M * K,), "i32", True, "dispatch"),
-            DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
+            # ht: per received token message [recv_tokens][2 + K] (packed over sources in rank order: bounded by the
+            # receive capacity, like the receive buffer); ll: a placeholder (its combine reads src_info)
+            DeviceArray("hinfo", "hinfo", ((lay.recv_tokens if lay.ht else 1) * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
             DeviceArray("status", "hstatus", (4,), "i32", True, "dispatch"),   # [0] != 0: the round was void

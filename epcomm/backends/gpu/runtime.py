@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from .heap import NVSHMEM_DEFAULTS
 from .layout import CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, ErrorCode, Phase, heap_bytes
 
 log = logging.getLogger("epcomm.gpu")
@@ -30,10 +31,16 @@ _DEFERRED = None    # torch_context / uid_context without a size: the bootstrap,
 
 
 def _set_safe_env(symmetric_bytes: int | None):
-    """symmetric_bytes: what the process's buffers need; the heap gets that plus the margin (layout.heap_bytes)."""
+    """symmetric_bytes: what the process's buffers need; the heap gets that plus the margin (layout.heap_bytes).
+
+    NVSHMEM reads its environment once, at the first nvshmemx_get_uniqueid or init of the process (env_vars.cpp
+    nvshmemi_options_init): this runs before both (new_uid, the constructors), else rank 0, which makes the unique
+    id, would keep what the environment said before."""
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"          # never NVLink multicast
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    for k, v in NVSHMEM_DEFAULTS.items():            # 2 MiB heap granules, 7 teams: heap.py says why
+        os.environ.setdefault(k, v)
     if symmetric_bytes and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap_bytes(symmetric_bytes))
 
@@ -99,8 +106,10 @@ class Runtime:
 
     # ---------------------------------------------------------------- constructors
     @staticmethod
-    def new_uid() -> bytes:
-        """A fresh NVSHMEM unique id (call on one rank, send the bytes to all, pass them to from_uid)."""
+    def new_uid(symmetric_bytes: int | None = None) -> bytes:
+        """A fresh NVSHMEM unique id (call on one rank, send the bytes to all, pass them to from_uid).
+        NVSHMEM fixes this process's settings now (_set_safe_env): symmetric_bytes, when known, sizes its heap."""
+        _set_safe_env(symmetric_bytes)
         import nvshmem.core as nvc
         return nvc.get_unique_id()._data.view(np.int8).tobytes()
 
@@ -135,9 +144,9 @@ class Runtime:
         if comm is None:
             if ctx.world_size != 1:
                 raise RuntimeError("gpu backend needs ctx.comm (mpi4py) to broadcast the NVSHMEM unique id")
-            uid = cls.new_uid()
+            uid = cls.new_uid(symmetric_bytes)
         else:
-            uid = comm.bcast(cls.new_uid() if ctx.rank == 0 else None, root=0)
+            uid = comm.bcast(cls.new_uid(symmetric_bytes) if ctx.rank == 0 else None, root=0)
         return cls.from_uid(uid, ctx.rank, ctx.world_size, ctx.device, ctx.topology, symmetric_bytes)
 
     @classmethod
@@ -149,7 +158,7 @@ class Runtime:
         if cls.get() is not None:
             return _RT
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        obj = [cls.new_uid() if rank == 0 else None]
+        obj = [cls.new_uid(symmetric_bytes) if rank == 0 else None]
         dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         if device is None:
             device = torch.cuda.current_device()

@@ -79,11 +79,16 @@ __device__ void combine_send(const Params& p, bool fused) {
       const int nv = nw / 4;                  // full 16-byte vectors
       const uint4* wsrc = reinterpret_cast<const uint4*>(p.weights);
       const bool wal = (reinterpret_cast<uintptr_t>(p.weights) & 15) == 0;
+      bool staged = false;   // other-node destinations: one staged copy, put to each of them
       for (int d = 0; d < R; ++d) {
         if (SKIP && d != p.me) continue;
+        if (!same_node(p, d)) {
+          if (staged) continue;
+          staged = true;
+        }
         size_t off = p.off_wrecv + (((size_t)par * R + p.me) * WEIGHT_STRIDE) * 4;
         float* dst = same_node(p, d) ? reinterpret_cast<float*>(p.peer[d] + off)
-                                     : reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WEIGHT_STRIDE;
+                                     : reinterpret_cast<float*>(p.sym + p.off_cstage);
         if (wal) {
           for (int i = threadIdx.x; i < nv; i += THREADS) reinterpret_cast<uint4*>(dst)[i] = wsrc[i];
           for (int i = nv * 4 + threadIdx.x; i < nw; i += THREADS) dst[i] = p.weights[i];
@@ -97,7 +102,7 @@ __device__ void combine_send(const Params& p, bool fused) {
       // other-node destinations: the whole block puts the staged [T, K] weights (+ signal after the data): one
       // thread's T*K*4 / 16 serial load -> store steps took ~0.8 ms at T 4096, gating step 2 on every rank
       signal_every_destination(p, soff, round, [&](int d) {
-        float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage) + (size_t)d * WEIGHT_STRIDE;
+        float* stg = reinterpret_cast<float*>(p.sym + p.off_cstage);
         nvshmemx_putmem_signal_nbi_block(p.sym + off, stg, (size_t)nw * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
                                          round, NVSHMEM_SIGNAL_SET, d);
       });
@@ -148,10 +153,15 @@ __device__ void combine_send(const Params& p, bool fused) {
         const bool local = same_node(p, s);
         for (int w = warp; w < (i1 - i0) * ROW_SLICES; w += WARPS) {
           const int i = i0 + w / ROW_SLICES, sl = w % ROW_SLICES;
-          const int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+          // hinfo and the staged rows hold recv_tokens messages (packed over sources in rank order)
+          if (s_mpref[s] + i >= p.recv_tokens) {
+            if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
+            continue;
+          }
+          const int* hi = p.hinfo + ((size_t)s_mpref[s] + i) * (2 + K);
           int t = hi[0];
           const int di = hi[1];   // index of this rank among t's ranks: the slot of its row on s
-          if (t < 0 || t >= M || di < 0 || di >= MAX_DEST_RANKS || s_mpref[s] + i >= p.cap) {
+          if (t < 0 || t >= M || di < 0 || di >= MAX_DEST_RANKS) {
             if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
             continue;
           }

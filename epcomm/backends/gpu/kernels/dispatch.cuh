@@ -320,6 +320,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   __shared__ int s_chpref[HT ? R * (MAX_CHUNKS + 1) : 1];   // HT: per source, token prefix by chunk
   __shared__ int s_nch[R];
   __shared__ int s_mbase[HT ? R : 1];   // HT: where each source's messages start in the receive buffer
+  __shared__ int s_npref[HT ? R : 1];   // HT: messages from the sources before s (rank order): s's rows of hinfo
   __shared__ int s_bad;                 // HT: a source's messages lie outside the buffer (only in a void round)
   __shared__ int s_gstart[PLACED ? GROUPS + 1 : 1];          // PLACED: first row of each group (then the end)
   __shared__ int s_gpad[PLACED && !BATCHED ? GROUPS : 1];     // aligned: each group's rows rounded up
@@ -370,6 +371,10 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     // ht receives sources in the order me, me + 1, ... (its own messages land first)
     for (int q = 0; q < R; ++q) { s_tpref[q] = ta; ta += s_ntok[HT ? (p.me + q) % R : q]; }
     s_tpref[R] = ta;
+    if (HT) {   // the same prefix in rank order (combine_send derives it again from hcount)
+      int na = 0;
+      for (int q = 0; q < R; ++q) { s_npref[HT ? q : 0] = na; na += max(0, s_ntok[q]); }
+    }
   }
   __syncthreads();
   const int total = nshare + s_pref[LOCAL_EXPERTS * R];
@@ -543,7 +548,8 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
               p.escale[scale_index(p, rows[k], c)] = reinterpret_cast<const float*>(msg + DATA_BYTES)[c];
           if (lane == 0) { p.src_info[rows[k] * 3] = s; p.src_info[rows[k] * 3 + 1] = t; p.src_info[rows[k] * 3 + 2] = k; }
         }
-        int* hi = p.hinfo + ((size_t)s * M + i) * (2 + K);
+        // below recv_tokens: a round that expands its messages has them all inside the receive buffer (s_bad)
+        int* hi = p.hinfo + ((size_t)s_npref[HT ? s : 0] + i) * (2 + K);
         if (lane == 0) { hi[0] = t; hi[1] = dest_index(meta + 2, p.me); }   // [1]: where s expects its row
         if (lane < K) hi[2 + lane] = rows[lane];
       }

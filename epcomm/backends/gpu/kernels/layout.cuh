@@ -149,7 +149,8 @@ struct Params {
   int* src_info;            // [MAXR, 3]
   int* tpe;                 // [LOCAL_EXPERTS]
   int* hids;                // handle: copy of topk ids [M, K]
-  int* hinfo;               // handle (HT): [R][M][2 + K]  (t, unused, row of each k or -1)
+  int* hinfo;               // handle (HT): [recv_tokens][2 + K], per received message, packed over sources in rank
+                            // order (t, index of this rank among t's ranks, row of each k or -1)
   int* hcount;              // handle (HT): [R] received tokens per source
   char* sym;                // local base of the symmetric region
   unsigned* state;          // device state words
@@ -185,8 +186,9 @@ constexpr long long REGION_BYTES_CRECV = 2LL * M * (HT ? MAX_DEST_RANKS : K) * C
 constexpr long long REGION_BYTES_CSIG = 2LL * R * 8;
 constexpr long long REGION_BYTES_WRECV = HT ? 2LL * R * WEIGHT_STRIDE * 4 : 0;               // [parity][source] weights
 constexpr long long REGION_BYTES_WSIG = 2LL * R * 8;
-// cstage: the weights [R][WEIGHT_STRIDE], then one row per received token message (sized by the capacity at run time)
-constexpr long long CSTAGE_WEIGHT_BYTES = HT ? 1LL * R * WEIGHT_STRIDE * 4 : 0;
+// cstage: the weights [WEIGHT_STRIDE] (one copy, put to every other-node destination), then one row per received
+// token message (sized by the capacity at run time)
+constexpr long long CSTAGE_WEIGHT_BYTES = HT ? 1LL * WEIGHT_STRIDE * 4 : 0;
 constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
