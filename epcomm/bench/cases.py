@@ -11,6 +11,7 @@ from ..arrays import HostArrays, TorchArrays, to_numpy
 from ..buffer import EPBuffer
 from ..config import EPConfig
 from ..formats import FORMAT_NAMES
+from . import latency, peer_deepep
 from .gpu import A2ABaseline, init_torch_dist, measure_links
 from .graphs import time_graph
 from .records import Records
@@ -220,6 +221,40 @@ class Bench:
             cfg = self.cfg(fmt, "ht", a.tokens)
             self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
                 "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+        self.ht_more_budgets()
+
+    def ht_more_budgets(self):
+        """--ht-sms: the ht rows again under each of these SM limits (records carry sms_budget), beside DeepEP's rows
+        at the same budgets."""
+        a = self.args
+        for sms in getattr(a, "ht_sms", []):
+            if sms == a.sms:
+                continue
+            for fmt in FORMAT_NAMES:
+                cfg = self.cfg(fmt, "ht", a.tokens).replace(num_sms=sms)
+                self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                    "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+
+    def case_deepep(self):
+        peer_deepep.run_case(self)
+
+    def case_latency(self):
+        """The floor's latency term (latency.py); none where ranks share a GPU or on the host backend."""
+        if self.records.shared or not self.gpu:
+            why = "ranks share a GPU: no link between them" if self.records.shared else "host backend: no GPU"
+            self.records.set_latency({"status": "n/a", "reason": why})
+            return
+        if self.args.latency_us is not None:
+            self.log(f"latency: --latency-us {self.args.latency_us} given, not measured")
+            return
+        try:
+            lat = latency.measure(self.torch, self.ctx, self.comm, self.timer, self.args.warmup, self.args.iters,
+                                  self.log)
+        except Exception as e:  # noqa: BLE001 (the floor loses its latency term; epcomm's rows stand)
+            lat = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            self.records.notes.append(f"latency: {lat['reason']}; floors are the bandwidth term alone")
+            self.log(f"latency: {lat['reason']}", everyone=True)
+        self.records.set_latency(lat)
 
     def case_ll(self):
         # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the
