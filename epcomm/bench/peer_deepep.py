@@ -105,6 +105,7 @@ class DeepEPPeer:
         self.ep, self.torch, self.comm = deep_ep, torch, comm
         self.world, self.hidden, self.num_experts = world, hidden, num_experts
         self.n_local = num_experts // world
+        self.topk_dtype = getattr(deep_ep, "topk_idx_t", None) or torch.int64   # DeepEP's build picks it (int64)
         self.buffer = None
 
     # ---------------------------------------------------------------- normal (high-throughput) kernels
@@ -153,6 +154,15 @@ class DeepEPPeer:
             x, ids, max_tokens, self.num_experts, use_fp8=True, async_finish=False, return_recv_hook=False)
         return q, scales, counts, handle
 
+    def ll_reset(self, max_tokens: int) -> None:
+        """Zero both low-latency buffers' signals: after a failed graph capture the host's buffer switch and the
+        cleaning the kernels do for the next call no longer agree."""
+        self.torch.cuda.synchronize()
+        self.comm.Barrier()
+        self.buffer.clean_low_latency_buffer(max_tokens, self.hidden, self.num_experts)
+        self.torch.cuda.synchronize()
+        self.comm.Barrier()
+
     def ll_combine(self, expert_y, ids, w, handle, out=None):
         return self.buffer.low_latency_combine(expert_y, ids, w, handle, async_finish=False, return_recv_hook=False,
                                                out=out)[0]
@@ -188,7 +198,7 @@ class DeepEPCase:
         torch = self.torch
         sets = self.b.verify.device_sets(cfg, t)
         for s in sets:
-            s["ids64"] = s["ids"].to(torch.int64).contiguous()
+            s["ids64"] = s["ids"].to(self.peer.topk_dtype).contiguous()
             s["w"] = s["w"].float().contiguous()
             s["x"] = s["x"].contiguous()
             s["xq"] = quantize_fp8(torch, s["x"]) if self.a.hidden % 128 == 0 else None
@@ -311,6 +321,7 @@ class DeepEPCase:
             if note is not None or self.a.no_graph:
                 if note:
                     self.b.records.notes.append(f"deepep ll T={t}: CUDA graph not usable, eager timings: {note}")
+                    peer.ll_reset(t)
                 self.ll_eager(cfg, t, sets, ey)
             self.status["low_latency"] = {"status": "ok", "graph": note is None and not self.a.no_graph}
         finally:

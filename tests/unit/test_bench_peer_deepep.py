@@ -28,8 +28,37 @@ class FakeConfig:
         return self.num_sms * num_ranks * 256 * hidden_bytes
 
 
-def make_fake(calls, *, count_offset=0, combine_scale=1.0):
-    """One rank: every expert is local. count_offset / combine_scale != 0 / 1 make a wrong DeepEP."""
+class DoubleBuffer:
+    """DeepEP's two low-latency buffers as its kernels use them: a call runs on the buffer the host picked (then the
+    host switches), needs that buffer clean, leaves it dirty and cleans the other one for the next call. A CUDA graph
+    keeps the buffer of its capture: replays must alternate dispatch, combine, as the captures did."""
+    def __init__(self):
+        self.host, self.clean = 0, [True, True]
+
+    def pick(self):
+        i, self.host = self.host, self.host ^ 1
+        return i
+
+    def run(self, i, what):
+        if not self.clean[i]:
+            raise RuntimeError(f"{what} on buffer {i} with the signals of an earlier call (a DeepEP kernel would hang)")
+        self.clean[i], self.clean[i ^ 1] = False, True
+
+
+def make_fake(calls, *, count_offset=0, combine_scale=1.0, cuda=None):
+    """One rank: every expert is local. count_offset / combine_scale != 0 / 1 make a wrong DeepEP. cuda: the fake
+    torch.cuda whose graph captures the low-latency calls record (replayed later), if any."""
+    dbuf = DoubleBuffer()
+
+    def launch(what, body):
+        """Run body now, or record it in the graph being captured (on the buffer picked at capture)."""
+        i = dbuf.pick()
+        g = getattr(cuda, "capturing", None)
+        if g is None:
+            dbuf.run(i, what)
+            body()
+        else:
+            g.ops.append(lambda: (dbuf.run(i, what), body()))
 
     class FakeBuffer:
         num_sms = 20
@@ -86,32 +115,47 @@ def make_fake(calls, *, count_offset=0, combine_scale=1.0):
                                  return_recv_hook=False, **kw):
             assert self.ll and use_fp8 and not return_recv_hook
             calls.append(("ll_dispatch",))
-            q, s = P.quantize_fp8(torch, x)
             qx = torch.zeros((num_experts, max_tokens, x.shape[1]), dtype=torch.float8_e4m3fn)
             sx = torch.zeros((num_experts, max_tokens, x.shape[1] // 128), dtype=torch.float32)
             counts = torch.zeros(num_experts, dtype=torch.int32)
             slot = {}
-            for t in range(ids.shape[0]):
-                for e in ids[t].tolist():
-                    if e < 0:
-                        continue
-                    j = int(counts[e])
-                    qx[e, j], sx[e, j] = q[t], s[t]
-                    slot[(t, e)] = j
-                    counts[e] += 1
-            counts += count_offset
+
+            def body():        # reads x and ids when it runs (a replay sees the static inputs' new contents)
+                q, s = P.quantize_fp8(torch, x)
+                counts.zero_()
+                slot.clear()
+                for t in range(ids.shape[0]):
+                    for e in ids[t].tolist():
+                        if e < 0:
+                            continue
+                        j = int(counts[e])
+                        qx[e, j], sx[e, j] = q[t], s[t]
+                        slot[(t, e)] = j
+                        counts[e] += 1
+                counts.add_(count_offset)
+            launch("dispatch", body)
             return (qx, sx), counts, (slot,), None, None
 
         def low_latency_combine(self, y, ids, w, handle, async_finish=False, return_recv_hook=False, out=None,
                                 **kw):
             calls.append(("ll_combine",))
             slot = handle[0]
-            outp = torch.zeros((ids.shape[0], y.shape[-1]), dtype=torch.float32)
-            for t in range(ids.shape[0]):
-                for k, e in enumerate(ids[t].tolist()):
-                    if e >= 0:
-                        outp[t] += w[t, k] * y[e, slot[(t, e)]].float() * combine_scale
-            return outp.to(torch.bfloat16), None, None
+            res = torch.zeros((ids.shape[0], y.shape[-1]), dtype=torch.bfloat16)
+
+            def body():
+                outp = torch.zeros((ids.shape[0], y.shape[-1]), dtype=torch.float32)
+                for t in range(ids.shape[0]):
+                    for k, e in enumerate(ids[t].tolist()):
+                        if e >= 0:
+                            outp[t] += w[t, k] * y[e, slot[(t, e)]].float() * combine_scale
+                res.copy_(outp)
+            launch("combine", body)
+            return res, None, None
+
+        def clean_low_latency_buffer(self, t, h, e):
+            assert self.ll
+            calls.append(("clean",))
+            dbuf.clean = [True, True]
 
         def destroy(self):
             calls.append(("destroy",))
@@ -122,7 +166,11 @@ def make_fake(calls, *, count_offset=0, combine_scale=1.0):
 
 
 class FakeCuda:
-    """torch.cuda stand-in for the CPU: synchronisation is a no-op; graphs cannot be captured here."""
+    """torch.cuda stand-in for the CPU: synchronisation is a no-op; graphs cannot be captured (graphs=False), or
+    record the fake DeepEP's calls and replay them (graphs=True)."""
+    def __init__(self, graphs=False):
+        self.graphs, self.capturing = graphs, None
+
     def synchronize(self, *a):
         pass
 
@@ -130,11 +178,28 @@ class FakeCuda:
         pass
 
     def CUDAGraph(self):
-        raise RuntimeError("no CUDA graphs on the CPU")
+        if not self.graphs:
+            raise RuntimeError("no CUDA graphs on the CPU")
+        g = SimpleNamespace(ops=[])
+        g.replay = lambda: [op() for op in g.ops]
+        return g
+
+    def graph(self, g):
+        import contextlib
+
+        @contextlib.contextmanager
+        def capture():
+            self.capturing = g
+            try:
+                yield
+            finally:
+                self.capturing = None
+        return capture()
 
 
 class TorchOnCpu:
-    cuda = FakeCuda()
+    def __init__(self, cuda=None):
+        self.cuda = cuda or FakeCuda()
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -151,7 +216,7 @@ class OneRankComm:
         return v
 
 
-def make_bench(argv, hidden=256, experts=8, tokens=16):
+def make_bench(argv, hidden=256, experts=8, tokens=16, cuda=None):
     a = driver.parse(argv + ["--hidden", str(hidden), "--experts", str(experts), "--tokens", str(tokens),
                              "--ll-tokens", "8", "--iters", "3", "--warmup", "1"])
     driver.resolve_shapes(a, "gpu", None)
@@ -159,9 +224,9 @@ def make_bench(argv, hidden=256, experts=8, tokens=16):
     ctx = SimpleNamespace(rank=0, world_size=1, device=0, backend="gpu",
                           topology=Topology.single_node(1, backend="gpu", gpus=[0]))
     arrays = SimpleNamespace(put=lambda x: to_torch(x, "cpu"))
-    verify = Verifier(a, 0, comm, arrays, TorchOnCpu(), None)
+    verify = Verifier(a, 0, comm, arrays, TorchOnCpu(cuda), None)
     logs = []
-    b = SimpleNamespace(args=a, ctx=ctx, comm=comm, torch=TorchOnCpu(), world=1, rank=0, gpu=True, verify=verify,
+    b = SimpleNamespace(args=a, ctx=ctx, comm=comm, torch=TorchOnCpu(cuda), world=1, rank=0, gpu=True, verify=verify,
                         timer=HostTimer(comm), log=lambda m, everyone=False: logs.append(m), logs=logs)
     b.records = Records(a, ctx, comm, b.log, verify.world_sets, "perf_counter", None, None)
     return b
@@ -239,12 +304,14 @@ def test_a_wrong_peer_is_wrong_not_timed_and_the_run_stays_ok(monkeypatch):
 
 
 def test_graph_capture_failure_falls_back_to_eager_with_a_note(monkeypatch):
-    monkeypatch.setitem(sys.modules, "deep_ep", make_fake([]))
+    calls = []
+    monkeypatch.setitem(sys.modules, "deep_ep", make_fake(calls))
     b = make_bench(["--case", "deepep", "--peer-sms", "24"])
     P.run_case(b)
     ll = [r for r in b.records.results if r["case"] == "ll"]
     assert [(r["op"], r["graph"], r["status"]) for r in ll] == [("dispatch", False, "ok"), ("combine", False, "ok")]
     assert any("CUDA graph not usable" in n for n in b.records.notes)
+    assert ("clean",) in calls            # both buffers zeroed before the eager calls
 
 
 def test_low_latency_not_beside_epcomm_nvshmem_and_skips_say_why(monkeypatch):
@@ -318,3 +385,29 @@ def test_peer_json_import_checks_shapes_and_refloors(tmp_path, monkeypatch):
     assert P.import_rows(other.records.doc, str(path)) == 0
     assert any("not imported" in x and "hidden" in x for x in other.records.doc["notes"])
     assert P.import_rows(other.records.doc, str(tmp_path / "nope.json")) == 0
+
+
+def test_low_latency_graph_replays_alternate_as_deepeps_double_buffer_needs(monkeypatch):
+    """Dispatch and combine captured once each; replays checked on set 0 and, after the timing, on set 1; the fake
+    refuses a replay on a buffer an earlier call left dirty, as DeepEP's kernels would hang on it."""
+    cuda = FakeCuda(graphs=True)
+    calls = []
+    monkeypatch.setitem(sys.modules, "deep_ep", make_fake(calls, cuda=cuda))
+    b = make_bench(["--case", "deepep", "--peer-sms", "24"], cuda=cuda)
+    P.run_case(b)
+    ll = [r for r in b.records.results if r["case"] == "ll"]
+    assert [(r["op"], r["graph"], r["status"]) for r in ll] == [("dispatch", True, "ok"), ("combine", True, "ok")], \
+        (ll, b.records.notes)
+    assert not any("CUDA graph" in n for n in b.records.notes) and ("clean",) not in calls
+    assert b.records.doc["peers"]["deepep"]["low_latency"] == {"status": "ok", "graph": True}
+    # the same fake catches a caller that replays dispatches back to back
+    dbuf_calls = []
+    mod = make_fake(dbuf_calls, cuda=cuda)
+    buf = mod.Buffer(None, 0, 1, low_latency_mode=True, explicitly_destroy=True, comm=OneRankComm())
+    x, ids = torch.zeros(2, 256).to(torch.bfloat16), torch.tensor([[0, 1], [1, 2]])
+    g = cuda.CUDAGraph()
+    with cuda.graph(g):
+        buf.low_latency_dispatch(x, ids, 2, 8)
+    g.replay()
+    with pytest.raises(RuntimeError, match="signals of an earlier call"):
+        g.replay()
