@@ -42,7 +42,7 @@ COMBINE_CHUNKS = (4, 8, 16)       # (default 10 for 2 ranks)
 TUNE_WARMUP, TUNE_ITERS = 2, 8
 LL_COMBINE_TOL = 0.05             # relative error of an fp8 round trip (per-128 e4m3 scales): ~0.02 measured
 # cases that start epcomm's NVSHMEM runtime in this process: DeepEP's low-latency buffer must not share it
-EPCOMM_NVSHMEM_CASES = ("ht", "ll", "sweep", "latency")
+CASES_STARTING_NVSHMEM = ("ht", "ll", "sweep", "latency")
 
 
 def load(name: str = MODULE):
@@ -451,7 +451,7 @@ def run_case(bench) -> None:
                    "version": getattr(mod, "__version__", None)})
     case = DeepEPCase(bench, mod)
     parts = [("normal", case.run_normal)]
-    ll_blockers = [c for c in EPCOMM_NVSHMEM_CASES if c in a.cases]
+    ll_blockers = [c for c in CASES_STARTING_NVSHMEM if c in a.cases]
     if ll_blockers:
         status["low_latency"] = {"status": "n/a", "reason": f"cases {','.join(ll_blockers)} start epcomm's NVSHMEM in "
                                  "this process; run `--case deepep` alone and pass its JSON with --peer-json"}

@@ -14,7 +14,7 @@ from . import report
 
 
 # EPCOMM_* variables the launcher or the tools set for plumbing; every other one is a knob of the run (EPCOMM_BLOCKS,
-# EPCOMM_VARIANT, ...) and goes into the document, so that an A/B of two variants says which run was which
+# a kernel variant, ...) and goes into the document, so that an A/B of two variants says which run was which
 PLUMBING_ENV = ("EPCOMM_TOPOLOGY", "EPCOMM_TOPOLOGY_SHA", "EPCOMM_NODE", "EPCOMM_DEVICE", "EPCOMM_RANK",
                 "EPCOMM_LOCAL_RANK", "EPCOMM_LOCAL_SIZE", "EPCOMM_WORLD_SIZE", "EPCOMM_NUM_NODES", "EPCOMM_CACHE",
                 "EPCOMM_COMMIT", "EPCOMM_NVCC", "EPCOMM_MPIRUN", "EPCOMM_MPI_FLAVOR", "EPCOMM_JOB_DIR", "EPCOMM_NIC")

@@ -8,7 +8,7 @@ JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in 
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,
             sweep_tokens, ll_layouts (the ll case's output layouts; absent in files written before), sms_requested,
             sms_supported, cases, ht_sms (more SM budgets of the ht case), peer_sms (DeepEP's SM budgets)},
-  env {EPCOMM_* knobs of the run, e.g. EPCOMM_VARIANT, EPCOMM_BLOCKS} (absent in files written before),
+  env {EPCOMM_* knobs of the run, e.g. EPCOMM_BLOCKS or a kernel variant} (absent in files written before),
   links {status ("ok" | "partial" | "n/a" | "error" | "skipped"), reason?, one_way_gbps[rank],
          concurrent_gbps[rank], concurrent_total_gbps, local_copy_gbps[rank], p2p[rank], peer_rank[rank], ...},
   floor_bandwidth {link_gbps[rank] | null, local_gbps[rank] | null, source},
