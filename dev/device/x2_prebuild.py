@@ -15,6 +15,7 @@ import time
 
 from epcomm.backends.gpu import specs
 from epcomm.bench import driver, latency
+from epcomm.bench.records import kernel_env
 
 
 def main(argv=None) -> int:
@@ -30,9 +31,9 @@ def main(argv=None) -> int:
     cfgs = bench.kernel_configs()
     built = specs.build_all(cfgs, jobs=a.jobs) if cfgs else []
     probe = latency.build() if "latency" in args.cases else None
+    knobs = ", ".join(f"{k}={v}" for k, v in kernel_env().items()) or "none"
     print(f"x2 prebuild: {len(built)} EP kernels ({sum(not b.cached for b in built)} compiled now)"
-          f"{', latency probe ' + probe.name if probe else ''} in {time.time() - t0:.1f} s "
-          f"(EPCOMM_* knobs: {', '.join(f'{k}={v}' for k, v in sorted(os.environ.items()) if k.startswith('EPCOMM_') and k not in ('EPCOMM_CACHE',)) or 'none'})",
+          f"{', latency probe ' + probe.name if probe else ''} in {time.time() - t0:.1f} s (EPCOMM_* knobs: {knobs})",
           flush=True)
     return 0
 

@@ -197,9 +197,9 @@ def latency_line(lat: dict | None) -> str:
         return f"floor latency: {fmt_num(lat.get('per_op_us'), '.2f')} us per op ({lat.get('source', '')})"
     pairs = ", ".join(f"0<->{p['peer']} {fmt_num(p['rtt_us'], '.2f')} us ({p['path']})" for p in lat.get("pairs", []))
     return (f"floor latency per op: {fmt_num(lat.get('per_op_us'), '.2f')} us eager, "
-            f"{fmt_num(lat.get('per_op_graph_us'), '.2f')} us graph = empty launch {fmt_num(lat.get('launch_us'), '.2f')}"
-            f" / {fmt_num(lat.get('launch_graph_us'), '.2f')} us + flag round trip {fmt_num(lat.get('flag_rtt_us'), '.2f')}"
-            f" us ({pairs or 'one rank'})")
+            f"{fmt_num(lat.get('per_op_graph_us'), '.2f')} us graph = empty launch "
+            f"{fmt_num(lat.get('launch_us'), '.2f')} / {fmt_num(lat.get('launch_graph_us'), '.2f')} us + flag round "
+            f"trip {fmt_num(lat.get('flag_rtt_us'), '.2f')} us ({pairs or 'one rank'})")
 
 
 def write_json(doc: dict, path: str) -> None:

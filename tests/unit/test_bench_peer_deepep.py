@@ -1,6 +1,5 @@
 """epcomm.bench.peer_deepep on the CPU: the DeepEP wrapper against a fake `deep_ep` (the legacy Buffer API, one rank,
 torch CPU tensors), the checks that make a wrong call "wrong", the rows and their ratios, --peer-json."""
-import json
 import sys
 import types
 from types import SimpleNamespace

@@ -138,7 +138,7 @@ def test_records_apply_the_latency_term_by_graph_and_command_line():
     from types import SimpleNamespace
 
     from epcomm.bench import driver
-    from epcomm.bench.records import Records, per_op_latency
+    from epcomm.bench.records import per_op_latency
     from epcomm.topology import Topology
     lat = {"status": "ok", "per_op_us": 5.0, "per_op_graph_us": 3.0}
     assert per_op_latency(lat, False) == 5.0 and per_op_latency(lat, True) == 3.0
