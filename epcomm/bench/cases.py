@@ -11,9 +11,9 @@ from ..arrays import HostArrays, TorchArrays, to_numpy
 from ..buffer import EPBuffer
 from ..config import EPConfig
 from ..formats import FORMAT_NAMES
+from . import latency, peer_deepep, report
 from .gpu import A2ABaseline, init_torch_dist, measure_links
 from .graphs import time_graph
-from . import report
 from .records import Records
 from .timing import CudaTimer, HostTimer
 from .verify import Verifier
@@ -242,6 +242,52 @@ class Bench:
                 self.note_capacity(cfg)
                 self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
                     "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+        self.ht_more_budgets()
+
+    def ht_more_budgets(self):
+        """--ht-sms: the ht rows again under each of these SM limits (records carry sms_budget), beside DeepEP's rows
+        at the same budgets."""
+        a = self.args
+        for sms in getattr(a, "ht_sms", []):
+            if sms == a.sms:
+                continue
+            for fmt in FORMAT_NAMES:
+                cfg = self.cfg(fmt, "ht", a.tokens).replace(num_sms=sms)
+                self.with_buffer(cfg, lambda buf: self.run_epcomm_shape(
+                    "ht", buf, cfg, a.tokens, ("dispatch", "combine", "roundtrip")))
+
+    def kernel_configs(self) -> list:
+        """The EPConfigs the selected epcomm cases make buffers of, so that a device call can build their kernels
+        before the ranks start (dev/device/x2_prebuild.py; the SM budget is not a kernel define)."""
+        a, out = self.args, []
+        if "ht" in a.cases:
+            out += [self.cfg(fmt, "ht", a.tokens) for fmt in FORMAT_NAMES]
+        if "ll" in a.cases:
+            out += [self.cfg("fp8", mode, a.ll_tokens, layout) for layout in a.ll_layouts for mode in LL_MODES]
+        if "sweep" in a.cases:
+            out.append(self.cfg("bf16", "ht", max(a.sweep_tokens)))
+        return out
+
+    def case_deepep(self):
+        peer_deepep.run_case(self)
+
+    def case_latency(self):
+        """The floor's latency term (latency.py); none where ranks share a GPU or on the host backend."""
+        if self.records.shared or not self.gpu:
+            why = "ranks share a GPU: no link between them" if self.records.shared else "host backend: no GPU"
+            self.records.set_latency({"status": "n/a", "reason": why})
+            return
+        if self.args.latency_us is not None:
+            self.log(f"latency: --latency-us {self.args.latency_us} given, not measured")
+            return
+        try:
+            lat = latency.measure(self.torch, self.ctx, self.comm, self.timer, self.args.warmup, self.args.iters,
+                                  self.log)
+        except Exception as e:  # noqa: BLE001 (the floor loses its latency term; epcomm's rows stand)
+            lat = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+            self.records.notes.append(f"latency: {lat['reason']}; floors are the bandwidth term alone")
+            self.log(f"latency: {lat['reason']}", everyone=True)
+        self.records.set_latency(lat)
 
     def case_ll(self):
         # The low-latency shape over both wire designs, so they can be compared: "ll" (fixed per-expert slots; the

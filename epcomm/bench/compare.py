@@ -3,19 +3,23 @@
     python -m epcomm.bench.compare docs/perf/bench-local-2gpu.json new.json
     python -m launch bench -t configs/local-2gpu.yaml -- --compare docs/perf/bench-local-2gpu.json   (after the run)
 
-Rows are matched on (case, impl, op, mode, layout, capacity, format, tokens, graph) and their order among rows with
-the same fields (the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch); a record without a
-layout (written before the field existed) is of the default layout, "grouped", one without a capacity of the default
-capacity (null), so older files still match row for row. Rows of a receive capacity factor the new run did not
-measure (--recv-capacity-factor) are left out, with a warning.
+Rows are matched on (case, impl, op, mode, layout, capacity, format, tokens, graph, sms_budget) and their order
+among rows with the same fields (the ht case has two bf16 combines: after the bf16 and after the fp8 dispatch); a
+record without a layout (written before the field existed) is of the default layout, "grouped", one without a
+capacity of the default capacity (null), and one without an sms_budget ran under the run's --sms
+(settings.sms_requested), so older files still match row for row. Rows of a receive capacity factor the new run did
+not measure (--recv-capacity-factor) are left out, with a warning.
 Each common row shows the recorded and the new median, new / recorded, and the same for the ratio to the floor: the
 floor is measured in each run, so that ratio still means something when today's link or card is slower than the
 recorded one. Verdict per row, on the
 median: "same" (within +-tolerance), "faster", "slower", "failed" (the new row has no timing: wrong, error),
 "missing" (recorded, not in the new run), "new" (only in the new run). The runs must have the same shapes (backend,
-world size, hidden, top-k, experts, routing, SM limit); another topology or card is compared, with a warning.
+world size, hidden, top-k, experts, routing, SM limit); another topology or card is compared, with a warning, and so
+are other EPCOMM_* knobs (the `env` of the runs: an A/B of two kernel variants) and a floor with a latency term
+against one without. A peer's rows (DeepEP) are compared and shown like any other, but never make the comparison
+"CHANGED": they say whether the machine moved, not epcomm.
 
-Exit status: 0 no row slower, failed or missing; 1 some were; 2 the documents cannot be compared.
+Exit status: 0 no row of epcomm or NCCL slower, failed or missing; 1 some were; 2 the documents cannot be compared.
 """
 from __future__ import annotations
 
@@ -24,12 +28,11 @@ import json
 import sys
 from typing import Any
 
-from .report import capacity_cell, capacity_of, layout_of
+from .report import PEER_IMPLS, capacity_cell, capacity_of, layout_of
 
 SCHEMA = "epcomm.bench-compare/1"
 DEFAULT_TOLERANCE = 0.15   # the lent machines vary by ~5-10 % between calls (docs/PERF.md); more is a change
-KEY = ("case", "impl", "op", "mode", "layout", "capacity", "format", "tokens", "graph")
-_READERS = {"layout": layout_of, "capacity": capacity_of}   # fields older records may lack
+KEY = ("case", "impl", "op", "mode", "layout", "capacity", "format", "tokens", "graph", "sms_budget")
 BAD = ("slower", "failed", "missing")
 # what must match for a row-by-row comparison to mean anything (top level, then settings)
 SAME_TOP = ("backend", "world_size")
@@ -64,12 +67,23 @@ def _side(doc: dict) -> dict[str, Any]:
             "cards": _cards(doc), "code": doc.get("code")}
 
 
-def _keyed(results: list[dict]) -> dict[tuple, dict]:
+def _field(rec: dict, k: str, doc: dict):
+    """A record's KEY field, with the defaults of files written before the field existed."""
+    if k == "layout":
+        return layout_of(rec)
+    if k == "capacity":
+        return capacity_of(rec)
+    if k == "sms_budget" and "sms_budget" not in rec:
+        return (doc.get("settings") or {}).get("sms_requested")
+    return rec.get(k)
+
+
+def _keyed(doc: dict) -> dict[tuple, dict]:
     """Records by (KEY fields, occurrence): the ht case has two combine rows with the same fields (after the bf16
     and after the fp8 dispatch), told apart by their order."""
     out: dict[tuple, dict] = {}
-    for rec in results:
-        base = tuple(_READERS[k](rec) if k in _READERS else rec.get(k) for k in KEY)
+    for rec in doc.get("results", []):
+        base = tuple(_field(rec, k, doc) for k in KEY)
         n = sum(1 for k in out if k[:-1] == base)
         out[base + (n,)] = rec
     return out
@@ -109,7 +123,19 @@ def check_comparable(old: dict, new: dict) -> list[str]:
     if (so.get("iters"), so.get("quick")) != (sn.get("iters"), sn.get("quick")):
         warnings.append(f"iterations: recorded {so.get('iters')} (quick {so.get('quick')}), "
                         f"new {sn.get('iters')} (quick {sn.get('quick')}): fewer iterations, more noise")
+    if (old.get("env") or {}) != (new.get("env") or {}):
+        warnings.append(f"EPCOMM_* knobs: recorded {old.get('env') or {}}, new {new.get('env') or {}}")
+    lo, ln = _latency(old), _latency(new)
+    if (lo is None) != (ln is None):
+        which = "new" if lo is None else "recorded"
+        warnings.append(f"only the {which} run's floor has a latency term "
+                        f"({ln if lo is None else lo:.2f} us per op): its x-floor ratios are lower by that much")
     return warnings
+
+
+def _latency(doc: dict):
+    lat = doc.get("floor_latency") or {}
+    return lat.get("per_op_us") if lat.get("status") == "ok" else None
 
 
 def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
@@ -117,7 +143,7 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
     if not tolerance > 0:
         raise NotComparable(f"tolerance must be > 0, got {tolerance}")
     warnings = check_comparable(old, new)
-    olds, news = _keyed(old.get("results", [])), _keyed(new.get("results", []))
+    olds, news = _keyed(old), _keyed(new)
     ran = set((new.get("settings") or {}).get("cases") or [r.get("case") for r in new.get("results", [])])
     skipped = sorted({k[0] for k in olds if k[0] not in ran and k not in news})
     if skipped:
@@ -152,8 +178,9 @@ def compare(old: dict, new: dict, tolerance: float = DEFAULT_TOLERANCE) -> dict[
                      "x_floor_ratio": _ratio((n or {}).get("ratio_to_floor"), (o or {}).get("ratio_to_floor")),
                      "new_status": (n or {}).get("status"), "verdict": verdict})
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("same", "faster", "slower", "failed", "missing", "new")}
+    own_bad = [r for r in rows if r["verdict"] in BAD and r["impl"] not in PEER_IMPLS]
     return {"schema": SCHEMA, "tolerance": tolerance, "old": _side(old), "new": _side(new), "warnings": warnings,
-            "rows": rows, "counts": counts, "ok": not any(counts[v] for v in BAD)}
+            "rows": rows, "counts": counts, "ok": not own_bad}
 
 
 def _capacities_not_run(olds: dict, news: dict, new: dict) -> list:
@@ -168,16 +195,18 @@ def _f(v, spec=".1f"):
 
 
 def table(cmp: dict, only_changes: bool = False) -> str:
-    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>4} {'layout':>7} {'cap':>4} {'fmt':>4} {'tokens':>6} "
-            f"{'graph':>5} {'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
+    head = (f"{'case':>8} {'impl':>6} {'op':>9} {'mode':>11} {'layout':>7} {'cap':>4} {'fmt':>4} {'tokens':>6} "
+            f"{'graph':>5} {'sms':>4} "
+            f"{'recorded':>9} {'new':>9} {'new/rec':>7} {'xfl rec':>7} {'xfl new':>7}  verdict")
     lines = [head, "-" * len(head)]
     for r in cmp["rows"]:
         if only_changes and r["verdict"] == "same":
             continue
         op = r["op"] + (f"#{r['occurrence'] + 1}" if r["occurrence"] else "")   # the 2nd row with these fields
-        lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>4} {r['layout'] or '-':>7} "
+        lines.append(f"{r['case']:>8} {r['impl']:>6} {op:>9} {r['mode'] or '-':>11} {r['layout'] or '-':>7} "
                      f"{capacity_cell(r):>4} "
                      f"{r['format']:>4} {r['tokens']:>6} {'yes' if r['graph'] else 'no':>5} "
+                     f"{'all' if r['sms_budget'] is None else r['sms_budget']:>4} "
                      f"{_f(r['old_us']):>9} {_f(r['new_us']):>9} "
                      f"{_f(r['ratio'], '.2f'):>7} {_f(r['old_x_floor'], '.2f'):>7} {_f(r['new_x_floor'], '.2f'):>7}  "
                      f"{r['verdict']}")

@@ -6,9 +6,12 @@ Cases: links (copy-engine peer and device copy bandwidth; GPU only), baseline (N
 ht (4096 tokens, bf16 and fp8 dispatch, bf16 combine, mode "ht"), ll (128 tokens, fp8 dispatch + bf16 combine,
 CUDA graph replay on GPU; once with mode "ll", then the same shape with mode "ht": records differ in "mode"; then
 both again with layout "batched", a slab per local expert: records differ in "layout"; --no-batched skips those),
-sweep (tokens 1..4096, powers of 2, mode "ht", bf16). --recv-capacity-factor F repeats the ht and ll shapes with
-that receive capacity (EPConfig.recv_capacity_factor): worst-case and capacity rows of one run, "capacity" F in the
-latter's records.
+sweep (tokens 1..4096, powers of 2, mode "ht", bf16), deepep (DeepEP beside epcomm when `deep_ep` imports: its
+high-throughput kernels at every --peer-sms budget, its low-latency ones in a process without epcomm's NVSHMEM:
+epcomm/bench/peer_deepep.py), latency (the floor's latency term: an empty launch and a flag round trip to each peer,
+epcomm/bench/latency.py; last, so that the epcomm cases' first buffer sizes NVSHMEM's heap).
+--recv-capacity-factor F repeats the ht and ll shapes with that receive capacity (EPConfig.recv_capacity_factor):
+worst-case and capacity rows of one run, "capacity" F in the latter's records.
 Every epcomm and baseline shape is checked against epcomm.reference on its first iteration; a wrong result is
 reported as "wrong" and its timings are withheld (exit status 1).
 --compare RECORDED.json checks that this run reproduces a recorded one (epcomm.bench.compare): exit status 3 when
@@ -24,10 +27,10 @@ import traceback
 
 from ..context import init
 
-from . import compare, report
+from . import compare, peer_deepep, report
 from .cases import LL_LAYOUTS, Bench
 
-CASES = ("links", "baseline", "ht", "ll", "sweep")
+CASES = ("links", "baseline", "deepep", "ht", "ll", "sweep", "latency")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -70,6 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
                          "(checked for the same shapes before anything runs)")
     ap.add_argument("--tolerance", type=float, default=compare.DEFAULT_TOLERANCE,
                     help=f"--compare: relative band of 'same' (default {compare.DEFAULT_TOLERANCE:g})")
+    add_peer_and_latency_options(ap)
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.case.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
@@ -83,7 +87,34 @@ def parse(argv=None) -> argparse.Namespace:
         ap.error("--tolerance must be > 0")
     if args.recv_capacity_factor is not None and not args.recv_capacity_factor > 0:
         ap.error("--recv-capacity-factor must be > 0")
+    check_peer_and_latency_options(ap, args)
     return args
+
+
+def _sm_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def add_peer_and_latency_options(ap) -> None:
+    """Options of the deepep and latency cases and of the ht case's extra SM budgets (issue 16)."""
+    ap.add_argument("--ht-sms", type=_sm_list, default=[], metavar="N,N",
+                    help="ht case: also measure epcomm at these SM budgets (e.g. 24,66: DeepEP's rows' budgets)")
+    ap.add_argument("--peer-sms", type=_sm_list, default=[24, 66, 132], metavar="N,N",
+                    help="deepep case: SM budgets of DeepEP's high-throughput kernels (even; default 24,66,132)")
+    ap.add_argument("--peer-json", metavar="PATH",
+                    help="import the DeepEP rows of an earlier `--case deepep` run (same inputs and shapes) instead "
+                         "of running DeepEP in this process")
+    ap.add_argument("--latency-us", type=float, default=None,
+                    help="the floor's per-op latency term when the latency case is not run (us)")
+
+
+def check_peer_and_latency_options(ap, args) -> None:
+    if any(v <= 0 or v % 2 for v in args.peer_sms):
+        ap.error("--peer-sms: DeepEP needs even SM counts > 0")
+    if any(v <= 0 for v in args.ht_sms):
+        ap.error("--ht-sms: SM budgets must be > 0")
+    if args.latency_us is not None and args.latency_us < 0:
+        ap.error("--latency-us must be >= 0")
 
 
 def resolve_shapes(args, backend: str, topo_experts) -> None:
@@ -154,7 +185,7 @@ def main(argv=None) -> int:
             print(f"epcomm.bench: --compare {args.compare}: {why}", file=sys.stderr, flush=True)
         return 2
 
-    for case in CASES:  # fixed order: links first (floor), baseline before epcomm buffers exist
+    for case in CASES:  # fixed order: links first (floor), baseline before epcomm buffers exist, latency last
         if case not in args.cases:
             continue
         t0 = time.perf_counter()
@@ -170,6 +201,8 @@ def main(argv=None) -> int:
         if ctx.rank == 0 and args.json:    # after every case: a crash later leaves the cases done so far
             report.write_json(doc, args.json)
 
+    if args.peer_json and ctx.rank == 0:
+        peer_deepep.import_rows(doc, args.peer_json, log)
     records.refresh()
     slower = False
     if ctx.rank == 0:

@@ -9,8 +9,13 @@ Definitions (docs/PERF.md, "The floor"):
   local bytes = every expert row of r read once + every pair of r's own tokens read once + y written once
   (2 * hidden bytes each).
 * Time of one term on one rank = max(bytes sent, bytes received) / link bandwidth, or local bytes / device copy
-  bandwidth. An operation ends when its slowest rank ends, so each term is the max over ranks, and the floor is
-  the larger of the two terms ("binds" names it). A round trip's floor is the sum of both floors.
+  bandwidth. An operation ends when its slowest rank ends, so each term is the max over ranks, and the bandwidth
+  term is the larger of the two ("binds" names it).
+* Latency term (measured in the same run, epcomm/bench/latency.py): one empty kernel launch timed like the op
+  (CUDA events; through a graph replay for graph rows) + one flag round trip to the peer (a flag written into the
+  peer's memory and its echo: peer pointers on one node, NVSHMEM signals across nodes). floor = latency term +
+  bandwidth term; without a measured latency the floor is the bandwidth term alone (as in files recorded before).
+  A round trip's floor is the sum of both floors (two launches, two handshakes).
 """
 from __future__ import annotations
 
@@ -105,17 +110,40 @@ def floor_of(nbytes: dict, link_gbps=None, local_gbps=None) -> dict:
     if link_us is not None and local_us is not None:
         floor_us = max(link_us, local_us)
         binds = "link" if link_us >= local_us else "local"
-    return {"link_us": link_us, "local_us": local_us, "floor_us": floor_us, "binds": binds,
-            "link_bytes_max": int(link_max), "local_bytes_max": int(local_max)}
+    return {"link_us": link_us, "local_us": local_us, "bandwidth_us": floor_us, "latency_us": None, "ops": 1,
+            "floor_us": floor_us, "binds": binds, "link_bytes_max": int(link_max), "local_bytes_max": int(local_max)}
 
 
 def roundtrip_floor(d: dict, c: dict) -> dict:
     """Dispatch then combine: terms and floors add (the two operations run one after the other)."""
     def add(a, b):
         return None if a is None or b is None else a + b
-    floor_us = add(d["floor_us"], c["floor_us"])
-    binds = None if floor_us is None else f"dispatch:{d['binds']} combine:{c['binds']}"
+    bw_us = add(_bandwidth_us(d), _bandwidth_us(c))
+    binds = None if bw_us is None else f"dispatch:{d['binds']} combine:{c['binds']}"
     return {"link_us": add(d["link_us"], c["link_us"]), "local_us": add(d["local_us"], c["local_us"]),
-            "floor_us": floor_us, "binds": binds,
+            "bandwidth_us": bw_us, "latency_us": None, "ops": d.get("ops", 1) + c.get("ops", 1),
+            "floor_us": bw_us, "binds": binds,
             "link_bytes_max": d["link_bytes_max"] + c["link_bytes_max"],
             "local_bytes_max": d["local_bytes_max"] + c["local_bytes_max"]}
+
+
+def _bandwidth_us(fl: dict):
+    """The bandwidth term of a floor (files recorded before the latency term have only floor_us)."""
+    return fl.get("bandwidth_us", fl.get("floor_us"))
+
+
+def with_latency(fl: dict | None, per_op_us: float | None) -> dict | None:
+    """The floor `fl` (from floor_of / roundtrip_floor) with the latency term of its operations set: latency_us =
+    per_op_us x ops (a round trip is two ops), floor_us = bandwidth term + latency_us. per_op_us None: the floor is
+    the bandwidth term alone. Idempotent (always recomputed from the bandwidth term); returns the same dict."""
+    if fl is None:
+        return None
+    bw = _bandwidth_us(fl)
+    fl["bandwidth_us"] = bw
+    fl.setdefault("ops", 1)
+    if per_op_us is None or bw is None:
+        fl["latency_us"], fl["floor_us"] = None, bw
+    else:
+        fl["latency_us"] = per_op_us * fl["ops"]
+        fl["floor_us"] = bw + fl["latency_us"]
+    return fl

@@ -4,12 +4,40 @@ refresh() brings the derived fields (ratios, ok) up to date before each save."""
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 from ..provenance import code_identity
 from ..stats import median, slowest_rank, summarize
 from . import floor as floormod
 from . import report
+
+
+# EPCOMM_* variables the launcher or the tools set for plumbing; every other one is a knob of the run (EPCOMM_BLOCKS,
+# a kernel variant, ...) and goes into the document, so that an A/B of two variants says which run was which
+PLUMBING_ENV = ("EPCOMM_TOPOLOGY", "EPCOMM_TOPOLOGY_SHA", "EPCOMM_NODE", "EPCOMM_DEVICE", "EPCOMM_RANK",
+                "EPCOMM_LOCAL_RANK", "EPCOMM_LOCAL_SIZE", "EPCOMM_WORLD_SIZE", "EPCOMM_NUM_NODES", "EPCOMM_CACHE",
+                "EPCOMM_COMMIT", "EPCOMM_NVCC", "EPCOMM_MPIRUN", "EPCOMM_MPI_FLAVOR", "EPCOMM_JOB_DIR", "EPCOMM_NIC")
+
+
+def kernel_env() -> dict:
+    """The EPCOMM_* knobs of this process (not the launcher's plumbing), sorted."""
+    return {k: os.environ[k] for k in sorted(os.environ) if k.startswith("EPCOMM_") and k not in PLUMBING_ENV}
+
+
+def given_latency(args) -> dict:
+    """floor_latency before the latency case runs: --latency-us (per op, eager and graph alike) or not measured."""
+    us = getattr(args, "latency_us", None)
+    if us is None:
+        return {"status": "n/a", "reason": "latency case not run"}
+    return {"status": "ok", "per_op_us": us, "per_op_graph_us": us, "source": "command line (--latency-us)"}
+
+
+def per_op_latency(latency: dict | None, graph: bool) -> float | None:
+    """The latency term of one operation: per_op_graph_us for rows timed as graph replays, else per_op_us."""
+    if not latency or latency.get("status") != "ok":
+        return None
+    return latency.get("per_op_graph_us" if graph else "per_op_us")
 
 
 def shared_gpu_note(topo) -> str | None:
@@ -39,15 +67,20 @@ class Records:
                          "sweep_tokens": a.sweep_tokens if "sweep" in a.cases else [],
                          "ll_layouts": a.ll_layouts if "ll" in a.cases else [],
                          "sms_requested": a.sms, "sms_supported": True, "cases": a.cases,
-                         "recv_capacity_factor": getattr(a, "recv_capacity_factor", None)},
+                         "recv_capacity_factor": getattr(a, "recv_capacity_factor", None),
+                         "ht_sms": list(getattr(a, "ht_sms", [])), "peer_sms": list(getattr(a, "peer_sms", []))},
+            "env": kernel_env(),
             "links": {"status": "skipped", "reason": "links case not selected"},
             "floor_bandwidth": {"link_gbps": a.link_gbps, "local_gbps": a.local_gbps,
                                 "source": "command line" if (a.link_gbps or a.local_gbps) else "n/a"},
+            "floor_latency": given_latency(a),
+            "peers": {},
             "results": [], "errors": [], "notes": [], "ok": True,
         }
         self.shared = shared_gpu_note(ctx.topology)
         if self.shared:   # no link exists between ranks of one GPU: no floor, no GB/s, no NCCL baseline
             self.doc["floor_bandwidth"] = {"link_gbps": None, "local_gbps": None, "source": "none: ranks share a GPU"}
+            self.doc["floor_latency"] = {"status": "n/a", "reason": "ranks share a GPU"}
             self.notes.append(self.shared)
 
     @property
@@ -85,11 +118,24 @@ class Records:
                     merged.append(tagged)
         self.errors[:] = merged
 
+    def set_latency(self, latency: dict) -> None:
+        """The latency case's measurement (latency.measure); a --latency-us given on the command line wins."""
+        if self.shared or self.args.latency_us is not None:
+            return
+        self.doc["floor_latency"] = latency
+
     def refresh(self) -> dict:
-        """Derived fields up to date (ratios to the floor and to NCCL, ok); returns the document."""
+        """Derived fields up to date (floors with the latency term, ratios to the floor, NCCL and peers, ok); returns
+        the document. A peer's rows (DeepEP) never make the run not ok: they are not epcomm's."""
+        fb = self.doc["floor_bandwidth"]
+        for r in self.results:
+            if r.get("imported_from") and r.get("bytes") and r["op"] != "roundtrip":   # another run's floor
+                r["floor"] = floormod.floor_of(r["bytes"], fb["link_gbps"], fb["local_gbps"])
+            floormod.with_latency(r.get("floor"), per_op_latency(self.doc["floor_latency"], r.get("graph")))
         report.link_ratios(self.results)
-        self.doc["ok"] = (not self.errors and all(r["status"] in ("ok", "n/a") for r in self.results)
-                          and all(r["verified"] for r in self.results if r["status"] == "ok"))
+        own = [r for r in self.results if r.get("impl") not in report.PEER_IMPLS]
+        self.doc["ok"] = (not self.errors and all(r["status"] in ("ok", "n/a") for r in own)
+                          and all(r["verified"] for r in own if r["status"] == "ok"))
         return self.doc
 
     def bytes_of(self, cfg, t: int, op: str) -> dict:
@@ -112,15 +158,18 @@ class Records:
         return floormod.floor_of(self.bytes_of(cfg, t, op), fb["link_gbps"], fb["local_gbps"])
 
     def record(self, case, impl, op, cfg, t, *, graph=False, status="ok", verified=False, error=None,
-               timing=None, sms=None, fmt=None) -> dict:
+               timing=None, sms=None, fmt=None, mode=None) -> dict:
+        """mode: what the row calls (a peer's call, e.g. DeepEP's "cached"); epcomm rows: their config's mode.
+        sms_budget: the SM limit the row was asked to run under (cfg.num_sms; None = all the GPU's)."""
         a = self.args
-        rec = {"case": case, "impl": impl, "op": op, "mode": cfg.mode if impl == "epcomm" else None,
+        rec = {"case": case, "impl": impl, "op": op, "mode": mode or (cfg.mode if impl == "epcomm" else None),
                "layout": cfg.layout if impl == "epcomm" else None, "capacity": report.capacity_of_cfg(cfg, impl),
                "format": str(fmt or ("bf16" if op == "combine" else cfg.token_format)), "tokens": t,
                "hidden": cfg.hidden, "topk": cfg.topk, "num_experts": cfg.num_experts, "world_size": self.world,
                "graph": bool(graph), "status": status, "verified": bool(verified), "error": error,
                "iters": a.iters, "warmup": a.warmup, "input_sets": a.sets, "time_us": None,
-               "per_rank_median_us": None, "host_call_us": None, "wall_us": None, "sms": sms}
+               "per_rank_median_us": None, "host_call_us": None, "wall_us": None, "sms": sms,
+               "sms_budget": cfg.num_sms}
         fcfg = cfg if op != "combine" else cfg.replace(token_format="bf16")
         if impl == "nccl" and op != "combine":
             fcfg = cfg.replace(token_format="bf16")

@@ -162,3 +162,56 @@ def test_capacity_rows_are_their_own_and_old_files_match_the_default():
                                  rec(290.0, op="combine", capacity=2.0)], settings=settings2))
     assert not slower["ok"] and [r["verdict"] for r in slower["rows"] if r["capacity"] == 2.0] == ["slower", "same"]
     assert " x2 " in C.table(slower)
+
+
+def test_sm_budgets_are_their_own_rows_and_older_files_read_the_run_sms():
+    """Rows are told apart by the SM budget asked for: the ht rows at --ht-sms 24 are new beside the full-GPU ones;
+    a file written before the field has the budget of its run (settings.sms_requested: the 24-SM file's rows)."""
+    old = doc([rec(300.0)])
+    new = doc([rec(305.0, sms_budget=None), rec(560.0, sms_budget=24)])
+    cmp = C.compare(old, new)
+    assert [(r["sms_budget"], r["verdict"]) for r in cmp["rows"]] == [(None, "same"), (24, "new")] and cmp["ok"]
+    old24 = doc([rec(560.0)], settings={**doc([])["settings"], "sms_requested": 24})
+    new24 = doc([rec(570.0, sms_budget=24)], settings={**doc([])["settings"], "sms_requested": 24})
+    assert [r["verdict"] for r in C.compare(old24, new24)["rows"]] == ["same"]
+    assert " 24 " in C.table(cmp)
+
+
+def test_peer_rows_are_compared_but_never_make_the_run_changed():
+    peer = dict(impl="deepep", mode="cached", sms_budget=24)
+    old = doc([rec(300.0), rec(320.0, **peer)])
+    new = doc([rec(300.0), rec(500.0, **peer)])
+    cmp = C.compare(old, new)
+    assert [r["verdict"] for r in cmp["rows"]] == ["same", "slower"] and cmp["ok"]
+    assert C.compare(old, doc([rec(300.0)]))["ok"]             # DeepEP not built this time: missing, still ok
+    assert not C.compare(old, doc([rec(400.0), rec(320.0, **peer)]))["ok"]   # epcomm slower: changed
+
+
+def test_other_knobs_and_a_new_latency_term_are_warned():
+    old = doc([rec()])
+    new = doc([rec()], env={"EPCOMM_VARIANT": "tma"},
+              floor_latency={"status": "ok", "per_op_us": 4.25, "per_op_graph_us": 3.0})
+    w = C.compare(old, new)["warnings"]
+    assert any("EPCOMM_VARIANT" in x and "tma" in x for x in w)
+    assert any("latency term" in x and "4.25" in x for x in w)
+    assert C.compare(new, new)["warnings"] == []
+
+
+def test_a_run_of_this_version_matches_the_files_recorded_before_row_for_row():
+    """What --compare docs/perf/<file>.json meets on the device: the new run's records carry sms_budget, a latency
+    term in their floors, DeepEP rows and ht rows at more budgets; the recorded rows still pair one for one."""
+    from pathlib import Path
+    for path in sorted((Path(__file__).resolve().parents[2] / "docs" / "perf").glob("bench-*.json")):
+        old = C.load(str(path))
+        new = copy.deepcopy(old)
+        budget = old["settings"].get("sms_requested")
+        for r in new["results"]:
+            r["sms_budget"] = budget
+            if r.get("floor"):
+                r["floor"].update(bandwidth_us=r["floor"]["floor_us"], latency_us=4.0)
+        extra = [rec(550.0, sms_budget=24), rec(320.0, impl="deepep", mode="cached", sms_budget=24)]
+        new["results"] += extra
+        new["floor_latency"] = {"status": "ok", "per_op_us": 4.0, "per_op_graph_us": 3.0}
+        cmp = C.compare(old, new)
+        timed = [r for r in old["results"] if r.get("status") == "ok" and (r.get("time_us") or {}).get("median")]
+        assert cmp["ok"] and cmp["counts"]["same"] == len(timed) and cmp["counts"]["new"] == len(extra), path.name

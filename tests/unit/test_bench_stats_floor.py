@@ -113,3 +113,59 @@ def test_realistic_shape_local_term_binds_on_h100_figures():
     assert tr.rows.sum() == 2 * 4096 * 8
     f = fl.floor_of(d, 371.0, 2995.0)
     assert f["binds"] == "local" and 140 < f["link_us"] < 170 and 185 < f["local_us"] < 210
+
+
+def test_latency_term_adds_per_op_and_twice_for_a_round_trip():
+    nb = {"link_send": [400_000], "link_recv": [400_000], "local": [1_000_000]}
+    f = fl.floor_of(nb, link_gbps=400.0, local_gbps=3000.0)
+    assert f["bandwidth_us"] == pytest.approx(1.0) and f["latency_us"] is None and f["floor_us"] == f["bandwidth_us"]
+    fl.with_latency(f, 4.0)
+    assert f["latency_us"] == 4.0 and f["floor_us"] == pytest.approx(5.0)
+    fl.with_latency(f, 2.0)                               # recomputed from the bandwidth term, never stacked
+    assert f["floor_us"] == pytest.approx(3.0)
+    fl.with_latency(f, None)
+    assert f["latency_us"] is None and f["floor_us"] == pytest.approx(1.0)
+    r = fl.roundtrip_floor(fl.floor_of(nb, 400.0, 3000.0), fl.floor_of(nb, 400.0, 3000.0))
+    assert r["ops"] == 2 and fl.with_latency(r, 4.0)["floor_us"] == pytest.approx(2.0 + 8.0)
+    old = {"floor_us": 7.0, "link_us": 7.0, "local_us": 1.0, "binds": "link"}   # a file recorded before
+    assert fl.with_latency(old, 1.5)["floor_us"] == pytest.approx(8.5) and old["bandwidth_us"] == 7.0
+    assert fl.with_latency(None, 1.0) is None
+    no_bw = fl.floor_of(nb, link_gbps=None, local_gbps=3000.0)
+    assert fl.with_latency(no_bw, 4.0)["floor_us"] is None    # no floor without both bandwidths
+
+
+def test_records_apply_the_latency_term_by_graph_and_command_line():
+    from types import SimpleNamespace
+
+    from epcomm.bench import driver
+    from epcomm.bench.records import per_op_latency
+    from epcomm.topology import Topology
+    lat = {"status": "ok", "per_op_us": 5.0, "per_op_graph_us": 3.0}
+    assert per_op_latency(lat, False) == 5.0 and per_op_latency(lat, True) == 3.0
+    assert per_op_latency({"status": "error"}, False) is None and per_op_latency(None, True) is None
+    for extra, want in (([], (5.0, 3.0)), (["--latency-us", "2"], (2.0, 2.0))):
+        a = driver.parse(["--quick", "--link-gbps", "100", "--local-gbps", "1000"] + extra)
+        driver.resolve_shapes(a, "host", None)
+        ctx = SimpleNamespace(rank=0, world_size=2, device=0, backend="host",
+                              topology=Topology.load("configs/local-2gpu.yaml"))
+        b = driver.Bench(a, ctx, driver.SelfComm())
+        cfg = b.cfg("bf16", "ht", 8)
+        plain = b.records.record("ht", "epcomm", "dispatch", cfg, 8, status="n/a")
+        graph = b.records.record("ll", "epcomm", "dispatch", cfg, 8, graph=True, status="n/a")
+        rt = b.records.record("ll", "epcomm", "roundtrip", cfg, 8, graph=True, status="n/a")
+        b.records.set_latency(lat)                        # what the latency case measured
+        b.records.refresh()
+        bw = plain["floor"]["bandwidth_us"]
+        assert plain["floor"]["floor_us"] == pytest.approx(bw + want[0])
+        assert graph["floor"]["floor_us"] == pytest.approx(bw + want[1])
+        assert rt["floor"]["latency_us"] == pytest.approx(2 * want[1])
+
+
+def test_latency_line_in_the_table():
+    from epcomm.bench import report
+    assert "none" in report.latency_line(None)
+    line = report.latency_line({"status": "ok", "launch_us": 2.0, "launch_graph_us": 1.0, "flag_rtt_us": 2.5,
+                                "per_op_us": 4.5, "per_op_graph_us": 3.5,
+                                "pairs": [{"peer": 1, "path": "peer pointer", "rtt_us": 2.5}]})
+    assert "4.50 us eager" in line and "3.50 us graph" in line and "0<->1 2.50 us (peer pointer)" in line
+    assert "bandwidth term alone" in report.latency_line({"status": "error", "reason": "timeout"})
