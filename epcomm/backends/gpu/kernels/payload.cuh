@@ -27,17 +27,23 @@ __device__ __forceinline__ float block_scale(float amax) {
 // e = x - q0 scale (exact, by fma), q = RN(q0 + e r). With r correctly rounded and q0 faithful this is RN(x / scale)
 // (Markstein's theorem); where the residual underflows (subnormal x) it may differ from the quotient in the last bit
 // of a value far below e4m3's smallest step, and e == 0 keeps q0 (the sign of -0). Checked exhaustively on the CPU
-// over every bf16 block maximum and every bf16 x below it, both scale formats: the e4m3 bytes are identical.
+// over every finite bf16 block maximum and every bf16 x below it, both scale formats: the e4m3 bytes are identical
+// (a block with an infinite channel, whose scale is not finite, keeps the division).
 // Two channels per conversion instruction (cvt.rn.satfinite.e4m3x2.f32, the same rounding as the one-channel form).
 __device__ __forceinline__ void quant_lane8(const float (&f)[8], float scale, uint32_t& lo, uint32_t& hi) {
   if constexpr (EP_V_QFAST != 0) {
     const float r = __frcp_rn(scale);
     float q[8];
+    if (r == 0.0f || isinf(r)) {   // an infinite channel made the scale inf (ue8m0: -0): the division, as the spec
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float q0 = __fmul_rn(f[j], r);
-      const float e = __fmaf_rn(-q0, scale, f[j]);
-      q[j] = e == 0.0f ? q0 : __fmaf_rn(e, r, q0);
+      for (int j = 0; j < 8; ++j) q[j] = __fdiv_rn(f[j], scale);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float q0 = __fmul_rn(f[j], r);
+        const float e = __fmaf_rn(-q0, scale, f[j]);
+        q[j] = e == 0.0f ? q0 : __fmaf_rn(e, r, q0);
+      }
     }
     uint32_t w[4];
 #pragma unroll
