@@ -3,13 +3,13 @@
 # in ONE device call on 2 GPUs: correctness of the variant first, then the bench's ht case at each SM budget and its
 # ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
-#   VARIANT=qfast,tma,tgrid SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
+#   VARIANT=cfast,qfast,tma,tgrid SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
 # steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
 # ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.
 set -o pipefail
 STEPS=",${1:-build,check,ht,ll,compare},"
-VARIANT=${VARIANT:-qfast,tma,tgrid}
+VARIANT=${VARIANT:-cfast,qfast,tma,tgrid}
 SMS=${SMS:-24 66 132}
 TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

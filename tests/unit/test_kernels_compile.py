@@ -118,7 +118,7 @@ def test_variant_defines_and_cache_key(monkeypatch):
     assert d["EP_V_QFAST"] == 1 and d["EP_V_TGRID"] == 1 and "EP_V_TMA" not in d
     assert {k: v for k, v in d.items() if not k.startswith("EP_V_")} == base
     monkeypatch.setenv(variants.ENV, "qfast,nosuch")
-    with pytest.raises(EPInputError, match="nosuch.*known: qfast, tgrid, tma"):
+    with pytest.raises(EPInputError, match="nosuch.*known: cfast, qfast, tgrid, tma"):
         jit.defines_for(cfg)
 
 

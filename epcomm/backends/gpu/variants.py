@@ -18,6 +18,8 @@ ENV = "EPCOMM_VARIANT"
 
 # name -> (kernel define, what it changes)
 VARIANTS: dict[str, tuple[str, str]] = {
+    "cfast": ("EP_V_CFAST", "ht combine, expert side: the valid rows of a (token, rank) compacted, up to 4 of them x "
+                            "3 warp steps of loads in flight per round trip (baseline: 2 steps x all K slots)"),
     "qfast": ("EP_V_QFAST", "fp8 quantiser: the quotient x / scale from one reciprocal per block and an exact fma "
                             "correction (bit-exact with the division), two e4m3 conversions per instruction"),
     "tma": ("EP_V_TMA", "ht dispatch receive (large batches): each warp moves a message with bulk asynchronous "
