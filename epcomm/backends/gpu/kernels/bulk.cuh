@@ -49,15 +49,19 @@ __device__ __forceinline__ void mbar_init(uint32_t bar) {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+// Wait for the barrier's phase; false past the deadline (a local copy that never completes: not expected, but never
+// a silent hang).
+__device__ __forceinline__ bool mbar_wait(uint32_t bar, uint32_t phase, unsigned long long deadline) {
   uint32_t done;
-  do {
+  for (int spins = 0;; ++spins) {
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(phase)
         : "memory");
-  } while (!done);
+    if (done) return true;
+    if ((spins & 1023) == 1023 && gtime() > deadline) return false;
+  }
 }
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
@@ -94,23 +98,28 @@ __device__ __forceinline__ bool warp_bulk_begin(WarpBulk& wb) {
 
 // The DATA_BYTES of src to every non-null dst[k], piece by piece through the warp's slot (lane 0 issues; the warp
 // waits for it). The stores of a piece are only waited for (to have read the slot) before the next piece reuses it.
+// False (for the whole warp) when a load missed the deadline: recorded as this rank's own timeout (the host names
+// the grid / this context, not a peer), and the warp stops.
 template <int NK>
-__device__ __forceinline__ void warp_bulk_copy_multi(char* const (&dst)[NK], const char* src, WarpBulk& wb) {
+__device__ __forceinline__ bool warp_bulk_copy_multi(const Params& p, char* const (&dst)[NK], const char* src,
+                                                     WarpBulk& wb, unsigned round, unsigned long long t0) {
+  bool ok = true;
   if (lane_id() == 0) {
-    for (int off = 0; off < DATA_BYTES; off += BULK_PIECE) {
+    for (int off = 0; off < DATA_BYTES && ok; off += BULK_PIECE) {
       const uint32_t n = (uint32_t)min(BULK_PIECE, DATA_BYTES - off);
       bulk_wait_read();
       mbar_expect_tx(wb.bar, n);
       bulk_load(wb.buf, src + off, n, wb.bar);
-      mbar_wait(wb.bar, wb.phase);
+      ok = mbar_wait(wb.bar, wb.phase, t0 + p.timeout_ns);
       wb.phase ^= 1u;
+      if (!ok) { report(p, ERR_TIMEOUT, p.me, -1, (int)round, PHASE_DISPATCH); break; }
 #pragma unroll
       for (int k = 0; k < NK; ++k)
         if (dst[k]) bulk_store(dst[k] + off, wb.buf, n);
       bulk_commit();
     }
   }
-  __syncwarp();
+  return __shfl_sync(0xffffffffu, ok, 0);
 }
 
 // Lane 0: every bulk store of this warp complete (before the block counts itself done).

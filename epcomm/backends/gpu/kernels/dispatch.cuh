@@ -536,8 +536,9 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       // own tokens (fused bf16): the row comes straight from x
       const char* src = (own_rows_from_x(fused) && s == p.me && t >= 0 && t < p.T)
                             ? reinterpret_cast<const char*>(p.x) + (size_t)t * DATA_BYTES : msg;
-      if (bulk) warp_bulk_copy_multi<K>(dst, src, wb);
-      else if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
+      if (bulk) {
+        if (!warp_bulk_copy_multi<K>(p, dst, src, wb, round, t0)) break;
+      } else if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
       else warp_copy_multi<K, (VPS + 31) / 32>(dst, src, sl * VPS, min(NV, (sl + 1) * VPS));
       if (sl == 0) {
 #pragma unroll
