@@ -140,6 +140,10 @@ def test_small_batch_grid():
     assert variants.small_batch_grid(4096, 132) == 132
     assert variants.small_batch_grid(128, 24) == 24
     assert variants.small_batch_grid(0, 8) == 8
+    # the bench's 128 tokens at 2 ranks, hidden 7168 (10 slices a row): 40 blocks keep the receive's slice units
+    assert variants.row_slices(7168) == 10 and variants.row_slices(384) == 2
+    assert variants.small_batch_grid(128, 132, sources=2, slices=10, warps=16) == 40
+    assert variants.small_batch_grid(1, 132, sources=2, slices=10, warps=16) == 16
     assert variants.bulk_smem_bytes(2 * 7168, 512) == 16 * (7168 + 16)   # bf16 7168: two 7 KB pieces per row
     assert variants.bulk_smem_bytes(384, 512) == 16 * (384 + 16)
 

@@ -164,7 +164,8 @@ class GpuBackend:
         """Blocks of a launch of `tokens` tokens: the grid, or under variant "tgrid" fewer for small batches (the
         dispatch and the combine of one handle have the same T, so the same grid and chunking)."""
         if "tgrid" in self.variants:
-            return variants.small_batch_grid(tokens, self.grid)
+            return variants.small_batch_grid(tokens, self.grid, 1 if self.cfg.skip_a2a else self.cfg.world_size,
+                                             variants.row_slices(self.cfg.hidden), self.threads // 32)
         return self.grid
 
     def _check_params_size(self):

@@ -24,8 +24,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
                             "correction (bit-exact with the division), two e4m3 conversions per instruction"),
     "tma": ("EP_V_TMA", "ht dispatch receive (large batches): each warp moves a message with bulk asynchronous "
                         "copies (TMA) through shared memory, one load and one store per local expert row"),
-    "tgrid": ("EP_V_TGRID", "host: a launch of T tokens uses ~T/4 blocks (at least 16) when that is below the grid, "
-                            "so small batches pay the per-block hand-over of fewer blocks"),
+    "tgrid": ("EP_V_TGRID", "host: a launch of T tokens uses ~T/4 blocks (at least 16, enough for the ht receive's "
+                            "slice units) when that is below the grid: small batches pass fewer per-block hand-overs"),
 }
 
 
@@ -61,10 +61,21 @@ TGRID_TOKENS_PER_BLOCK = 4
 TGRID_MIN_BLOCKS = 16
 
 
-def small_batch_grid(tokens: int, grid: int) -> int:
+def row_slices(hidden: int) -> int:
+    """Slices of a row in the kernels' small-batch copies (layout.cuh ROW_SLICES): 16-byte chunks of a bf16 row in
+    warp steps of 32, SLICE_STEPS steps a slice."""
+    steps = -(-(hidden // 8) // 32)
+    per = steps // 8 if steps >= 8 else 1
+    return -(-steps // per)
+
+
+def small_batch_grid(tokens: int, grid: int, sources: int = 1, slices: int = 1, warps: int = 16) -> int:
     """Blocks of a launch of `tokens` tokens under "tgrid": about one block per TGRID_TOKENS_PER_BLOCK tokens, at
-    least TGRID_MIN_BLOCKS, never more than the grid (large batches keep the whole grid)."""
-    want = max(TGRID_MIN_BLOCKS, -(-max(0, int(tokens)) // TGRID_TOKENS_PER_BLOCK))
+    least TGRID_MIN_BLOCKS, never more than the grid (large batches keep the whole grid); and enough warps that the
+    ht dispatch receive of sources x tokens messages keeps its (message, slice) units (at most 4 per warp: beyond,
+    it takes whole messages, which at 128 tokens measured 26 instead of 18 us, dev/GPU-LOG.md call 15)."""
+    t = max(0, int(tokens))
+    want = max(TGRID_MIN_BLOCKS, -(-t // TGRID_TOKENS_PER_BLOCK), -(-(sources * t * slices) // (4 * warps)))
     return max(1, min(int(grid), want))
 
 
