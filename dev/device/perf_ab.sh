@@ -5,6 +5,7 @@
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
 #   VARIANT=cfast,qfast,tma,tgrid SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
 # steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
+# BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
 # ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.
 set -o pipefail
@@ -44,8 +45,8 @@ if has ht; then      # 4096 tokens: dispatch bf16 / fp8, combine, round trip (ea
     for v in "" "$VARIANT"; do
       step "ht --sms $sms $(tag "$v")"
       EPCOMM_VARIANT=$v timeout ${T_HT:-120} python3 -m launch bench -t "$TOPO" --timeout ${T_HT:-120} -- --case ht \
-        --sms "$sms" --json "$OUT/ab-ht-$sms-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ht-$sms-$(tag "$v").log" \
-        | grep -E "^\| *ht|dispatch|combine|wrong|rror" | head -12
+        --sms "$sms" ${BENCH_ARGS} --json "$OUT/ab-ht-$sms-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ht-$sms-$(tag "$v").log" \
+        | grep -E " epcomm |result:|rror|wrong" | head -12
     done
   done
 fi
@@ -53,8 +54,8 @@ if has ll; then      # 128 tokens, modes ll and ht, graph replay (what "tgrid" c
   for v in "" "$VARIANT"; do
     step "ll $(tag "$v")"
     EPCOMM_VARIANT=$v timeout ${T_LL:-150} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-150} -- --case ll \
-      --no-batched --json "$OUT/ab-ll-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ll-$(tag "$v").log" \
-      | grep -E "dispatch|combine|wrong|rror" | head -12
+      --no-batched ${BENCH_ARGS} --json "$OUT/ab-ll-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ll-$(tag "$v").log" \
+      | grep -E " epcomm |result:|rror|wrong" | head -16
   done
 fi
 if has compare; then # every row that moved by more than 5 % (variant against baseline)
