@@ -2,7 +2,8 @@
 
 JSON document (schema "epcomm.bench/1"; null = not available, shown as "n/a" in the table):
   schema, date (UTC ISO 8601), command (argv), code {commit (git HEAD or null), dirty (uncommitted changes, or
-  null), kernel_source (sha256 of the kernel sources: names the kernels even without git)}, backend ("gpu" |
+  null), kernel_source (sha256 of the kernel sources: names the kernels even without git), kernel_variant
+  ("baseline" or the EPCOMM_VARIANT names joined by "+")}, backend ("gpu" |
   "host"), topology, world_size, nodes, devices (per rank: name, SMs), torch (version or null), timer ("cuda_events"
   | "perf_counter"),
   settings {iters, warmup, input_sets, quick, seed, routing, hidden, topk, num_experts, tokens_ht, tokens_ll,

@@ -29,6 +29,7 @@ def test_bench_quick_host(tmp_path):
     assert doc["links"]["status"] == "n/a"
     from epcomm.backends.gpu import jit
     assert doc["code"]["kernel_source"] == jit.source_hash()   # which kernels, with or without git
+    assert doc["code"]["kernel_variant"] == "baseline"          # no EPCOMM_VARIANT in the test environment
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if head.returncode == 0:
         assert doc["code"]["commit"] == head.stdout.strip() and isinstance(doc["code"]["dirty"], bool)

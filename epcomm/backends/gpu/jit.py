@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import variants
 from .layout import kernel_defines
 
 log = logging.getLogger("epcomm.jit")
@@ -41,8 +42,9 @@ class BuildError(RuntimeError):
     pass
 
 
-def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
-    """The -D defines that specialise the kernels for an EPConfig: the shape, then the sizes derived from it."""
+def defines_for(cfg, threads: int = DEFAULT_THREADS, variant_names=None) -> dict[str, int]:
+    """The -D defines that specialise the kernels for an EPConfig: the shape, then the sizes derived from it, then
+    the kernel variants under measurement (variants.py: $EPCOMM_VARIANT unless `variant_names` is given)."""
     shape = {
         "EP_H": cfg.hidden, "EP_K": cfg.topk, "EP_E": cfg.num_experts, "EP_R": cfg.world_size,
         "EP_M": cfg.max_tokens_per_rank, "EP_HT": int(cfg.mode == "ht"),
@@ -52,7 +54,10 @@ def defines_for(cfg, threads: int = DEFAULT_THREADS) -> dict[str, int]:
         "EP_CAP": cfg.batched_capacity if cfg.layout == "batched" else 0,
         "EP_COL_SCALES": int(cfg.scale_layout == "col"),
     }
-    return {**shape, **kernel_defines(cfg)}
+    var = variants.defines(variant_names)
+    if var.get("EP_V_TMA"):   # the kernels check that they and the host (which gives it at launch) agree
+        var["EP_BULK_SMEM_BYTES"] = variants.bulk_smem_bytes(cfg.token_format.element_bytes * cfg.hidden, threads)
+    return {**shape, **kernel_defines(cfg), **var}
 
 
 def _pkg_dir(name: str) -> Path | None:

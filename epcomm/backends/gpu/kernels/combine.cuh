@@ -23,6 +23,65 @@ __device__ __forceinline__ uint4 pack8(const float* a) {
   return v;
 }
 
+#ifndef EP_V_CFAST
+#define EP_V_CFAST 0
+#endif
+
+// ht combine, expert side: dst[v0, v1) (16-byte chunks of a bf16 row) = sum over k ascending of w8[k] * row rows[k]
+// of expert_y (rows < 0 skipped), accumulated in fp32 from 0 with fmaf: bit-identical to the baseline loop of
+// combine_send, whose order it keeps. Variant "cfast" (EPCOMM_VARIANT): the baseline issues CU = 2 warp steps x all K
+// row slots per round trip (only ~K / 2 of them valid at 2 ranks), so a 3-step slice took two dependent round trips
+// with ~64 KB of loads in flight per SM; at 24 SMs the combine was bound by that (470 MB of expert rows read at
+// ~39 GB/s per SM). Here the valid rows are compacted first (warp-uniform), and up to 4 of them x 3 steps are in
+// flight together: a slice with <= 4 valid rows is one round trip with ~96 KB in flight per SM.
+constexpr int CF_STEPS = SLICE_STEPS < 3 ? SLICE_STEPS : 3;   // warp steps per pass
+constexpr int CF_GROUP = 4;                                    // valid rows whose loads are in flight together
+__device__ __forceinline__ void reduce_rows_compacted(char* dst, const char* ey, const int (&rows)[K],
+                                                      const float (&w8)[K], int v0, int v1) {
+  int cr[K];     // valid rows in ascending k, then -1
+  float cw[K];   // their weights
+  int nv = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) { cr[j] = -1; cw[j] = 0.f; }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (rows[k] < 0) continue;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      if (j == nv) { cr[j] = rows[k]; cw[j] = w8[k]; }   // constant indices after unrolling: registers
+    ++nv;
+  }
+  for (int c0 = v0 + lane_id(); c0 < v1; c0 += 32 * CF_STEPS) {
+    float a[CF_STEPS][8];
+#pragma unroll
+    for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[u][e] = 0.f;
+#pragma unroll
+    for (int g = 0; g < K; g += CF_GROUP) {
+      if (g >= nv) break;
+      uint4 v[CF_STEPS][CF_GROUP];
+#pragma unroll
+      for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+        for (int j = 0; j < CF_GROUP; ++j) {
+          const int q = g + j < K ? g + j : K - 1, cc = c0 + 32 * u;
+          v[u][j] = (g + j < K && g + j < nv && cc < v1)
+                        ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)cr[q] * COMBINE_ROW_BYTES) + cc)
+                        : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+      for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+        for (int j = 0; j < CF_GROUP; ++j)
+          if (g + j < K && g + j < nv) acc8(a[u], v[u][j], cw[g + j < K ? g + j : K - 1]);
+    }
+#pragma unroll
+    for (int u = 0; u < CF_STEPS; ++u)
+      if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a[u]);
+  }
+}
+
 __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   int a = 0, n = p.T;
   if (SKIP && ALLREDUCE_RANKS > 1) {
@@ -179,7 +238,8 @@ __device__ void combine_send(const Params& p, bool fused) {
           // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
           constexpr int CU = 2;
           const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
-          for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
+          if constexpr (EP_V_CFAST != 0) reduce_rows_compacted(dst, ey, rows, w8, v0, v1);
+          else for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
             uint4 v[CU][K];
 #pragma unroll
             for (int u = 0; u < CU; ++u)

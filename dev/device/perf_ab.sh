@@ -1,0 +1,69 @@
+#!/bin/bash
+# A/B of the kernel variants under measurement (epcomm/backends/gpu/variants.py, EPCOMM_VARIANT) against the baseline
+# in ONE device call on 2 GPUs: correctness of the variant first, then the bench's ht case at each SM budget and its
+# ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
+# Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
+#   VARIANT=cfast,qfast,tma,tgrid SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
+# steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
+# BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
+# Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
+# ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.
+set -o pipefail
+STEPS=",${1:-build,check,ht,ll,compare},"
+VARIANT=${VARIANT:-cfast,qfast,tma,tgrid}
+SMS=${SMS:-24 66 132}
+TOPO=${TOPO:-configs/local-2gpu.yaml}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=${EPCOMM_CACHE:-/tmp/epcomm-cache}
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+mkdir -p "$EPCOMM_CACHE"
+[ -d .whl/epcomm-cache ] && cp -n .whl/epcomm-cache/*.cubin "$EPCOMM_CACHE"/ 2>/dev/null
+has() { [[ "$STEPS" == *",$1,"* ]]; }
+step() { echo "=== $1 ($(date -u +%T))"; }
+tag() { [ -z "$1" ] && echo baseline || echo "${1//,/+}"; }
+{ date -u; nvidia-smi -L; echo "variant: $VARIANT; SM budgets: $SMS"; } | tee "$OUT/ab-info.log"
+
+if has build; then   # every kernel the steps use, baseline and variant, in parallel (cached ones cost nothing)
+  step build
+  ( time ( python3 -m epcomm.backends.gpu.specs & EPCOMM_VARIANT=$VARIANT python3 -m epcomm.backends.gpu.specs & wait ) ) \
+    2>&1 | tail -4
+fi
+if has check; then   # the variant's results: the worker at test sizes; on a 3-block grid its receive takes whole
+  # messages (the path "tma" changes; at test sizes a full grid takes (message, slice) units instead)
+  step "check ($VARIANT)"
+  for blocks in 3 0; do
+    EPCOMM_VARIANT=$VARIANT EPCOMM_BLOCKS=$blocks timeout ${T_CHECK:-90} python3 -m launch run -t "$TOPO" \
+      --timeout ${T_CHECK:-90} -- python3 tests/gpu/worker.py --quick --no-extras 2>&1 \
+      | tee "$OUT/ab-check-blocks$blocks.log" | grep -E "FAIL|SUMMARY|rror|timed out" | head -12
+  done
+fi
+if has ht; then      # 4096 tokens: dispatch bf16 / fp8, combine, round trip (each checked against the spec first)
+  for sms in $SMS; do
+    for v in "" "$VARIANT"; do
+      step "ht --sms $sms $(tag "$v")"
+      EPCOMM_VARIANT=$v timeout ${T_HT:-120} python3 -m launch bench -t "$TOPO" --timeout ${T_HT:-120} -- --case ht \
+        --sms "$sms" ${BENCH_ARGS} --json "$OUT/ab-ht-$sms-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ht-$sms-$(tag "$v").log" \
+        | grep -E " epcomm |result:|rror|wrong" | head -12
+    done
+  done
+fi
+if has ll; then      # 128 tokens, modes ll and ht, graph replay (what "tgrid" changes)
+  for v in "" "$VARIANT"; do
+    step "ll $(tag "$v")"
+    EPCOMM_VARIANT=$v timeout ${T_LL:-150} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-150} -- --case ll \
+      --no-batched ${BENCH_ARGS} --json "$OUT/ab-ll-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ll-$(tag "$v").log" \
+      | grep -E " epcomm |result:|rror|wrong" | head -16
+  done
+fi
+if has compare; then # every row that moved by more than 5 % (variant against baseline)
+  step compare
+  for f in "$OUT"/ab-*-baseline.json; do
+    g=${f/-baseline.json/-$(tag "$VARIANT").json}
+    [ -f "$g" ] || continue
+    echo "--- $(basename "$f") -> $(basename "$g")"
+    python3 -m epcomm.bench.compare "$f" "$g" --changes --tolerance 0.05 2>&1 | tail -20
+  done | tee "$OUT/ab-compare.log"
+fi
