@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 
 
 def normal_mode_config(hidden: int, topk: int, ranks: int, tokens: int) -> EPConfig:
-    """The EPConfig Buffer.dispatch makes for this shape (see epcomm/compat/deep_ep/buffer.py _normal_pool)."""
+    """The EPConfig Buffer.dispatch makes for this shape (see epcomm/compat/deep_ep/normal.py _normal_pool)."""
     from epcomm.compat.deep_ep.layouts import Carrier
     width = min(topk, ranks) if topk else ranks
     return EPConfig(hidden=Carrier(hidden, topk).width, topk=width, num_experts=ranks, max_tokens_per_rank=tokens,
