@@ -1,6 +1,8 @@
 """The EPConfigs epcomm.compat.deep_ep makes compile for sm_90 (CPU-only nvcc build, like tests/unit/
 test_kernels_compile.py): normal mode asks for shapes no other caller does (one expert per rank, carrier widths such
-as 384, top-k 1), so they are built here. Skipped without nvcc / the NVSHMEM device library."""
+as 384, top-k 1), so they are built here. Skipped without nvcc / the NVSHMEM device library. Low-latency mode's
+configs (layout "batched" with DeepEP's capacity, column-major fp32 / UE8M0 scales, mode "ll") are the server
+configs tests/unit/test_kernels_compile.py builds, at other sizes: only their fields are checked here."""
 from __future__ import annotations
 
 import shutil
@@ -22,7 +24,21 @@ def normal_mode_config(hidden: int, topk: int, ranks: int, tokens: int) -> EPCon
                     world_size=ranks, token_format="bf16", mode="ht")
 
 
-def test_normal_mode_shapes_compile():
+def low_latency_config(hidden: int, topk: int, experts: int, ranks: int, m: int, fmt: str) -> EPConfig:
+    """The EPConfig Buffer.low_latency_dispatch makes for this shape (low_latency.py ll_shape)."""
+    from epcomm.compat.deep_ep.low_latency import ll_shape
+    return EPConfig(world_size=ranks, mode="ll", **ll_shape(("ll", hidden, topk, experts, m, fmt), ranks))
+
+
+def test_low_latency_config_is_deepeps_layout():
+    cfg = low_latency_config(7168, 8, 256, 8, 128, "fp8-ue8m0")
+    assert cfg.layout == "batched" and cfg.rows_shape == (32, 1024)
+    assert (cfg.scale_format, cfg.scale_layout) == ("ue8m0", "col")
+    bf16 = low_latency_config(2880, 4, 16, 2, 7, "bf16")
+    assert bf16.rows_shape == (8, 14) and bf16.scale_layout == "row"
+
+
+def _need_compiler():
     try:
         jit.find_nvcc()
         jit.nvshmem_home()
@@ -30,9 +46,17 @@ def test_normal_mode_shapes_compile():
         pytest.skip(f"no CUDA compiler / NVSHMEM device library: {e}")
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("nvcc needs a host C++ compiler (g++) and none is installed")
-    configs = [normal_mode_config(256, 1, 2, 16),      # top-1: fewer routes than ranks
-               normal_mode_config(7168, 8, 8, 4096)]   # DeepSeek-V3 prefill on 8 ranks: carrier 7296 channels
-    assert configs[1].hidden == 7296 and configs[0].num_experts == configs[0].world_size
+
+
+def _build_all(configs):
     with ThreadPoolExecutor(2) as ex:
         built = list(ex.map(lambda c: jit.build(jit.defines_for(c), "sm_90"), configs))
     assert all(b.cubin for b in built)
+
+
+def test_normal_mode_shapes_compile():
+    _need_compiler()
+    configs = [normal_mode_config(256, 1, 2, 16),      # top-1: fewer routes than ranks
+               normal_mode_config(7168, 8, 8, 4096)]   # DeepSeek-V3 prefill on 8 ranks: carrier 7296 channels
+    assert configs[1].hidden == 7296 and configs[0].num_experts == configs[0].world_size
+    _build_all(configs)

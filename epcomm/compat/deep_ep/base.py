@@ -29,11 +29,12 @@ class BufferBase:
     def _new_ep(self, cfg: EPConfig):
         """Collective: every rank makes the buffer; a rank whose shape differs gets a clear error on every rank."""
         from ...buffer import EPBuffer
-        mine = (cfg.hidden, cfg.topk, cfg.num_experts, cfg.max_tokens_per_rank, cfg.token_format, cfg.mode)
+        mine = (cfg.hidden, cfg.topk, cfg.num_experts, cfg.max_tokens_per_rank, cfg.token_format, cfg.mode,
+                cfg.layout, cfg.scale_format)
         every = self._group.allgather(mine)
         if any(k != mine for k in every):
             raise EPInputError("epcomm.compat.deep_ep: ranks disagree on a new shape (hidden, topk, num_experts, "
-                               f"max tokens, format, mode): {every}")
+                               f"max tokens, format, mode, layout, scale format): {every}")
         return EPBuffer(cfg, self.ctx)
 
     def _pool(self, key: tuple, cfg: EPConfig) -> Pool:

@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from ...errors import EPInputError
+from .layouts import layout_ranges
+
 
 @dataclass(eq=False)
 class DispatchHandle:
@@ -29,25 +32,53 @@ class DispatchHandle:
 
 @dataclass(eq=False)
 class LowLatencyHandle:
-    """handle[0] src_info [G, M*R] int32 (source token of each batched slot, -1 when empty), handle[1] layout_range
-    [G, R] int64 (begin << 32 | count per source rank), handle[2..4] M, hidden, num_experts, as DeepEP's tuple."""
-    src_info: torch.Tensor
-    layout_range: torch.Tensor
+    """DeepEP's low-latency handle, indexed as its tuple: handle[0] src_info [G, M*R] int32 (source token of each
+    batched slot, -1 when empty), handle[1] layout_range [G, R] int64 (begin << 32 | count per source rank),
+    handle[2..4] M, hidden, num_experts.
+
+    src_info is a view of the dispatch's epcomm src_info (source rank, token, slot per slot); layout_range is
+    computed from it on first use (combine needs neither: epcomm's own handle routes the rows back). Both read the
+    dispatch's outputs, so they follow DeepEP's rule for results: valid until the second later dispatch of the
+    shape. With return_recv_hook they exist once the hook has run."""
     num_max_dispatch_tokens_per_rank: int
     hidden: int
     num_experts: int
+    num_ranks: int
     key: tuple = ()
     topk_ids: torch.Tensor | None = None
     lane: Any = None
     round: int = -1
     ep_handle: Any = None
-    row_offsets: torch.Tensor | None = None
+    result: Any = None     # the EPBuffer's DispatchResult (layout "batched"), once received
     ready: bool = False
     combine_input: torch.Tensor | None = None   # what get_next_low_latency_combine_buffer gave for this handle
+    _src: torch.Tensor | None = None            # int32 [G, M*R, 3] (source rank, token, slot), -1 rows: no token
+    _layout_range: torch.Tensor | None = None
+
+    def received(self, result, src: torch.Tensor) -> None:
+        self.result, self.ep_handle, self._src, self._layout_range = result, result.handle, src, None
+        self.ready = True
+
+    def _source(self) -> torch.Tensor:
+        if self._src is None:
+            raise EPInputError("low-latency handle: its tensors exist once the dispatch's receive hook has run")
+        return self._src
+
+    @property
+    def src_info(self) -> torch.Tensor:
+        return self._source()[..., 1]
+
+    @property
+    def layout_range(self) -> torch.Tensor:
+        if self._layout_range is None:
+            self._layout_range = layout_ranges(self._source()[..., 0], self.num_ranks)
+        return self._layout_range
 
     def __getitem__(self, i):
-        return (self.src_info, self.layout_range, self.num_max_dispatch_tokens_per_rank, self.hidden,
-                self.num_experts)[i]
+        fields = ("src_info", "layout_range", "num_max_dispatch_tokens_per_rank", "hidden", "num_experts")
+        if isinstance(i, slice):
+            return tuple(getattr(self, f) for f in fields[i])
+        return getattr(self, fields[i])    # one at a time: layout_range is computed only when asked for
 
     def __len__(self):
         return 5

@@ -1,9 +1,17 @@
 """DeepEP's low-latency mode on epcomm: low_latency_dispatch / low_latency_combine in the batched layout
 [local experts, M * ranks, hidden], get_next_low_latency_combine_buffer, clean_low_latency_buffer.
 
-An epcomm buffer in mode "ll" (or "ht": Buffer(low_latency_epcomm_mode=)) per (hidden, topk, num_experts,
-num_max_dispatch_tokens_per_rank, format); the batched layout is built from epcomm's grouped output by
-layouts.batched_from_grouped (a gather on the device); EPBuffer's own layout="batched" (issue 13) is to replace it.
+One pool of EPBuffers per (hidden, topk, num_experts, M, format), in mode "ll" (or "ht": Buffer(
+low_latency_epcomm_mode=)), made in EPBuffer's own layout "batched" with expert_capacity M * ranks. Its expert_x,
+expert_scales (scale_layout "col": column-major, as DeepEP's) and tokens_per_expert are DeepEP's recv_x, scales and
+recv_count, returned as views with no copy; fp8 with round_scale uses scale_format "ue8m0" (power-of-two scales,
+quantised by epcomm's dispatch), and use_ue8m0 packs those scales' exponents four per int32 (the one tensor computed
+here). combine hands the caller's x to EPBuffer.combine as expert_y unchanged and lets it write the result into out=
+(or a fresh tensor), and cumulative_local_expert_recv_stats is dispatch's stats_out=.
+
+Views follow DeepEP's rule for low-latency results (its docstring: at most two held at a time): they stay valid until
+the second later dispatch of the same shape. With return_recv_hook the tensors are returned before anything has been
+received, so they are fresh ones, filled by the hook with one copy.
 No call here synchronises with the host.
 """
 from __future__ import annotations
@@ -13,8 +21,10 @@ import torch
 from ...errors import EPInputError
 from . import layouts as L
 from .base import IDS, BufferBase
-from .bridge import Pool, check_tensor, from_backend, to_backend
+from .bridge import Pool, check_tensor, from_backend, to_backend, writable
 from .handles import LowLatencyHandle
+
+STATS = (torch.int32, torch.int64)    # counter dtypes EPBuffer adds to itself (others are added to after the receive)
 
 
 class LowLatencyMode(BufferBase):
@@ -24,13 +34,12 @@ class LowLatencyMode(BufferBase):
         """Nothing to clean: epcomm's signal words carry the round, so stale ones are harmless."""
         self._usable()
 
-    def _ll_pool(self, hidden, topk, num_experts, m, fmt) -> Pool:
-        key = ("ll", hidden, topk, num_experts, m, fmt)
+    def _ll_pool(self, key: tuple) -> Pool:
+        """The pool of a low-latency shape key, made on first use."""
         pool = self._pools.get(key)
         if pool is not None:
             return pool
-        return self._pool(key, self._cfg(hidden=hidden, topk=topk, num_experts=num_experts, max_tokens_per_rank=m,
-                                         token_format=fmt, mode=self._ll_mode))
+        return self._pool(key, self._cfg(mode=self._ll_mode, **ll_shape(key, self.group_size)))
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: torch.Tensor | None = None,
@@ -56,66 +65,56 @@ class LowLatencyMode(BufferBase):
         if use_fp8 and hidden % (512 if use_ue8m0 else L.BLOCK):
             raise EPInputError(f"low_latency_dispatch: fp8 needs hidden % {512 if use_ue8m0 else 128} == 0, "
                                f"got {hidden}")
-        # round_scale: epcomm quantises with exact scales, so tokens go as bf16 and are quantised here on receipt.
-        fmt = "fp8" if use_fp8 and not round_scale else "bf16"
-        pool = self._ll_pool(hidden, topk_idx.shape[1], num_experts, m, fmt)
-        g, cap, dev = num_experts // r, m * r, x.device
-        if use_fp8:
-            recv_x = torch.empty(g, cap, hidden, dtype=torch.float8_e4m3fn, device=dev)
-            cols = hidden // 512 if use_ue8m0 else hidden // L.BLOCK
-            # column-major in the last two dims (TMA-friendly), as DeepEP returns them
-            scales = torch.empty(g, cols, cap, dtype=torch.int32 if use_ue8m0 else torch.float32,
-                                 device=dev).transpose(1, 2)
-        else:
-            recv_x, scales = torch.empty(g, cap, hidden, dtype=torch.bfloat16, device=dev), None
-        recv_count = torch.empty(g, dtype=torch.int32, device=dev)
-        handle = LowLatencyHandle(src_info=torch.empty(g, cap, dtype=torch.int32, device=dev),
-                                  layout_range=torch.empty(g, r, dtype=torch.int64, device=dev),
-                                  num_max_dispatch_tokens_per_rank=m, hidden=hidden, num_experts=num_experts,
-                                  key=("ll", hidden, topk_idx.shape[1], num_experts, m, fmt),
+        g = num_experts // r
+        stats = cumulative_local_expert_recv_stats
+        stats_out = self._stats_out(stats, g, x.device)
+        # round_scale: power-of-two scales (EPConfig scale_format "ue8m0"), quantised by epcomm's dispatch
+        fmt = ("fp8-ue8m0" if round_scale else "fp8") if use_fp8 else "bf16"
+        key = ("ll", hidden, topk_idx.shape[1], num_experts, m, fmt)
+        pool = self._ll_pool(key)
+        handle = LowLatencyHandle(num_max_dispatch_tokens_per_rank=m, hidden=hidden, num_experts=num_experts,
+                                  num_ranks=r, key=key,
                                   # clamped before narrowing: an int64 id past the int32 range must stay out of
                                   # range (dropped), not wrap into a valid expert
                                   topk_ids=topk_idx.clamp(-1, num_experts).to(torch.int32).contiguous())
         lane = pool.lane_for_dispatch()
-        out, rnd = lane.dispatch(x, handle.topk_ids, self._host, async_=return_recv_hook)
+        out, rnd = lane.dispatch(x, handle.topk_ids, self._host, async_=return_recv_hook, stats_out=stats_out)
         handle.lane, handle.round = lane, rnd
 
-        def fill(res):
-            handle.ep_handle = res.handle
-            handle.row_offsets = from_backend(res.row_offsets)
-            self._fill_batched(res, handle, recv_x, scales, recv_count, use_fp8, round_scale, use_ue8m0)
-            if cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
-            handle.ready = True
+        def received(res):
+            handle.received(res, from_backend(res.src_info))
+            recv = _recv_tensors(res, use_fp8, use_ue8m0)
+            if stats is not None and stats_out is None:       # a counter EPBuffer cannot add to in place
+                stats.add_(recv[2].to(stats.dtype))
+            return recv
 
-        def receive():
-            if not handle.ready:
-                fill(lane.ep.dispatch_wait(out))
+        hook = None
+        if return_recv_hook:
+            # returned before anything is received: fresh tensors, filled by the hook (one copy each)
+            recv_x, scales, recv_count = _empty_recv(g, m * r, hidden, use_fp8, use_ue8m0, x.device)
 
-        hook = receive if return_recv_hook else None
-        if not return_recv_hook:
-            fill(out)
+            def receive():
+                if not handle.ready:
+                    got = received(lane.ep.dispatch_wait(out))
+                    for mine, theirs in zip((recv_x, scales, recv_count), got):
+                        if mine is not None:
+                            mine.copy_(theirs)
+            hook = receive
+        else:
+            recv_x, scales, recv_count = received(out)
         packed = (recv_x, scales) if use_fp8 else recv_x
         return packed, recv_count, handle, self._event(async_finish, (x, topk_idx, recv_x, recv_count)), hook
 
-    def _fill_batched(self, res, handle, recv_x, scales, recv_count, use_fp8, round_scale, use_ue8m0):
-        g, cap, hidden = recv_x.shape
-        grouped = from_backend(res.expert_x)
-        idx = L.batched_from_grouped(handle.row_offsets, cap, grouped.shape[0])
-        counts = from_backend(res.tokens_per_expert).to(torch.int32)
-        recv_count.copy_(counts)
-        if use_fp8 and round_scale:
-            q, s = L.quantize_pow2(grouped.index_select(0, idx).view(g, cap, hidden), use_ue8m0)
-            recv_x.view(torch.uint8).copy_(q.view(torch.uint8))
-            scales.copy_(s)
-        else:
-            recv_x.view(torch.uint8).view(g * cap, -1).copy_(grouped.view(torch.uint8).index_select(0, idx))
-            if use_fp8:
-                scales.copy_(from_backend(res.expert_scales).index_select(0, idx).view(g, cap, -1))
-        info = from_backend(res.src_info).index_select(0, idx).view(g, cap, 3)
-        valid = L.batched_valid(counts, cap)
-        handle.src_info.copy_(torch.where(valid, info[..., 1], torch.full_like(info[..., 1], -1)))
-        handle.layout_range.copy_(L.layout_ranges(info[..., 0], valid, self.group_size))
+    def _stats_out(self, stats, num_local: int, device):
+        """cumulative_local_expert_recv_stats as dispatch's stats_out (EPBuffer adds to it in place), or None when
+        there is none or EPBuffer cannot write it in place (another dtype, not contiguous: added after receipt)."""
+        if stats is None:
+            return None
+        check_tensor("cumulative_local_expert_recv_stats", stats, (), 1, "low_latency_dispatch")
+        if stats.shape[0] != num_local or stats.device != device:
+            raise EPInputError(f"low_latency_dispatch: cumulative_local_expert_recv_stats must be [{num_local} local "
+                               f"experts] on {device}, got {list(stats.shape)} on {stats.device}")
+        return writable(stats, self._host) if stats.dtype in STATS else None
 
     def _ll_lane(self, handle: LowLatencyHandle):
         if not isinstance(handle, LowLatencyHandle):
@@ -124,8 +123,9 @@ class LowLatencyMode(BufferBase):
         if not handle.ready:
             raise EPInputError("low_latency_combine: call the dispatch's receive hook first")
         if handle.lane is None or not handle.lane.can_combine(handle.round):
-            res = self._redispatch(handle, handle.hidden)
-            handle.row_offsets = from_backend(res.row_offsets)
+            # same routing, same slots: the batched layout places rows by (source rank, token, slot) alone, so the
+            # caller's x, laid out for the first dispatch, fits the re-dispatch as it is
+            self._redispatch(handle, handle.hidden)
         return handle.lane
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
@@ -138,7 +138,8 @@ class LowLatencyMode(BufferBase):
             if lane.zero_copy_input is None:
                 g = handle.num_experts // self.group_size
                 lane.zero_copy_input = torch.zeros(g, handle.num_max_dispatch_tokens_per_rank * self.group_size,
-                                                   handle.hidden, dtype=torch.bfloat16, device=handle.src_info.device)
+                                                   handle.hidden, dtype=torch.bfloat16,
+                                                   device=handle.topk_ids.device)
             handle.combine_input = lane.zero_copy_input
         return handle.combine_input
 
@@ -153,6 +154,10 @@ class LowLatencyMode(BufferBase):
         check_tensor("x", x, (torch.bfloat16,), 3, "low_latency_combine")
         check_tensor("topk_weights", topk_weights, (torch.float32,), 2, "low_latency_combine")
         check_tensor("topk_idx", topk_idx, IDS, 2, "low_latency_combine")
+        self._check_device(x)
+        if not isinstance(handle, LowLatencyHandle):
+            raise EPInputError(f"low_latency_combine: handle must come from low_latency_dispatch, "
+                               f"got {type(handle).__name__}")
         g, cap = handle.num_experts // self.group_size, handle.num_max_dispatch_tokens_per_rank * self.group_size
         if tuple(x.shape) != (g, cap, handle.hidden):
             raise EPInputError(f"low_latency_combine: x must be [{g}, {cap}, {handle.hidden}], got {list(x.shape)}")
@@ -162,28 +167,72 @@ class LowLatencyMode(BufferBase):
                                f"dispatch's), got {list(topk_idx.shape)} / {list(topk_weights.shape)}")
         if out is not None:
             check_tensor("out", out, (torch.bfloat16,), 2, "low_latency_combine")
+            self._check_device(out)
             if tuple(out.shape) != (ids.shape[0], handle.hidden):
                 raise EPInputError(f"low_latency_combine: out must be [{ids.shape[0]}, {handle.hidden}], "
                                    f"got {list(out.shape)}")
         lane = self._ll_lane(handle)
-        rows = lane.ep.cfg.max_recv_rows
-        gidx = L.grouped_from_batched(handle.row_offsets, cap, rows)
-        expert_y = x.reshape(g * cap, handle.hidden).index_select(0, gidx)
-        args = (to_backend(expert_y, self._host), handle.ep_handle, to_backend(topk_weights.contiguous(), self._host))
+        # y goes straight into out= (or a fresh tensor, as DeepEP returns); only an out EPBuffer cannot write in
+        # place (strided, misaligned) gets the result through a fresh tensor and one copy
         result = out if out is not None else torch.empty(ids.shape[0], handle.hidden, dtype=torch.bfloat16,
                                                          device=x.device)
+        target = writable(result, self._host, 16)
+        staging = None
+        if target is None:
+            staging = torch.empty(result.shape, dtype=torch.bfloat16, device=result.device)
+            target = to_backend(staging, self._host)
+        args = (to_backend(x, self._host), handle.ep_handle, to_backend(topk_weights.contiguous(), self._host))
         hook = None
         if return_recv_hook:
-            pending = lane.ep.combine_async(*args)
+            pending = lane.ep.combine_async(*args, out=target)
             lane.open_round = None
             done = []
 
             def receive():
                 if not done:
-                    result.copy_(from_backend(lane.ep.combine_wait(pending)))
+                    lane.ep.combine_wait(pending)
+                    if staging is not None:
+                        result.copy_(staging)
                     done.append(True)
             hook = receive
         else:
-            result.copy_(from_backend(lane.ep.combine(*args)))
+            lane.ep.combine(*args, out=target)
             lane.open_round = None
+            if staging is not None:
+                result.copy_(staging)
         return result, self._event(async_finish, (x, topk_idx, topk_weights, result)), hook
+
+
+def ll_shape(key: tuple, num_ranks: int) -> dict:
+    """EPConfig fields of a low-latency pool ("ll", hidden, topk, num_experts, M, format "bf16" | "fp8" |
+    "fp8-ue8m0"): layout "batched" with DeepEP's capacity M * ranks per local expert; fp8 scales column-major."""
+    _, hidden, topk, num_experts, m, fmt = key
+    fp8 = fmt != "bf16"
+    fp8_options = dict(scale_format="ue8m0" if fmt == "fp8-ue8m0" else "fp32", scale_layout="col") if fp8 else {}
+    return dict(hidden=hidden, topk=topk, num_experts=num_experts, max_tokens_per_rank=m,
+                token_format="fp8" if fp8 else "bf16", layout="batched", expert_capacity=m * num_ranks, **fp8_options)
+
+
+def _recv_tensors(res, use_fp8: bool, use_ue8m0: bool):
+    """(recv_x, scales or None, recv_count) of an EPBuffer result in layout "batched": views of its outputs, except
+    use_ue8m0's packed exponents."""
+    scales = None
+    if use_fp8:
+        scales = from_backend(res.expert_scales)                  # [G, C, H/128], column-major per slab
+        if use_ue8m0:
+            scales = L.pack_ue8m0(scales)
+    return from_backend(res.expert_x), scales, from_backend(res.tokens_per_expert)
+
+
+def _empty_recv(g: int, cap: int, hidden: int, use_fp8: bool, use_ue8m0: bool, device):
+    """Fresh (recv_x, scales, recv_count) in DeepEP's dtypes and strides, for the hook path."""
+    scales = None
+    if use_fp8:
+        recv_x = torch.empty(g, cap, hidden, dtype=torch.float8_e4m3fn, device=device)
+        cols = hidden // 512 if use_ue8m0 else hidden // L.BLOCK
+        # column-major in the last two dims (TMA-friendly), as DeepEP returns them
+        scales = torch.empty(g, cols, cap, dtype=torch.int32 if use_ue8m0 else torch.float32,
+                             device=device).transpose(1, 2)
+    else:
+        recv_x = torch.empty(g, cap, hidden, dtype=torch.bfloat16, device=device)
+    return recv_x, scales, torch.empty(g, dtype=torch.int32, device=device)
