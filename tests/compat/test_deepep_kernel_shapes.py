@@ -24,18 +24,19 @@ def normal_mode_config(hidden: int, topk: int, ranks: int, tokens: int) -> EPCon
                     world_size=ranks, token_format="bf16", mode="ht")
 
 
-def low_latency_config(hidden: int, topk: int, experts: int, ranks: int, m: int, fmt: str) -> EPConfig:
+def low_latency_config(hidden: int, topk: int, experts: int, ranks: int, m: int, fp8: bool, pow2: bool) -> EPConfig:
     """The EPConfig Buffer.low_latency_dispatch makes for this shape (low_latency.py ll_shape)."""
     from epcomm.compat.deep_ep.low_latency import ll_shape
-    return EPConfig(world_size=ranks, mode="ll", **ll_shape(("ll", hidden, topk, experts, m, fmt), ranks))
+    return EPConfig(world_size=ranks, mode="ll", **ll_shape(("ll", hidden, topk, experts, m, fp8, pow2), ranks))
 
 
 def test_low_latency_config_is_deepeps_layout():
-    cfg = low_latency_config(7168, 8, 256, 8, 128, "fp8-ue8m0")
-    assert cfg.layout == "batched" and cfg.rows_shape == (32, 1024)
+    cfg = low_latency_config(7168, 8, 256, 8, 128, True, True)       # DeepSeek-V3 decode with use_ue8m0
+    assert cfg.layout == "batched" and cfg.rows_shape == (32, 1024) and cfg.token_format.quantized
     assert (cfg.scale_format, cfg.scale_layout) == ("ue8m0", "col")
-    bf16 = low_latency_config(2880, 4, 16, 2, 7, "bf16")
-    assert bf16.rows_shape == (8, 14) and bf16.scale_layout == "row"
+    assert low_latency_config(7168, 8, 256, 8, 128, True, False).scale_format == "fp32"
+    bf16 = low_latency_config(2880, 4, 16, 2, 7, False, False)
+    assert bf16.rows_shape == (8, 14) and bf16.scale_layout == "row" and not bf16.token_format.quantized
 
 
 def _need_compiler():

@@ -69,8 +69,7 @@ class LowLatencyMode(BufferBase):
         stats = cumulative_local_expert_recv_stats
         stats_out = self._stats_out(stats, g, x.device)
         # round_scale: power-of-two scales (EPConfig scale_format "ue8m0"), quantised by epcomm's dispatch
-        fmt = ("fp8-ue8m0" if round_scale else "fp8") if use_fp8 else "bf16"
-        key = ("ll", hidden, topk_idx.shape[1], num_experts, m, fmt)
+        key = ("ll", hidden, topk_idx.shape[1], num_experts, m, bool(use_fp8), bool(use_fp8 and round_scale))
         pool = self._ll_pool(key)
         handle = LowLatencyHandle(num_max_dispatch_tokens_per_rank=m, hidden=hidden, num_experts=num_experts,
                                   num_ranks=r, key=key,
@@ -204,11 +203,10 @@ class LowLatencyMode(BufferBase):
 
 
 def ll_shape(key: tuple, num_ranks: int) -> dict:
-    """EPConfig fields of a low-latency pool ("ll", hidden, topk, num_experts, M, format "bf16" | "fp8" |
-    "fp8-ue8m0"): layout "batched" with DeepEP's capacity M * ranks per local expert; fp8 scales column-major."""
-    _, hidden, topk, num_experts, m, fmt = key
-    fp8 = fmt != "bf16"
-    fp8_options = dict(scale_format="ue8m0" if fmt == "fp8-ue8m0" else "fp32", scale_layout="col") if fp8 else {}
+    """EPConfig fields of a low-latency pool ("ll", hidden, topk, num_experts, M, use_fp8, power-of-two scales):
+    layout "batched" with DeepEP's capacity M * ranks per local expert; fp8 scales column-major."""
+    _, hidden, topk, num_experts, m, fp8, pow2 = key
+    fp8_options = dict(scale_format="ue8m0" if pow2 else "fp32", scale_layout="col") if fp8 else {}
     return dict(hidden=hidden, topk=topk, num_experts=num_experts, max_tokens_per_rank=m,
                 token_format="fp8" if fp8 else "bf16", layout="batched", expert_capacity=m * num_ranks, **fp8_options)
 
