@@ -1,7 +1,8 @@
 """List the EPConfigs that epcomm.compat.deep_ep makes in its checks (tests/compat/deepep_checks.py), so that the
 one-GPU rig compiles their kernels before its compat step (compiled on first use, in both ranks at once, they took
 longer than the step's minutes). The checks run on the host backend (CPU, 2 ranks, ~10 s); every EPBuffer's config
-is recorded; rank 0 writes them as a JSON list.
+is recorded (normal-mode pools, the low-latency pools in layout "batched", the grouped buffers of the old-path
+reference in tests/compat/stopgap_reference.py); rank 0 writes them as a JSON list.
 
     python -m launch run -t tests/compat/cpu-2rank.yaml -x MASTER_PORT=29561 -- \\
         python dev/device/compat_configs.py OUT.json

@@ -110,7 +110,7 @@ if has moe; then
   done
 fi
 if has compat; then
-  l=$(limit compat "${T_COMPAT:-240}")   # its shapes compile on first use (about 8 kernels): not in prebuild
+  l=$(limit compat "${T_COMPAT:-240}")   # its shapes (dev/device/compat_configs.py) are prebuilt when the step list has prebuild
   if (( l == 0 )); then record compat one-gpu-2 2 "" skip 0 "$OUT/compat.log" compat; else
     echo "=== compat: tests/gpu/compat_worker.py, one-gpu-2 (limit ${l} s)"; t0=$SECONDS
     timeout $((l + 20)) python3 -m launch run -t configs/one-gpu-2.yaml --timeout "$l" -x MASTER_PORT=29533 -- \

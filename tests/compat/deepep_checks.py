@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 
 from epcomm.compat import deep_ep
+from epcomm.compat.deep_ep.bridge import from_backend
 from epcomm.errors import EPError, EPInputError
 from epcomm.formats import quantize_fp8
+from tests.compat.stopgap_reference import StopgapLowLatency
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
@@ -294,7 +296,9 @@ def normal_suite(c: Checker, buf):
 
 # ------------------------------------------------------------------------------------------------ low latency
 def ll_case(c: Checker, buf, h, k, pr, m, kind, t, use_fp8, round_scale=False, ue8m0=False, hook=False,
-            zero_copy=False, use_out=False, tag=""):
+            zero_copy=False, use_out=False, before: StopgapLowLatency | None = None, tag=""):
+    """One low-latency dispatch and combine against the reference of DeepEP's batched layout; with `before`, also
+    bit for bit against the path that gathered the layout from a grouped EPBuffer (stopgap_reference.py)."""
     me, world, dev = c.rank, c.world, c.device
     e, cap = pr * world, m * world
     x = tokens(c.rng, t, h)
@@ -352,6 +356,26 @@ def ll_case(c: Checker, buf, h, k, pr, m, kind, t, use_fp8, round_scale=False, u
                 got = (exps << 23).view(torch.float32).reshape(n, -1)
             c.equal(got, s, f"{tag} pow2 scales expert {le}")
 
+    if not hook:
+        # no gather, no copy: what dispatch returned is the EPBuffer's own output (layout "batched")
+        res = handle.result
+        c.check(rx.data_ptr() == from_backend(res.expert_x).data_ptr()
+                and count.data_ptr() == from_backend(res.tokens_per_expert).data_ptr(),
+                f"{tag} recv_x and recv_count are views of the EPBuffer's outputs")
+        if use_fp8 and not ue8m0:
+            c.check(recv[1].data_ptr() == from_backend(res.expert_scales).data_ptr(),
+                    f"{tag} scales are a view of the EPBuffer's expert_scales")
+    if before is not None:
+        ox, osc, ocount, osrc, olr = before.dispatch(x.to(dev), ids.to(dev), m, e, use_fp8, round_scale, ue8m0)
+        c.equal(count, ocount, f"{tag} recv_count as before (gathered from a grouped EPBuffer)")
+        c.equal(src_info, osrc, f"{tag} handle src_info as before")
+        c.equal(layout_range, olr, f"{tag} handle layout_range as before")
+        for le in range(pr):
+            n = int(ocount[le])
+            c.equal(rx[le, :n], ox[le, :n], f"{tag} recv_x as before, expert {le}")
+            if use_fp8:
+                c.equal(recv[1][le, :n], osc[le, :n], f"{tag} scales as before, expert {le}")
+
     # combine: expert e's outputs are its inputs times (1 + e/8); y[t] = sum_k w[t,k] * that
     y = torch.zeros(pr, cap, h, dtype=torch.bfloat16)
     for le, rows in enumerate(exp):
@@ -378,20 +402,26 @@ def ll_case(c: Checker, buf, h, k, pr, m, kind, t, use_fp8, round_scale=False, u
             exp_y[tt] += part
             mag[tt] += part.abs()
     c.close(comb.cpu(), exp_y, mag, f"{tag} low_latency_combine")
+    if before is not None:
+        c.equal(comb, before.combine(y.to(dev), w.to(dev)), f"{tag} low_latency_combine as before (bit for bit)")
     return handle
 
 
 def ll_suite(c: Checker, buf):
     h, k, pr, m = 512, 4, 4, 12
+    before = StopgapLowLatency(buf)
     for kind in ("uniform", "minus1", "skip_last", "hot"):
         t = 12 if kind != "minus1" else int(c.rng.integers(0, 13))
-        ll_case(c, buf, h, k, pr, m, kind, t, use_fp8=False, tag=f"ll {kind} bf16")
-        ll_case(c, buf, h, k, pr, m, kind, t, use_fp8=True, tag=f"ll {kind} fp8")
-    ll_case(c, buf, h, k, pr, m, "uniform", 9, use_fp8=True, round_scale=True, tag="ll round_scale")
-    ll_case(c, buf, h, k, pr, m, "minus1", 9, use_fp8=True, round_scale=True, ue8m0=True, tag="ll ue8m0")
-    ll_case(c, buf, h, k, pr, m, "uniform", 11, use_fp8=False, hook=True, tag="ll hooks")
+        ll_case(c, buf, h, k, pr, m, kind, t, use_fp8=False, before=before, tag=f"ll {kind} bf16")
+        ll_case(c, buf, h, k, pr, m, kind, t, use_fp8=True, before=before, tag=f"ll {kind} fp8")
+    ll_case(c, buf, h, k, pr, m, "uniform", 9, use_fp8=True, round_scale=True, before=before, tag="ll round_scale")
+    ll_case(c, buf, h, k, pr, m, "minus1", 9, use_fp8=True, round_scale=True, ue8m0=True, before=before,
+            tag="ll ue8m0")
+    ll_case(c, buf, h, k, pr, m, "uniform", 11, use_fp8=False, hook=True, before=before, tag="ll hooks")
     ll_case(c, buf, h, k, pr, m, "uniform", 11, use_fp8=True, hook=True, zero_copy=True, use_out=True,
-            tag="ll hooks zero_copy out=")
+            before=before, tag="ll hooks zero_copy out=")
+    before.close()
+    ll_out_and_stats(c, buf, h, k, pr, m)
     ll_case(c, buf, h, k, pr, m, "uniform", 0 if c.rank == c.world - 1 else 5, use_fp8=False, tag="ll empty rank")
     buf.clean_low_latency_buffer(m, h, pr * c.world)
 
@@ -439,6 +469,71 @@ def ll_suite(c: Checker, buf):
                  "int64 id past the int32 range")
 
 
+def ll_out_and_stats(c: Checker, buf, h, k, pr, m):
+    """combine's out= (a strided one too) and a fresh result without it; cumulative_local_expert_recv_stats as
+    dispatch's stats_out= (int32 / int64, with the hook, strided) and what a re-dispatch leaves alone."""
+    dev, e = c.device, pr * c.world
+    x, ids = tokens(c.rng, 10, h).to(dev), routing(c.rng, 10, k, e, "minus1", c.world).to(dev)
+    w = torch.from_numpy(c.rng.random(tuple(ids.shape), dtype=np.float32)).to(dev)
+    stats = torch.arange(5, 5 + pr, dtype=torch.int64, device=dev)      # counters that already hold something
+    start = stats.clone()
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, ids, m, e, cumulative_local_expert_recv_stats=stats,
+                                                         use_fp8=False)
+    c.equal(stats.cpu(), start.cpu() + count.cpu().long(), "ll int64 stats accumulate (stats_out=)")
+    y = (recv.float() * 0.5).to(torch.bfloat16)
+    fresh, _, _ = buf.low_latency_combine(y, ids, w, handle)
+    kept = fresh.clone()
+    wide = torch.full((10, 2 * h), 3.0, dtype=torch.bfloat16, device=dev)
+    strided = wide[:, h:]                                                  # not contiguous: written through a copy
+    got, _, _ = buf.low_latency_combine(y, ids, w, handle, out=strided)   # combined twice: re-dispatched first
+    c.check(got is strided, "ll combine returns the strided out= it was given")
+    c.equal(strided, fresh, "ll combine into a strided out= (a second combine of the handle: re-dispatched)")
+    c.check(bool((wide[:, :h] == 3.0).all()), "ll combine leaves the rest of out='s storage alone")
+    c.equal(stats.cpu(), start.cpu() + count.cpu().long(), "ll stats untouched by a re-dispatch")
+
+    # with the hook: added when it runs; int32 counters, and strided ones (added after the receive)
+    grid = torch.zeros(pr, 2, dtype=torch.int32, device=dev)
+    for stats, what in ((torch.zeros(pr, dtype=torch.int32, device=dev), "int32"), (grid[:, 1], "strided")):
+        recv, count, handle, _, hook = buf.low_latency_dispatch(x, ids, m, e, cumulative_local_expert_recv_stats=stats,
+                                                                use_fp8=True, return_recv_hook=True)
+        hook()
+        c.equal(stats.cpu(), count.cpu(), f"ll {what} stats with the hook")
+        out, _, _ = buf.low_latency_combine(torch.zeros(pr, m * c.world, h, dtype=torch.bfloat16, device=dev), ids, w,
+                                            handle)
+        c.check(bool((out == 0).all()), f"ll combine of zeros ({what} stats round)")
+    c.check(bool((grid[:, 0] == 0).all()), "ll strided stats: the other column untouched")
+    for _ in range(2):     # two more rounds: a result returned without out= is the caller's, not a buffer's
+        r2, _, h2, _, _ = buf.low_latency_dispatch(x, ids, m, e, use_fp8=False)
+        buf.low_latency_combine(r2, ids, w, h2)
+    c.equal(fresh, kept, "ll combine result without out= is a fresh tensor (unchanged two rounds later)")
+    c.raises(lambda: buf.low_latency_dispatch(x, ids, m, e, cumulative_local_expert_recv_stats=torch.zeros(
+        pr + 1, dtype=torch.int32, device=dev)), EPInputError, "ll stats of the wrong length refused")
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, ids, m, e, use_fp8=False)   # still usable everywhere
+    comb, _, _ = buf.low_latency_combine(recv, ids, w, handle)
+    exp = (x.float() * torch.where(ids >= 0, w, torch.zeros_like(w)).sum(1, keepdim=True)).cpu()
+    c.close(comb.cpu(), exp, exp.abs(), "ll round after a refused stats tensor")
+
+
+def ll_slab_overflow(c: Checker):
+    """Tokens that list one expert twice take two rows each: more rows for one expert than DeepEP's capacity M * ranks
+    is an EPError naming the expert on its rank (the peers learn of it: EPError naming that rank), never rows
+    silently dropped. Its own Buffer: the failed EPBuffer is unusable afterwards. CPU only (the GPU raises it from a
+    later call, as every error its kernels record)."""
+    b3 = deep_ep.Buffer(dist.group.WORLD, explicitly_destroy=True, lanes_per_shape=1, timeout_s=20.0)
+    ids = torch.tensor([[0, 0]], dtype=torch.int64)     # 2 rows per rank for expert 0: 2 * ranks > M * ranks = ranks
+    errors = []
+    try:
+        recv, count, handle, _, _ = b3.low_latency_dispatch(tokens(c.rng, 1, 128), ids, 1, 2 * c.world,
+                                                             use_fp8=False)
+        b3.low_latency_combine(recv, ids, torch.ones(1, 2), handle)
+    except EPError as e:
+        errors.append(str(e))
+    named = "local expert 0" if c.rank == 0 else "rank 0"
+    c.check(len(errors) == 1 and named in errors[0], f"ll slab overflow: expected an EPError naming {named!r}, "
+            f"got {errors}")
+    b3.destroy()
+
+
 def static_suite(c: Checker, buf):
     cfg = deep_ep.Buffer.get_dispatch_config(c.world)
     c.check(isinstance(cfg, deep_ep.Config) and isinstance(deep_ep.Buffer.get_combine_config(c.world), deep_ep.Config),
@@ -473,6 +568,8 @@ def run_all(rank: int, world: int, device: str, seed: int, suites=("static", "no
     normal_case(c, b2, 128, 2, 2, "uniform", 4, tag="second Buffer")
     micro_batches(c, b2, 128, 2, 2, order=(0, 1))
     b2.destroy()
+    if "ll" in suites and device == "cpu":
+        ll_slab_overflow(c)
     c.elapsed = time.monotonic() - t0
     return c
 

@@ -98,13 +98,14 @@ def to_backend(t: torch.Tensor, host: bool):
 
 
 def from_backend(a) -> torch.Tensor | None:
-    """A torch view of what EPBuffer returned (numpy on the host backend; unsigned offsets become int64)."""
+    """A torch view of what EPBuffer returned (numpy on the host backend; unsigned offsets become int64). Strides are
+    kept: column-major fp8 scales stay column-major, and the tensor shares the array's memory (no copy)."""
     if a is None or isinstance(a, torch.Tensor):
         if isinstance(a, torch.Tensor) and a.dtype == torch.uint32:
             return a.view(torch.int32).long()
         return a
     from ...formats import BF16, FP8
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a)
     if a.dtype == BF16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     if a.dtype == FP8:
@@ -112,6 +113,15 @@ def from_backend(a) -> torch.Tensor | None:
     if a.dtype == np.uint32:
         return torch.from_numpy(a.astype(np.int64))
     return torch.from_numpy(a)
+
+
+def writable(t: torch.Tensor, host: bool, align: int = 1):
+    """What EPBuffer writes into so that `t` itself changes (combine's out=, dispatch's stats_out=): the tensor (GPU
+    backend) or a numpy view of its memory (host backend); None where it cannot be written in place (not contiguous,
+    or on the GPU not `align`-byte aligned): the caller then lets EPBuffer write elsewhere and copies."""
+    if not t.is_contiguous() or (not host and t.data_ptr() % align):
+        return None
+    return to_backend(t, host)
 
 
 # --------------------------------------------------------------------------------------- EPBuffers of one shape
@@ -126,10 +136,13 @@ class Lane:
         self.scratch = None                   # normal-mode combine rows, allocated on first use
         self.zero_copy_input = None           # low-latency get_next_low_latency_combine_buffer tensor
 
-    def dispatch(self, x, ids, host: bool, async_: bool = False):
+    def dispatch(self, x, ids, host: bool, async_: bool = False, stats_out=None):
+        """(the EPBuffer's DispatchResult, or its Pending with async_, and the round). stats_out: a backend array
+        (writable()) the received rows per local expert are added to."""
         args = (to_backend(x, host), to_backend(ids, host))
         self.ep.release()   # a lane combines only its latest dispatch: the earlier ones will not be combined here
-        out = self.ep.dispatch_async(*args) if async_ else self.ep.dispatch(*args)
+        call = self.ep.dispatch_async if async_ else self.ep.dispatch
+        out = call(*args, stats_out=stats_out)
         self.open_round = self.ep.round - 1
         return out, self.open_round
 

@@ -1,24 +1,20 @@
-"""Torch ops that turn epcomm's grouped dispatch output into DeepEP's layouts and back, on the tensors' device.
+"""Torch ops that turn epcomm's dispatch output into DeepEP's layouts and back, on the tensors' device.
 
 Nothing here synchronises with the host: every function works on whole fixed-size buffers (rows past the received
 count hold unspecified data, as in DeepEP), so the callers decide where a host sync happens.
 
-Two layouts are built:
 * token-major (DeepEP's normal dispatch): one row per received token. epcomm delivers that directly when each rank is
-  one "expert" (see buffer.py): the grouped output of that routing has one group whose rows are ordered by
+  one "expert" (see normal.py): the grouped output of that routing has one group whose rows are ordered by
   (source rank, source token). The DeepEP per-token fields (top-k ids and weights, caller-quantised fp8 and scales)
   travel in a bf16 *carrier* row next to the token's bytes, because epcomm moves token rows only.
-* batched (DeepEP's low-latency dispatch): [local experts, capacity, ...]. `batched_from_grouped` /
-  `grouped_from_batched` are the stopgap until the pool uses EPBuffer's own layout="batched" (issue 13): replace
-  those two functions by the native layout and nothing else here changes.
+* batched (DeepEP's low-latency dispatch): EPBuffer's own layout "batched" is DeepEP's, row for row, so only the
+  handle's layout ranges and the packed UE8M0 scales are computed here.
 """
 from __future__ import annotations
 
 import torch
 
 BLOCK = 128                # channels per fp8 scale (epcomm.formats.BLOCK)
-FP8_MAX = 448.0
-SCALE_FLOOR = 1e-4
 
 
 def round_up(n: int, a: int) -> int:
@@ -157,43 +153,14 @@ def expert_counts(local_ids: torch.Tensor, per_rank: int) -> torch.Tensor:
     return counts[:per_rank]
 
 
-# ------------------------------------------------------------------------------------------ batched layout (stopgap)
-def batched_from_grouped(row_offsets: torch.Tensor, capacity: int, num_rows: int) -> torch.Tensor:
-    """Grouped row index of every batched slot (group g, position p), flattened [G * capacity]: row_offsets[g] + p.
-
-    Slots past a group's count point at some other row (clamped into the buffer); DeepEP leaves them unspecified
-    too. To be replaced by epcomm's native batched layout (issue 13)."""
-    ro = row_offsets.long()
-    p = torch.arange(capacity, device=ro.device, dtype=torch.int64)
-    return (ro[:-1, None] + p[None, :]).clamp_(max=num_rows - 1).reshape(-1)
-
-
-def grouped_from_batched(row_offsets: torch.Tensor, capacity: int, num_rows: int) -> torch.Tensor:
-    """Batched slot of every grouped row, [num_rows]: g * capacity + (i - row_offsets[g]); rows past the last group
-    (never read by combine) point at slot 0. Rows past a group's capacity (a group with more rows than DeepEP's
-    num_max_dispatch_tokens_per_rank * num_ranks, only possible when tokens list one expert several times) too.
-    To be replaced by epcomm's native batched layout (issue 13)."""
-    ro = row_offsets.long()
-    groups = ro.numel() - 1
-    i = torch.arange(num_rows, device=ro.device, dtype=torch.int64)
-    g = torch.searchsorted(ro[1:].contiguous(), i, right=True)
-    gc = g.clamp(max=max(groups - 1, 0))
-    pos = i - ro[gc]
-    ok = (g < groups) & (pos < capacity)
-    return torch.where(ok, gc * capacity + pos, torch.zeros_like(i))
-
-
-def batched_valid(counts: torch.Tensor, capacity: int) -> torch.Tensor:
-    """bool [G, capacity]: slot p of group g holds a received token."""
-    p = torch.arange(capacity, device=counts.device)
-    return p[None, :] < counts.long()[:, None]
-
-
-def layout_ranges(src_rank: torch.Tensor, valid: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """DeepEP's layout range per (local expert, source rank), int64 [G, R]: begin << 32 | count (rows of a group are
-    ordered by source rank, so each source's rows are contiguous)."""
+# ------------------------------------------------------------------------------------------ batched layout
+def layout_ranges(src_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """DeepEP's layout range per (local expert, source rank), int64 [G, R]: begin << 32 | count, from the source rank
+    of every slot [G, capacity] (-1: no token). Rows of a slab are ordered by source rank, so each source's rows are
+    contiguous."""
     g = src_rank.shape[0]
-    src = torch.where(valid, src_rank.long(), torch.full_like(src_rank, num_ranks, dtype=torch.int64))
+    src = src_rank.long()
+    src = torch.where(src >= 0, src, torch.full_like(src, num_ranks))
     counts = torch.zeros(g, num_ranks + 1, dtype=torch.int64, device=src_rank.device)
     counts.scatter_add_(1, src, torch.ones_like(src))
     counts = counts[:, :num_ranks]
@@ -201,19 +168,14 @@ def layout_ranges(src_rank: torch.Tensor, valid: torch.Tensor, num_ranks: int) -
     return (begin << 32) | counts
 
 
-# ------------------------------------------------------------------------------------------ fp8 with rounded scales
-def quantize_pow2(x: torch.Tensor, ue8m0: bool):
-    """Blockwise e4m3 of bf16 rows [..., H] with power-of-two scales (DeepEP's round_scale): scale = the smallest power
-    of two >= max(amax, 1e-4) / 448. Returns (q, scales fp32 [..., H/128]) or, with ue8m0, (q, int32 [..., H/512]
-    holding the scales' biased exponents, four per word, block 4i + j in byte j)."""
-    shape = x.shape
-    xf = x.float().reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
-    amax = xf.abs().amax(dim=-1).clamp(min=SCALE_FLOOR)
-    mant, exp = torch.frexp(amax / FP8_MAX)                       # value = mant * 2**exp, mant in [0.5, 1)
-    exp = torch.where(mant == 0.5, exp - 1, exp)                  # exact powers of two keep their own exponent
-    scales = torch.ldexp(torch.ones_like(amax), exp)
-    q = (xf / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(shape)
-    if not ue8m0:
-        return q, scales
-    biased = (exp + 127).to(torch.uint8).contiguous()
-    return q, biased.view(torch.int32)
+def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
+    """DeepEP's use_ue8m0 scales from power-of-two fp32 scales [G, C, H/128] (EPConfig scale_format "ue8m0"): each
+    scale's biased exponent as one byte, four per int32 (block 4i + j in byte j of word i), [G, C, H/512], column-major
+    in the last two dims as DeepEP returns them. Reads the scales once; the tokens are not touched."""
+    g, c, cols = scales.shape
+    by_col = scales.transpose(1, 2)                                        # [G, cols, C]
+    exps = (by_col.contiguous().view(torch.int32) >> 23).to(torch.int64) & 0xFF   # a power of two: mantissa 0
+    b = exps.view(g, cols // 4, 4, c)
+    words = b[:, :, 0] | (b[:, :, 1] << 8) | (b[:, :, 2] << 16) | (b[:, :, 3] << 24)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)   # as int32 bits
+    return words.transpose(1, 2)                                           # [G, C, cols/4], stride(1) == 1
