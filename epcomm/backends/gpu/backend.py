@@ -124,7 +124,9 @@ class GpuBackend:
         self._closed = False
         self.broken = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
         self._tmpl = {}
+        self._join_events = {}   # (operation, output set) -> the event of _after
         self._check_params_size()
+        self._make_join_events()
         if A.torch is not None:
             A.torch.cuda.synchronize(ctx.device)
         self.rt.barrier()
@@ -179,6 +181,13 @@ class GpuBackend:
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p
+
+    def _make_join_events(self):
+        from cuda.bindings import driver
+        for op in ("dispatch", "combine"):
+            for s in range(OUTPUT_SETS):
+                self._join_events[(op, s)] = _check(
+                    driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
 
     def _launch(self, name: str, params, stream: int):
         from cuda.bindings import driver
@@ -323,17 +332,17 @@ class GpuBackend:
         self._launch("ep_dispatch_send", p, st)
         return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids), stats=stats_out)
 
-    @staticmethod
-    def _after(pending, stream: int) -> None:
+    def _after(self, pending, stream: int) -> None:
         """A wait on another stream than its *_async must not start before the send: that stream waits for all the
-        async call's stream has queued so far (fork / join with an event; nothing to do on the same stream)."""
+        async call's stream has queued so far (fork / join with an event; nothing to do on the same stream). One
+        event per (operation, output set), made with the buffer, no create / destroy per call: re-recording it is
+        safe, since cuStreamWaitEvent takes the event's state at the time of the call."""
         if stream == pending.stream:
             return
         from cuda.bindings import driver
-        ev = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        ev = self._join_events[(pending.op, pending.hp)]
         _check(driver.cuEventRecord(ev, driver.CUstream(pending.stream)), "cuEventRecord")
         _check(driver.cuStreamWaitEvent(driver.CUstream(stream), ev, 0), "cuStreamWaitEvent")
-        _check(driver.cuEventDestroy(ev), "cuEventDestroy")   # released once it has completed
 
     def dispatch_wait(self, pending) -> DispatchResult:
         self._check_open()
@@ -482,5 +491,8 @@ class GpuBackend:
                 self.rt.barrier()
                 self.rt.free(self._sym_buf)
         finally:
+            for ev in getattr(self, "_join_events", {}).values():
+                driver.cuEventDestroy(ev)
+            self._join_events = {}
             self.kernels.close()
             self.err.close()
