@@ -44,7 +44,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from . import backends, server_args
+from . import backends, placement, server_args
 from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
@@ -169,6 +169,7 @@ class EPBuffer:
             _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
         self._check_kind(xi, "dispatch")
         server_args.check_stats(cfg, stats_out, xi)
+        self._check_placement("dispatch", (x, "x", True), (x_scales, "x_scales", False), (topk_ids, "topk_ids", False))
         if t and (ii.on_host or self.check_ids):
             if not ii.on_host and is_capturing(ii.kind):
                 _fail("dispatch: check_ids=True reads the ids back to the host, which a CUDA-graph capture forbids; "
@@ -184,6 +185,12 @@ class EPBuffer:
     def _check_kind(self, info, where: str):
         if self.ctx.backend == "host" and info.kind != "numpy":
             _fail(f"{where}: the host backend takes numpy arrays, got {info}")
+
+    def _check_placement(self, where: str, *arrays) -> None:
+        """GPU backend: every (array, name, moved in 16-byte vectors) on this rank's GPU, contiguous, aligned
+        (epcomm/placement.py); checked here so that the backend never fails on them after the call began."""
+        if self.ctx.backend == "gpu":
+            placement.check_device_arrays(where, self.ctx.device, arrays)
 
     def _check_combine(self, expert_y, handle, topk_weights, out=None) -> None:
         cfg = self.cfg
@@ -212,6 +219,8 @@ class EPBuffer:
         self._check_kind(yi, "combine")
         self._check_kind(wi, "combine")
         server_args.check_out(cfg, out, t, yi)
+        self._check_placement("combine", (expert_y, "expert_y", True), (topk_weights, "topk_weights", False),
+                              (out, "out", True))
 
     # ------------------------------------------------------------------ forwarding
     def _usable(self):
