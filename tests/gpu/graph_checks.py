@@ -128,6 +128,8 @@ def _server_args(ck, cfg, buf):
 
 def _vllm(ck, cfg, buf):
     problems = []
+    for i, tokens in enumerate(("ragged", None, 5)):      # eager rounds of various T before the capture
+        _eager_round(buf, World(ck, cfg, 8090 + i, "skewed", tokens), problems, f"eager before capture {i}")
     g, st, gres, gy, T = _decode_graph(ck, cfg, buf, 8100)
     g_set = gres.handle.backend_handle.hp
     steps = ("eager", "graph", "graph", "eager", "eager", "graph", "eager", "graph", "held", "graph")
