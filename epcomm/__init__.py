@@ -10,12 +10,12 @@ Without MPI (inference servers, GPU): `epcomm.torch_context()` after torch.distr
 `epcomm.uid_context(uid, rank, world_size, device)` with your own unique-id channel.
 """
 from .config import EPConfig
-from .errors import (EPCapacityError, EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError,
-                     EPTimeoutError)
+from .errors import (EPCapacityError, EPError, EPFencedError, EPInputError, EPOverwriteError, EPPeerRejectedError,
+                     EPRankLostError, EPTimeoutError)
 from .results import DispatchResult
 
 __all__ = ["EPConfig", "EPError", "EPInputError", "EPPeerRejectedError", "EPTimeoutError", "EPCapacityError",
-           "EPRankLostError", "EPFencedError", "DispatchResult", "init",
+           "EPRankLostError", "EPFencedError", "EPOverwriteError", "DispatchResult", "init",
            "EPBuffer", "torch_context", "uid_context"]
 
 

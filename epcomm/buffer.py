@@ -30,6 +30,11 @@ Rules:
 * A handle is valid for one combine: it must come from one of this buffer's two latest dispatches, not combined
   yet. At most two dispatches may be outstanding (two micro-batches: dispatch A, dispatch B, combine A, combine B);
   a third is refused (epcomm/microbatch.py).
+* Eager calls and calls captured in CUDA graphs mix on one buffer: each kind counts its rounds and live dispatches
+  apart (captured ones at capture); on replay the GPU refuses, on every rank alike, a launch that would overwrite a
+  live result (EPOverwriteError from check() / synchronize(), the buffer usable); an *_async and its *_wait stay on
+  one side of a capture. release() frees the sets on the device too (docs/ARCHITECTURE.md "Micro-batches, graphs
+  and eager calls").
 * Server-facing arguments (epcomm/server_args.py): dispatch((x_fp8, x_scales), ids) sends caller-quantised tokens
   unchanged; topk_ids int32 or int64; dispatch(..., stats_out=counts) adds tokens_per_expert to the caller's
   counters on the device; combine(..., out=y) writes into the caller's tensor and returns it.
@@ -44,12 +49,13 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from . import backends, server_args
+from . import backends, placement, server_args
 from .arrays import describe, is_bf16, is_capturing
 from .backends.base import Backend
 from .config import EPConfig
 from .context import init
-from .errors import EPCapacityError, EPError, EPFencedError, EPInputError, EPPeerRejectedError, EPRankLostError
+from .errors import (EPCapacityError, EPError, EPFencedError, EPInputError, EPOverwriteError, EPPeerRejectedError,
+                     EPRankLostError)
 from .microbatch import LiveDispatches
 from .results import DispatchResult
 
@@ -58,11 +64,13 @@ _serials = itertools.count()
 
 @dataclass(eq=False)
 class Handle:
-    """What DispatchResult.handle holds: which buffer and round it belongs to, and the backend's own handle."""
+    """What DispatchResult.handle holds: which buffer and round it belongs to, and the backend's own handle.
+    captured: dispatched inside a CUDA-graph capture (captured calls count their rounds apart from eager ones)."""
     buffer_serial: int
     round: int
     num_tokens: int
     backend_handle: Any
+    captured: bool = False
 
 
 @dataclass(eq=False)
@@ -75,6 +83,8 @@ class Pending:
     waited: bool = False
     result: Any = None          # the backend's receive result, once it ran (by the *_wait or a later operation)
     error: Exception | None = None   # a round error of that receive (_ROUND_ERRORS), raised by its own *_wait
+    captured: bool = False      # issued inside a CUDA-graph capture: its receive must be captured too
+    array_kind: str = "numpy"   # array kind of its inputs (whose current stream may be capturing)
 
 
 def _fail(msg: str):
@@ -82,8 +92,20 @@ def _fail(msg: str):
 
 
 # Errors of one round that leave the buffer usable on every rank: raised to the caller, not a failure (a peer's
-# refusal, a round over capacity, a peer lost while this rank's tokens were on its experts).
-_ROUND_ERRORS = (EPPeerRejectedError, EPCapacityError, EPRankLostError)
+# refusal, a round over capacity, a peer lost while this rank's tokens were on its experts, a call the device
+# refused because of a live result).
+_ROUND_ERRORS = (EPPeerRejectedError, EPCapacityError, EPRankLostError, EPOverwriteError)
+
+
+def _capturing(a) -> bool:
+    """Is `a`'s kind's current stream being captured into a CUDA graph (device arrays only)?"""
+    info = describe(a[0] if isinstance(a, tuple) and a else a)
+    return info is not None and not info.on_host and is_capturing(info.kind)
+
+
+def _kind(a) -> str:
+    info = describe(a[0] if isinstance(a, tuple) and a else a)
+    return info.kind if info is not None else "numpy"
 
 
 def _extra(arg) -> tuple:
@@ -101,9 +123,13 @@ class EPBuffer:
             _fail(f"EPConfig.world_size={cfg.world_size} but the context has {ctx.world_size} ranks")
         self.cfg, self.ctx, self.check_ids = cfg, ctx, check_ids
         self._serial = next(_serials)
-        self._round = 0                 # dispatches issued
+        self._round = 0                 # eager dispatches issued
         self._outstanding: list[Pending] = []   # *_async calls whose receive has not run yet, in issue order
-        self._live = LiveDispatches()           # dispatches that may still be combined (two micro-batches)
+        self._live = LiveDispatches()           # eager dispatches that may still be combined (two micro-batches)
+        # dispatches captured in CUDA graphs: rounds and live ones counted apart from the eager ones (the two kinds
+        # take the output sets in turn each; replays are checked on the device, see microbatch.py)
+        self._graph_round = 0
+        self._graph_live = LiveDispatches()
         self._closed = False
         self._failed: str | None = None
         self._backend: Backend = backends.make_backend(cfg, ctx)
@@ -169,6 +195,7 @@ class EPBuffer:
             _fail(f"dispatch: x and topk_ids must be the same kind on the same device, got {xi} and {ii}")
         self._check_kind(xi, "dispatch")
         server_args.check_stats(cfg, stats_out, xi)
+        self._check_placement("dispatch", (x, "x", True), (x_scales, "x_scales", False), (topk_ids, "topk_ids", False))
         if t and (ii.on_host or self.check_ids):
             if not ii.on_host and is_capturing(ii.kind):
                 _fail("dispatch: check_ids=True reads the ids back to the host, which a CUDA-graph capture forbids; "
@@ -185,12 +212,18 @@ class EPBuffer:
         if self.ctx.backend == "host" and info.kind != "numpy":
             _fail(f"{where}: the host backend takes numpy arrays, got {info}")
 
+    def _check_placement(self, where: str, *arrays) -> None:
+        """GPU backend: every (array, name, moved in 16-byte vectors) on this rank's GPU, contiguous, aligned
+        (epcomm/placement.py); checked here so that the backend never fails on them after the call began."""
+        if self.ctx.backend == "gpu":
+            placement.check_device_arrays(where, self.ctx.device, arrays)
+
     def _check_combine(self, expert_y, handle, topk_weights, out=None) -> None:
         cfg = self.cfg
         if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
             _fail("combine: handle must be DispatchResult.handle of a dispatch on this EPBuffer, "
                   f"got {type(handle).__name__}" + (" from another buffer" if isinstance(handle, Handle) else ""))
-        self._live.check_combine(handle.round, self._round - 1)
+        self._live_of(handle).check_combine(handle.round, self._next_round(handle.captured) - 1)
         yi, wi = describe(expert_y), describe(topk_weights)
         if yi is None:
             _fail(f"combine: expert_y must be a numpy / torch / cupy array, got {type(expert_y).__name__}")
@@ -212,8 +245,33 @@ class EPBuffer:
         self._check_kind(yi, "combine")
         self._check_kind(wi, "combine")
         server_args.check_out(cfg, out, t, yi)
+        self._check_placement("combine", (expert_y, "expert_y", True), (topk_weights, "topk_weights", False),
+                              (out, "out", True))
 
     # ------------------------------------------------------------------ forwarding
+    def _live_of(self, h) -> LiveDispatches:
+        """The live dispatches of h's kind (a Handle or Pending: eager or captured)."""
+        return self._graph_live if h.captured else self._live
+
+    def _next_round(self, captured: bool) -> int:
+        return self._graph_round if captured else self._round
+
+    def _advance(self, captured: bool) -> None:
+        if captured:
+            self._graph_round += 1
+        else:
+            self._round += 1
+
+    def _check_capture(self, where: str, captured: bool) -> None:
+        """An *_async and its *_wait on the same side of a CUDA-graph capture: a receive run by a call on the other
+        side would land in the graph (replayed with it) or out of it (the replays would lack it)."""
+        for p in self._outstanding:
+            if p.captured != captured:
+                inside = "inside" if p.captured else "outside"
+                _fail(f"{where}: {p.kind}_async of round {p.round} was issued {inside} a CUDA-graph capture and "
+                      f"still waits for its {p.kind}_wait, which must run {inside} it too: call "
+                      f"{p.kind}_wait before {'ending' if p.captured else 'starting'} the capture")
+
     def _usable(self):
         if self._closed:
             raise EPError("EPBuffer is closed")
@@ -253,7 +311,7 @@ class EPBuffer:
             except _ROUND_ERRORS as e:
                 p.error = e               # that call's own *_wait raises it
                 if p.kind == "dispatch":
-                    self._live.release(p.round)   # no handle comes of it: it can never be combined
+                    self._live_of(p).release(p.round)   # no handle comes of it: it can never be combined
             if p is upto:
                 return
 
@@ -300,28 +358,34 @@ class EPBuffer:
         per local expert are added to (on the device)."""
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
-        self._call(self._live.admit, self._round)
+        captured = _capturing(x)
+        self._checked(self._check_capture, "dispatch", captured)
+        live, rnd = (self._graph_live, self._graph_round) if captured else (self._live, self._round)
+        self._call(live.admit, rnd)
         self._complete()
         try:
             res = self._call(self._backend.dispatch, x, topk_ids, *_extra(stats_out))
         except EPCapacityError:
-            self._round += 1       # the backend used up the round
+            self._advance(captured)       # the backend used up the round
             raise
-        res.handle = Handle(self._serial, self._round, t, res.handle)
-        self._live.track(self._round, res.handle)
-        self._round += 1
+        res.handle = Handle(self._serial, rnd, t, res.handle, captured)
+        live.track(rnd, res.handle)
+        self._advance(captured)
         return res
 
     def dispatch_async(self, x, topk_ids, *, stats_out=None) -> Pending:
         self._usable()
         t = self._checked(self._check_tokens, x, topk_ids, stats_out, refuse=self._refuse_dispatch)
-        self._call(self._live.admit, self._round)
+        captured = _capturing(x)
+        self._checked(self._check_capture, "dispatch_async", captured)
+        live, rnd = (self._graph_live, self._graph_round) if captured else (self._live, self._round)
+        self._call(live.admit, rnd)
         self._complete()
         inner = self._call(self._backend.dispatch_async, x, topk_ids, *_extra(stats_out))
-        p = Pending("dispatch", self._round, self._serial, inner, t)
+        p = Pending("dispatch", rnd, self._serial, inner, t, captured=captured, array_kind=_kind(x))
         self._outstanding.append(p)
-        self._live.track(self._round, p)
-        self._round += 1
+        live.track(rnd, p)
+        self._advance(captured)
         return p
 
     def _check_pending(self, p, kind: str):
@@ -329,6 +393,8 @@ class EPBuffer:
             _fail(f"{kind}_wait: expects the object {kind}_async of this EPBuffer returned, got {type(p).__name__}")
         if p.waited:
             _fail(f"{kind}_wait: round {p.round} was already waited for")
+        if p.result is None and p.error is None:   # its receive is still to run: on its send's side of a capture
+            self._check_capture(f"{kind}_wait", p.array_kind != "numpy" and is_capturing(p.array_kind))
 
     def dispatch_wait(self, pending: Pending) -> DispatchResult:
         self._usable()
@@ -338,8 +404,8 @@ class EPBuffer:
         pending.waited = True
         if pending.error is not None:
             raise pending.error
-        res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle)
-        self._live.track(pending.round, res.handle)
+        res.handle = Handle(self._serial, pending.round, pending.num_tokens, res.handle, pending.captured)
+        self._live_of(pending).track(pending.round, res.handle)
         return res
 
     def combine(self, expert_y, handle, topk_weights, *, out=None):
@@ -348,19 +414,23 @@ class EPBuffer:
         self._usable()
         self._checked(self._check_combine, expert_y, handle, topk_weights, out,
                       refuse=lambda: self._refuse_combine(handle))
+        self._checked(self._check_capture, "combine", _capturing(expert_y))
         self._complete()
-        self._live.combined(handle.round)
+        self._live_of(handle).combined(handle.round)
         return self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out))
 
     def combine_async(self, expert_y, handle, topk_weights, *, out=None) -> Pending:
         self._usable()
         self._checked(self._check_combine, expert_y, handle, topk_weights, out,
                       refuse=lambda: self._refuse_combine(handle))
+        captured = _capturing(expert_y)
+        self._checked(self._check_capture, "combine_async", captured)
         self._complete()
         inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights,
                             *_extra(out))
-        self._live.combined(handle.round)
-        p = Pending("combine", handle.round, self._serial, inner, handle.num_tokens)
+        self._live_of(handle).combined(handle.round)
+        p = Pending("combine", handle.round, self._serial, inner, handle.num_tokens, captured=captured,
+                    array_kind=_kind(expert_y))
         self._outstanding.append(p)
         return p
 
@@ -377,15 +447,23 @@ class EPBuffer:
 
     def release(self, handle=None) -> None:
         """Declare that a dispatch will not be combined, so a later dispatch may reuse its buffers: `handle`'s
-        (DispatchResult.handle), or every dispatch not yet combined. Bookkeeping only, nothing is sent; every rank
-        releases the same rounds (no peer waits for a combine of them)."""
+        (DispatchResult.handle; also one captured in a CUDA graph, whose replayed result is then released), or
+        every dispatch not yet combined. Nothing is sent; the GPU backend frees the output set on the device too (a
+        one-thread launch on the current stream), so that a graph replay may reuse it. Every rank releases the same
+        rounds (no peer waits for a combine of them)."""
         self._usable()
         if handle is None:
+            done = [h for live in (self._live, self._graph_live) for h in live.owners() if isinstance(h, Handle)]
             self._live.release()
-            return
-        if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
-            _fail("release: handle must be DispatchResult.handle of a dispatch on this EPBuffer")
-        self._live.release(handle.round)
+            self._graph_live.release()
+        else:
+            if not isinstance(handle, Handle) or handle.buffer_serial != self._serial:
+                _fail("release: handle must be DispatchResult.handle of a dispatch on this EPBuffer")
+            self._live_of(handle).release(handle.round)
+            done = [handle]
+        release = getattr(self._backend, "release", None)
+        if callable(release) and done:
+            self._call(release, [h.backend_handle for h in done])
 
     def check(self) -> None:
         """Raise now an error that a kernel has recorded since the calls returned (GPU: a timeout or a peer's abort
@@ -423,8 +501,9 @@ class EPBuffer:
 
     @property
     def round(self) -> int:
-        """Dispatches issued so far."""
-        return self._round
+        """Dispatches issued so far, eager and captured in CUDA graphs (each kind numbers its handles' rounds apart:
+        Handle.round, Handle.captured)."""
+        return self._round + self._graph_round
 
     def __enter__(self):
         return self

@@ -60,6 +60,27 @@ class EPCapacityError(EPError):
                    rank=rank, needed=over[rank], capacity=cfg.recv_rows, round=round, overflowing=over)
 
 
+class EPOverwriteError(EPError):
+    """A call refused on the device because of a live dispatch result (GPU backend; eager calls and CUDA-graph
+    replays on one buffer, docs/ARCHITECTURE.md "Micro-batches, graphs and eager calls"): a dispatch whose output set
+    still held the result of another call, not yet combined; a combine of a result that was not live (its dispatch
+    was refused, or it was combined or released already); or a call launched while an *_async of the buffer still
+    waited for its *_wait. The refused call did nothing on any rank (every rank refuses the same one): the result
+    held is intact, its combine still works, and the buffer stays usable. Raised once, by check() / synchronize().
+
+    ``op``: "dispatch" or "combine" (the first call refused since the last report); ``reason``: "live",
+    "not_live" or "pending"; ``output_set``: 0 or 1; ``captured``: whether that call (a combine: its dispatch) was
+    captured in a CUDA graph (False: eager); ``holder``: "eager", "captured" or None, the call whose result the set
+    held; ``count``: calls refused since the last report (a refused dispatch's combine is one of them).
+    """
+
+    def __init__(self, message: str, *, op: str, reason: str, output_set: int, captured: bool,
+                 holder: str | None, count: int = 1):
+        super().__init__(message)
+        self.op, self.reason, self.output_set, self.captured = op, reason, output_set, captured
+        self.holder, self.count = holder, count
+
+
 class EPTimeoutError(EPError, TimeoutError):
     """A peer did not arrive before the deadline.
 

@@ -12,8 +12,10 @@ outputs and the state its combine needs live until the second dispatch after it.
   back to back that is "a third dispatch while two are live";
 * combine takes the handle of either live dispatch, in any order (every rank in the same order), once.
 
-This is host bookkeeping of eager calls. Calls inside a CUDA graph are checked at capture; on replay the device
-counts rounds itself (see docs/ARCHITECTURE.md "Micro-batches, graphs and eager calls").
+This is host bookkeeping. EPBuffer keeps one LiveDispatches for its eager calls and one for the calls captured in
+CUDA graphs (checked at capture, in capture order): the two kinds take the output sets in turn each, counted apart.
+Replays are invisible here; the GPU device knows which call's result each set holds and refuses a launch that would
+overwrite a live one (docs/ARCHITECTURE.md "Micro-batches, graphs and eager calls").
 """
 from __future__ import annotations
 
@@ -76,3 +78,8 @@ class LiveDispatches:
     def rounds(self) -> list[int]:
         self._prune()
         return sorted(self._live)
+
+    def owners(self) -> list:
+        """What can still combine each live round (Pending or Handle objects), in round order."""
+        self._prune()
+        return [o for o in (self._live[r]() for r in sorted(self._live)) if o is not None]

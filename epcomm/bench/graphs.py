@@ -76,6 +76,9 @@ def time_graph(bench, case, buf, cfg, t, ops, sets, ey_buf, sms):
     g_d.replay()
     torch.cuda.synchronize()
     post = bench.verify.agree(bench.verify.check_dispatch(cfg, gres, t, 1 % n_sets))
+    # the last replay's result is not combined: free its output set for the eager calls that may follow on buf
+    # (the device refuses a dispatch over a live result, kernels/results.cuh)
+    buf.release(gres.handle)
     for op, tm in timings.items():
         if post:
             bench.records.record(case, "epcomm", op, cfg, t, graph=True, status="wrong",

@@ -7,6 +7,7 @@ epcomm.reference. Called by tests/gpu/worker.py once per plain config (no fused 
 * two micro-batches: dispatch A, dispatch B, (both outputs checked), combine A, combine B; a third live dispatch is
   refused before anything is sent;
 * fp8: caller-quantised (x_fp8, x_scales) is delivered unchanged (scales epcomm would not compute itself);
+* then, on a fresh buffer, eager calls and CUDA-graph replays mixed (tests/gpu/graph_checks.py).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def run(ck, cfg) -> None:
             _guard(ck, f"{tag} stats_out {dt}", lambda: _stats(ck, cfg, buf, dt))
         _guard(ck, f"{tag} caller-quantised input", lambda: _prequant(ck, cfg, buf))
         _guard(ck, f"{tag} two micro-batches", lambda: _microbatches(ck, cfg, buf))   # last: leaves buf failed
+    import graph_checks      # eager calls and CUDA-graph replays on one (fresh) buffer; imports this module
+    graph_checks.run(ck, cfg)
 
 
 def _guard(ck, name, fn):

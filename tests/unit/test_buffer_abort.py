@@ -122,7 +122,7 @@ def test_check_ids_inside_a_graph_capture_is_refused_clearly(monkeypatch):
     fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_current_stream_capturing=lambda: True))
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     monkeypatch.setattr(epcomm.backends, "make_backend", lambda cfg, ctx: FakeBackend())
-    ctx = types.SimpleNamespace(world_size=2, backend="gpu", _buffers=weakref.WeakSet())
+    ctx = types.SimpleNamespace(world_size=2, backend="gpu", device=0, _buffers=weakref.WeakSet())
     cfg = EPConfig(hidden=128, topk=2, num_experts=4, max_tokens_per_rank=4, world_size=2, timeout_s=1.0)
     buf = EPBuffer(cfg, ctx, check_ids=True)
     with pytest.raises(EPInputError, match="CUDA-graph capture forbids"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from epcomm.backends.gpu.backend import GpuBackend
-from epcomm.backends.gpu.layout import ErrorCode, Phase
+from epcomm.backends.gpu.layout import ErrorCode, Phase, Refusal, RefusedOp, call_word
 from epcomm.config import EPConfig
-from epcomm.errors import EPError, EPTimeoutError
+from epcomm.errors import EPError, EPOverwriteError, EPTimeoutError
 
 
 class _Record:
@@ -63,6 +63,9 @@ class _CapacityRecord(_Record):
         cap, self.cap = self.cap, None      # raised once
         return cap
 
+    def read_refusal(self):
+        return None
+
 
 def test_a_void_round_is_raised_once_by_check_never_by_a_launch():
     from epcomm import EPCapacityError
@@ -88,3 +91,61 @@ def test_int64_ids_on_the_cpu_get_the_named_input_error():
     be.ctx = SimpleNamespace(device=0)
     with pytest.raises(EPInputError, match="tensor is on the CPU"):
         be._narrow_ids(torch.zeros((2, 2), dtype=torch.int64), 0, 2, "torch")
+
+
+class _RefusalRecord(_Record):
+    def __init__(self, refusal):
+        super().__init__()
+        self.rec, self.refusal = None, refusal
+
+    def read_capacity(self):
+        return None
+
+    def read_refusal(self):
+        r, self.refusal = self.refusal, None   # raised once
+        return r
+
+
+@pytest.mark.parametrize("op,why,call,holder,want", [
+    # a replayed dispatch (call word: id 7, set 1, captured) over an eager result still live in its set
+    (RefusedOp.DISPATCH, Refusal.LIVE, call_word(7, 1, eager=False), call_word(3, 1, eager=True),
+     dict(op="dispatch", reason="live", output_set=1, captured=True, holder="eager")),
+    # an eager dispatch over a replayed (captured) result not combined yet
+    (RefusedOp.DISPATCH, Refusal.LIVE, call_word(9, 0, eager=True), call_word(2, 0, eager=False),
+     dict(op="dispatch", reason="live", output_set=0, captured=False, holder="captured")),
+    (RefusedOp.COMBINE, Refusal.NOT_LIVE, call_word(7, 1, eager=False), 0,
+     dict(op="combine", reason="not_live", output_set=1, captured=True, holder=None)),
+    (RefusedOp.DISPATCH, Refusal.PENDING, call_word(8, 0, eager=False), 0,
+     dict(op="dispatch", reason="pending", output_set=0, captured=True, holder=None)),
+])
+def test_a_refused_launch_is_raised_once_as_the_named_error(op, why, call, holder, want):
+    """A launch refused on the device because of a live result (kernels/results.cuh) is EPOverwriteError, raised by
+    check / synchronize (never by a launch: every rank refused the same one), once; the buffer stays usable."""
+    be = backend_with(ErrorCode.TIMEOUT)
+    be.err = _RefusalRecord(dict(count=2, op=int(op), why=int(why), holder=holder, call=call))
+    be._raise_recorded()                   # what launching calls check: failures only
+    with pytest.raises(EPOverwriteError, match="was refused") as e:
+        be.raise_pending()
+    got = {k: getattr(e.value, k) for k in want}
+    assert got == want and e.value.count == 2 and "1 more call refused since" in str(e.value)
+    assert "buffer stays usable" in str(e.value)
+    be.raise_pending()                     # once
+
+
+def test_the_refusal_record_words_round_trip():
+    """The host's reading of RefusalRec (int32 words, u64 call words low word first), as the kernels write it."""
+    import ctypes
+
+    from epcomm.backends.gpu.layout import HOST_RECORD_WORDS, REFUSAL_RECORD_WORD
+    from epcomm.backends.gpu.runtime import HostErrorRecord
+    rec = object.__new__(HostErrorRecord)
+    rec.words = (ctypes.c_int32 * HOST_RECORD_WORDS)()
+    assert rec.read_refusal() is None
+    call, holder = call_word(2 ** 33 + 5, 1, eager=False), call_word(2 ** 31 + 1, 1, eager=True)
+    raw = (ctypes.c_uint64 * 2)(holder, call)
+    w = REFUSAL_RECORD_WORD
+    rec.words[w + 1], rec.words[w + 2], rec.words[w + 3] = 3, int(RefusedOp.COMBINE), int(Refusal.NOT_LIVE)
+    ctypes.memmove(ctypes.addressof(rec.words) + 4 * (w + 4), raw, 16)
+    rec.words[w] = 1
+    assert rec.read_refusal() == dict(count=3, op=2, why=3, holder=holder, call=call)
+    assert rec.read_refusal() is None and rec.words[w + 1] == 0

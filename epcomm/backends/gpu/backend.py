@@ -16,22 +16,29 @@ stream (torch.cuda.current_stream() / cupy's current stream); nothing here synch
 hot path. Outputs are views of preallocated buffers, double buffered: a DispatchResult stays valid until the second
 dispatch after it (a combine output until the second combine after it). Every call is CUDA-graph capturable: rounds
 and buffer parities of the communication buffers live in device memory.
+
+Eager calls and graph replays on one buffer: eager calls take the output sets in turn, and so do captured calls,
+each kind counted apart (a captured call writes the set of its capture at every replay: its tensors are the graph's).
+The device knows which call's result each set holds and refuses a launch that would overwrite a live result or
+combine one that is not live (kernels/results.cuh); the refusal is raised as EPOverwriteError by check / synchronize.
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 
-from ...errors import EPCapacityError, EPError, EPInputError, EPTimeoutError
+from ...errors import EPCapacityError, EPError, EPInputError, EPOverwriteError, EPTimeoutError
 from ...results import DispatchResult
-from ...arrays import describe
+from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
-from .layout import OUTPUT_SETS, ErrorCode, Layout, Phase, device_arrays, params_struct, send_chunk_tokens
+from .layout import (OUTPUT_SETS, ErrorCode, Layout, Phase, Refusal, RefusedOp, call_word, device_arrays,
+                     params_struct, send_chunk_tokens)
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -41,9 +48,10 @@ log = logging.getLogger("epcomm.gpu")
 
 @dataclass
 class GpuHandle:
-    hp: int          # which output buffer set (host call parity)
+    hp: int          # which output set the dispatch wrote
     num_tokens: int
     kind: str
+    call: int = 0    # its Params.call (layout.call_word): the device knows the result by it (kernels/results.cuh)
 
 
 @dataclass
@@ -122,15 +130,20 @@ class GpuBackend:
         # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
         # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
         # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
-        self._ids64 = [new((cfg.max_tokens_per_rank, cfg.topk), "i64") for _ in range(OUTPUT_SETS)]
-        self._ids32 = [new((cfg.max_tokens_per_rank, cfg.topk), "i32") for _ in range(OUTPUT_SETS)]
+        # (eager and captured calls apart: a replay must not overwrite the ids an eager dispatch_async still reads)
+        self._ids64 = [new((cfg.max_tokens_per_rank, cfg.topk), "i64") for _ in range(2 * OUTPUT_SETS)]
+        self._ids32 = [new((cfg.max_tokens_per_rank, cfg.topk), "i32") for _ in range(2 * OUTPUT_SETS)]
         self.err = HostErrorRecord()
-        self._hp = 0     # dispatch calls so far (host parity of output sets)
-        self._cp = 0     # combine calls so far
+        # dispatch / combine calls so far, [eager, captured]: each kind takes the output sets in turn
+        self._dispatches = [0, 0]
+        self._combines = [0, 0]
+        self._call_ids = itertools.count(1)
         self._closed = False
         self.broken = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
         self._tmpl = {}
+        self._join_events = {}   # (operation, output set) -> the event of _after
         self._check_params_size()
+        self._make_join_events()
         if A.torch is not None:
             A.torch.cuda.synchronize(ctx.device)
         self.rt.barrier()
@@ -214,6 +227,13 @@ class GpuBackend:
             p.peer[r] = v
         return p
 
+    def _make_join_events(self):
+        from cuda.bindings import driver
+        for op in ("dispatch", "combine"):
+            for s in range(OUTPUT_SETS):
+                self._join_events[(op, s)] = _check(
+                    driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+
     def _launch(self, name: str, params, stream: int):
         from cuda.bindings import driver
         pp = (ctypes.c_void_p * 1)(ctypes.addressof(params))
@@ -275,8 +295,12 @@ class GpuBackend:
             raise EPError("EPBuffer is closed")
         self._raise_recorded()
 
-    def _narrow_ids(self, topk_ids, hp: int, T: int, kind: str):
-        """int64 ids -> this set's int32 staging (stream-ordered cast); int32 ids as they are."""
+    def next_output_set(self, captured: bool = False) -> int:
+        """The output set the next dispatch of that kind (eager / captured in a CUDA graph) writes."""
+        return self._dispatches[int(captured)] % OUTPUT_SETS
+
+    def _narrow_ids(self, topk_ids, slot: int, T: int, kind: str):
+        """int64 ids -> int32 staging `slot` (stream-ordered cast); int32 ids as they are."""
         if describe(topk_ids) is None or describe(topk_ids).dtype != "int64":
             return topk_ids
         if kind == "cai":
@@ -284,7 +308,7 @@ class GpuBackend:
         # the same device / contiguity checks as int32 ids get in _inputs, before the cast is queued: a CPU or
         # other-GPU tensor gets the named EPInputError, not a torch error from the clamp
         device_pointer(topk_ids, array_kind(topk_ids), self.ctx.device)
-        wide, stage = self.alloc.view(self._ids64[hp], kind)[:T], self.alloc.view(self._ids32[hp], kind)[:T]
+        wide, stage = self.alloc.view(self._ids64[slot], kind)[:T], self.alloc.view(self._ids32[slot], kind)[:T]
         if kind == "torch":
             import torch
             torch.clamp(topk_ids, -1, self.cfg.num_experts, out=wide)
@@ -319,23 +343,25 @@ class GpuBackend:
     def _dispatch_params(self, x, topk_ids):
         self._check_open()
         x, x_scales = x if isinstance(x, tuple) else (x, None)   # caller-quantised: (e4m3 [T, H], fp32 scales)
-        hp = self._hp & 1
-        topk_ids = self._narrow_ids(topk_ids, hp, int(x.shape[0]), array_kind(x))
+        captured = is_capturing(array_kind(x))
+        hp = self.next_output_set(captured)
+        topk_ids = self._narrow_ids(topk_ids, hp + OUTPUT_SETS * captured, int(x.shape[0]), array_kind(x))
         kind, T, xp, ip = self._inputs(x, topk_ids)
-        self._hp += 1
+        self._dispatches[captured] += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
+        p.call = call_word(next(self._call_ids), hp, eager=not captured)
         if x_scales is not None:   # sent unchanged (row-major [T, scale_cols]; the kernels copy instead of quantising)
             p.x_scales = device_pointer(x_scales, array_kind(x_scales), self.ctx.device)
         return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
-    def _result(self, hp: int, T: int, kind: str) -> DispatchResult:
+    def _result(self, hp: int, T: int, kind: str, call: int) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
         scales = self._scales_view(v(s.get("escale"), kind), kind)
         return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
-                              handle=GpuHandle(hp, T, kind))
+                              handle=GpuHandle(hp, T, kind, call))
 
     def _scales_view(self, store, kind: str):
         """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
@@ -350,24 +376,24 @@ class GpuBackend:
         kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
         self._launch("ep_dispatch", p, st)
         self._add_stats(stats_out, hp, kind)
-        return self._result(hp, T, kind)
+        return self._result(hp, T, kind, p.call)
 
     def dispatch_async(self, x, topk_ids, stats_out=None):
         kind, T, hp, p, st = self._dispatch_params(x, topk_ids)
         self._launch("ep_dispatch_send", p, st)
         return _Pending("dispatch", hp, T, kind, st, p, keep=(x, topk_ids), stats=stats_out)
 
-    @staticmethod
-    def _after(pending, stream: int) -> None:
+    def _after(self, pending, stream: int) -> None:
         """A wait on another stream than its *_async must not start before the send: that stream waits for all the
-        async call's stream has queued so far (fork / join with an event; nothing to do on the same stream)."""
+        async call's stream has queued so far (fork / join with an event; nothing to do on the same stream). One
+        event per (operation, output set), made with the buffer, no create / destroy per call: re-recording it is
+        safe, since cuStreamWaitEvent takes the event's state at the time of the call."""
         if stream == pending.stream:
             return
         from cuda.bindings import driver
-        ev = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        ev = self._join_events[(pending.op, pending.hp)]
         _check(driver.cuEventRecord(ev, driver.CUstream(pending.stream)), "cuEventRecord")
         _check(driver.cuStreamWaitEvent(driver.CUstream(stream), ev, 0), "cuStreamWaitEvent")
-        _check(driver.cuEventDestroy(ev), "cuEventDestroy")   # released once it has completed
 
     def dispatch_wait(self, pending) -> DispatchResult:
         self._check_open()
@@ -375,7 +401,7 @@ class GpuBackend:
         self._after(pending, st)
         self._launch("ep_dispatch_recv", pending.params, st)
         self._add_stats(pending.stats, pending.hp, pending.kind)
-        return self._result(pending.hp, pending.num_tokens, pending.kind)
+        return self._result(pending.hp, pending.num_tokens, pending.kind, pending.params.call)
 
     # ---------------------------------------------------------------- combine
     def _combine_params(self, expert_y, handle, topk_weights, out=None):
@@ -387,8 +413,10 @@ class GpuBackend:
         p = self._base_params(handle.hp, T)
         p.expert_y = aligned(device_pointer(expert_y, kind, self.ctx.device), "expert_y")
         p.weights = device_pointer(topk_weights, array_kind(topk_weights), self.ctx.device)
-        cp = self._cp & 1
-        self._cp += 1
+        p.call = handle.call      # the device combines only the live result of that dispatch
+        captured = is_capturing(kind)
+        cp = self._combines[captured] % OUTPUT_SETS
+        self._combines[captured] += 1
         # out=: the kernels write y straight into the caller's tensor (no copy)
         p.y = self.alloc.ptr(self.ybufs[cp]) if out is None else aligned(device_pointer(out, kind, self.ctx.device),
                                                                           "out")
@@ -417,6 +445,28 @@ class GpuBackend:
         self._launch("ep_combine_recv", pending.params, st)
         return self._y(pending.hp, pending.num_tokens, pending.kind, pending.keep[2])
 
+    def release(self, handles) -> None:
+        """The results of these dispatches (GpuHandle) will not be combined: their output sets are free on the
+        device for any call (a one-thread launch each, on the caller's current stream, ordered after the dispatch);
+        a set that holds another result by now is left as it is."""
+        self._check_open()
+        from cuda.bindings import driver
+        for h in handles:
+            if not isinstance(h, GpuHandle):
+                continue
+            p = self._base_params(h.hp, 0)
+            p.call = h.call
+            pp = (ctypes.c_void_p * 1)(ctypes.addressof(p))
+            st = current_stream(h.kind, self.ctx.device)
+            _check(driver.cuLaunchKernel(self.kernels.functions["ep_release"], 1, 1, 1, 1, 1, 1, 0,
+                                         driver.CUstream(st), ctypes.addressof(pp), 0), "launch ep_release")
+
+    def _raise_refusal(self):
+        """EPOverwriteError for a launch the device refused because of a live result (raised once; usable)."""
+        rec = self.err.read_refusal()
+        if rec is not None:
+            raise refusal_error(rec, self.me)
+
     # ---------------------------------------------------------------- lifecycle
     def synchronize(self):
         """Wait for the device; raise what a kernel recorded: a failure, else a round over capacity."""
@@ -424,13 +474,16 @@ class GpuBackend:
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
         self._raise_recorded()
         self._raise_capacity()
+        self._raise_refusal()
 
     def raise_pending(self) -> None:
         """Raise what a kernel recorded (timeout, abort, bad entry; else a round over capacity), if any: pinned
         memory, no synchronisation. Calls that launch kernels raise only failures, never EPCapacityError: its round
-        is void on every rank's device, so every rank keeps issuing the same operations."""
+        is void on every rank's device, so every rank keeps issuing the same operations (likewise EPOverwriteError:
+        every rank's device refuses the same launch)."""
         self._raise_recorded()
         self._raise_capacity()
+        self._raise_refusal()
 
     def pending_error(self) -> dict | None:
         """The device error record, read from pinned memory without synchronising (None if none)."""
@@ -516,5 +569,37 @@ class GpuBackend:
                 self.rt.barrier()
                 self.rt.free(self._sym_buf)
         finally:
+            for ev in getattr(self, "_join_events", {}).values():
+                driver.cuEventDestroy(ev)
+            self._join_events = {}
             self.kernels.close()
             self.err.close()
+
+
+def refusal_error(rec: dict, me: int) -> EPOverwriteError:
+    """The EPOverwriteError of a refusal record (runtime.HostErrorRecord.read_refusal)."""
+    call, holder = rec["call"], rec["holder"]
+    captured = not call & 1
+    output_set = (call >> 1) & 1
+    op = "combine" if rec["op"] in (RefusedOp.COMBINE, RefusedOp.COMBINE_RECV) else "dispatch"
+    holder_kind = None if holder == 0 else ("eager" if holder & 1 else "captured")
+    held = {"eager": "an eager dispatch", "captured": "a dispatch captured in a CUDA graph", None: "nothing"}
+    what = f"rank {me}: {'a replayed' if captured else 'an eager'} {op} (output set {output_set}) was refused: "
+    why = rec["why"]
+    if why == Refusal.LIVE:
+        what += (f"that set still held the result of {held[holder_kind]}, not combined yet; combine it, or "
+                 f"EPBuffer.release() it, before a call that reuses its set")
+        reason = "live"
+    elif why == Refusal.NOT_LIVE:
+        what += ("the dispatch result it combines was not live: its dispatch was refused, or that result was "
+                 "combined or released already (a graph's combine replayed without its dispatch?)")
+        reason = "not_live"
+    else:
+        what += ("it was launched while a dispatch_async / combine_async of this buffer still waited for its *_wait "
+                 "(a CUDA-graph replay in between?); run the *_wait first")
+        reason = "pending"
+    more = rec["count"] - 1
+    what += ("; nothing of the refused call ran, on any rank: a result held is intact, the buffer stays usable"
+             + (f" ({more} more call{'s' if more > 1 else ''} refused since)" if more > 0 else ""))
+    return EPOverwriteError(f"epcomm gpu: {what}", op=op, reason=reason, output_set=output_set, captured=captured,
+                            holder=holder_kind, count=max(1, rec["count"]))

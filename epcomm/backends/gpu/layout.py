@@ -45,6 +45,30 @@ class ErrorCode(enum.IntEnum):
 # same host-mapped block: flag (the device round, 0 = none), rank, rows needed, capacity, ranks over capacity.
 CAPACITY_RECORD_WORD = 8
 CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
+# Then the refusal record (RefusalRec; kernels/results.cuh): a launch refused because of a live result. int32 words:
+# flag, count, op, why, then the holder's and the refused call's Params.call (u64 each, low word first).
+REFUSAL_RECORD_WORD = 16
+HOST_RECORD_WORDS = 24
+
+
+class RefusedOp(enum.IntEnum):
+    """`op` of the refusal record (kernels: OP_*)."""
+    DISPATCH = 0
+    DISPATCH_RECV = 1
+    COMBINE = 2
+    COMBINE_RECV = 3
+
+
+class Refusal(enum.IntEnum):
+    """`why` of the refusal record (kernels: WHY_*)."""
+    LIVE = 1          # a dispatch: its output set holds the live result of another call
+    PENDING = 2       # an *_async of this buffer still waited for its *_wait
+    NOT_LIVE = 3      # a combine: the result its handle names is not live (refused, combined or released)
+
+
+def call_word(call_id: int, output_set: int, eager: bool) -> int:
+    """Params.call: which call a launch is, the output set it uses, eager or captured (kernels/results.cuh)."""
+    return (call_id << 2) | (output_set << 1) | int(bool(eager))
 
 
 class Phase(enum.IntEnum):
@@ -170,6 +194,7 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
         "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
         "EP_COUNT_BASE_AT": lay.count_base_at,
+        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
@@ -183,6 +208,8 @@ def kernel_defines(cfg) -> dict[str, int]:
     out["EP_MAX_DEST_RANKS"] = lay.max_dest_ranks
     out.update({f"EP_ERR_{c.name}": int(c) for c in ErrorCode})
     out.update({f"EP_PHASE_{p.name}": int(p) for p in Phase})
+    out.update({f"EP_OP_{o.name}": int(o) for o in RefusedOp})
+    out.update({f"EP_WHY_{w.name}": int(w) for w in Refusal})
     return out
 
 
@@ -196,7 +223,8 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
     return max(1, min(MAX_ITEM_TOKENS, per_block))
 
 
-# Params (kernels/common.cuh), in field order: device pointers, the deadline, region offsets, ints, peer bases.
+# Params (kernels/layout.cuh), in field order: device pointers, the deadline, the call word, region offsets, ints,
+# peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
                   "dbase", "x_scales")
@@ -206,7 +234,8 @@ PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
 def params_struct(ranks: int):
     """ctypes mirror of the kernels' Params for `ranks` ranks."""
     u64, i32 = ctypes.c_uint64, ctypes.c_int32
-    fields = ([(n, u64) for n in PARAM_POINTERS] + [("timeout_ns", u64)] + [("off_" + n, u64) for n in REGIONS]
+    fields = ([(n, u64) for n in PARAM_POINTERS] + [("timeout_ns", u64), ("call", u64)]
+              + [("off_" + n, u64) for n in REGIONS]
               + [(n, i32) for n in PARAM_INTS] + [("peer", u64 * ranks)])
 
     class Params(ctypes.Structure):

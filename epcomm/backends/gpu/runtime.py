@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from .heap import NVSHMEM_DEFAULTS
-from .layout import CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, ErrorCode, Phase, heap_bytes
+from .layout import (CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, HOST_RECORD_WORDS, REFUSAL_RECORD_WORD,
+                     ErrorCode, Phase, heap_bytes)
 
 log = logging.getLogger("epcomm.gpu")
 
@@ -231,18 +232,18 @@ class Runtime:
 
 
 class HostErrorRecord:
-    """8 int32 words in host-mapped pinned memory that kernels write when they give up (ErrRec in kernels/layout.cuh).
+    """int32 words in host-mapped pinned memory that kernels write: 8 when they give up (ErrRec in kernels/layout.cuh),
+    then the capacity record and the refusal record (layout.py).
     read() gives `code` as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
     FIELDS = ("flag", "code", "peer", "what", "waiter", "round", "phase", "pad")
 
     def __init__(self):
         from cuda.bindings import driver
         flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
-        self.host = _check(driver.cuMemHostAlloc(64, flags), "cuMemHostAlloc")
+        self.host = _check(driver.cuMemHostAlloc(4 * HOST_RECORD_WORDS, flags), "cuMemHostAlloc")
         self.dev = int(_check(driver.cuMemHostGetDevicePointer(self.host, 0), "cuMemHostGetDevicePointer"))
-        self.words = (ctypes.c_int32 * 16).from_address(int(self.host))
-        for i in range(16):
-            self.words[i] = 0
+        self.words = (ctypes.c_int32 * HOST_RECORD_WORDS).from_address(int(self.host))
+        self.clear()
 
     def read(self) -> dict | None:
         if self.words[0] == 0:
@@ -263,8 +264,24 @@ class HostErrorRecord:
         self.words[w] = 0
         return rec
 
+    def read_refusal(self) -> dict | None:
+        """The refusal record (words 16..: the first launch refused because of a live result since the last read,
+        and how many; RefusalRec in kernels/layout.cuh), or None. Cleared once read."""
+        w = self.words
+        at = REFUSAL_RECORD_WORD
+        if w[at] == 0:
+            return None
+
+        def u64(i):
+            return (w[i] & 0xFFFFFFFF) | ((w[i + 1] & 0xFFFFFFFF) << 32)
+        rec = {"count": int(w[at + 1]), "op": int(w[at + 2]), "why": int(w[at + 3]), "holder": u64(at + 4),
+               "call": u64(at + 6)}
+        w[at + 1] = 0
+        w[at] = 0
+        return rec
+
     def clear(self):
-        for i in range(16):
+        for i in range(HOST_RECORD_WORDS):
             self.words[i] = 0
 
     def close(self):

@@ -2,6 +2,7 @@
 // with the router weights on the source (combine_recv). Protocol: README.md, "Protocol (one round)".
 #pragma once
 #include "common.cuh"
+#include "results.cuh"
 
 namespace ep {
 
@@ -292,7 +293,9 @@ __device__ void combine_send(const Params& p, bool fused) {
 __device__ void combine_recv(const Params& p) {
   const unsigned round = cur_round(p, S_CRECV);
   if (p.hstatus[0] != 0) {   // a void round (see combine_send): y is left as it is
-    if (block_done(p, S_CRECV, false, false) && threadIdx.x == 0) { p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
+    if (block_done(p, S_CRECV, false, false) && threadIdx.x == 0) {
+      p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p);
+    }
     return;
   }
   const int par = round & 1;
@@ -396,7 +399,7 @@ __device__ void combine_recv(const Params& p) {
     }
   }
   if (block_done(p, S_CRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; }
+    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p); }
   }
 }
 

@@ -13,7 +13,8 @@
 // device memory, so CUDA graph replays and 1000s of back-to-back rounds need no reset). Symmetric buffers are double
 // buffered by round parity. Same-node peers get plain 16-byte stores through peer pointers + st.release.sys;
 // other-node peers get nvshmem put(+signal). Every wait has a %globaltimer deadline: on expiry an error record goes to
-// host-mapped pinned memory and the block exits.
+// host-mapped pinned memory and the block exits. Every launch is first admitted against the live results of the
+// buffer's output sets (results.cuh): a refused one does nothing.
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -26,26 +27,31 @@
 #include "capacity.cuh"
 #include "dispatch.cuh"
 #include "combine.cuh"
+#include "results.cuh"
 
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_send(const __grid_constant__ ep::Params p) {
-  ep::dispatch_send(p, false);
+  if (ep::admitted(p, ep::OP_DISPATCH)) ep::dispatch_send(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_recv(const __grid_constant__ ep::Params p) {
-  ep::dispatch_recv(p, false);
+  if (ep::admitted(p, ep::OP_DISPATCH_RECV)) ep::dispatch_recv(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch(const __grid_constant__ ep::Params p) {
+  if (!ep::admitted(p, ep::OP_DISPATCH)) return;
   ep::dispatch_send(p, true);
   ep::dispatch_recv(p, true);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_send(const __grid_constant__ ep::Params p) {
-  ep::combine_send(p, false);
+  if (ep::admitted(p, ep::OP_COMBINE)) ep::combine_send(p, false);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine_recv(const __grid_constant__ ep::Params p) {
-  ep::combine_recv(p);
+  if (ep::admitted(p, ep::OP_COMBINE_RECV)) ep::combine_recv(p);
 }
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine(const __grid_constant__ ep::Params p) {
+  if (!ep::admitted(p, ep::OP_COMBINE)) return;
   ep::combine_send(p, true);
   ep::combine_recv(p);
 }
+// EPBuffer.release: the result of dispatch p.call will not be combined (one thread)
+extern "C" __global__ void ep_release(const __grid_constant__ ep::Params p) { ep::release_result(p); }
 // sizeof(Params) for the host to check its mirror of the struct
 extern "C" __global__ void ep_params_size(unsigned long long* out) { *out = sizeof(ep::Params); }

@@ -110,8 +110,9 @@ static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bi
 // State words in device memory (uint32).
 // Rounds per phase, S_DONE + phase: blocks done, S_RCTR / S_SCTR / S_CSCTR / S_CRCTR: ht work counters of dispatch
 // receive / send and combine send / receive (reset by the last block of the phase).
+// S_OWNER: u64 [2], the call whose dispatch result each output set holds (results.cuh).
 enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
-       S_CRCTR = 19, S_FAIL = 20 };  // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead)
+       S_CRCTR = 19, S_FAIL = 20, S_OWNER = 24 };  // S_FAIL: set once any wait failed (never reset: buffer is dead)
 
 struct ErrRec {  // lives in host-mapped pinned memory
   int flag;      // 0 = none, else code
@@ -134,6 +135,17 @@ struct CapacityRec {
   int capacity;  // p.cap
   int over;      // ranks over capacity
   int pad[3];
+};
+
+// A launch refused because of a live result (results.cuh), after CapacityRec in host memory: the first refusal since
+// the host read it, and how many since.
+struct RefusalRec {
+  int flag;                 // 1: a record
+  int count;                // launches refused since the host read it
+  int op;                   // OP_* of results.cuh
+  int why;                  // WHY_* of results.cuh
+  unsigned long long holder;  // Params.call whose result the set held (0: none)
+  unsigned long long call;    // Params.call of the refused launch
 };
 
 struct Params {
@@ -161,6 +173,7 @@ struct Params {
   unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
   unsigned long long timeout_ns;
+  unsigned long long call;  // (call id << 2) | (output set << 1) | eager; a combine carries its dispatch's (results.cuh)
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
   int T;
@@ -213,6 +226,7 @@ EP_AGREES(COMBINE_ROW_BYTES, EP_COMBINE_ROW_BYTES);
 EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
 EP_AGREES(COUNT_ROWS_AT, EP_COUNT_ROWS_AT);
 EP_AGREES(sizeof(ErrRec) / 4, EP_CAPACITY_RECORD_WORD);   // CapacityRec follows ErrRec
+EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec)) / 4, EP_REFUSAL_RECORD_WORD);   // RefusalRec follows CapacityRec
 #if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
 #endif
