@@ -1,4 +1,4 @@
-// Variant "qfast" of the fp8 quantiser (epcomm/backends/gpu/kernels/payload.cuh quant_lane8), checked exhaustively:
+// The fp8 quantiser (epcomm/backends/gpu/kernels/payload.cuh quant_lane8), checked exhaustively:
 // for every finite positive bf16 block maximum a and every bf16 x with |x| <= a (both signs), the e4m3 byte of
 //     r = RN(1 / s), q0 = RN(x r), e = fma(-q0, s, x), q = (e == 0 ? q0 : fma(e, r, q0))
 // equals the e4m3 byte of RN(x / s), the spec's quotient (epcomm.formats.quantize_fp8), with s = max(a, 1e-4) / 448

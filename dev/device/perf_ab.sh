@@ -3,14 +3,16 @@
 # in ONE device call on 2 GPUs: correctness of the variant first, then the bench's ht case at each SM budget and its
 # ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
-#   VARIANT=cfast,qfast,tma,tgrid SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
+#   VARIANT=name[,name...] SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
+# (VARIANT is required: variants.py lists the ones under measurement; none today, the last four were measured and
+# settled in dev/GPU-LOG.md, sixth session. Their baseline is gone: compare a new run against that entry's numbers.)
 # steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
 # BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
 # ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.
 set -o pipefail
 STEPS=",${1:-build,check,ht,ll,compare},"
-VARIANT=${VARIANT:-cfast,qfast,tma,tgrid}
+VARIANT=${VARIANT:?set VARIANT=<EPCOMM_VARIANT value> (epcomm/backends/gpu/variants.py lists the known ones)}
 SMS=${SMS:-24 66 132}
 TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,7 +34,7 @@ if has build; then   # every kernel the steps use, baseline and variant, in para
     2>&1 | tail -4
 fi
 if has check; then   # the variant's results: the worker at test sizes; on a 3-block grid its receive takes whole
-  # messages (the path "tma" changes; at test sizes a full grid takes (message, slice) units instead)
+  # messages (at test sizes a full grid takes (message, slice) units instead): both receive paths
   step "check ($VARIANT)"
   for blocks in 3 0; do
     EPCOMM_VARIANT=$VARIANT EPCOMM_BLOCKS=$blocks timeout ${T_CHECK:-90} python3 -m launch run -t "$TOPO" \
@@ -50,7 +52,7 @@ if has ht; then      # 4096 tokens: dispatch bf16 / fp8, combine, round trip (ea
     done
   done
 fi
-if has ll; then      # 128 tokens, modes ll and ht, graph replay (what "tgrid" changes)
+if has ll; then      # 128 tokens, modes ll and ht, graph replay (small batches)
   for v in "" "$VARIANT"; do
     step "ll $(tag "$v")"
     EPCOMM_VARIANT=$v timeout ${T_LL:-150} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-150} -- --case ll \

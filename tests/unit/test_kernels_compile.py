@@ -90,14 +90,16 @@ def test_every_specialisation_compiles_for_sm90():
 def test_every_specialisation_compiles_under_every_variant():
     """The kernel variants under measurement (variants.py, EPCOMM_VARIANT) are independent #if blocks: every
     specialisation built with all of them on at once (the baseline is the test above), so an A/B device call never
-    meets a variant that does not compile."""
+    meets a variant that does not compile. None is under measurement today (dev/GPU-LOG.md, sixth session)."""
+    if not variants.VARIANTS:
+        pytest.skip("no kernel variant under measurement")
     _toolchain_or_skip()
     names = tuple(sorted(variants.VARIANTS))
     defs = {}
     for c in specs.all_configs(2):
         d = jit.defines_for(c, variant_names=names)
         defs[tuple(sorted(d.items()))] = d
-    assert all(d["EP_V_TMA"] == 1 and d["EP_BULK_SMEM_BYTES"] > 0 for d in defs.values())
+    assert all(d[variants.VARIANTS[n][0]] == 1 for d in defs.values() for n in names)
     jobs = max(1, min(len(defs), os.cpu_count() or 1))
     with ThreadPoolExecutor(jobs) as ex:
         built = list(ex.map(lambda d: jit.build(d, "sm_90"), defs.values()))
@@ -106,46 +108,32 @@ def test_every_specialisation_compiles_under_every_variant():
 
 
 def test_variant_defines_and_cache_key(monkeypatch):
-    """The baseline adds no define (its cache key and PTX stay what they were); a variant adds its define (so the
-    cache keys on it); an unknown name is refused naming the known ones."""
+    """The baseline (unset or empty) adds no define (its cache key and PTX stay what they were); a variant adds its
+    define (so the cache keys on it); an unknown name is refused naming the known ones. With none under measurement
+    the settled names (cfast, qfast: now the code; tma, tgrid: deleted) are unknown too."""
     cfg = specs.test_configs(2)[0]
     monkeypatch.delenv(variants.ENV, raising=False)
     base = jit.defines_for(cfg)
-    assert not any(k.startswith("EP_V_") for k in base)
-    monkeypatch.setenv(variants.ENV, "qfast, tgrid")
-    assert variants.active() == ("qfast", "tgrid") and variants.label() == "qfast+tgrid"
+    assert not any(k.startswith("EP_V_") for k in base) and variants.label() == "baseline"
+    monkeypatch.setenv(variants.ENV, " , ")
+    assert variants.active() == () and jit.defines_for(cfg) == base
+    for settled in ("cfast", "qfast", "tma", "tgrid"):
+        monkeypatch.setenv(variants.ENV, settled)
+        with pytest.raises(EPInputError, match=f"unknown variant.*{settled}"):
+            jit.defines_for(cfg)
+    # the mechanism, with two stand-in variants
+    monkeypatch.setattr(variants, "VARIANTS", {"aa": ("EP_V_AA", "test"), "bb": ("EP_V_BB", "test")})
+    monkeypatch.setenv(variants.ENV, "bb, aa")
+    assert variants.active() == ("aa", "bb") and variants.label() == "aa+bb"
     d = jit.defines_for(cfg)
-    assert d["EP_V_QFAST"] == 1 and d["EP_V_TGRID"] == 1 and "EP_V_TMA" not in d
+    assert d["EP_V_AA"] == 1 and d["EP_V_BB"] == 1
     assert {k: v for k, v in d.items() if not k.startswith("EP_V_")} == base
-    monkeypatch.setenv(variants.ENV, "qfast,nosuch")
-    with pytest.raises(EPInputError, match="nosuch.*known: cfast, qfast, tgrid, tma"):
+    assert jit.defines_for(cfg, variant_names=("aa",)) == {**base, "EP_V_AA": 1}
+    monkeypatch.setenv(variants.ENV, "aa,nosuch")
+    with pytest.raises(EPInputError, match="nosuch.*known: aa, bb"):
         jit.defines_for(cfg)
-
-
-def test_a_disagreeing_bulk_smem_fails_the_build(tmp_path, monkeypatch):
-    """The host's dynamic shared memory for variant "tma" is checked by the kernels: one slot off is a compile error."""
-    _toolchain_or_skip()
-    monkeypatch.setenv("EPCOMM_CACHE", str(tmp_path / "cache"))
-    cfg = next(c for c in specs.test_configs(2) if c.mode == "ht")
-    d = jit.defines_for(cfg, variant_names=("tma",))
-    d["EP_BULK_SMEM_BYTES"] += 16
-    with pytest.raises(jit.BuildError, match="EP_BULK_SMEM_BYTES"):
-        jit.build(d, "sm_90")
-
-
-def test_small_batch_grid():
-    """tgrid: ~T/4 blocks, at least 16, never above the grid; large batches keep the whole grid."""
-    assert variants.small_batch_grid(1, 132) == 16
-    assert variants.small_batch_grid(128, 132) == 32
-    assert variants.small_batch_grid(4096, 132) == 132
-    assert variants.small_batch_grid(128, 24) == 24
-    assert variants.small_batch_grid(0, 8) == 8
-    # the bench's 128 tokens at 2 ranks, hidden 7168 (10 slices a row): 40 blocks keep the receive's slice units
-    assert variants.row_slices(7168) == 10 and variants.row_slices(384) == 2
-    assert variants.small_batch_grid(128, 132, sources=2, slices=10, warps=16) == 40
-    assert variants.small_batch_grid(1, 132, sources=2, slices=10, warps=16) == 16
-    assert variants.bulk_smem_bytes(2 * 7168, 512) == 16 * (7168 + 16)   # bf16 7168: two 7 KB pieces per row
-    assert variants.bulk_smem_bytes(384, 512) == 16 * (384 + 16)
+    with pytest.raises(EPInputError, match="nosuch"):
+        variants.defines(("nosuch",))
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Variant "qfast" of the fp8 quantiser (kernels/payload.cuh quant_lane8): its reciprocal + fma-correction quotient
+"""The fp8 quantiser (kernels/payload.cuh quant_lane8): its reciprocal + fma-correction quotient
 gives the same e4m3 byte as the spec's correctly rounded division for every bf16 input that can occur (every finite
 bf16 block maximum, every bf16 x below it, both scale formats). The check is C (dev/qfast_exhaustive.c: IEEE float
 and fmaf as on the GPU, 1.07 G pairs per format, a few CPU seconds); the same arithmetic without its correction step

@@ -95,10 +95,8 @@ class GpuBackend:
         self.grid_choice = occupancy.persistent_grid(self.kernels.functions, threads, self.rt.num_sms, want,
                                                      topo.ranks_per_gpu(self.me) if topo is not None else 1, self.me)
         self.grid = self.grid_choice.grid
-        # kernel variants under measurement (variants.py, EPCOMM_VARIANT): the kernels were built with them; the host
-        # part here: "tma" gives the ht dispatch receive its dynamic shared memory, "tgrid" sizes small launches
+        # kernel variants under measurement (variants.py, EPCOMM_VARIANT): the kernels were built with them
         self.variants = variants.active()
-        self._dyn_smem = self._variant_smem(cfg, threads)
         if self.variants:
             log.info("epcomm gpu: kernel variant %s", variants.label(self.variants))
         # ht tuning knobs, read once (docs/GPU-LOG.md call 13 measured the defaults on 2 x H100):
@@ -154,33 +152,6 @@ class GpuBackend:
         return self.grid
 
     # ---------------------------------------------------------------- plumbing
-    def _variant_smem(self, cfg, threads: int) -> dict[str, int]:
-        """Dynamic shared memory per kernel name: "tma" (ht): the receive's bulk-copy slots, allowed above the 48 KB
-        default and checked to keep one block per SM resident; else none."""
-        if "tma" not in self.variants or cfg.mode != "ht":
-            return {}
-        from cuda.bindings import driver
-        nbytes = variants.bulk_smem_bytes(cfg.token_format.element_bytes * cfg.hidden, threads)
-        out = {}
-        for name in ("ep_dispatch", "ep_dispatch_recv"):
-            f = self.kernels.functions[name]
-            _check(driver.cuFuncSetAttribute(
-                f, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
-                f"cuFuncSetAttribute({name}, max dynamic shared memory {nbytes})")
-            if occupancy.blocks_per_sm([f], threads, nbytes) < 1:
-                raise EPError(f"epcomm gpu: variant 'tma' needs {nbytes} bytes of shared memory per block for {name}, "
-                              f"which leaves no block resident per SM")
-            out[name] = nbytes
-        return out
-
-    def _grid_for(self, tokens: int) -> int:
-        """Blocks of a launch of `tokens` tokens: the grid, or under variant "tgrid" fewer for small batches (the
-        dispatch and the combine of one handle have the same T, so the same grid and chunking)."""
-        if "tgrid" in self.variants:
-            return variants.small_batch_grid(tokens, self.grid, 1 if self.cfg.skip_a2a else self.cfg.world_size,
-                                             variants.row_slices(self.cfg.hidden), self.threads // 32)
-        return self.grid
-
     def _check_params_size(self):
         from cuda.bindings import driver
         buf = self.alloc.zeros((2,), "i32")
@@ -200,8 +171,7 @@ class GpuBackend:
         p = self.Params.from_buffer_copy(tm)
         p.T = T
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
-        p.ch = send_chunk_tokens(T, ndest, self._grid_for(T), self.cfg.mode == "ht", self.layout.max_chunks,
-                                 self._send_waves)
+        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.layout.max_chunks, self._send_waves)
         p.crb = self._crecv_blocks
         return p
 
@@ -237,8 +207,8 @@ class GpuBackend:
     def _launch(self, name: str, params, stream: int):
         from cuda.bindings import driver
         pp = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        res = driver.cuLaunchKernel(self.kernels.functions[name], self._grid_for(params.T), 1, 1, self.threads, 1, 1,
-                                    self._dyn_smem.get(name, 0), driver.CUstream(stream), ctypes.addressof(pp), 0)
+        res = driver.cuLaunchKernel(self.kernels.functions[name], self.grid, 1, 1, self.threads, 1, 1, 0,
+                                    driver.CUstream(stream), ctypes.addressof(pp), 0)
         _check(res, f"launch {name}")
 
     def _raise_recorded(self):

@@ -54,10 +54,7 @@ def defines_for(cfg, threads: int = DEFAULT_THREADS, variant_names=None) -> dict
         "EP_CAP": cfg.batched_capacity if cfg.layout == "batched" else 0,
         "EP_COL_SCALES": int(cfg.scale_layout == "col"),
     }
-    var = variants.defines(variant_names)
-    if var.get("EP_V_TMA"):   # the kernels check that they and the host (which gives it at launch) agree
-        var["EP_BULK_SMEM_BYTES"] = variants.bulk_smem_bytes(cfg.token_format.element_bytes * cfg.hidden, threads)
-    return {**shape, **kernel_defines(cfg), **var}
+    return {**shape, **kernel_defines(cfg), **variants.defines(variant_names)}
 
 
 def _pkg_dir(name: str) -> Path | None:

@@ -2,9 +2,9 @@
 
 `EPCOMM_VARIANT=name[,name...]` (unset or empty: the baseline) turns each name into a -D define of the kernels
 (jit.defines_for adds them, so the kernel cache keys on them) and, where a variant needs it, into host behaviour
-(GpuBackend: dynamic shared memory for "tma", the grid for small batches for "tgrid"). One device call can then run
-the same bench with and without a variant, side by side. A variant becomes the default only once measured
-(dev/GPU-LOG.md has each one's prediction and outcome); until then nothing changes unless the variable is set.
+(GpuBackend reads `active()`). One device call can then run the same bench with and without a variant, side by
+side. A variant becomes the default only once measured (dev/GPU-LOG.md has each one's prediction and outcome); until
+then nothing changes unless the variable is set.
 
 Pure Python: no CUDA package needed (the CPU compile test builds every specialisation under every variant).
 """
@@ -16,17 +16,15 @@ from ...errors import EPInputError
 
 ENV = "EPCOMM_VARIANT"
 
-# name -> (kernel define, what it changes)
-VARIANTS: dict[str, tuple[str, str]] = {
-    "cfast": ("EP_V_CFAST", "ht combine, expert side: the valid rows of a (token, rank) compacted, up to 4 of them x "
-                            "3 warp steps of loads in flight per round trip (baseline: 2 steps x all K slots)"),
-    "qfast": ("EP_V_QFAST", "fp8 quantiser: the quotient x / scale from one reciprocal per block and an exact fma "
-                            "correction (bit-exact with the division), two e4m3 conversions per instruction"),
-    "tma": ("EP_V_TMA", "ht dispatch receive (large batches): each warp moves a message with bulk asynchronous "
-                        "copies (TMA) through shared memory, one load and one store per local expert row"),
-    "tgrid": ("EP_V_TGRID", "host: a launch of T tokens uses ~T/4 blocks (at least 16, enough for the ht receive's "
-                            "slice units) when that is below the grid: small batches pass fewer per-block hand-overs"),
-}
+# name -> (kernel define, what it changes). None under measurement now: the four of the sixth session were measured
+# on 2 x H200 (dev/GPU-LOG.md, "Sixth session (perf engineer ...)", outcome); "cfast" (ht combine) and "qfast" (fp8
+# quantiser) became the unconditional code, "tma" and "tgrid" lost and were deleted. A new variant adds its entry here
+# and a `#ifndef EP_V_NAME / #define EP_V_NAME 0` default in the kernels.
+VARIANTS: dict[str, tuple[str, str]] = {}
+
+
+def _known() -> str:
+    return ", ".join(sorted(VARIANTS)) or "none (only an empty EPCOMM_VARIANT is accepted)"
 
 
 def active(environ=None) -> tuple[str, ...]:
@@ -35,8 +33,7 @@ def active(environ=None) -> tuple[str, ...]:
     names = sorted({n.strip() for n in raw.replace("+", ",").split(",") if n.strip()})
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise EPInputError(f"{ENV}={raw!r}: unknown variant(s) {', '.join(unknown)}; known: "
-                           f"{', '.join(sorted(VARIANTS))}")
+        raise EPInputError(f"{ENV}={raw!r}: unknown variant(s) {', '.join(unknown)}; known: {_known()}")
     return tuple(names)
 
 
@@ -46,7 +43,7 @@ def defines(names=None) -> dict[str, int]:
     on = active() if names is None else tuple(sorted(names))
     unknown = [n for n in on if n not in VARIANTS]
     if unknown:
-        raise EPInputError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(VARIANTS))}")
+        raise EPInputError(f"unknown variant(s) {', '.join(unknown)}; known: {_known()}")
     return {VARIANTS[n][0]: 1 for n in on}
 
 
@@ -54,38 +51,3 @@ def label(names=None) -> str:
     """'baseline' or the names joined with '+' (for logs and bench notes)."""
     on = active() if names is None else tuple(sorted(names))
     return "+".join(on) if on else "baseline"
-
-
-# ------------------------------------------------------------------------------------------------ tgrid (host side)
-TGRID_TOKENS_PER_BLOCK = 4
-TGRID_MIN_BLOCKS = 16
-
-
-def row_slices(hidden: int) -> int:
-    """Slices of a row in the kernels' small-batch copies (layout.cuh ROW_SLICES): 16-byte chunks of a bf16 row in
-    warp steps of 32, SLICE_STEPS steps a slice."""
-    steps = -(-(hidden // 8) // 32)
-    per = steps // 8 if steps >= 8 else 1
-    return -(-steps // per)
-
-
-def small_batch_grid(tokens: int, grid: int, sources: int = 1, slices: int = 1, warps: int = 16) -> int:
-    """Blocks of a launch of `tokens` tokens under "tgrid": about one block per TGRID_TOKENS_PER_BLOCK tokens, at
-    least TGRID_MIN_BLOCKS, never more than the grid (large batches keep the whole grid); and enough warps that the
-    ht dispatch receive of sources x tokens messages keeps its (message, slice) units (at most 4 per warp: beyond,
-    it takes whole messages, which at 128 tokens measured 26 instead of 18 us, dev/GPU-LOG.md call 15)."""
-    t = max(0, int(tokens))
-    want = max(TGRID_MIN_BLOCKS, -(-t // TGRID_TOKENS_PER_BLOCK), -(-(sources * t * slices) // (4 * warps)))
-    return max(1, min(int(grid), want))
-
-
-# ------------------------------------------------------------------------------------------------ tma (host side)
-BULK_PIECE_MAX = 8192   # kernels/bulk.cuh: bytes of a warp's shared-memory slot
-
-
-def bulk_smem_bytes(data_bytes: int, threads: int) -> int:
-    """Dynamic shared memory of the "tma" receive (kernels/bulk.cuh BULK_SMEM_BYTES, checked there by a define): one
-    slot per warp, the message data in equal 16-byte pieces of at most BULK_PIECE_MAX, then the warp's mbarrier."""
-    pieces = -(-data_bytes // BULK_PIECE_MAX)
-    piece = -(-(data_bytes // 16) // pieces) * 16
-    return (threads // 32) * (piece + 16)

@@ -24,17 +24,14 @@ __device__ __forceinline__ uint4 pack8(const float* a) {
   return v;
 }
 
-#ifndef EP_V_CFAST
-#define EP_V_CFAST 0
-#endif
-
 // ht combine, expert side: dst[v0, v1) (16-byte chunks of a bf16 row) = sum over k ascending of w8[k] * row rows[k]
-// of expert_y (rows < 0 skipped), accumulated in fp32 from 0 with fmaf: bit-identical to the baseline loop of
-// combine_send, whose order it keeps. Variant "cfast" (EPCOMM_VARIANT): the baseline issues CU = 2 warp steps x all K
-// row slots per round trip (only ~K / 2 of them valid at 2 ranks), so a 3-step slice took two dependent round trips
-// with ~64 KB of loads in flight per SM; at 24 SMs the combine was bound by that (470 MB of expert rows read at
-// ~39 GB/s per SM). Here the valid rows are compacted first (warp-uniform), and up to 4 of them x 3 steps are in
-// flight together: a slice with <= 4 valid rows is one round trip with ~96 KB in flight per SM.
+// of expert_y (rows < 0 skipped), accumulated in fp32 from 0 with fmaf (the spec's order). Why compacted: the former
+// loop issued 2 warp steps x all K row slots per round trip (only ~K / 2 of them valid at 2 ranks), so a 3-step slice
+// took two dependent round trips with ~64 KB of loads in flight per SM; at 24 SMs the combine was bound by that
+// (470 MB of expert rows read at ~39 GB/s per SM). Here the valid rows are compacted first (warp-uniform), and up to
+// 4 of them x 3 steps are in flight together: a slice with <= 4 valid rows is one round trip with ~96 KB in flight
+// per SM. Measured on 2 x H200 (dev/GPU-LOG.md, sixth session, outcome): combine -12..-14 % at 24 / 66 SMs, level
+// at 132.
 constexpr int CF_STEPS = SLICE_STEPS < 3 ? SLICE_STEPS : 3;   // warp steps per pass
 constexpr int CF_GROUP = 4;                                    // valid rows whose loads are in flight together
 __device__ __forceinline__ void reduce_rows_compacted(char* dst, const char* ey, const int (&rows)[K],
@@ -236,30 +233,8 @@ __device__ void combine_send(const Params& p, bool fused) {
           size_t off = p.off_crecv + (((size_t)par * M + t) * MAX_DEST_RANKS + di) * COMBINE_ROW_BYTES;
           char* dst = local ? p.peer[s] + off
                             : p.sym + p.off_cstage + CSTAGE_WEIGHT_BYTES + ((size_t)s_mpref[s] + i) * COMBINE_ROW_BYTES;
-          // CU warp steps at once: all CU x K row loads (read-only path) issued before the first FMA / store
-          constexpr int CU = 2;
           const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
-          if constexpr (EP_V_CFAST != 0) reduce_rows_compacted(dst, ey, rows, w8, v0, v1);
-          else for (int c0 = v0 + lane; c0 < v1; c0 += 32 * CU) {
-            uint4 v[CU][K];
-#pragma unroll
-            for (int u = 0; u < CU; ++u)
-#pragma unroll
-              for (int k = 0; k < K; ++k) {
-                const int cc = c0 + 32 * u;
-                v[u][k] = (rows[k] >= 0 && cc < v1)
-                              ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)rows[k] * COMBINE_ROW_BYTES) + cc)
-                                                    : make_uint4(0, 0, 0, 0);
-              }
-#pragma unroll
-            for (int u = 0; u < CU; ++u) {
-              float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-              for (int k = 0; k < K; ++k)
-                if (rows[k] >= 0) acc8(a, v[u][k], w8[k]);
-              if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a);
-            }
-          }
+          reduce_rows_compacted(dst, ey, rows, w8, v0, v1);
           __syncwarp();
           if (!local) {
             nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);

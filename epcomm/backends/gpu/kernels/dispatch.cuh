@@ -1,7 +1,6 @@
 // Dispatch: send every token to the ranks of its experts (dispatch_send), receive and lay the rows out by local
 // expert for a grouped GEMM (dispatch_recv). Protocol: README.md, "Protocol (one round)".
 #pragma once
-#include "bulk.cuh"
 #include "capacity.cuh"
 #include "common.cuh"
 #include "payload.cuh"
@@ -486,8 +485,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     const bool dyn = ntot * ROW_SLICES > 4 * nw;
     const int nunits = dyn ? ntot : ntot * ROW_SLICES;
     int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
-    WarpBulk wb;                      // variant "tma": whole messages by bulk copies (bulk.cuh)
-    const bool bulk = dyn && warp_bulk_begin(wb);
     for (int u = dyn ? warp_grab(p, S_RCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_RCTR) : u + nw) {
       const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
       int q = 0;
@@ -506,7 +503,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
               reinterpret_cast<const unsigned long long*>(p.sym + p.off_dflag) + ((size_t)par * R + s) * MAX_CHUNKS + clo;
           ok = thread_wait(p, f, round, PHASE_DISPATCH, s, clo, t0);
         }
-        if (bulk && lane == 0 && ok) fence_proxy_async();   // the chunk's stores before the bulk loads of it
         ok = __shfl_sync(0xffffffffu, ok, 0);
         __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
         if (!ok) break;
@@ -541,9 +537,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       // own tokens (fused bf16): the row comes straight from x
       const char* src = (own_rows_from_x(fused) && s == p.me && t >= 0 && t < p.T)
                             ? reinterpret_cast<const char*>(p.x) + (size_t)t * DATA_BYTES : msg;
-      if (bulk) {
-        if (!warp_bulk_copy_multi<K>(p, dst, src, wb, round, t0)) break;
-      } else if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
+      if (dyn) warp_copy_multi<K, 7>(dst, src, 0, NV);
       else warp_copy_multi<K, (VPS + 31) / 32>(dst, src, sl * VPS, min(NV, (sl + 1) * VPS));
       if (sl == 0) {
 #pragma unroll
@@ -560,7 +554,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         if (lane < K) hi[2 + lane] = rows[lane];
       }
     }
-    if (bulk) warp_bulk_end();
   }
   if (block_done(p, S_DRECV, false, false)) {
     if (threadIdx.x == 0) {

@@ -16,50 +16,37 @@ __device__ __forceinline__ float block_scale(float amax) {
   return s;
 }
 
-#ifndef EP_V_QFAST
-#define EP_V_QFAST 0
-#endif
-
-// One lane's 8 channels (bf16 in v) quantised with the block's scale into 8 e4m3 bytes (lo: channels 0-3, hi: 4-7).
-// Baseline: q = e4m3(x / scale) with a correctly rounded division per channel (~10 instructions each): at 24 SMs
-// the fp8 dispatch was compute-bound on it (3x DeepEP's time while moving half the bytes of bf16).
-// Variant "qfast" (EPCOMM_VARIANT): the same quotient from one reciprocal per lane, r = RN(1 / scale): q0 = RN(x r),
-// e = x - q0 scale (exact, by fma), q = RN(q0 + e r). With r correctly rounded and q0 faithful this is RN(x / scale)
-// (Markstein's theorem); where the residual underflows (subnormal x) it may differ from the quotient in the last bit
-// of a value far below e4m3's smallest step, and e == 0 keeps q0 (the sign of -0). Checked exhaustively on the CPU
-// over every finite bf16 block maximum and every bf16 x below it, both scale formats: the e4m3 bytes are identical
-// (a block with an infinite channel, whose scale is not finite, keeps the division).
-// Two channels per conversion instruction (cvt.rn.satfinite.e4m3x2.f32, the same rounding as the one-channel form).
+// One lane's 8 channels (f, from bf16) quantised with the block's scale into 8 e4m3 bytes (lo: channels 0-3, hi: 4-7).
+// Why not a division per channel: a correctly rounded division is ~10 instructions, and at 24 SMs the fp8 dispatch
+// was compute-bound on it (3x DeepEP's time while moving half the bytes of bf16). The same quotient comes from one
+// reciprocal per lane, r = RN(1 / scale): q0 = RN(x r), e = x - q0 scale (exact, by fma), q = RN(q0 + e r). With r
+// correctly rounded and q0 faithful this is RN(x / scale) (Markstein's theorem); where the residual underflows
+// (subnormal x) it may differ from the quotient in the last bit of a value far below e4m3's smallest step, and e == 0
+// keeps q0 (the sign of -0). Checked exhaustively on the CPU (dev/qfast_exhaustive.c, tests/unit/
+// test_qfast_exhaustive.py) over every finite bf16 block maximum and every bf16 x below it, both scale formats: the
+// e4m3 bytes are identical to the division's (a block with an infinite channel, whose scale is not finite, keeps the
+// division). Two channels per conversion instruction (cvt.rn.satfinite.e4m3x2.f32, the same rounding as the
+// one-channel form). Measured as variant "qfast" (dev/GPU-LOG.md, sixth session, outcome).
 __device__ __forceinline__ void quant_lane8(const float (&f)[8], float scale, uint32_t& lo, uint32_t& hi) {
-  if constexpr (EP_V_QFAST != 0) {
-    const float r = __frcp_rn(scale);
-    float q[8];
-    if (r == 0.0f || isinf(r)) {   // an infinite channel made the scale inf (ue8m0: -0): the division, as the spec
+  const float r = __frcp_rn(scale);
+  float q[8];
+  if (r == 0.0f || isinf(r)) {   // an infinite channel made the scale inf (ue8m0: -0): the division, as the spec
 #pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = __fdiv_rn(f[j], scale);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float q0 = __fmul_rn(f[j], r);
-        const float e = __fmaf_rn(-q0, scale, f[j]);
-        q[j] = e == 0.0f ? q0 : __fmaf_rn(e, r, q0);
-      }
-    }
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      w[j] = (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(q[2 * j], q[2 * j + 1]), __NV_SATFINITE, __NV_E4M3);
-    lo = w[0] | (w[1] << 16);
-    hi = w[2] | (w[3] << 16);
+    for (int j = 0; j < 8; ++j) q[j] = __fdiv_rn(f[j], scale);
   } else {
-    lo = 0;
-    hi = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      uint32_t b = (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(f[j], scale), __NV_SATFINITE, __NV_E4M3);
-      if (j < 4) lo |= b << (8 * j); else hi |= b << (8 * (j - 4));
+      const float q0 = __fmul_rn(f[j], r);
+      const float e = __fmaf_rn(-q0, scale, f[j]);
+      q[j] = e == 0.0f ? q0 : __fmaf_rn(e, r, q0);
     }
   }
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    w[j] = (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(q[2 * j], q[2 * j + 1]), __NV_SATFINITE, __NV_E4M3);
+  lo = w[0] | (w[1] << 16);
+  hi = w[2] | (w[3] << 16);
 }
 
 // fp8 blockwise quantisation of one bf16 row by a warp: lane owns 8 channels (16 B) per step; 16 lanes = one block.
