@@ -260,10 +260,12 @@ class Bench:
         """The EPConfigs the selected epcomm cases make buffers of, so that a device call can build their kernels
         before the ranks start (dev/device/x2_prebuild.py; the SM budget is not a kernel define)."""
         a, out = self.args, []
-        if "ht" in a.cases:
-            out += [self.cfg(fmt, "ht", a.tokens) for fmt in FORMAT_NAMES]
-        if "ll" in a.cases:
-            out += [self.cfg("fp8", mode, a.ll_tokens, layout) for layout in a.ll_layouts for mode in LL_MODES]
+        for cap in self.capacities():   # --recv-capacity-factor: its buffers are other specialisations
+            if "ht" in a.cases:
+                out += [self.cfg(fmt, "ht", a.tokens, capacity=cap) for fmt in FORMAT_NAMES]
+            if "ll" in a.cases:
+                out += [self.cfg("fp8", mode, a.ll_tokens, layout, capacity=cap)
+                        for layout in a.ll_layouts for mode in LL_MODES]
         if "sweep" in a.cases:
             out.append(self.cfg("bf16", "ht", max(a.sweep_tokens)))
         return out
