@@ -30,7 +30,8 @@ class Verifier:
     def round(self, cfg, t: int, k: int) -> Round:
         """Input set k of t tokens against the spec, for this rank only (computed once per format, layout and
         shape)."""
-        key = (cfg.token_format, cfg.layout, t, k)       # the spec does not depend on the mode
+        # the spec does not depend on the mode; its output shapes do on the layout and the receive capacity
+        key = (cfg.token_format, cfg.layout, tuple(cfg.rows_shape), t, k)
         if key not in self._expected:
             self._expected[key] = Round(cfg, self.world_sets(cfg, t)[k], self.rank, local_only=True)
         return self._expected[key]

@@ -87,3 +87,19 @@ def test_bench_compare_against_a_recorded_run(tmp_path):
     proc = subprocess.run(base + ["--hidden", "128", "--compare", str(first)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "settings.hidden: recorded 256, new 128" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_bench_capacity_rows_are_verified_against_their_own_shapes(tmp_path):
+    """--recv-capacity-factor F below the worst case (4 ranks, F = 1.5 < 4): the capacity rows' outputs have fewer
+    rows than the worst-case rows of the same shape, and each is checked against the spec of its own buffer (the 2 x
+    H200 run of 2026-11-30 found the capacity rows compared with the worst case's shapes)."""
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "bench-cap.json"
+    cmd = [sys.executable, "-m", "launch", "bench", "-t", "configs/cpu-4rank.yaml", "--timeout", "240",
+           "--", "--quick", "--case", "ht,ll", "--no-batched", "--recv-capacity-factor", "1.5", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    ep = [r for r in json.loads(out.read_text())["results"] if r["impl"] == "epcomm"]
+    caps = [r for r in ep if r["capacity"] == 1.5]
+    assert caps and len(caps) == len(ep) - len(caps)
+    assert all(r["status"] == "ok" and r["verified"] is True for r in ep), [r["error"] for r in ep if r["error"]]
