@@ -22,6 +22,7 @@ from epcomm.checks import Round
 from epcomm.errors import EPCapacityError, EPTimeoutError
 from epcomm.workload import distinct_experts, make_world
 
+import refusals  # noqa: E402  (tests/gpu/refusals.py, beside this file)
 import server_checks  # noqa: E402  (tests/gpu/server_checks.py, beside this file)
 
 
@@ -413,6 +414,7 @@ def main():
     print(f"[rank {ctx.rank}] device {ctx.device} node {ctx.node} topology {ctx.topology.name} "
           f"{torch.cuda.get_device_name(ctx.device)}"
           f"{f' shared by {sharing} ranks' if sharing > 1 else ''}{f' MPS {mps} %' if mps else ''}", flush=True)
+    refused_modes = set()
     for cfg in test_configs(ctx.world_size):
         tag = f"{cfg.mode}-{cfg.token_format}"
         if args.only and args.only not in tag:
@@ -428,6 +430,10 @@ def main():
                 ck.capacity(cfg)                 # each mode / format
             if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank != 61:
                 server_checks.run(ck, cfg)     # issue 13: int64 ids, out=, stats_out=, micro-batches, refusals
+            if (cfg.mode not in refused_modes and cfg.token_format == "bf16" and cfg.layout == "grouped"
+                    and not cfg.fused_shared_expert and not cfg.skip_a2a):
+                refused_modes.add(cfg.mode)
+                refusals.run(ck, cfg)          # issue 15: a refused call harms no one (each mode once)
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))

@@ -16,6 +16,9 @@ class _Record:
     def read(self):
         return self.rec
 
+    def read_refusal(self):   # no peer refused (tests/unit/test_gpu_refusals.py)
+        return None
+
 
 def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
     be = object.__new__(GpuBackend)     # no GPU: only the error decoding is exercised

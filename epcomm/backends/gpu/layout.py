@@ -41,6 +41,16 @@ class ErrorCode(enum.IntEnum):
 # same host-mapped block: flag (the device round, 0 = none), rank, rows needed, capacity, ranks over capacity.
 CAPACITY_RECORD_WORD = 8
 CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
+# The refusal record (issue 15; not an error either) follows it: a combine whose tokens went to the experts of a rank
+# that refused its input for that round. flag (the device round, 0 = none), rank, what (REFUSED_DISPATCH /
+# REFUSED_COMBINE), tokens, more (later such combines before the host raised this one).
+REFUSAL_RECORD_WORD = 16
+REFUSAL_FIELDS = ("flag", "rank", "what", "tokens", "more")
+REFUSED_DISPATCH, REFUSED_COMBINE = 1, 2
+RECORD_WORDS = 24           # int32 words of the host-mapped record block (ErrRec, CapacityRec, RefusalRec)
+# A dispatch output set's status words (kernels: ST_*): [0] void round (then [1..3] the rank most over, its rows, the
+# capacity), [ST_ROUND] the dispatch's device round, [ST_REJECTED + s] source s refused its input this round.
+ST_ROUND, ST_REJECTED = 4, 8
 
 
 class Phase(enum.IntEnum):
@@ -165,6 +175,9 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
         "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
         "EP_COUNT_BASE_AT": lay.count_base_at,
+        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD, "EP_STATUS_INTS": ST_REJECTED + cfg.world_size,
+        "EP_ST_ROUND": ST_ROUND, "EP_ST_REJECTED": ST_REJECTED, "EP_REFUSED_DISPATCH": REFUSED_DISPATCH,
+        "EP_REFUSED_COMBINE": REFUSED_COMBINE,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
@@ -195,7 +208,7 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
                   "dbase", "x_scales")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens", "rejected")
 
 
 def params_struct(ranks: int):
@@ -261,6 +274,7 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
-            DeviceArray("status", "hstatus", (4,), "i32", True, "dispatch"),   # [0] != 0: the round was void
+            DeviceArray("status", "hstatus", (ST_REJECTED + R,), "i32", True, "dispatch"),   # ST_*: void, round,
+            # refusals
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

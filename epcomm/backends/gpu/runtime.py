@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from .layout import CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, ErrorCode, Phase, heap_bytes
+from .layout import (CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, RECORD_WORDS, REFUSAL_FIELDS,
+                     REFUSAL_RECORD_WORD, ErrorCode, Phase, heap_bytes)
 
 log = logging.getLogger("epcomm.gpu")
 
@@ -222,17 +223,18 @@ class Runtime:
 
 
 class HostErrorRecord:
-    """8 int32 words in host-mapped pinned memory that kernels write when they give up (ErrRec in kernels/layout.cuh).
-    read() gives `code` as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
+    """int32 words in host-mapped pinned memory that kernels write: the error record (8 words, ErrRec in
+    kernels/layout.cuh), written when they give up, then the capacity and refusal records (rounds that are not
+    failures). read() gives `code` as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
     FIELDS = ("flag", "code", "peer", "what", "waiter", "round", "phase", "pad")
 
     def __init__(self):
         from cuda.bindings import driver
         flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
-        self.host = _check(driver.cuMemHostAlloc(64, flags), "cuMemHostAlloc")
+        self.host = _check(driver.cuMemHostAlloc(4 * RECORD_WORDS, flags), "cuMemHostAlloc")
         self.dev = int(_check(driver.cuMemHostGetDevicePointer(self.host, 0), "cuMemHostGetDevicePointer"))
-        self.words = (ctypes.c_int32 * 16).from_address(int(self.host))
-        for i in range(16):
+        self.words = (ctypes.c_int32 * RECORD_WORDS).from_address(int(self.host))
+        for i in range(RECORD_WORDS):
             self.words[i] = 0
 
     def read(self) -> dict | None:
@@ -254,8 +256,18 @@ class HostErrorRecord:
         self.words[w] = 0
         return rec
 
+    def read_refusal(self) -> dict | None:
+        """The refusal record (words 16..: the first combine since the last read whose tokens went to the experts of a
+        rank that refused its input; RefusalRec in kernels/layout.cuh), or None. Cleared once read."""
+        w = REFUSAL_RECORD_WORD
+        if self.words[w] <= 0:
+            return None
+        rec = {f: int(self.words[w + i]) for i, f in enumerate(REFUSAL_FIELDS)}
+        self.words[w] = 0
+        return rec
+
     def clear(self):
-        for i in range(16):
+        for i in range(RECORD_WORDS):
             self.words[i] = 0
 
     def close(self):

@@ -1,0 +1,122 @@
+"""CPU-only: the GPU backend's side of a refused call (issue 15 item 1; the kernels' part runs in
+tests/gpu/refusals.py on a GPU). A refusing rank launches its round empty and marked; a peer's combine that missed
+a refusing rank's rows is raised as EPPeerRejectedError from the refusal record, once, by check / synchronize only;
+DispatchResult.rejected_ranks is read from the output set's status words when (and only when) it is used."""
+from __future__ import annotations
+
+import ctypes
+from types import SimpleNamespace
+
+import pytest
+
+from epcomm.backends.gpu import backend as gpu_backend
+from epcomm.backends.gpu.backend import GpuBackend, RejectedRanks
+from epcomm.backends.gpu.layout import (REFUSAL_RECORD_WORD, REFUSED_COMBINE, REFUSED_DISPATCH, ST_REJECTED,
+                                        device_arrays, params_struct)
+from epcomm.backends.gpu.runtime import HostErrorRecord
+from epcomm.config import EPConfig
+from epcomm.errors import EPError, EPPeerRejectedError
+
+CFG = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=16, world_size=4, mode="ht")
+
+
+def record_block() -> HostErrorRecord:
+    rec = object.__new__(HostErrorRecord)   # no CUDA: plain memory in place of the host-mapped block
+    rec.words = (ctypes.c_int32 * 24)()
+    return rec
+
+
+def backend(err=None) -> GpuBackend:
+    be = object.__new__(GpuBackend)
+    be.cfg, be.me = CFG, 0
+    be.node_of = lambda r: r // 2
+    be.ctx = SimpleNamespace(device=0, describe=lambda r: f"rank {r} (node {r // 2})")
+    be.err = err or record_block()
+    be._closed = False
+    return be
+
+
+def refusal(rec: HostErrorRecord, flag, rank, what, tokens, more=0):
+    for i, v in enumerate((flag, rank, what, tokens, more)):
+        rec.words[REFUSAL_RECORD_WORD + i] = v
+
+
+@pytest.mark.parametrize("what,why", [(REFUSED_DISPATCH, "refused its dispatch input, so its experts did not run"),
+                                      (REFUSED_COMBINE, "refused its combine input")])
+def test_a_peer_refusal_is_raised_once_by_check_never_by_a_launch(what, why):
+    be = backend()
+    refusal(be.err, flag=6, rank=3, what=what, tokens=5, more=1)
+    be._check_open()                      # what launching calls check: failures only (ranks keep issuing the same)
+    with pytest.raises(EPPeerRejectedError, match=rf"rank 3 \(node 1\) {why} in round 5: 5 token\(s\) of this rank "
+                                                  rf"went to its experts \(experts 6..7\)") as e:
+        be.raise_pending()
+    assert (e.value.rank, e.value.node, e.value.round) == (3, 1, 5)
+    assert e.value.what == ("dispatch" if what == REFUSED_DISPATCH else "combine")
+    assert "1 later combine(s)" in str(e.value) and "\n" not in str(e.value)
+    be.raise_pending()                    # raised once: the buffer is usable
+    be._check_open()
+
+
+def test_a_record_being_written_is_not_raised_yet():
+    be = backend()
+    refusal(be.err, flag=-1, rank=0, what=0, tokens=0)   # flag -1 / 0: no round yet
+    be.raise_pending()
+
+
+class _Flags:
+    """A device array's stand-in: counts the device-to-host reads."""
+
+    def __init__(self, vals):
+        self.vals, self.reads = vals, 0
+
+    def cpu(self):
+        self.reads += 1
+        return SimpleNamespace(tolist=lambda: list(self.vals))
+
+
+def test_rejected_ranks_are_read_when_used_and_once():
+    flags = _Flags([0, 1, 0, 1])
+    ranks = RejectedRanks(flags)
+    assert flags.reads == 0               # making the result reads nothing (no sync on the hot path)
+    assert tuple(ranks) == (1, 3) and ranks == (1, 3) and ranks == [1, 3] and 3 in ranks and len(ranks) == 2
+    assert repr(ranks) == "(1, 3)" and flags.reads == 1
+    assert RejectedRanks(_Flags([0, 0, 0, 0])) == () and not RejectedRanks(_Flags([0, 0]))
+
+
+class _Launches:
+    def __init__(self, be, monkeypatch, hp_count):
+        self.calls = []
+        be._hp = hp_count
+        be._base_params = lambda hp, T: SimpleNamespace(set=hp, T=T, rejected=0)
+        be._launch = lambda name, p, st: self.calls.append((name, p.set, p.T, p.rejected))
+        be.alloc = SimpleNamespace(torch=None)
+        monkeypatch.setattr(gpu_backend, "current_stream", lambda kind, dev: 0)
+
+
+def test_a_refused_dispatch_is_one_empty_marked_launch_on_the_next_set(monkeypatch):
+    be = backend()
+    rec = _Launches(be, monkeypatch, hp_count=3)
+    p = be.dispatch_rejected()
+    assert rec.calls == [("ep_dispatch_send", 1, 0, 1)] and be._hp == 4
+    assert (p.op, p.hp, p.num_tokens) == ("dispatch", 1, 0)   # its dispatch_wait runs the receive as usual
+
+
+def test_a_refused_combine_is_one_marked_launch_on_its_rounds_set(monkeypatch):
+    be = backend()
+    rec = _Launches(be, monkeypatch, hp_count=5)
+    be.combine_rejected(4)
+    be.combine_rejected(3)
+    assert rec.calls == [("ep_combine", 0, 0, 1), ("ep_combine", 1, 0, 1)]
+    with pytest.raises(EPError, match="only the latest 2 dispatch rounds"):
+        be.combine_rejected(2)            # its output set holds round 4 now
+
+
+def test_the_front_end_lets_the_gpu_backend_take_part_empty():
+    """EPBuffer refuses a call without failing the buffer where the backend has both methods (buffer.py)."""
+    assert all(callable(getattr(GpuBackend, m, None)) for m in ("dispatch_rejected", "combine_rejected"))
+
+
+def test_status_words_and_params_carry_the_mark():
+    status = next(a for a in device_arrays(CFG) if a.name == "status")
+    assert status.shape == (ST_REJECTED + CFG.world_size,) and status.copies == "dispatch"
+    assert "rejected" in dict(params_struct(4)._fields_)
