@@ -286,6 +286,15 @@ class _Run:
             self.good_round(f"{step}, then round {i}", buf, seed + 1 + i)
 
 
+def first_of_its_mode(cfg, done: set) -> bool:
+    """The config the worker runs this check with: the first plain bf16 one of each mode (adds its mode to done)."""
+    if cfg.mode in done or cfg.token_format != "bf16" or cfg.layout != "grouped" or cfg.fused_shared_expert \
+            or cfg.skip_a2a:
+        return False
+    done.add(cfg.mode)
+    return True
+
+
 def run(ck, cfg, ops=None) -> None:
     """Every refused kind on rank 1, then on every rank, each followed by a correct round; one buffer. ops: how the
     bad inputs are made (default: torch tensors on this rank's GPU)."""

@@ -399,6 +399,8 @@ def main():
                     help="back-to-back rounds of the soak check (default 1000; 200 above 2 ranks: on one GPU their "
                          "kernels time-slice it or split its SMs, and every round waits for all of them)")
     ap.add_argument("--no-extras", action="store_true")
+    ap.add_argument("--refusals-only", action="store_true",
+                    help="only the refused-call check (tests/gpu/refusals.py), once per mode (issue 15 item 1)")
     args = ap.parse_args()
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     import torch
@@ -420,6 +422,10 @@ def main():
         if args.only and args.only not in tag:
             continue
         try:
+            if args.refusals_only:
+                if refusals.first_of_its_mode(cfg, refused_modes):
+                    refusals.run(ck, cfg)
+                continue
             be = ck.suite(cfg, quick=args.quick)
             if not args.no_extras and not cfg.fused_shared_expert and not cfg.skip_a2a:
                 ck.graph(be, cfg)
@@ -430,14 +436,14 @@ def main():
                 ck.capacity(cfg)                 # each mode / format
             if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank != 61:
                 server_checks.run(ck, cfg)     # issue 13: int64 ids, out=, stats_out=, micro-batches, refusals
-            if (cfg.mode not in refused_modes and cfg.token_format == "bf16" and cfg.layout == "grouped"
-                    and not cfg.fused_shared_expert and not cfg.skip_a2a):
-                refused_modes.add(cfg.mode)
+            if refusals.first_of_its_mode(cfg, refused_modes):
                 refusals.run(ck, cfg)          # issue 15: a refused call harms no one (each mode once)
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))
             print(f"[rank {ctx.rank}] FAIL suite {tag}: {e!r}", flush=True)
+    if args.refusals_only:
+        args.no_extras = True
     if not args.no_extras:
         try:
             ck.timeout(test_configs(ctx.world_size)[0])
