@@ -42,9 +42,9 @@ __device__ __forceinline__ void count_refusal(const Params& p, int peer) {
 // EPPeerRejectedError from it once (check / synchronize) instead of handing out a partial sum. Not an error: the
 // buffer stays usable. A record the host has not raised yet is kept; later rounds only count in `more`.
 __device__ void publish_refusal(const Params& p, unsigned round) {
-  const unsigned tokens = p.state[S_REJ_TOKENS];
+  const unsigned tokens = *((volatile unsigned*)&p.state[S_REJ_TOKENS]);   // the other blocks' atomics (L2)
   if (tokens == 0u) return;
-  const int peer = R - (int)p.state[S_REJ_RANK];
+  const int peer = R - (int)*((volatile unsigned*)&p.state[S_REJ_RANK]);
   p.state[S_REJ_TOKENS] = 0u;
   p.state[S_REJ_RANK] = 0u;
   RefusalRec* rec =
