@@ -57,10 +57,13 @@ def test_a_peer_refusal_is_raised_once_by_check_never_by_a_launch(what, why):
     be._check_open()
 
 
-def test_a_record_being_written_is_not_raised_yet():
+def test_no_record_raises_nothing_and_the_record_is_read_from_its_words():
     be = backend()
-    refusal(be.err, flag=-1, rank=0, what=0, tokens=0)   # flag -1 / 0: no round yet
+    refusal(be.err, flag=0, rank=2, what=REFUSED_COMBINE, tokens=3)   # fields without the flag: nothing yet
     be.raise_pending()
+    refusal(be.err, flag=1, rank=2, what=REFUSED_COMBINE, tokens=3)   # the flag last, as the kernel writes it
+    assert be.err.read_refusal() == dict(flag=1, rank=2, what=REFUSED_COMBINE, tokens=3, more=0)
+    assert be.err.read_refusal() is None
 
 
 class _Flags:

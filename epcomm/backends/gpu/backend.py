@@ -68,7 +68,7 @@ class RejectedRanks(Sequence):
         return len(self._get())
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, (tuple, list, Sequence)) and tuple(self._get()) == tuple(other)
+        return isinstance(other, Sequence) and self._get() == tuple(other)
 
     __hash__ = None
 

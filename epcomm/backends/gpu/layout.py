@@ -274,7 +274,7 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", (R * M * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
-            DeviceArray("status", "hstatus", (ST_REJECTED + R,), "i32", True, "dispatch"),   # ST_*: void, round,
-            # refusals
+            # ST_*: void round, the dispatch's round, the sources that refused their input
+            DeviceArray("status", "hstatus", (ST_REJECTED + R,), "i32", True, "dispatch"),
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

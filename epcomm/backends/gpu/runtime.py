@@ -260,7 +260,7 @@ class HostErrorRecord:
         """The refusal record (words 16..: the first combine since the last read whose tokens went to the experts of a
         rank that refused its input; RefusalRec in kernels/layout.cuh), or None. Cleared once read."""
         w = REFUSAL_RECORD_WORD
-        if self.words[w] <= 0:
+        if self.words[w] == 0:
             return None
         rec = {f: int(self.words[w + i]) for i, f in enumerate(REFUSAL_FIELDS)}
         self.words[w] = 0
