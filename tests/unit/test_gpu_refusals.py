@@ -23,6 +23,7 @@ CFG = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=16, world_
 def record_block() -> HostErrorRecord:
     rec = object.__new__(HostErrorRecord)   # no CUDA: plain memory in place of the host-mapped block
     rec.words = (ctypes.c_int32 * 24)()
+    rec.refusals_seen = 0
     return rec
 
 
@@ -36,34 +37,42 @@ def backend(err=None) -> GpuBackend:
     return be
 
 
-def refusal(rec: HostErrorRecord, flag, rank, what, tokens, more=0):
-    for i, v in enumerate((flag, rank, what, tokens, more)):
-        rec.words[REFUSAL_RECORD_WORD + i] = v
+def refusal(rec: HostErrorRecord, rnd, rank, what, tokens, combines=1):
+    """What the kernel writes for `combines` more combines with a refusal: the latest one's fields, then the count."""
+    w = REFUSAL_RECORD_WORD
+    for i, v in enumerate((rnd, rank, what, tokens)):
+        rec.words[w + 1 + i] = v
+    rec.words[w] += combines
 
 
 @pytest.mark.parametrize("what,why", [(REFUSED_DISPATCH, "refused its dispatch input, so its experts did not run"),
                                       (REFUSED_COMBINE, "refused its combine input")])
 def test_a_peer_refusal_is_raised_once_by_check_never_by_a_launch(what, why):
     be = backend()
-    refusal(be.err, flag=6, rank=3, what=what, tokens=5, more=1)
+    refusal(be.err, rnd=6, rank=3, what=what, tokens=5, combines=2)
     be._check_open()                      # what launching calls check: failures only (ranks keep issuing the same)
     with pytest.raises(EPPeerRejectedError, match=rf"rank 3 \(node 1\) {why} in round 5: 5 token\(s\) of this rank "
                                                   rf"went to its experts \(experts 6..7\)") as e:
         be.raise_pending()
     assert (e.value.rank, e.value.node, e.value.round) == (3, 1, 5)
     assert e.value.what == ("dispatch" if what == REFUSED_DISPATCH else "combine")
-    assert "1 later combine(s)" in str(e.value) and "\n" not in str(e.value)
+    assert "1 earlier combine(s)" in str(e.value) and "\n" not in str(e.value)
     be.raise_pending()                    # raised once: the buffer is usable
     be._check_open()
+    refusal(be.err, rnd=7, rank=1, what=what, tokens=1)   # the next combine with a refusal: raised again
+    with pytest.raises(EPPeerRejectedError, match="in round 6: 1 token") as e:
+        be.raise_pending()
+    assert "earlier" not in str(e.value)
 
 
-def test_no_record_raises_nothing_and_the_record_is_read_from_its_words():
+def test_the_record_is_raised_when_its_count_moves_and_the_host_never_writes_it():
     be = backend()
-    refusal(be.err, flag=0, rank=2, what=REFUSED_COMBINE, tokens=3)   # fields without the flag: nothing yet
+    refusal(be.err, rnd=4, rank=2, what=REFUSED_COMBINE, tokens=3, combines=0)   # fields, count not moved: nothing
     be.raise_pending()
-    refusal(be.err, flag=1, rank=2, what=REFUSED_COMBINE, tokens=3)   # the flag last, as the kernel writes it
-    assert be.err.read_refusal() == dict(flag=1, rank=2, what=REFUSED_COMBINE, tokens=3, more=0)
-    assert be.err.read_refusal() is None
+    refusal(be.err, rnd=4, rank=2, what=REFUSED_COMBINE, tokens=3)
+    before = list(be.err.words)
+    assert be.err.read_refusal() == dict(count=1, round=4, rank=2, what=REFUSED_COMBINE, tokens=3, more=0)
+    assert be.err.read_refusal() is None and list(be.err.words) == before
 
 
 class _Flags:

@@ -281,13 +281,13 @@ class GpuBackend:
         rec = self.err.read_refusal()
         if rec is None:
             return
-        d, rnd = rec["rank"], rec["flag"] - 1   # device rounds count from 1, EPBuffer rounds from 0
+        d, rnd = rec["rank"], rec["round"] - 1   # device rounds count from 1, EPBuffer rounds from 0
         what = "dispatch" if rec["what"] == REFUSED_DISPATCH else "combine"
         why = ("refused its dispatch input, so its experts did not run" if what == "dispatch"
                else "refused its combine input")
         name = getattr(self.ctx, "describe", None)
         peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
-        more = (f"; {rec['more']} later combine(s) before this check missed a refusing peer's rows too"
+        more = (f"; {rec['more']} earlier combine(s) since the last check missed a refusing peer's rows too"
                 if rec["more"] else "")
         raise EPPeerRejectedError(
             f"epcomm gpu: rank {self.me}: {peer} {why} in round {rnd}: {rec['tokens']} token(s) of this rank went to "

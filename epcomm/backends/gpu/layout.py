@@ -42,10 +42,10 @@ class ErrorCode(enum.IntEnum):
 CAPACITY_RECORD_WORD = 8
 CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
 # The refusal record (issue 15; not an error either) follows it: a combine whose tokens went to the experts of a rank
-# that refused its input for that round. flag (the device round, 0 = none), rank, what (REFUSED_DISPATCH /
-# REFUSED_COMBINE), tokens, more (later such combines before the host raised this one).
+# that refused its input for that round. count (such combines so far, written last; only the device writes the
+# record), then of the latest one: round (device round), rank, what (REFUSED_DISPATCH / REFUSED_COMBINE), tokens.
 REFUSAL_RECORD_WORD = 16
-REFUSAL_FIELDS = ("flag", "rank", "what", "tokens", "more")
+REFUSAL_FIELDS = ("count", "round", "rank", "what", "tokens")
 REFUSED_DISPATCH, REFUSED_COMBINE = 1, 2
 RECORD_WORDS = 24           # int32 words of the host-mapped record block (ErrRec, CapacityRec, RefusalRec)
 # A dispatch output set's status words (kernels: ST_*): [0] void round (then [1..3] the rank most over, its rows, the

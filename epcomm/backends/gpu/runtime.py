@@ -236,6 +236,7 @@ class HostErrorRecord:
         self.words = (ctypes.c_int32 * RECORD_WORDS).from_address(int(self.host))
         for i in range(RECORD_WORDS):
             self.words[i] = 0
+        self.refusals_seen = 0   # the refusal record's count when the host last raised it
 
     def read(self) -> dict | None:
         if self.words[0] == 0:
@@ -257,18 +258,26 @@ class HostErrorRecord:
         return rec
 
     def read_refusal(self) -> dict | None:
-        """The refusal record (words 16..: the first combine since the last read whose tokens went to the experts of a
-        rank that refused its input; RefusalRec in kernels/layout.cuh), or None. Cleared once read."""
+        """The refusal record (words 16..; RefusalRec in kernels/layout.cuh) when its count moved since the last
+        read: the latest combine whose tokens went to the experts of a rank that refused its input, and `more`, the
+        earlier ones since the last read. None otherwise. The host never writes the record (the device may be
+        writing the next one): fields read between two equal reads of the count."""
         w = REFUSAL_RECORD_WORD
-        if self.words[w] == 0:
-            return None
-        rec = {f: int(self.words[w + i]) for i, f in enumerate(REFUSAL_FIELDS)}
-        self.words[w] = 0
+        for _ in range(100):
+            count = int(self.words[w])
+            if count == self.refusals_seen:
+                return None
+            rec = {f: int(self.words[w + i]) for i, f in enumerate(REFUSAL_FIELDS)}
+            if int(self.words[w]) == count:
+                break
+        rec["more"] = count - self.refusals_seen - 1
+        self.refusals_seen = count
         return rec
 
     def clear(self):
         for i in range(RECORD_WORDS):
             self.words[i] = 0
+        self.refusals_seen = 0
 
     def close(self):
         from cuda.bindings import driver

@@ -40,7 +40,7 @@ __device__ __forceinline__ void count_refusal(const Params& p, int peer) {
 
 // The last block of a combine receive (one thread): the refusal record for the host, which raises
 // EPPeerRejectedError from it once (check / synchronize) instead of handing out a partial sum. Not an error: the
-// buffer stays usable. A record the host has not raised yet is kept; later rounds only count in `more`.
+// buffer stays usable. Only the device writes the record: the fields of this combine, then the count.
 __device__ void publish_refusal(const Params& p, unsigned round) {
   const unsigned tokens = *((volatile unsigned*)&p.state[S_REJ_TOKENS]);   // the other blocks' atomics (L2)
   if (tokens == 0u) return;
@@ -49,17 +49,12 @@ __device__ void publish_refusal(const Params& p, unsigned round) {
   p.state[S_REJ_RANK] = 0u;
   RefusalRec* rec =
       reinterpret_cast<RefusalRec*>(reinterpret_cast<char*>(p.err) + sizeof(ErrRec) + sizeof(CapacityRec));
-  if (*((volatile int*)&rec->flag) != 0) {
-    rec->more += 1;
-    __threadfence_system();
-    return;
-  }
+  rec->round = (int)round;
   rec->rank = peer;
   rec->what = p.hstatus[ST_REJECTED + peer] ? WHY_DISPATCH : WHY_COMBINE;
   rec->tokens = (int)tokens;
-  rec->more = 0;
   __threadfence_system();
-  rec->flag = (int)round;    // last: the host reads the fields once it sees the flag
+  *((volatile int*)&rec->count) += 1;   // last: the host reads the fields once it sees the count move
   __threadfence_system();
 }
 

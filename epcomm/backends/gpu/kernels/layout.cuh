@@ -140,13 +140,14 @@ struct CapacityRec {
 
 // A round's refusals (issue 15; not an error: the buffer stays usable), after CapacityRec in host memory: a combine
 // whose tokens went to the experts of a rank that refused its input for that round (it took part empty, marked).
-// The first such round since the host last raised one; `more` counts the later ones.
+// The device only writes it (the latest such combine, then `count` + 1); the host raises one EPPeerRejectedError
+// per increase of `count` it sees, so no refusal is lost between a host read and a later combine.
 struct RefusalRec {
-  int flag;      // the device round of that combine (0 = none; the host clears it once raised)
-  int rank;      // the lowest refusing rank that tokens of this rank went to
-  int what;      // 1: it refused its dispatch (its experts did not run), 2: its combine
+  int count;     // combines with a refusal so far (written last)
+  int round;     // the device round of the latest one
+  int rank;      // its lowest refusing rank that tokens of this rank went to
+  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine
   int tokens;    // tokens of this rank with a top-k slot on a refusing rank
-  int more;      // later combines with a refusal before the host raised this one
   int pad[3];
 };
 
