@@ -6,13 +6,14 @@
 
 Rules:
 * Every check runs before anything is sent; a failure raises a one-line EPInputError saying what was expected and
-  what came. A refused call harms no one (host backend): the rank still takes part in the round with nothing, marked
+  what came. A refused call harms no one: the rank still takes part in the round with nothing, marked
   "rejected", so the buffer stays usable on every rank. A refused dispatch: the peers get a correct round of the
   other ranks' tokens and DispatchResult.rejected_ranks names the refusing rank; since its experts will not run,
   that round's combine goes out at once too, marked and empty. A refused combine (bad arrays or handle, for the
   latest round not yet combined) is sent marked and empty. A peer whose tokens needed the refusing rank's experts
-  gets EPPeerRejectedError from its combine instead of a partial sum.
-  On the GPU backend (no mark in its protocol yet) a refused call still aborts, as any other failure below.
+  gets EPPeerRejectedError from its combine instead of a partial sum (GPU backend: from check() / synchronize()
+  after that combine, as every device-side verdict; the mark travels in the signal words, docs/FAILURES.md).
+  A backend without the mark (no dispatch_rejected / combine_rejected) aborts instead, as on any failure below.
 * Any other failure on one rank (timeouts included) first writes an abort word into every peer's window, so the
   peers raise EPError("rank R (node N) aborted: <reason>") at once instead of waiting for their deadline.
   After such a failure the buffer is unusable (on every rank); create a new one.
@@ -143,7 +144,8 @@ class EPBuffer:
             if not callable(enable):
                 self._backend.close()
                 _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank "
-                      f"(the host backend); the {ctx.backend} backend cannot yet (docs/FAILURES.md)")
+                      f"(the host backend); the {ctx.backend} backend cannot yet: its kernels have no mask of dead "
+                      f"ranks (docs/FAILURES.md, 'GPU backend: the design')")
             enable()
         ctx._buffers.add(self)
 
@@ -278,27 +280,37 @@ class EPBuffer:
         if self._failed is not None:
             raise EPError(f"EPBuffer unusable after an earlier failure: {self._failed}")
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, refuse=None):
         """Run a check or backend call; on failure tell the peers (abort word) before raising. A peer's refusal
-        (EPPeerRejectedError) is not a failure of this buffer."""
+        (EPPeerRejectedError) is not a failure of this buffer. refuse: the backend call's own input checks (raised
+        before it sent anything, backends/base.py) are refused like the front end's (_checked)."""
         try:
             return fn(*args)
         except _ROUND_ERRORS:
+            raise
+        except EPInputError as e:
+            if refuse is None or not self._can_refuse:
+                self._fail_with(e)
+            refuse()
             raise
         except EPFencedError as e:
             self._failed = str(e)         # the peers declared this rank dead: they go on without it, nothing to tell
             raise
         except BaseException as e:
-            # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
-            # Only a peer's abort is not passed on (that peer already told everyone).
-            self._failed = str(e) or type(e).__name__
-            already = isinstance(e, EPError) and " aborted: " in str(e)
-            if not already:
-                try:
-                    self._backend.abort(f"{type(e).__name__}: {e}")
-                except Exception:  # noqa: BLE001
-                    pass
-            raise
+            self._fail_with(e)
+
+    def _fail_with(self, e: BaseException):
+        """This buffer failed: tell the peers, then raise e (from its except block)."""
+        # A timeout aborts too: peers waiting on this rank would otherwise sit until their own deadline.
+        # Only a peer's abort is not passed on (that peer already told everyone).
+        self._failed = str(e) or type(e).__name__
+        already = isinstance(e, EPError) and " aborted: " in str(e)
+        if not already:
+            try:
+                self._backend.abort(f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001
+                pass
+        raise e
 
     def _complete(self, upto: Pending | None = None) -> None:
         """Run the receive of outstanding *_async calls in issue order (all, or up to and including `upto`): every
@@ -342,10 +354,15 @@ class EPBuffer:
 
     def _refuse_combine(self, handle) -> None:
         """A combine was refused: the round it meant (its handle's when that dispatch is live, or else the latest) is
-        sent marked and empty now, unless that round was combined already (then nobody waits for this call)."""
+        sent marked and empty now, unless that round was combined already (then nobody waits for this call).
+        Eager rounds only: the combine of a result captured in a CUDA graph cannot be sent empty from outside the
+        graph, so such a refusal fails the buffer (the peers are aborted) as on a backend without the mark."""
+        ours = isinstance(handle, Handle) and handle.buffer_serial == self._serial
+        if ours and handle.captured:
+            self._call(_fail, f"combine: refused for a dispatch captured in a CUDA graph (round {handle.round}); "
+                              f"only an eager round can be combined empty in its place, so the buffer fails")
         latest = self._round - 1
-        r = handle.round if (isinstance(handle, Handle) and handle.buffer_serial == self._serial
-                             and handle.round in self._live.rounds()) else latest
+        r = handle.round if ours and handle.round in self._live.rounds() else latest
         if r < 0 or self._live.was_combined(r):
             return
         self._complete()
@@ -364,7 +381,7 @@ class EPBuffer:
         self._call(live.admit, rnd)
         self._complete()
         try:
-            res = self._call(self._backend.dispatch, x, topk_ids, *_extra(stats_out))
+            res = self._call(self._backend.dispatch, x, topk_ids, *_extra(stats_out), refuse=self._refuse_dispatch)
         except EPCapacityError:
             self._advance(captured)       # the backend used up the round
             raise
@@ -381,7 +398,7 @@ class EPBuffer:
         live, rnd = (self._graph_live, self._graph_round) if captured else (self._live, self._round)
         self._call(live.admit, rnd)
         self._complete()
-        inner = self._call(self._backend.dispatch_async, x, topk_ids, *_extra(stats_out))
+        inner = self._call(self._backend.dispatch_async, x, topk_ids, *_extra(stats_out), refuse=self._refuse_dispatch)
         p = Pending("dispatch", rnd, self._serial, inner, t, captured=captured, array_kind=_kind(x))
         self._outstanding.append(p)
         live.track(rnd, p)
@@ -416,8 +433,14 @@ class EPBuffer:
                       refuse=lambda: self._refuse_combine(handle))
         self._checked(self._check_capture, "combine", _capturing(expert_y))
         self._complete()
-        self._live_of(handle).combined(handle.round)
-        return self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out))
+        try:
+            y = self._call(self._backend.combine, expert_y, handle.backend_handle, topk_weights, *_extra(out),
+                           refuse=lambda: self._refuse_combine(handle))
+        except _ROUND_ERRORS:
+            self._live_of(handle).combined(handle.round)   # it was sent: a round error of its receive
+            raise
+        self._live_of(handle).combined(handle.round)       # (after: a backend's refusal sends this round empty instead)
+        return y
 
     def combine_async(self, expert_y, handle, topk_weights, *, out=None) -> Pending:
         self._usable()
@@ -427,7 +450,7 @@ class EPBuffer:
         self._checked(self._check_capture, "combine_async", captured)
         self._complete()
         inner = self._call(self._backend.combine_async, expert_y, handle.backend_handle, topk_weights,
-                            *_extra(out))
+                           *_extra(out), refuse=lambda: self._refuse_combine(handle))
         self._live_of(handle).combined(handle.round)
         p = Pending("combine", handle.round, self._serial, inner, handle.num_tokens, captured=captured,
                     array_kind=_kind(expert_y))

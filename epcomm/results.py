@@ -19,7 +19,8 @@ class DispatchResult:
     ...], row_offsets[g] = g * capacity and tokens_per_expert is the mask (docs/ARCHITECTURE.md "Output layouts").
     A src_info row of -1 holds no token (padding, unused slab rows, past the end).
     rejected_ranks: ranks that refused their own input for this round (EPInputError there) and sent nothing; the
-    result holds every other rank's tokens (host backend; always empty on the GPU backend, where a refusal aborts).
+    result holds every other rank's tokens (GPU backend: a sequence read from the device when first used, which
+    waits for the dispatch on the current stream; read it before the second dispatch after this one).
     dropped: [T, topk] bool, this rank's top-k slots that were not sent because their expert lives on a fenced-off
     rank (None where the backend does not fence); combine leaves them out of the sum. masked_ranks: the ranks
     fenced off as of this round (they sent nothing and got nothing; docs/FAILURES.md).

@@ -19,6 +19,8 @@
 #   demo      `make demo` on this one-GPU machine: GPU backend, 2 ranks sharing GPU 0, checked against the reference
 #   mps100, mps50, mps12   under MPS (daemon started here, stopped at the end): the full worker at 2 ranks with
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
+#   ref2, refsim2, ref8   only the refused-call check (tests/gpu/refusals.py, issue 15 item 1; the full worker runs it
+#             too) at 2 ranks, 2 simulated nodes x 1 (NVSHMEM signals) and 8 ranks: not in the default list
 #   mpsbench  under MPS 50 %: tests/gpu/bench_quick.py --only ll-fp8 --steady-only --tokens 1,128, 2 ranks: the
 #             graph-replayed back-to-back rounds that hung with a device-sized grid (issue 10); passes when it ends
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
@@ -89,6 +91,9 @@ has sim2 && run_worker sim2 one-gpu-sim-2x1 2  "" "${T_SIM2:-100}"
 has w8   && run_worker w8   one-gpu-8       8  "" "${T_W8:-120}"
 has w2x4 && run_worker w2x4 one-gpu-2x4     8  "" "${T_W2X4:-120}"
 has w2x8 && run_worker w2x8 one-gpu-2x8     16 "" "${T_W2X8:-170}" --rounds "${ROUNDS_16:-100}"
+has ref2    && run_worker ref2    one-gpu-2       2 "" "${T_REF:-90}" --refusals-only
+has refsim2 && run_worker refsim2 one-gpu-sim-2x1 2 "" "${T_REF:-90}" --refusals-only
+has ref8    && run_worker ref8    one-gpu-8       8 "" "${T_REF8:-150}" --refusals-only
 if has smoke8; then
   l=$(limit smoke8 "${T_SMOKE8:-100}")
   if (( l == 0 )); then record smoke8 one-gpu-8 8 "" skip 0 "$OUT/smoke8.log" smoke; else

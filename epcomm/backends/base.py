@@ -2,7 +2,11 @@
 
 EPBuffer owns everything around the calls: input checks, the order of outstanding *_async operations (it runs each
 *_wait once, in issue order, before any later operation), and the buffer's failed / closed state. A backend only
-moves data and raises; it may assume a well-formed, ordered sequence of calls. tests/unit/test_backend_seam.py checks
+moves data and raises; it may assume a well-formed, ordered sequence of calls. A backend that makes checks of its
+own (the GPU backend: device, contiguity, alignment) raises EPInputError only before it has sent or counted
+anything, so that EPBuffer can refuse the call like one of its own checks. Optional: dispatch_rejected() /
+combine_rejected(round) take part in a round with nothing, marked "rejected" (a refused call then harms no one;
+docs/FAILURES.md); without them a refused call aborts. tests/unit/test_backend_seam.py checks
 that HostBackend and GpuBackend match this Protocol.
 """
 from __future__ import annotations

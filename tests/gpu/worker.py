@@ -22,6 +22,7 @@ from epcomm.checks import Round
 from epcomm.errors import EPCapacityError, EPTimeoutError
 from epcomm.workload import distinct_experts, make_world
 
+import refusals  # noqa: E402  (tests/gpu/refusals.py, beside this file)
 import server_checks  # noqa: E402  (tests/gpu/server_checks.py, beside this file)
 
 
@@ -398,6 +399,8 @@ def main():
                     help="back-to-back rounds of the soak check (default 1000; 200 above 2 ranks: on one GPU their "
                          "kernels time-slice it or split its SMs, and every round waits for all of them)")
     ap.add_argument("--no-extras", action="store_true")
+    ap.add_argument("--refusals-only", action="store_true",
+                    help="only the refused-call check (tests/gpu/refusals.py), once per mode (issue 15 item 1)")
     args = ap.parse_args()
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     import torch
@@ -413,11 +416,16 @@ def main():
     print(f"[rank {ctx.rank}] device {ctx.device} node {ctx.node} topology {ctx.topology.name} "
           f"{torch.cuda.get_device_name(ctx.device)}"
           f"{f' shared by {sharing} ranks' if sharing > 1 else ''}{f' MPS {mps} %' if mps else ''}", flush=True)
+    refused_modes = set()
     for cfg in test_configs(ctx.world_size):
         tag = f"{cfg.mode}-{cfg.token_format}"
         if args.only and args.only not in tag:
             continue
         try:
+            if args.refusals_only:
+                if refusals.first_of_its_mode(cfg, refused_modes):
+                    refusals.run(ck, cfg)
+                continue
             be = ck.suite(cfg, quick=args.quick)
             if not args.no_extras and not cfg.fused_shared_expert and not cfg.skip_a2a:
                 ck.graph(be, cfg)
@@ -428,10 +436,14 @@ def main():
                 ck.capacity(cfg)                 # each mode / format
             if not cfg.fused_shared_expert and not cfg.skip_a2a and cfg.max_tokens_per_rank != 61:
                 server_checks.run(ck, cfg)     # issue 13: int64 ids, out=, stats_out=, micro-batches, refusals
+            if refusals.first_of_its_mode(cfg, refused_modes):
+                refusals.run(ck, cfg)          # issue 15: a refused call harms no one (each mode once)
         except Exception as e:
             traceback.print_exc()
             ck.fails.append((f"{tag} suite", [repr(e)]))
             print(f"[rank {ctx.rank}] FAIL suite {tag}: {e!r}", flush=True)
+    if args.refusals_only:
+        args.no_extras = True
     if not args.no_extras:
         try:
             ck.timeout(test_configs(ctx.world_size)[0])

@@ -158,3 +158,46 @@ def test_a_backend_that_cannot_take_part_empty_still_aborts(monkeypatch):
     assert be.calls == ["abort"]
     with pytest.raises(epcomm.EPError, match="unusable"):
         buf.dispatch(*good())
+
+
+def test_a_backends_own_input_check_is_refused_like_the_front_ends(monkeypatch):
+    """The GPU backend checks device, contiguity and alignment itself, before it sends anything (backends/base.py):
+    such an EPInputError is refused like a front-end one, the buffer stays usable."""
+    class Picky(Recorder):
+        def dispatch_async(self, x, ids):
+            if len(x) == 3:
+                raise EPInputError("gpu backend: tensor must be contiguous")
+            return super().dispatch_async(x, ids)
+
+        def combine_async(self, ey, h, w):
+            if w.shape[0] == 0:
+                raise EPInputError("gpu backend: out must start at a 16-byte aligned address")
+            return super().combine_async(ey, h, w)
+
+    be = Picky()
+    buf = make(monkeypatch, be)
+    with pytest.raises(EPInputError, match="contiguous"):
+        buf.dispatch(np.zeros((3, 128), BF16), np.zeros((3, 2), np.int32))
+    assert be.calls == ["dispatch_rejected", "dispatch_wait", "combine_rejected 0"] and buf.round == 1
+    out = buf.dispatch(np.zeros((0, 128), BF16), np.zeros((0, 2), np.int32))
+    with pytest.raises(EPInputError, match="aligned"):
+        buf.combine(np.zeros((CFG.max_recv_rows, 128), BF16), out.handle, np.zeros((0, 2), np.float32))
+    assert be.calls[-1] == "combine_rejected 1" and "abort" not in be.calls
+    buf.dispatch(*good())                         # still usable
+
+
+def test_a_refused_combine_of_a_captured_result_fails_the_buffer(monkeypatch):
+    """Refusals take part empty on the eager side only (the GPU backend's launches inside a capture would be
+    replayed): a refused combine of a handle captured in a CUDA graph fails the buffer and tells the peers, and never
+    sends an eager round's combine in its place (captured and eager rounds are numbered apart)."""
+    from epcomm.buffer import Handle
+
+    be = Recorder()
+    buf = make(monkeypatch, be)
+    buf.dispatch(*good())                                      # eager round 0 is live: a captured round 0 is not it
+    captured = Handle(buf._serial, 0, 2, object(), captured=True)
+    with pytest.raises(EPInputError, match="captured in a CUDA graph"):
+        buf.combine(np.zeros((CFG.max_recv_rows, 128), BF16), captured, np.zeros((2, 2), np.float64))
+    assert be.calls[-1] == "abort" and not any(c.startswith("combine_rejected") for c in be.calls)
+    with pytest.raises(epcomm.EPError, match="unusable"):
+        buf.dispatch(*good())

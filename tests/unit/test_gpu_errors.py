@@ -16,6 +16,12 @@ class _Record:
     def read(self):
         return self.rec
 
+    def read_refusal(self):   # no peer refused (tests/unit/test_gpu_refusals.py)
+        return None
+
+    def read_overwrite(self):  # no launch refused because of a live result
+        return None
+
 
 def backend_with(code, phase=Phase.DISPATCH, peer=1, what=0, waiter=0, rnd=3):
     be = object.__new__(GpuBackend)     # no GPU: only the error decoding is exercised
@@ -63,7 +69,7 @@ class _CapacityRecord(_Record):
         cap, self.cap = self.cap, None      # raised once
         return cap
 
-    def read_refusal(self):
+    def read_overwrite(self):
         return None
 
 
@@ -93,16 +99,16 @@ def test_int64_ids_on_the_cpu_get_the_named_input_error():
         be._narrow_ids(torch.zeros((2, 2), dtype=torch.int64), 0, 2, "torch")
 
 
-class _RefusalRecord(_Record):
-    def __init__(self, refusal):
+class _OverwriteRecord(_Record):
+    def __init__(self, overwrite):
         super().__init__()
-        self.rec, self.refusal = None, refusal
+        self.rec, self.overwrite = None, overwrite
 
     def read_capacity(self):
         return None
 
-    def read_refusal(self):
-        r, self.refusal = self.refusal, None   # raised once
+    def read_overwrite(self):
+        r, self.overwrite = self.overwrite, None   # raised once
         return r
 
 
@@ -122,7 +128,7 @@ def test_a_refused_launch_is_raised_once_as_the_named_error(op, why, call, holde
     """A launch refused on the device because of a live result (kernels/results.cuh) is EPOverwriteError, raised by
     check / synchronize (never by a launch: every rank refused the same one), once; the buffer stays usable."""
     be = backend_with(ErrorCode.TIMEOUT)
-    be.err = _RefusalRecord(dict(count=2, op=int(op), why=int(why), holder=holder, call=call))
+    be.err = _OverwriteRecord(dict(count=2, op=int(op), why=int(why), holder=holder, call=call))
     be._raise_recorded()                   # what launching calls check: failures only
     with pytest.raises(EPOverwriteError, match="was refused") as e:
         be.raise_pending()
@@ -132,20 +138,23 @@ def test_a_refused_launch_is_raised_once_as_the_named_error(op, why, call, holde
     be.raise_pending()                     # once
 
 
-def test_the_refusal_record_words_round_trip():
-    """The host's reading of RefusalRec (int32 words, u64 call words low word first), as the kernels write it."""
+def test_the_overwrite_record_words_round_trip():
+    """The host's reading of OverwriteRec (int32 words, u64 call words low word first), as the kernels write it; the
+    peer-refusal record before it (RefusalRec, issue 15) is not touched."""
     import ctypes
 
-    from epcomm.backends.gpu.layout import HOST_RECORD_WORDS, REFUSAL_RECORD_WORD
+    from epcomm.backends.gpu.layout import OVERWRITE_RECORD_WORD, RECORD_WORDS
     from epcomm.backends.gpu.runtime import HostErrorRecord
     rec = object.__new__(HostErrorRecord)
-    rec.words = (ctypes.c_int32 * HOST_RECORD_WORDS)()
-    assert rec.read_refusal() is None
+    rec.words = (ctypes.c_int32 * RECORD_WORDS)()
+    rec.refusals_seen = 0
+    assert rec.read_overwrite() is None
     call, holder = call_word(2 ** 33 + 5, 1, eager=False), call_word(2 ** 31 + 1, 1, eager=True)
     raw = (ctypes.c_uint64 * 2)(holder, call)
-    w = REFUSAL_RECORD_WORD
+    w = OVERWRITE_RECORD_WORD
     rec.words[w + 1], rec.words[w + 2], rec.words[w + 3] = 3, int(RefusedOp.COMBINE), int(Refusal.NOT_LIVE)
     ctypes.memmove(ctypes.addressof(rec.words) + 4 * (w + 4), raw, 16)
     rec.words[w] = 1
-    assert rec.read_refusal() == dict(count=3, op=2, why=3, holder=holder, call=call)
-    assert rec.read_refusal() is None and rec.words[w + 1] == 0
+    assert rec.read_refusal() is None      # another record
+    assert rec.read_overwrite() == dict(count=3, op=2, why=3, holder=holder, call=call)
+    assert rec.read_overwrite() is None and rec.words[w + 1] == 0

@@ -8,6 +8,8 @@ Public behaviour (what EPBuffer forwards to):
   dispatch_async(x, topk_ids) -> pending              send phase only; dispatch_wait(pending) -> DispatchResult
   combine(expert_y, handle, topk_weights, out) -> y   one launch (out=: y written into the caller's tensor)
   combine_async(...) -> pending ; combine_wait(pending) -> y
+  dispatch_rejected() / combine_rejected(r)           a refused call (EPBuffer): this rank takes part in the round
+                                                      with nothing, its signals marked "rejected" (docs/FAILURES.md)
   synchronize()  waits for the device; raises EPTimeoutError / EPError recorded by a kernel
   close()        collective (frees symmetric memory)
 
@@ -30,20 +32,55 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...errors import EPCapacityError, EPError, EPInputError, EPOverwriteError, EPTimeoutError
+from ...errors import EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPTimeoutError
 from ...results import DispatchResult
 from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
-from .layout import (OUTPUT_SETS, ErrorCode, Layout, Phase, Refusal, RefusedOp, call_word, device_arrays,
+from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, ST_REJECTED, ErrorCode, Layout, Phase, Refusal, RefusedOp,
+                     call_word, device_arrays,
                      params_struct, send_chunk_tokens)
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
 
 
+
+
+class RejectedRanks(Sequence):
+    """DispatchResult.rejected_ranks on the GPU: the ranks that refused their input in that round (they took part
+    with nothing, their count signals marked), read from the output set's status words on first use and kept.
+
+    Nothing syncs unless it is read: the read is a device-to-host copy ordered after the dispatch on the current
+    stream (so not inside a CUDA-graph capture). Read it before the second dispatch after this one, like every output
+    of the set."""
+
+    def __init__(self, flags):
+        self._flags, self._ranks = flags, None
+
+    def _get(self) -> tuple:
+        if self._ranks is None:
+            f = self._flags
+            vals = f.cpu().tolist() if hasattr(f, "cpu") else f.get().tolist()
+            self._ranks, self._flags = tuple(r for r, v in enumerate(vals) if v), None
+        return self._ranks
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and self._get() == tuple(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._get())
 
 
 @dataclass
@@ -125,6 +162,8 @@ class GpuBackend:
                     s[a.param] = new(a.shape, a.dtype)
             else:
                 self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
+        # each set's refusal flags (status words ST_REJECTED..), viewed once: DispatchResult.rejected_ranks reads them
+        self._rejected_flags = [s["hstatus"][ST_REJECTED:] for s in self.sets]
         # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
         # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
         # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
@@ -136,6 +175,7 @@ class GpuBackend:
         self._dispatches = [0, 0]
         self._combines = [0, 0]
         self._call_ids = itertools.count(1)
+        self._eager_calls = [0] * OUTPUT_SETS   # the call word of the latest eager dispatch of each output set
         self._closed = False
         self.broken = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
         self._tmpl = {}
@@ -260,6 +300,25 @@ class GpuBackend:
         raise EPCapacityError.for_round(self.cfg, need, rec["flag"] - 1, describe=getattr(self.ctx, "describe", None),
                                         ranks_over=rec["over"])
 
+    def _raise_refusal(self):
+        """EPPeerRejectedError for a combine the kernels found short of a refusing peer's rows (raised once; the
+        buffer stays usable)."""
+        rec = self.err.read_refusal()
+        if rec is None:
+            return
+        d, rnd = rec["rank"], rec["round"] - 1   # device rounds count from 1, EPBuffer rounds from 0
+        what = "dispatch" if rec["what"] == REFUSED_DISPATCH else "combine"
+        why = ("refused its dispatch input, so its experts did not run" if what == "dispatch"
+               else "refused its combine input")
+        name = getattr(self.ctx, "describe", None)
+        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
+        more = (f"; {rec['more']} earlier combine(s) since the last check missed a refusing peer's rows too"
+                if rec["more"] else "")
+        raise EPPeerRejectedError(
+            f"epcomm gpu: rank {self.me}: {peer} {why} in round {rnd}: {rec['tokens']} token(s) of this rank went to "
+            f"its experts ({self.cfg.holds(d)}) and have no output, so that combine's y is not a sum (do not use "
+            f"it){more}; the buffer is still usable", rank=d, node=self.node_of(d), round=rnd, what=what)
+
     def _check_open(self):
         if self._closed:
             raise EPError("EPBuffer is closed")
@@ -317,12 +376,17 @@ class GpuBackend:
         hp = self.next_output_set(captured)
         topk_ids = self._narrow_ids(topk_ids, hp + OUTPUT_SETS * captured, int(x.shape[0]), array_kind(x))
         kind, T, xp, ip = self._inputs(x, topk_ids)
+        # sent unchanged (row-major [T, scale_cols]; the kernels copy instead of quantising)
+        sp = None if x_scales is None else device_pointer(x_scales, array_kind(x_scales), self.ctx.device)
+        # every EPInputError above: nothing launched that sends, nothing counted (EPBuffer refuses the call, harmless)
         self._dispatches[captured] += 1
         p = self._base_params(hp, T)
         p.x, p.ids = xp, ip
         p.call = call_word(next(self._call_ids), hp, eager=not captured)
-        if x_scales is not None:   # sent unchanged (row-major [T, scale_cols]; the kernels copy instead of quantising)
-            p.x_scales = device_pointer(x_scales, array_kind(x_scales), self.ctx.device)
+        if not captured:
+            self._eager_calls[hp] = p.call   # a refused combine of this round carries it (combine_rejected)
+        if sp is not None:
+            p.x_scales = sp
         return kind, T, hp, p, current_stream(kind, self.ctx.device)
 
     def _result(self, hp: int, T: int, kind: str, call: int) -> DispatchResult:
@@ -331,7 +395,8 @@ class GpuBackend:
         return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
-                              handle=GpuHandle(hp, T, kind, call))
+                              handle=GpuHandle(hp, T, kind, call),
+                              rejected_ranks=RejectedRanks(self._rejected_flags[hp]))
 
     def _scales_view(self, store, kind: str):
         """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
@@ -373,6 +438,60 @@ class GpuBackend:
         self._add_stats(pending.stats, pending.hp, pending.kind)
         return self._result(pending.hp, pending.num_tokens, pending.kind, pending.params.call)
 
+    # ---------------------------------------------------------------- refused calls (docs/FAILURES.md)
+    def _own_kind(self) -> str:
+        return "torch" if self.alloc.torch is not None else "cupy"
+
+    def _refusal_stream(self, what: str) -> tuple[str, int]:
+        """The kind and current stream of a refused call's launch: eager only. Inside a CUDA-graph capture the empty
+        round would be captured and replayed, so the refusal cannot take part (EPBuffer then fails the buffer)."""
+        kind = self._own_kind()
+        if is_capturing(kind):
+            raise EPError(f"epcomm gpu: rank {self.me}: a {what} refused inside a CUDA-graph capture cannot take part "
+                          f"in its round empty (the graph would replay the refusal); check the inputs before capturing")
+        return kind, current_stream(kind, self.ctx.device)
+
+    def dispatch_rejected(self) -> _Pending:
+        """This rank refused its input for the next round (EPBuffer): it takes part with no tokens, its count signals
+        carry the "rejected" mark, so every peer gets the round of the other ranks' tokens and names it in
+        rejected_ranks. Its dispatch_wait runs as usual. One launch on the current stream: no sync, no allocation.
+
+        On the device it is an eager dispatch like any other (kernels/results.cuh): a fresh call on the next eager
+        output set, admitted or refused by the same rule as the peers' dispatches of that round (their sets and
+        owner words are in step), so every rank admits the same launches."""
+        self._check_open()
+        kind, st = self._refusal_stream("dispatch")
+        hp = self.next_output_set(False)
+        self._dispatches[0] += 1
+        p = self._base_params(hp, 0)
+        p.rejected = 1
+        p.call = call_word(next(self._call_ids), hp, eager=True)
+        self._eager_calls[hp] = p.call
+        self._launch("ep_dispatch_send", p, st)
+        return _Pending("dispatch", hp, 0, kind, st, p)
+
+    def combine_rejected(self, r: int) -> None:
+        """This rank will not combine round r (its eager dispatch number on this buffer: it refused that round's
+        dispatch, so its experts do not run, or its combine input): the round's combine signals go out marked, with
+        no rows, and nothing is awaited. A peer whose tokens went to this rank's experts gets EPPeerRejectedError
+        from its check() / synchronize() instead of a partial sum; the others are unaffected (also if they never
+        combine that round: combine rounds are the dispatch's, kernels/combine.cuh). One launch, no sync.
+
+        It carries the call word of dispatch r, so the device admits it as that result's combine, and it ends the
+        result's life as a combine does (the owner word is cleared: results.cuh result_combined). No y buffer is
+        taken (it writes none)."""
+        self._check_open()
+        n = self._dispatches[0]
+        if not n - OUTPUT_SETS <= r < n:
+            raise EPError(f"gpu backend: combine_rejected({r}): only the latest {OUTPUT_SETS} dispatch rounds "
+                          f"(of {n}) can be combined")
+        _, st = self._refusal_stream("combine")
+        hs = r % OUTPUT_SETS                       # the output set (handle) of eager dispatch r
+        p = self._base_params(hs, 0)
+        p.rejected = 1
+        p.call = self._eager_calls[hs]
+        self._launch("ep_combine", p, st)
+
     # ---------------------------------------------------------------- combine
     def _combine_params(self, expert_y, handle, topk_weights, out=None):
         self._check_open()
@@ -383,13 +502,14 @@ class GpuBackend:
         p = self._base_params(handle.hp, T)
         p.expert_y = aligned(device_pointer(expert_y, kind, self.ctx.device), "expert_y")
         p.weights = device_pointer(topk_weights, array_kind(topk_weights), self.ctx.device)
+        # out=: the kernels write y straight into the caller's tensor (no copy)
+        yp = None if out is None else aligned(device_pointer(out, kind, self.ctx.device), "out")
+        # every EPInputError above: nothing launched, nothing counted (EPBuffer refuses the call, harmless)
         p.call = handle.call      # the device combines only the live result of that dispatch
         captured = is_capturing(kind)
         cp = self._combines[captured] % OUTPUT_SETS
         self._combines[captured] += 1
-        # out=: the kernels write y straight into the caller's tensor (no copy)
-        p.y = self.alloc.ptr(self.ybufs[cp]) if out is None else aligned(device_pointer(out, kind, self.ctx.device),
-                                                                          "out")
+        p.y = self.alloc.ptr(self.ybufs[cp]) if yp is None else yp
         return kind, T, cp, p, current_stream(kind, self.ctx.device)
 
     def _y(self, cp, T, kind, out=None):
@@ -431,28 +551,33 @@ class GpuBackend:
             _check(driver.cuLaunchKernel(self.kernels.functions["ep_release"], 1, 1, 1, 1, 1, 1, 0,
                                          driver.CUstream(st), ctypes.addressof(pp), 0), "launch ep_release")
 
-    def _raise_refusal(self):
+    def _raise_overwrite(self):
         """EPOverwriteError for a launch the device refused because of a live result (raised once; usable)."""
-        rec = self.err.read_refusal()
+        rec = self.err.read_overwrite()
         if rec is not None:
-            raise refusal_error(rec, self.me)
+            raise overwrite_error(rec, self.me)
 
     # ---------------------------------------------------------------- lifecycle
     def synchronize(self):
-        """Wait for the device; raise what a kernel recorded: a failure, else a round over capacity."""
+        """Wait for the device; raise what a kernel recorded: a failure, else a round over capacity, else a launch
+        refused because of a live result (EPOverwriteError), else a combine short of a refusing peer's rows
+        (EPPeerRejectedError)."""
         from cuda.bindings import driver
         _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
         self._raise_recorded()
         self._raise_capacity()
+        self._raise_overwrite()
         self._raise_refusal()
 
     def raise_pending(self) -> None:
-        """Raise what a kernel recorded (timeout, abort, bad entry; else a round over capacity), if any: pinned
-        memory, no synchronisation. Calls that launch kernels raise only failures, never EPCapacityError: its round
-        is void on every rank's device, so every rank keeps issuing the same operations (likewise EPOverwriteError:
-        every rank's device refuses the same launch)."""
+        """Raise what a kernel recorded (timeout, abort, bad entry; else a round over capacity, else a launch refused
+        because of a live result, else a combine short of a refusing peer's rows), if any: pinned memory, no
+        synchronisation. Calls that launch kernels raise only failures, never EPCapacityError / EPOverwriteError /
+        EPPeerRejectedError: those rounds are not failures (every rank's device voids or refuses the same launch),
+        and every rank keeps issuing the same operations."""
         self._raise_recorded()
         self._raise_capacity()
+        self._raise_overwrite()
         self._raise_refusal()
 
     def pending_error(self) -> dict | None:
@@ -546,8 +671,8 @@ class GpuBackend:
             self.err.close()
 
 
-def refusal_error(rec: dict, me: int) -> EPOverwriteError:
-    """The EPOverwriteError of a refusal record (runtime.HostErrorRecord.read_refusal)."""
+def overwrite_error(rec: dict, me: int) -> EPOverwriteError:
+    """The EPOverwriteError of an overwrite record (runtime.HostErrorRecord.read_overwrite)."""
     call, holder = rec["call"], rec["holder"]
     captured = not call & 1
     output_set = (call >> 1) & 1

@@ -45,14 +45,23 @@ class ErrorCode(enum.IntEnum):
 # same host-mapped block: flag (the device round, 0 = none), rank, rows needed, capacity, ranks over capacity.
 CAPACITY_RECORD_WORD = 8
 CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
-# Then the refusal record (RefusalRec; kernels/results.cuh): a launch refused because of a live result. int32 words:
-# flag, count, op, why, then the holder's and the refused call's Params.call (u64 each, low word first).
+# The refusal record (issue 15; not an error either) follows it: a combine whose tokens went to the experts of a rank
+# that refused its input for that round. count (such combines so far, written last; only the device writes the
+# record), then of the latest one: round (device round), rank, what (REFUSED_DISPATCH / REFUSED_COMBINE), tokens.
 REFUSAL_RECORD_WORD = 16
-HOST_RECORD_WORDS = 24
+REFUSAL_FIELDS = ("count", "round", "rank", "what", "tokens")
+REFUSED_DISPATCH, REFUSED_COMBINE = 1, 2
+# A dispatch output set's status words (kernels: ST_*): [0] void round (then [1..3] the rank most over, its rows, the
+# capacity), [ST_ROUND] the dispatch's device round, [ST_REJECTED + s] source s refused its input this round.
+ST_ROUND, ST_REJECTED = 4, 8
+# Then the overwrite record (OverwriteRec; kernels/results.cuh): a launch refused because of a live result. int32
+# words: flag, count, op, why, then the holder's and the refused call's Params.call (u64 each, low word first).
+OVERWRITE_RECORD_WORD = 24
+RECORD_WORDS = 32           # int32 words of the host-mapped block: ErrRec, CapacityRec, RefusalRec, OverwriteRec
 
 
 class RefusedOp(enum.IntEnum):
-    """`op` of the refusal record (kernels: OP_*)."""
+    """`op` of the overwrite record (kernels: OP_*)."""
     DISPATCH = 0
     DISPATCH_RECV = 1
     COMBINE = 2
@@ -60,7 +69,7 @@ class RefusedOp(enum.IntEnum):
 
 
 class Refusal(enum.IntEnum):
-    """`why` of the refusal record (kernels: WHY_*)."""
+    """`why` of the overwrite record (kernels: WHY_*)."""
     LIVE = 1          # a dispatch: its output set holds the live result of another call
     PENDING = 2       # an *_async of this buffer still waited for its *_wait
     NOT_LIVE = 3      # a combine: the result its handle names is not live (refused, combined or released)
@@ -194,7 +203,9 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
         "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
         "EP_COUNT_BASE_AT": lay.count_base_at,
-        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD,
+        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD, "EP_STATUS_INTS": ST_REJECTED + cfg.world_size,
+        "EP_ST_ROUND": ST_ROUND, "EP_ST_REJECTED": ST_REJECTED, "EP_REFUSED_DISPATCH": REFUSED_DISPATCH,
+        "EP_REFUSED_COMBINE": REFUSED_COMBINE, "EP_OVERWRITE_RECORD_WORD": OVERWRITE_RECORD_WORD,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
@@ -228,7 +239,7 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
                   "dbase", "x_scales")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens", "rejected")
 
 
 def params_struct(ranks: int):
@@ -297,6 +308,7 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", ((lay.recv_tokens if lay.ht else 1) * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
-            DeviceArray("status", "hstatus", (4,), "i32", True, "dispatch"),   # [0] != 0: the round was void
+            # ST_*: void round, the dispatch's round, the sources that refused their input
+            DeviceArray("status", "hstatus", (ST_REJECTED + R,), "i32", True, "dispatch"),
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from .heap import NVSHMEM_DEFAULTS
-from .layout import (CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, HOST_RECORD_WORDS, REFUSAL_RECORD_WORD,
-                     ErrorCode, Phase, heap_bytes)
+from .layout import (CAPACITY_FIELDS, CAPACITY_RECORD_WORD, HEAP_MARGIN, OVERWRITE_RECORD_WORD, RECORD_WORDS,
+                     REFUSAL_FIELDS, REFUSAL_RECORD_WORD, ErrorCode, Phase, heap_bytes)
 
 log = logging.getLogger("epcomm.gpu")
 
@@ -232,18 +232,19 @@ class Runtime:
 
 
 class HostErrorRecord:
-    """int32 words in host-mapped pinned memory that kernels write: 8 when they give up (ErrRec in kernels/layout.cuh),
-    then the capacity record and the refusal record (layout.py).
-    read() gives `code` as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
+    """int32 words in host-mapped pinned memory that kernels write: the error record (8 words, ErrRec in
+    kernels/layout.cuh), written when they give up, then the capacity and refusal records (rounds that are not
+    failures) and the overwrite record (launches refused because of a live result; layout.py). read() gives `code`
+    as a layout.ErrorCode and `phase` as a layout.Phase where the values are known."""
     FIELDS = ("flag", "code", "peer", "what", "waiter", "round", "phase", "pad")
 
     def __init__(self):
         from cuda.bindings import driver
         flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
-        self.host = _check(driver.cuMemHostAlloc(4 * HOST_RECORD_WORDS, flags), "cuMemHostAlloc")
+        self.host = _check(driver.cuMemHostAlloc(4 * RECORD_WORDS, flags), "cuMemHostAlloc")
         self.dev = int(_check(driver.cuMemHostGetDevicePointer(self.host, 0), "cuMemHostGetDevicePointer"))
-        self.words = (ctypes.c_int32 * HOST_RECORD_WORDS).from_address(int(self.host))
-        self.clear()
+        self.words = (ctypes.c_int32 * RECORD_WORDS).from_address(int(self.host))
+        self.clear()   # also sets refusals_seen: the refusal record's count when the host last raised it
 
     def read(self) -> dict | None:
         if self.words[0] == 0:
@@ -265,10 +266,27 @@ class HostErrorRecord:
         return rec
 
     def read_refusal(self) -> dict | None:
-        """The refusal record (words 16..: the first launch refused because of a live result since the last read,
-        and how many; RefusalRec in kernels/layout.cuh), or None. Cleared once read."""
+        """The refusal record (words 16..; RefusalRec in kernels/layout.cuh) when its count moved since the last
+        read: the latest combine whose tokens went to the experts of a rank that refused its input, and `more`, the
+        earlier ones since the last read. None otherwise. The host never writes the record (the device may be
+        writing the next one): fields read between two equal reads of the count."""
+        w = REFUSAL_RECORD_WORD
+        for _ in range(100):
+            count = int(self.words[w])
+            if count == self.refusals_seen:
+                return None
+            rec = {f: int(self.words[w + i]) for i, f in enumerate(REFUSAL_FIELDS)}
+            if int(self.words[w]) == count:
+                break
+        rec["more"] = count - self.refusals_seen - 1
+        self.refusals_seen = count
+        return rec
+
+    def read_overwrite(self) -> dict | None:
+        """The overwrite record (words 24..: the first launch refused because of a live result since the last read,
+        and how many; OverwriteRec in kernels/layout.cuh), or None. Cleared once read."""
         w = self.words
-        at = REFUSAL_RECORD_WORD
+        at = OVERWRITE_RECORD_WORD
         if w[at] == 0:
             return None
 
@@ -281,8 +299,9 @@ class HostErrorRecord:
         return rec
 
     def clear(self):
-        for i in range(HOST_RECORD_WORDS):
+        for i in range(RECORD_WORDS):
             self.words[i] = 0
+        self.refusals_seen = 0
 
     def close(self):
         from cuda.bindings import driver

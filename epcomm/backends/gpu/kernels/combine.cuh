@@ -91,9 +91,48 @@ __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   return n;
 }
 
+// The round of a combine is its dispatch's (the handle's status words), not a count of combines: a round that some
+// ranks never combine (released everywhere, or refused by one rank: its combine went out marked and empty while
+// the peers may drop the round) cannot shift the parities and signal rounds of the others. Its regions are reused
+// two dispatch rounds later, after every rank has finished with them (the argument of the host backend).
+__device__ __forceinline__ unsigned combine_round(const Params& p) { return (unsigned)p.hstatus[ST_ROUND]; }
+
+// ht, a rank that will not combine this round (EPBuffer: it refused its dispatch input, so its experts do not run,
+// or its combine input): the weight signal of step 1 and the ready flag of every (source, chunk) that brought rows
+// here are raised marked, without weights or rows; a source whose tokens went here sees the mark instead of waiting
+// (its combine reports the refusal). Nothing is awaited. Returns whether NVSHMEM was used.
+__device__ bool refuse_combine_ht(const Params& p, unsigned round) {
+  const int par = round & 1;
+  const unsigned long long v = round | SIG_REJECTED;
+  bool used_shmem = false;
+  if (blockIdx.x == 0) {
+    const size_t soff = p.off_wsig + ((size_t)par * R + p.me) * 8;
+    signal_every_destination(p, soff, v, [&](int d) {
+      if (threadIdx.x == 0) nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), v, NVSHMEM_SIGNAL_SET, d);
+    });
+  }
+  for (int q = blockIdx.x * THREADS + threadIdx.x; q < R * MAX_CHUNKS; q += gridDim.x * THREADS) {
+    const int s = q / MAX_CHUNKS, c = q % MAX_CHUNKS;
+    if (SKIP && s != p.me) continue;
+    const int* cp = p.hchunk + s * (MAX_CHUNKS + 1);
+    if (c >= max(0, min(p.hchunk[R * (MAX_CHUNKS + 1) + s], MAX_CHUNKS)) || min(cp[c + 1], p.hcount[s]) <= cp[c])
+      continue;   // nothing of s's chunk c came here: s does not wait for it
+    const size_t off = p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8;
+    if (same_node(p, s)) {
+      st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + off), v);
+    } else {
+      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + off), v, NVSHMEM_SIGNAL_SET, s);
+      used_shmem = true;
+    }
+  }
+  return used_shmem;
+}
+
 // expert side: send expert_y rows back to their source ranks
 __device__ void combine_send(const Params& p, bool fused) {
-  const unsigned round = cur_round(p, S_CSEND);
+  const unsigned round = combine_round(p);
+  // a refusing rank's (p.rejected) signals carry the mark and no rows: its sources report the refusal
+  const unsigned long long sigv = round | (p.rejected ? SIG_REJECTED : 0ull);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 5);
   if (p.hstatus[0] != 0) {   // the handle's round was void (over capacity) on every rank: nothing to send or wait for
     if (block_done(p, S_CSEND, false) && threadIdx.x == 0) {
@@ -106,10 +145,12 @@ __device__ void combine_send(const Params& p, bool fused) {
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   bool used_shmem = false;
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
-  if constexpr (!HT) {
+  if (HT && p.rejected) {
+    used_shmem = refuse_combine_ht(p, round);
+  } else if constexpr (!HT) {
     const int begin = FUSED ? (int)p.row_offsets[1] : 0;
     const int end = (int)p.row_offsets[GROUPS];
-    const int nrow = max(0, end - begin);
+    const int nrow = p.rejected ? 0 : max(0, end - begin);   // a refusing rank sends no rows, only marked signals
     for (int it = gw; it < nrow * ROW_SLICES; it += nw) {
       const int j = begin + it / ROW_SLICES, sl = it % ROW_SLICES;
       int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
@@ -183,6 +224,13 @@ __device__ void combine_send(const Params& p, bool fused) {
       const unsigned long long t0 = gtime();
       const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
       if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0)) return;
+      // sources that will not combine this round (marked weight signal): no weights came, they wait for no rows
+      __shared__ unsigned long long s_wrej;
+      if (threadIdx.x == 0) s_wrej = 0ull;
+      __syncthreads();
+      for (int q = threadIdx.x; q < R; q += THREADS)
+        if (sig_rejected(ld_rlx(wsig + q))) atomicOr(&s_wrej, 1ull << q);
+      __syncthreads();
       const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WEIGHT_STRIDE;
       // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
       // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
@@ -203,7 +251,7 @@ __device__ void combine_send(const Params& p, bool fused) {
       };
       for (int item = next_citem(); item < nitems; item = next_citem()) {
         const int s = SKIP ? p.me : item % ns, c = item / ns;
-        if (c >= s_cn[s]) continue;
+        if (c >= s_cn[s] || ((s_wrej >> s) & 1ull)) continue;
         const int* cp = s_cp + s * (MAX_CHUNKS + 1);
         const int i0 = cp[c], i1 = min(cp[c + 1], p.hcount[s]);
         if (i1 <= i0) continue;   // nothing of s's chunk c came here: s does not wait for it
@@ -251,8 +299,11 @@ __device__ void combine_send(const Params& p, bool fused) {
     for (int s = threadIdx.x; s < R; s += THREADS) {
       if (HT || (SKIP && s != p.me)) continue;   // ht: chunk flags instead
       size_t soff = p.off_csig + ((size_t)par * R + p.me) * 8;
-      if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), round);
-      else { nvshmem_fence(); nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), round, NVSHMEM_SIGNAL_SET, s); }
+      if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), sigv);
+      else {
+        nvshmem_fence();
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(p.sym + soff), sigv, NVSHMEM_SIGNAL_SET, s);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -264,10 +315,14 @@ __device__ void combine_send(const Params& p, bool fused) {
   }
 }
 
-// source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row
+// source side: wait for every rank's rows, then y[t] = sum (fp32) + shared row. A token with a top-k slot on a rank
+// whose rows come marked (it refused its input this round) is counted (count_refusal): the host raises
+// EPPeerRejectedError for this combine instead of handing out its partial sum.
 __device__ void combine_recv(const Params& p) {
-  const unsigned round = cur_round(p, S_CRECV);
-  if (p.hstatus[0] != 0) {   // a void round (see combine_send): y is left as it is
+  const unsigned round = combine_round(p);
+  // a void round (see combine_send): y is left as it is; a refusing rank (p.rejected) waits for nothing. Either way
+  // the result's life ends here, as after any combine (results.cuh)
+  if (p.hstatus[0] != 0 || p.rejected) {
     if (block_done(p, S_CRECV, false, false) && threadIdx.x == 0) {
       p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p);
     }
@@ -287,9 +342,27 @@ __device__ void combine_recv(const Params& p) {
     const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
     if (!block_wait(p, sig, round, PHASE_COMBINE, -1, t0)) return;
     if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
+    __shared__ bool s_rej[R];   // ranks whose combine signal came marked: they refused their input this round
+    __shared__ int s_anyrej;
+    if (threadIdx.x == 0) s_anyrej = 0;
+    __syncthreads();
+    for (int q = threadIdx.x; q < R; q += THREADS) {
+      s_rej[q] = sig_rejected(ld_rlx(sig + q));
+      if (s_rej[q]) s_anyrej = 1;
+    }
+    __syncthreads();
     const int nitems = p.T * NS;
     for (int it = gw; it < nitems; it += nw) {
       const int t = it / NS;
+      if (s_anyrej && lane == 0 && it % NS == 0) {   // once per token
+        int lowest = R;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int id = p.hids[t * K + k];
+          if (id >= 0 && id < E && s_rej[id / LOCAL_EXPERTS]) lowest = min(lowest, id / LOCAL_EXPERTS);
+        }
+        if (lowest < R) count_refusal(p, lowest);
+      }
       const int c = (it % NS) * 32 + lane;
       if (c >= ROW_VECS) continue;
       float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -315,6 +388,7 @@ __device__ void combine_recv(const Params& p) {
         reinterpret_cast<const unsigned long long*>(p.sym + p.off_cflag) + (size_t)par * R * MAX_CHUNKS;
     int ready_c = -1;
     unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
+    unsigned long long refused = 0; // ... of which those whose flag came marked (no rows: they refused their input)
     for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
       const int t = dyn ? u : u / NS;
       unsigned long long dmask = 0;   // destination ranks of this token
@@ -324,19 +398,26 @@ __device__ void combine_recv(const Params& p) {
         if (id >= 0 && id < E) { const int d = id / LOCAL_EXPERTS; if (!SKIP || d == p.me) dmask |= 1ull << d; }
       }
       const int c = t / ch;
-      if (c != ready_c) { ready_c = c; ready = 0; }
+      if (c != ready_c) { ready_c = c; ready = 0; refused = 0; }
       const unsigned long long need = dmask & ~ready;
       if (need) {
         bool ok = true;
+        unsigned long long marked = 0;
         if (lane == 0) {
           for (int d = 0; d < R && ok; ++d)
-            if ((need >> d) & 1ull) ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+            if ((need >> d) & 1ull) {
+              ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+              if (ok && sig_rejected(ld_rlx(flags + (size_t)d * MAX_CHUNKS + c))) marked |= 1ull << d;
+            }
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
+        refused |= __shfl_sync(0xffffffffu, marked, 0);
         __syncwarp();  // lane 0's acquires before every lane's reads of the rows
         if (!ok) break;
         ready |= need;
       }
+      if ((dmask & refused) && lane == 0 && (dyn || u % NS == 0))   // once per token
+        count_refusal(p, __ffsll((long long)(dmask & refused)) - 1);
       const bool sh = FUSED && t >= s0 && t < s0 + ns;
       const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? ROW_VECS : min(ROW_VECS, c0 - lane + 32);
       // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)
@@ -374,7 +455,9 @@ __device__ void combine_recv(const Params& p) {
     }
   }
   if (block_done(p, S_CRECV, false, false)) {
-    if (threadIdx.x == 0) { stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p); }
+    if (threadIdx.x == 0) {
+      publish_refusal(p, round); stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p);
+    }
   }
 }
 

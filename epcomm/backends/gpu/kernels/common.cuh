@@ -31,6 +31,33 @@ __device__ __forceinline__ void st_rel(unsigned long long* p, unsigned long long
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
 
+// A token of this rank's combine went to the experts of rank `peer`, which refused its input this round (its signal
+// carried SIG_REJECTED): counted here, published once by the combine's last block (publish_refusal).
+__device__ __forceinline__ void count_refusal(const Params& p, int peer) {
+  atomicAdd(&p.state[S_REJ_TOKENS], 1u);
+  atomicMax(&p.state[S_REJ_RANK], (unsigned)(R - peer));   // the lowest refusing rank (0: none)
+}
+
+// The last block of a combine receive (one thread): the refusal record for the host, which raises
+// EPPeerRejectedError from it once (check / synchronize) instead of handing out a partial sum. Not an error: the
+// buffer stays usable. Only the device writes the record: the fields of this combine, then the count.
+__device__ void publish_refusal(const Params& p, unsigned round) {
+  const unsigned tokens = *((volatile unsigned*)&p.state[S_REJ_TOKENS]);   // the other blocks' atomics (L2)
+  if (tokens == 0u) return;
+  const int peer = R - (int)*((volatile unsigned*)&p.state[S_REJ_RANK]);
+  p.state[S_REJ_TOKENS] = 0u;
+  p.state[S_REJ_RANK] = 0u;
+  RefusalRec* rec =
+      reinterpret_cast<RefusalRec*>(reinterpret_cast<char*>(p.err) + sizeof(ErrRec) + sizeof(CapacityRec));
+  rec->round = (int)round;
+  rec->rank = peer;
+  rec->what = p.hstatus[ST_REJECTED + peer] ? WHY_DISPATCH : WHY_COMBINE;
+  rec->tokens = (int)tokens;
+  __threadfence_system();
+  *((volatile int*)&rec->count) += 1;   // last: the host reads the fields once it sees the count move
+  __threadfence_system();
+}
+
 __device__ void report(const Params& p, int code, int peer, int what, int round, int phase) {
   ErrRec* e = p.err;
   atomicExch(&p.state[S_FAIL], 1u);
@@ -45,6 +72,12 @@ __device__ void report(const Params& p, int code, int peer, int what, int round,
   }
 }
 
+// A signal word (or ready flag) holds the round it was raised for in its low 32 bits, and SIG_REJECTED above them when
+// its sender refused its input (layout.cuh): the waits compare the round bits only.
+__device__ __forceinline__ bool not_yet(const unsigned long long* w, unsigned round) {
+  return sig_round(ld_rlx(w)) < round || sig_round(ld_acq(w)) < round;
+}
+
 // Wait (every thread s < nsrc of the block) until sig[s] >= round. Returns false (for the whole block) on timeout.
 __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsigned round, int phase, int what,
                            unsigned long long t0) {
@@ -55,7 +88,7 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
     const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
     unsigned nap = 32;
-    while (ld_rlx(w) < (unsigned long long)round || ld_acq(w) < (unsigned long long)round) {
+    while (not_yet(w, round)) {
       __nanosleep(nap);
       if (nap < 256) nap <<= 1;
       if (++spins > 64) {
@@ -92,7 +125,7 @@ __device__ bool thread_wait(const Params& p, const unsigned long long* flag, uns
   unsigned nap = 32;
   // Poll relaxed, acquire once the value is there, and back off: hundreds of warps polling flat out (worse: with an
   // acquire per poll) slowed the copying warps of the whole GPU up to 10x (measured).
-  while (ld_rlx(flag) < (unsigned long long)round || ld_acq(flag) < (unsigned long long)round) {
+  while (not_yet(flag, round)) {
     __nanosleep(nap);
     if (nap < 1024) nap <<= 1;
     if (++spins > 16) {
@@ -138,16 +171,17 @@ __device__ __forceinline__ void raise_flag(const Params& p, size_t off, int peer
 }
 
 // The whole block, after a __syncthreads that ordered its stores of one payload per destination: raise the signal
-// word at symmetric offset sig_off on every destination to the round. Same node: the payload was written in place
-// through the peer pointer; one thread per destination releases (st.release.sys). Other node: put_signal(d) puts the
-// staged payload with the signal after the data, by the whole block (one thread would take nbytes / 16 serial steps
-// per destination), one call per destination, then one quiet for all of them (the staging is reused next round).
+// word at symmetric offset sig_off on every destination to `value` (the round; with SIG_REJECTED for a refusing
+// rank). Same node: the payload was written in place through the peer pointer; one thread per destination releases
+// (st.release.sys). Other node: put_signal(d) puts the staged payload with the signal after the data, by the whole
+// block (one thread would take nbytes / 16 serial steps per destination), one call per destination, then one quiet
+// for all of them (the staging is reused next round).
 template <typename PutSignal>
-__device__ __forceinline__ void signal_every_destination(const Params& p, size_t sig_off, unsigned round,
+__device__ __forceinline__ void signal_every_destination(const Params& p, size_t sig_off, unsigned long long value,
                                                          PutSignal put_signal) {
   for (int d = threadIdx.x; d < R; d += THREADS) {
     if (SKIP && d != p.me) continue;
-    if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + sig_off), round);
+    if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + sig_off), value);
   }
   bool any_remote = false;
   for (int d = 0; d < R; ++d) {  // block-uniform conditions

@@ -26,6 +26,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_rows[HT ? R : 1];     // HT, last chunk: this rank's routed rows to every rank (count message)
   __shared__ int s_base;                 // HT: where this rank's messages start in d's receive buffer (-1: over)
   const unsigned round = cur_round(p, S_DSEND);
+  // the count signals' value: a rank that refused its input (p.rejected, T = 0) marks them (EPBuffer: it takes part
+  // in the round with nothing; the receivers note it in the output set's status words)
+  const unsigned long long sigv = round | (p.rejected ? SIG_REJECTED : 0ull);
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 0);
   const int par = round & 1;
   const int T = p.T;
@@ -153,10 +156,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         __syncthreads();
         const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
         if (loc) {
-          if (threadIdx.x == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), round);
+          if (threadIdx.x == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), sigv);
         } else {
           nvshmemx_putmem_signal_nbi_block(p.sym + coff, cm, COUNT_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
-                                           round, NVSHMEM_SIGNAL_SET, d);
+                                           sigv, NVSHMEM_SIGNAL_SET, d);
           used_shmem = true;
         }
       }
@@ -300,9 +303,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();  // the counts of every thread before each signalling thread's release (st.release.sys)
     const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
     // other-node destinations: block-scope put + signal of the staged counts
-    signal_every_destination(p, soff, round, [&](int d) {
+    signal_every_destination(p, soff, sigv, [&](int d) {
       nvshmemx_putmem_signal_nbi_block(p.sym + hoff, p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4,
-                                       HIST_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff), round,
+                                       HIST_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff), sigv,
                                        NVSHMEM_SIGNAL_SET, d);
     });
     __syncthreads();
@@ -410,6 +413,11 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       for (int s = 0; s < R; ++s) c += s_c[l * R + s];
       p.tpe[l] = void_round ? 0 : c;
     }
+    // the round of this dispatch (its combine's round) and the sources that refused their input (marked signals:
+    // they sent nothing); read by the combine of this handle and, lazily, by the host (DispatchResult.rejected_ranks)
+    for (int s = threadIdx.x; s < R; s += THREADS)
+      p.hstatus[ST_REJECTED + s] = (!(SKIP && s != p.me) && sig_rejected(ld_rlx(sig + s))) ? 1 : 0;
+    if (threadIdx.x == 0) p.hstatus[ST_ROUND] = (int)round;
     if constexpr (HT) {
       for (int s = threadIdx.x; s < R; s += THREADS) {
         p.hcount[s] = s_ntok[s];

@@ -112,7 +112,10 @@ static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bi
 // receive / send and combine send / receive (reset by the last block of the phase).
 // S_OWNER: u64 [2], the call whose dispatch result each output set holds (results.cuh).
 enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
-       S_CRCTR = 19, S_FAIL = 20, S_OWNER = 24 };  // S_FAIL: set once any wait failed (never reset: buffer is dead)
+       S_CRCTR = 19, S_FAIL = 20, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29 };
+// S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead). S_OWNER: words 24..27 (u64 [2]).
+// S_REJ_*: a combine's tokens on the experts of refusing ranks, and R - the lowest such rank (common.cuh
+// count_refusal; reset by publish_refusal).
 
 struct ErrRec {  // lives in host-mapped pinned memory
   int flag;      // 0 = none, else code
@@ -137,9 +140,37 @@ struct CapacityRec {
   int pad[3];
 };
 
-// A launch refused because of a live result (results.cuh), after CapacityRec in host memory: the first refusal since
-// the host read it, and how many since.
+// A round's refusals (issue 15; not an error: the buffer stays usable), after CapacityRec in host memory: a combine
+// whose tokens went to the experts of a rank that refused its input for that round (it took part empty, marked).
+// The device only writes it (the latest such combine, then `count` + 1); the host raises one EPPeerRejectedError
+// per increase of `count` it sees, so no refusal is lost between a host read and a later combine.
 struct RefusalRec {
+  int count;     // combines with a refusal so far (written last)
+  int round;     // the device round of the latest one
+  int rank;      // its lowest refusing rank that tokens of this rank went to
+  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine
+  int tokens;    // tokens of this rank with a top-k slot on a refusing rank
+  int pad[3];
+};
+
+// The "rejected" mark (issue 15): a rank that refused its input takes part in the round with nothing, and the
+// signal words it raises carry this bit above the 32-bit round (waits compare the round bits only): ll / ht dispatch
+// count signals, ll combine signals, ht combine weight signals and chunk flags.
+constexpr unsigned long long SIG_REJECTED = 1ull << 32;
+__host__ __device__ __forceinline__ unsigned sig_round(unsigned long long v) { return (unsigned)(v & 0xffffffffull); }
+__host__ __device__ __forceinline__ bool sig_rejected(unsigned long long v) { return (v & SIG_REJECTED) != 0ull; }
+
+// Status words of a dispatch output set (Params.hstatus, the handle's): [ST_VOID] != 0 when the round was void (over
+// capacity; [1..3] the rank most over, its rows, the capacity), [ST_ROUND] the device round of the dispatch (its
+// combine's round: combine regions and signals are tagged by the dispatch round, as on the host backend, so a round
+// that some ranks never combine cannot shift the others), [ST_REJECTED + s] != 0 when source s refused its input.
+enum { ST_VOID = 0, ST_ROUND = 4, ST_REJECTED = 8 };
+constexpr int STATUS_INTS = ST_REJECTED + R;
+enum { WHY_DISPATCH = 1, WHY_COMBINE = 2 };   // RefusalRec.what
+
+// A launch refused because of a live result (results.cuh), after RefusalRec in host memory (word
+// EP_OVERWRITE_RECORD_WORD): the first such refusal since the host read it, and how many since.
+struct OverwriteRec {
   int flag;                 // 1: a record
   int count;                // launches refused since the host read it
   int op;                   // OP_* of results.cuh
@@ -169,7 +200,7 @@ struct Params {
   int* hist_acc;            // [R][HIST_ROW_INTS] accumulators (device memory, zeroed)
   ErrRec* err;              // host-mapped
   int* hchunk;              // handle (HT): chunk table of every source [R][MAX_CHUNKS + 1] (token prefix), then [R] chunks
-  int* hstatus;             // handle: [0] != 0 when the round was void (over capacity): its combine does nothing
+  int* hstatus;             // handle: [STATUS_INTS] status words (ST_*): void round, dispatch round, refusals
   unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
   unsigned long long timeout_ns;
@@ -183,6 +214,7 @@ struct Params {
   int crb;                  // HT fused combine: blocks that receive from the start (0: all send, then receive)
   int cap;                  // receive capacity: routed rows this rank (and every rank) may receive per round
   int recv_tokens;          // ht: messages of the receive buffer per parity, min(sources x M, cap)
+  int rejected;             // this rank refused its input: it takes part with nothing (T = 0), its signals marked
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
@@ -227,6 +259,12 @@ EP_AGREES(WEIGHT_STRIDE, EP_WEIGHT_STRIDE);
 EP_AGREES(COUNT_ROWS_AT, EP_COUNT_ROWS_AT);
 EP_AGREES(sizeof(ErrRec) / 4, EP_CAPACITY_RECORD_WORD);   // CapacityRec follows ErrRec
 EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec)) / 4, EP_REFUSAL_RECORD_WORD);   // RefusalRec follows CapacityRec
+EP_AGREES(STATUS_INTS, EP_STATUS_INTS);                    // layout.py device_arrays "status"
+EP_AGREES(ST_ROUND, EP_ST_ROUND);
+EP_AGREES(ST_REJECTED, EP_ST_REJECTED);
+EP_AGREES(WHY_DISPATCH, EP_REFUSED_DISPATCH);                 // layout.py REFUSED_*
+EP_AGREES(WHY_COMBINE, EP_REFUSED_COMBINE);
+EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec) + sizeof(RefusalRec)) / 4, EP_OVERWRITE_RECORD_WORD);   // then OverwriteRec
 #if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
 #endif

@@ -11,28 +11,29 @@
 //   buffer still waits for its *_wait (a launch in between would take that call's round);
 // * a combine runs only for the live result its handle names; a separate receive only after its own send.
 // A refused launch does nothing: no round counted, no signal, no output written. Every rank sees the same launches
-// in the same order, so every rank refuses the same one and nobody waits for it. Block 0 writes the refusal record
-// (host-mapped, after the capacity record); the host raises EPOverwriteError from it; the buffer stays usable.
+// in the same order, so every rank refuses the same one and nobody waits for it. Block 0 writes the overwrite record
+// (OverwriteRec, host-mapped, after the refusal record); the host raises EPOverwriteError from it; the buffer stays
+// usable.
 #pragma once
 #include "common.cuh"
 
 namespace ep {
 
-enum { OP_DISPATCH = 0, OP_DISPATCH_RECV = 1, OP_COMBINE = 2, OP_COMBINE_RECV = 3 };   // RefusalRec.op
-enum { WHY_LIVE = 1, WHY_PENDING = 2, WHY_NOT_LIVE = 3 };                                // RefusalRec.why
+enum { OP_DISPATCH = 0, OP_DISPATCH_RECV = 1, OP_COMBINE = 2, OP_COMBINE_RECV = 3 };   // OverwriteRec.op
+enum { WHY_LIVE = 1, WHY_PENDING = 2, WHY_NOT_LIVE = 3 };                                // OverwriteRec.why
 static_assert(OP_DISPATCH == EP_OP_DISPATCH && OP_DISPATCH_RECV == EP_OP_DISPATCH_RECV && OP_COMBINE == EP_OP_COMBINE &&
               OP_COMBINE_RECV == EP_OP_COMBINE_RECV, "layout.py RefusedOp");
 static_assert(WHY_LIVE == EP_WHY_LIVE && WHY_PENDING == EP_WHY_PENDING && WHY_NOT_LIVE == EP_WHY_NOT_LIVE,
               "layout.py Refusal");
-static_assert(sizeof(RefusalRec) == 32 && S_OWNER % 2 == 0 && S_OWNER + 4 <= 32, "owner words: u64 [2] in state");
+static_assert(sizeof(OverwriteRec) == 32 && S_OWNER % 2 == 0 && S_OWNER + 4 <= 32, "owner words: u64 [2] in state");
 
 __device__ __forceinline__ unsigned long long* owner_word(const Params& p) {
   return reinterpret_cast<unsigned long long*>(p.state + S_OWNER) + ((p.call >> 1) & 1ull);
 }
 
-__device__ void record_refusal(const Params& p, int op, int why, unsigned long long holder) {
-  volatile RefusalRec* rec = reinterpret_cast<volatile RefusalRec*>(reinterpret_cast<char*>(p.err) +
-                                                                      EP_REFUSAL_RECORD_WORD * 4);
+__device__ void record_overwrite(const Params& p, int op, int why, unsigned long long holder) {
+  volatile OverwriteRec* rec = reinterpret_cast<volatile OverwriteRec*>(reinterpret_cast<char*>(p.err) +
+                                                                      EP_OVERWRITE_RECORD_WORD * 4);
   if (rec->flag == 0) {   // the first refusal since the host read the record keeps its details
     rec->op = op; rec->why = why; rec->holder = holder; rec->call = p.call;
     __threadfence_system();
@@ -61,10 +62,12 @@ __device__ bool admitted(const Params& p, int op) {
       why = !idle ? WHY_PENDING : holder != p.call ? WHY_NOT_LIVE : 0;
     } else if (op == OP_DISPATCH_RECV) {   // after its own send (refused sends were recorded there)
       why = (holder == p.call && st[S_DSEND] == st[S_DRECV] + 1u && st[S_CSEND] == st[S_CRECV]) ? 0 : -1;
-    } else {
-      why = (holder == p.call && st[S_CSEND] == st[S_CRECV] + 1u && st[S_DSEND] == st[S_DRECV]) ? 0 : -1;
+    } else {   // combine rounds are their dispatch's (combine.cuh combine_round), not consecutive: its own send
+               // wrote that round, its receive has not
+      const unsigned r = (unsigned)p.hstatus[ST_ROUND];
+      why = (holder == p.call && st[S_CSEND] == r && st[S_CRECV] != r && st[S_DSEND] == st[S_DRECV]) ? 0 : -1;
     }
-    if (why > 0 && blockIdx.x == 0) record_refusal(p, op, why, holder);
+    if (why > 0 && blockIdx.x == 0) record_overwrite(p, op, why, holder);
     s_ok = why == 0;
   }
   __syncthreads();
