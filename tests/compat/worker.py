@@ -41,7 +41,11 @@ def main():
     if rank == 0:
         code = int(print_summary(results, f"ok in {c.elapsed:.1f}s ({world} ranks, seed {args.seed})"))
     code = MPI.COMM_WORLD.bcast(code, root=0)
+    # every rank's gloo work done before any rank tears its group down: a peer that closes its connections while
+    # another still has gloo traffic in flight can abort that one at exit (seen once in `make test`)
+    dist.barrier()
     dist.destroy_process_group()
+    MPI.COMM_WORLD.Barrier()
     sys.exit(code)
 
 
