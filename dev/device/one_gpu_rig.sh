@@ -25,7 +25,9 @@
 #             graph-replayed back-to-back rounds that hung with a device-sized grid (issue 10); passes when it ends
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
 # after the install): a step that would not fit gets what is left, or is skipped ("no time") when under 30 s remain,
-# so the summary is always written inside one 600 s call.
+# so the summary is always written inside one 600 s call. The step defaults are what the 21 worker suites + the
+# server, graph and refusal checks took on 1 x H200 on 2026-11-30 (w2 86 s, w8 ~250 s, w2x8 ~330 s) with room:
+# the whole rig takes three calls now, e.g. `prebuild,w2,sim2,compat,moe,demo`, `prebuild,w8,w2x4`, `prebuild,w2x8`.
 # Trims (so that it fits; all suites always run): the soak check runs 200 back-to-back rounds above 2 ranks (the
 # worker's default; 1000 at 2 ranks) and ROUNDS_16 (default 100) at 16 ranks. Timings on a shared GPU are not link
 # figures: the ranks time-slice one GPU (or split its SMs under MPS).
@@ -86,11 +88,11 @@ if has prebuild; then
     > "$OUT/prebuild.log" 2>&1
   rc=$?; tail -3 "$OUT/prebuild.log"; record prebuild - - - "$rc" $((SECONDS - t0)) "$OUT/prebuild.log" build
 fi
-has w2   && run_worker w2   one-gpu-2       2  "" "${T_W2:-100}"
-has sim2 && run_worker sim2 one-gpu-sim-2x1 2  "" "${T_SIM2:-100}"
-has w8   && run_worker w8   one-gpu-8       8  "" "${T_W8:-120}"
-has w2x4 && run_worker w2x4 one-gpu-2x4     8  "" "${T_W2X4:-120}"
-has w2x8 && run_worker w2x8 one-gpu-2x8     16 "" "${T_W2X8:-170}" --rounds "${ROUNDS_16:-100}"
+has w2   && run_worker w2   one-gpu-2       2  "" "${T_W2:-150}"
+has sim2 && run_worker sim2 one-gpu-sim-2x1 2  "" "${T_SIM2:-150}"
+has w8   && run_worker w8   one-gpu-8       8  "" "${T_W8:-280}"
+has w2x4 && run_worker w2x4 one-gpu-2x4     8  "" "${T_W2X4:-280}"
+has w2x8 && run_worker w2x8 one-gpu-2x8     16 "" "${T_W2X8:-360}" --rounds "${ROUNDS_16:-100}"
 has ref2    && run_worker ref2    one-gpu-2       2 "" "${T_REF:-90}" --refusals-only
 has refsim2 && run_worker refsim2 one-gpu-sim-2x1 2 "" "${T_REF:-90}" --refusals-only
 has ref8    && run_worker ref8    one-gpu-8       8 "" "${T_REF8:-150}" --refusals-only
@@ -143,7 +145,7 @@ if has mps100 || has mps50 || has mps12 || has mpsbench; then
     sleep 1; echo "=== MPS daemon started ($MPSCTL)"
     has mps100 && run_worker mps100 one-gpu-2 2 100 "${T_MPS100:-90}"
     has mps50  && run_worker mps50  one-gpu-2 2 50  "${T_MPS50:-90}"
-    has mps12  && run_worker mps12  one-gpu-8 8 12  "${T_MPS12:-130}"
+    has mps12  && run_worker mps12  one-gpu-8 8 12  "${T_MPS12:-280}"
     if has mpsbench; then
       l=$(limit mpsbench "${T_MPSBENCH:-60}")
       if (( l == 0 )); then record mpsbench one-gpu-2 2 50 skip 0 "$OUT/mpsbench.log" bench; else
