@@ -15,9 +15,10 @@ import epcomm.buffer
 from epcomm import EPBuffer, EPConfig, EPInputError
 from epcomm.formats import BF16
 from epcomm.results import DispatchResult
+from tests.fakes import QuietBackend
 
 
-class Backend:
+class Backend(QuietBackend):
     broken = None
     sms_used = None
 
@@ -49,17 +50,6 @@ class Backend:
     def release(self, handles):
         self.released.append(list(handles))
 
-    def synchronize(self):
-        pass
-
-    def raise_pending(self):
-        pass
-
-    def abort(self, reason):
-        self.calls.append("abort")
-
-    def close(self):
-        pass
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ import pytest
 import epcomm.backends
 from epcomm import EPBuffer, EPConfig, EPInputError
 from epcomm.results import DispatchResult
+from tests.fakes import QuietBackend
 
 torch = pytest.importorskip("torch")
 
 
-class Backend:
+class Backend(QuietBackend):
     broken = None
     sms_used = None
 
@@ -31,17 +32,6 @@ class Backend:
         self.calls.append("combine")
         return "y"
 
-    def synchronize(self):
-        pass
-
-    def raise_pending(self):
-        pass
-
-    def abort(self, reason):
-        self.calls.append("abort")
-
-    def close(self):
-        pass
 
 
 def gpu_buffer(monkeypatch, **kw):

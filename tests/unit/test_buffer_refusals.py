@@ -11,11 +11,12 @@ import pytest
 import epcomm.backends
 from epcomm import EPBuffer, EPConfig, EPInputError, EPPeerRejectedError
 from epcomm.formats import BF16
+from tests.fakes import QuietBackend
 
 CFG = EPConfig(hidden=128, topk=2, num_experts=4, max_tokens_per_rank=4, world_size=2, timeout_s=1.0)
 
 
-class Recorder:
+class Recorder(QuietBackend):
     """Records the calls EPBuffer makes; can take part in a round with nothing (dispatch_rejected)."""
     broken = None
     sms_used = None
@@ -55,15 +56,6 @@ class Recorder:
 
     def combine_rejected(self, r):
         self.calls.append(f"combine_rejected {r}")
-
-    def synchronize(self):
-        pass
-
-    def raise_pending(self):
-        pass
-
-    def abort(self, reason):
-        self.calls.append("abort")
 
     def close(self):
         self.calls.append("close")
