@@ -189,4 +189,38 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
   }
 }
 
+#if EP_QONCE
+// Variant qonce: copy a message's quantised payload (e4m3 data, then its scales at DATA_BYTES), written earlier in
+// this kernel by warp_put_token_multi, to up to K destinations (nullptr = skip), steps [step0, step1) of the row.
+// Lane c moves the 8 bytes of channels 8c..8c+7 and the first lane of each 128-channel block its scale: exactly the
+// bytes the quantiser stores (so a message's metadata, written by another warp, is never touched). The slice's loads
+// are issued together; plain loads (not __ldg): the bytes were stored by this kernel.
+__device__ __forceinline__ void warp_put_quantised_multi(const char* qmsg, char* const (&dst)[K], int step0, int step1) {
+  const uint2* qrow = reinterpret_cast<const uint2*>(qmsg);
+  const float* qscale = reinterpret_cast<const float*>(qmsg + DATA_BYTES);
+  for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
+    uint2 q[SLICE_STEPS];
+    float sc[SLICE_STEPS];
+#pragma unroll
+    for (int u = 0; u < SLICE_STEPS; ++u) {
+      const int c = (st0 + u) * 32 + lane_id();
+      const bool act = st0 + u < step1 && c < ROW_VECS;
+      q[u] = act ? qrow[c] : make_uint2(0, 0);
+      sc[u] = act && (lane_id() & 15) == 0 ? qscale[c / 16] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!dst[k]) continue;
+#pragma unroll
+      for (int u = 0; u < SLICE_STEPS; ++u) {
+        const int c = (st0 + u) * 32 + lane_id();
+        if (st0 + u >= step1 || c >= ROW_VECS) continue;
+        reinterpret_cast<uint2*>(dst[k])[c] = q[u];
+        if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DATA_BYTES)[c / 16] = sc[u];
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace ep
