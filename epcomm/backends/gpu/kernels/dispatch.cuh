@@ -297,7 +297,32 @@ __device__ void dispatch_send(const Params& p, bool fused) {
 #endif
       __syncthreads();
       const int base = s_base;
+#if EP_QONCE
+      // variant qonce: the tokens' quantised bytes are copied, in units of G slices (whole rows when the item has a
+      // row per warp or more: more bytes in flight per warp than a slice's), unless dst is where they are (the
+      // token's first staged message); then the metadata, as below
+      const int G = qonce ? max(1, min(ROW_SLICES, nt * ROW_SLICES / WARPS)) : 1;
+      const int ngroups = (ROW_SLICES + G - 1) / G;
+      for (int w = warp; qonce && w < nt * ngroups; w += WARPS) {
+        const int tt = w / ngroups, g = w % ngroups;
+        const int slot = s_tslot[tt];
+        if (slot < 0 || base < 0) continue;
+        const int t = t0 + tt;
+        const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
+        char* dst = local ? dbase + off
+                          : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
+        const char* q = qonce_msg(p, t);
+        if (dst != q) warp_copy_quantised_steps(q, dst, g * G * SLICE_STEPS, min(ROW_STEPS, (g + 1) * G * SLICE_STEPS));
+        if (g == 0) {
+          int* meta = reinterpret_cast<int*>(dst + DATA_BYTES + SCALE_BYTES);
+          if (lane == 0) { meta[0] = t; meta[1] = 0; }
+          if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
+        }
+      }
+      for (int w = warp; !qonce && w < nt * ROW_SLICES; w += WARPS) {
+#else
       for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
+#endif
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
         if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
@@ -308,12 +333,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         for (int k = 0; k < K; ++k) dst[k] = nullptr;
         dst[0] = local ? dbase + off
                        : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
-#if EP_QONCE
-        if (qonce) {   // the token's quantised bytes, unless dst is where they are (its first staged message)
-          const char* q = qonce_msg(p, t);
-          if (dst[0] != q) warp_put_quantised_multi(q, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
-        } else
-#endif
         if (!meta_only) warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
         if (sl == 0) {
           int* meta = reinterpret_cast<int*>(dst[0] + DATA_BYTES + SCALE_BYTES);

@@ -190,36 +190,21 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
 }
 
 #if EP_QONCE
-// Variant qonce: copy a message's quantised payload (e4m3 data, then its scales at DATA_BYTES), written earlier in
-// this kernel by warp_put_token_multi, to up to K destinations (nullptr = skip), steps [step0, step1) of the row.
-// Lane c moves the 8 bytes of channels 8c..8c+7 and the first lane of each 128-channel block its scale: exactly the
-// bytes the quantiser stores (so a message's metadata, written by another warp, is never touched). The slice's loads
-// are issued together; plain loads (not __ldg): the bytes were stored by this kernel.
-__device__ __forceinline__ void warp_put_quantised_multi(const char* qmsg, char* const (&dst)[K], int step0, int step1) {
-  const uint2* qrow = reinterpret_cast<const uint2*>(qmsg);
-  const float* qscale = reinterpret_cast<const float*>(qmsg + DATA_BYTES);
-  for (int st0 = step0; st0 < step1; st0 += SLICE_STEPS) {
-    uint2 q[SLICE_STEPS];
-    float sc[SLICE_STEPS];
-#pragma unroll
-    for (int u = 0; u < SLICE_STEPS; ++u) {
-      const int c = (st0 + u) * 32 + lane_id();
-      const bool act = st0 + u < step1 && c < ROW_VECS;
-      q[u] = act ? qrow[c] : make_uint2(0, 0);
-      sc[u] = act && (lane_id() & 15) == 0 ? qscale[c / 16] : 0.0f;
-    }
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (!dst[k]) continue;
-#pragma unroll
-      for (int u = 0; u < SLICE_STEPS; ++u) {
-        const int c = (st0 + u) * 32 + lane_id();
-        if (st0 + u >= step1 || c >= ROW_VECS) continue;
-        reinterpret_cast<uint2*>(dst[k])[c] = q[u];
-        if ((lane_id() & 15) == 0) reinterpret_cast<float*>(dst[k] + DATA_BYTES)[c / 16] = sc[u];
-      }
-    }
-  }
+// Variant qonce: steps [step0, step1) of a quantised message (qmsg: e4m3 data, its scales at DATA_BYTES) into dst,
+// by one warp. The steps' data bytes are contiguous (a step: 32 x 8 channels, 256 bytes, 16-byte aligned), so they go
+// as 16-byte vectors, up to 7 per lane in flight (a whole 7168-channel row in two round trips, where a copy shaped
+// like the quantiser's stores, 8 bytes a lane, moves one 768-byte slice per round trip); the scales of the steps'
+// blocks (two per step) beside them.
+__device__ __forceinline__ void warp_copy_quantised_steps(const char* qmsg, char* dst, int step0, int step1) {
+  const float* qs = reinterpret_cast<const float*>(qmsg + DATA_BYTES);
+  float* ds = reinterpret_cast<float*>(dst + DATA_BYTES);
+  const int j0 = 2 * step0 + lane_id(), j1 = min(2 * step1, SCALE_COLS);
+  const float s0 = j0 < j1 ? qs[j0] : 0.0f, s1 = j0 + 32 < j1 ? qs[j0 + 32] : 0.0f;   // loads issued before the data's
+  char* const d1[1] = {dst};
+  warp_copy_multi<1, 7>(d1, qmsg, step0 * 16, min(step1 * 16, DATA_BYTES / 16));
+  if (j0 < j1) ds[j0] = s0;
+  if (j0 + 32 < j1) ds[j0 + 32] = s1;
+  for (int j = j0 + 64; j < j1; j += 32) ds[j] = qs[j];
 }
 #endif
 
