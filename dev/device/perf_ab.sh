@@ -25,7 +25,7 @@ mkdir -p "$EPCOMM_CACHE"
 [ -d .whl/epcomm-cache ] && cp -n .whl/epcomm-cache/*.cubin "$EPCOMM_CACHE"/ 2>/dev/null
 has() { [[ "$STEPS" == *",$1,"* ]]; }
 step() { echo "=== $1 ($(date -u +%T))"; }
-tag() { [ -z "$1" ] && echo baseline || echo "${1//,/+}"; }
+tag() { [ -z "$1" ] && echo baseline || echo "${1//,/_}"; }   # no "+": the device tool returns plain names only
 { date -u; nvidia-smi -L; echo "variant: $VARIANT; SM budgets: $SMS"; } | tee "$OUT/ab-info.log"
 
 if has build; then   # every kernel the steps use, baseline and variant, in parallel (cached ones cost nothing)
