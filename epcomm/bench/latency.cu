@@ -9,37 +9,18 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+// The clock and the memory-order loads / stores of the EP kernels themselves (one source of truth)
+#include "ordering.cuh"
+
 namespace probe {
-
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ unsigned long long load_relaxed(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 // Spin (no sleep: the probe measures the latency, not a polite wait) until *flag >= seq; false after timeout_ns.
 __device__ bool wait_for(const unsigned long long* flag, unsigned long long seq, unsigned long long deadline) {
   unsigned spins = 0;
-  while (load_relaxed(flag) < seq) {
-    if ((++spins & 1023u) == 0 && now_ns() > deadline) return false;
+  while (ep::ld_rlx(flag) < seq) {
+    if ((++spins & 1023u) == 0 && ep::gtime() > deadline) return false;
   }
-  return load_acquire(flag) >= seq;
+  return ep::ld_acq(flag) >= seq;
 }
 
 }  // namespace probe
@@ -53,19 +34,19 @@ extern "C" __global__ void probe_flag_pingpong(unsigned long long* flag, unsigne
                                                int initiator, unsigned long long base, int warmup, int rounds,
                                                unsigned long long timeout_ns, unsigned long long* out) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  const unsigned long long deadline = probe::now_ns() + timeout_ns;
-  unsigned long long t0 = probe::now_ns();
+  const unsigned long long deadline = ep::gtime() + timeout_ns;
+  unsigned long long t0 = ep::gtime();
   out[0] = 0;
   out[1] = 0;
   for (int i = 1; i <= warmup + rounds; ++i) {
     const unsigned long long seq = base + (unsigned long long)i;
-    if (i == warmup + 1) t0 = probe::now_ns();
+    if (i == warmup + 1) t0 = ep::gtime();
     if (!initiator && !probe::wait_for(flag, seq, deadline)) {
       out[1] = seq;
       return;
     }
     if (peer_flag != nullptr) {
-      probe::store_release(peer_flag, seq);
+      ep::st_rel(peer_flag, seq);
     } else {
       nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), seq, NVSHMEM_SIGNAL_SET, peer_pe);
     }
@@ -74,5 +55,5 @@ extern "C" __global__ void probe_flag_pingpong(unsigned long long* flag, unsigne
       return;
     }
   }
-  out[0] = probe::now_ns() - t0;
+  out[0] = ep::gtime() - t0;
 }

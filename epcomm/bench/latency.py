@@ -28,6 +28,8 @@ from pathlib import Path
 from ..stats import median, slowest_rank
 
 SOURCE = Path(__file__).resolve().with_name("latency.cu")
+# the header it shares with the EP kernels (the clock, the memory-order loads and stores)
+ORDERING = Path(__file__).resolve().parents[1] / "backends" / "gpu" / "kernels" / "ordering.cuh"
 KERNELS = ("probe_empty", "probe_flag_pingpong")
 FLAG_BYTES = 256            # one flag word per rank, on its own cache line
 WARMUP_ROUNDS = 50
@@ -42,7 +44,8 @@ class ProbeError(RuntimeError):
 def cubin_key(arch: str, nvcc: str, nvshmem_version: str) -> str:
     """Cache key of the probe cubin: its source, the arch, the nvcc and NVSHMEM versions."""
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    src = repr((hashlib.sha256(SOURCE.read_bytes()).hexdigest(), arch, out.splitlines()[-1] if out else nvcc,
+    sources = SOURCE.read_bytes() + ORDERING.read_bytes()
+    src = repr((hashlib.sha256(sources).hexdigest(), arch, out.splitlines()[-1] if out else nvcc,
                 nvshmem_version))
     return hashlib.sha256(src.encode()).hexdigest()[:24]
 
@@ -56,7 +59,8 @@ def build(arch: str = "sm_90", use_cache: bool = True) -> Path:
         return out
     with tempfile.TemporaryDirectory(prefix="epcomm-probe-") as tmp:
         obj, cub = Path(tmp) / "probe.o", Path(tmp) / "probe.cubin"
-        for cmd in ([nvcc, "-rdc=true", f"-arch={arch}", "-O3", "-std=c++17", f"-I{home / 'include'}", "-c",
+        for cmd in ([nvcc, "-rdc=true", f"-arch={arch}", "-O3", "-std=c++17", f"-I{home / 'include'}",
+                     f"-I{ORDERING.parent}", "-c",
                      str(SOURCE), "-o", str(obj)],
                     [nvcc, f"-arch={arch}", "-dlink", "-cubin", str(obj), f"-L{home / 'lib'}", "-lnvshmem_device",
                      "-o", str(cub)]):
