@@ -90,3 +90,22 @@ def test_ptx_same_register_renaming_is_a_bijection_per_function():
     assert a != b and canon(a) == canon(b)
     assert canon(a) != canon(swapped)
     assert canon(["add.s32 %r1, %r2, 1;"]) != canon(["add.s32 %r1, %r2, 2;"])
+
+
+def test_rig_summary_counts_the_fencing_survivors(tmp_path):
+    """fence4 (tests/gpu/fence_one_rank.py): one ok line per survivor passes; a FAIL line or NOT BUILT does not."""
+    ok = "".join(f"rank {r}: rank 3 killed in round 2 (ll, gpu), then 100 rounds without it: ok (3.0 s)\n"
+                 for r in range(3))
+    (tmp_path / "ok.log").write_text(ok)
+    (tmp_path / "bad.log").write_text(ok.replace("rank 1: rank 3 killed", "FAIL rank 1: round 5: x\nrank 9: -"))
+    (tmp_path / "nb.log").write_text("rank 0: NOT BUILT: EPInputError ...\n")
+    rows = [("fence4-ll", "one-gpu-4", "3", "", "0", "20", tmp_path / "ok.log", "fence"),
+            ("fence4-ht", "one-gpu-4", "3", "", "0", "20", tmp_path / "bad.log", "fence"),
+            ("fence4-x", "one-gpu-4", "3", "", "2", "5", tmp_path / "nb.log", "fence")]
+    tsv = tmp_path / "steps.tsv"
+    tsv.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    load("dev/device/rig_summary.py").main([str(tsv), str(tmp_path)])
+    import json
+    s = json.loads((tmp_path / "rig-summary.json").read_text())
+    assert {r["step"]: r["status"] for r in s["steps"]} == {"fence4-ll": "PASS", "fence4-ht": "FAIL",
+                                                            "fence4-x": "FAIL"}

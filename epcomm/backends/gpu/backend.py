@@ -597,30 +597,38 @@ class GpuBackend:
         log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
         self._closed = True
         try:
-            from cuda.bindings import driver
-
-            from .runtime import ABORT_WAIT_S, wait_stream
-            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            if err != driver.CUresult.CUDA_SUCCESS:
-                return
             words = [(self.me, 1)]
             rec = self.err.read()   # this rank's own timeout names the silent peer
             silent = rec["peer"] if rec is not None and rec["code"] == ErrorCode.TIMEOUT else None
             if silent is not None and 0 <= silent < self.cfg.world_size and silent != self.me:
                 words.append((silent, 2 + self.me))
-            keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
+            off = self.layout.offset["abort"]
+            self._put_words([(r, off + 8 * who, v) for r in range(len(self.peers)) if r != self.me
+                             for who, v in words if r != who])   # the silent rank is not told that it is silent
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+    def _put_words(self, plan) -> bool:
+        """Best effort, never raises: write each (rank, symmetric offset, u64 value) of `plan` into that rank's
+        symmetric region, in plan order per transport: this rank's own and same-node peers' through a host -> device
+        copy on a side stream (the peer pointer), other-node peers' through a host-initiated NVSHMEM signal on it, then
+        one quiet. No collective and no reply: a dead peer cannot block it. Bounded by ABORT_WAIT_S (a wedged device
+        must not turn a failure into a hang); True when the stream finished in time."""
+        try:
+            from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return False
+            keep = {v: (ctypes.c_uint64 * 1)(v) for _, _, v in plan}
             remote = []
-            for r, base in enumerate(self.peers):
-                if r == self.me:
-                    continue
-                for who, v in words:
-                    if r == who:
-                        continue   # the silent rank is not told that it is silent
-                    off = self.layout.offset["abort"] + 8 * who
-                    if base:
-                        driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
-                    else:
-                        remote.append((r, off, v))
+            for r, off, v in plan:
+                base = self.sym if r == self.me else self.peers[r]
+                if base:
+                    driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
+                else:
+                    remote.append((r, off, v))
             if remote:
                 try:
                     import nvshmem.bindings as nb
@@ -631,8 +639,44 @@ class GpuBackend:
                     log.error("epcomm gpu: rank %d could not signal its other-node peers: %s", self.me, e)
             if wait_stream(st, ABORT_WAIT_S):
                 driver.cuStreamDestroy(st)
+                return True
+            return False
         except Exception:  # noqa: BLE001 - best effort
-            pass
+            return False
+
+    # ---------------------------------------------------------------- fencing groundwork (issue 15 item 4)
+    # Not wired to EPBuffer yet: the kernels do not read the "dead" words, so GpuBackend has no enable_fencing and
+    # EPBuffer(fence_dead_ranks=True) stays refused (docs/FAILURES.md, "GPU backend: the design"). These write and
+    # read the death notices with the host backend's protocol (epcomm/backends/host/window.py declare_dead).
+    def declare_dead(self, ranks) -> bool:
+        """Death notices for `ranks`: dead[D] = this rank + 1 in this rank's region, in every live peer's, and last,
+        best effort, in D's own (a rank that is only stuck learns that it is out). Same transports as abort()."""
+        dead = [int(d) for d in ranks]
+        live = [r for r in range(len(self.peers)) if r != self.me and r not in dead]
+        off = self.layout.offset["dead"]
+        notice = [(r, off + 8 * d, self.me + 1) for r in [self.me, *live] for d in dead]
+        last = [(d, off + 8 * d2, self.me + 1) for d in dead for d2 in dead]
+        return self._put_words(notice + last)
+
+    def read_dead_words(self) -> dict[int, int] | None:
+        """The death notices in this rank's own region: {rank D: declarer} for every D with dead[D] != 0 (None when
+        they cannot be read in ABORT_WAIT_S). A side-stream copy: the host's view for masked_ranks, off the hot path."""
+        try:
+            from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
+            R = self.cfg.world_size
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return None
+            out = (ctypes.c_uint64 * R)()
+            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.layout.offset["dead"], 8 * R, st)
+            if not wait_stream(st, ABORT_WAIT_S):
+                return None
+            driver.cuStreamDestroy(st)
+            return {d: int(v) - 1 for d, v in enumerate(out) if v}
+        except Exception:  # noqa: BLE001
+            return None
 
     def _abort_word(self, r: int) -> int | None:
         """Rank r's abort word in this rank's symmetric region (None when it cannot be read in ABORT_WAIT_S)."""

@@ -105,7 +105,7 @@ def _round4(x: int) -> int:
 
 # Regions of the symmetric buffer, in address order; each is double buffered by round parity where it receives.
 REGIONS = ("drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag",
-           "cflag", "dresv")
+           "cflag", "dresv", "dead", "beat")
 
 
 class Layout:
@@ -178,6 +178,10 @@ class Layout:
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
             "dresv": 2 * 8,                                               # ht: [parity] receive-buffer reservations
+            # fencing (issue 15 item 4, groundwork: no kernel reads them yet): dead[D] = declarer + 1 once rank D is
+            # declared dead (a death notice, written like the abort word), and one heartbeat counter per rank
+            "dead": R * 8,
+            "beat": R * 8,
         }
 
     def regions(self) -> dict[str, int]:

@@ -207,6 +207,7 @@ struct Params {
   unsigned long long call;  // (call id << 2) | (output set << 1) | eager; a combine carries its dispatch's (results.cuh)
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
+  unsigned long long off_dead, off_beat;   // fencing (issue 15 item 4): death notices, heartbeats (not read yet)
   int T;
   int me;
   int maxr;                 // rows of expert_x
@@ -238,6 +239,9 @@ constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
 constexpr long long REGION_BYTES_DRESV = 2LL * 8;                                           // [parity] reservations
+// fencing (issue 15 item 4; groundwork, no kernel reads them yet): [R] dead[D] = declarer + 1, [R] heartbeats
+constexpr long long REGION_BYTES_DEAD = 1LL * R * 8;
+constexpr long long REGION_BYTES_BEAT = 1LL * R * 8;
 
 // Every size the host derives (epcomm/backends/gpu/layout.py kernel_defines) comes in as a define and must equal the
 // kernel's own derivation: the CPU compile test of every specialisation proves the two layouts agree.
@@ -283,6 +287,8 @@ EP_AGREES(MAX_DEST_RANKS, EP_MAX_DEST_RANKS);
 EP_AGREES(REGION_BYTES_ABORT, EP_REGION_BYTES_ABORT);
 EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
+EP_AGREES(REGION_BYTES_DEAD, EP_REGION_BYTES_DEAD);
+EP_AGREES(REGION_BYTES_BEAT, EP_REGION_BYTES_BEAT);
 EP_AGREES(ERR_TIMEOUT, EP_ERR_TIMEOUT);                    // layout.py ErrorCode
 EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
 EP_AGREES(ERR_SLAB_OVERFLOW, EP_ERR_SLAB_OVERFLOW);
