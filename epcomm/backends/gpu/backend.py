@@ -35,14 +35,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...errors import EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPTimeoutError
+from ...errors import (EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPRankLostError,
+                      EPTimeoutError)
 from ...results import DispatchResult
 from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
-from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, ST_REJECTED, ErrorCode, Layout, Phase, Refusal, RefusedOp,
-                     call_word, device_arrays,
-                     params_struct, send_chunk_tokens)
+from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, REFUSED_LOST, ST_REJECTED, ErrorCode, Layout, Phase, Refusal,
+                     RefusedOp, call_word, device_arrays, params_struct, send_chunk_tokens)
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -307,11 +307,19 @@ class GpuBackend:
         if rec is None:
             return
         d, rnd = rec["rank"], rec["round"] - 1   # device rounds count from 1, EPBuffer rounds from 0
+        name = getattr(self.ctx, "describe", None)
+        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
+        if rec["what"] == REFUSED_LOST:   # fencing groundwork: the host backend's message (host/steps.py lost)
+            me = name(self.me) if name is not None else f"rank {self.me} (node {self.node_of(self.me)})"
+            raise EPRankLostError(
+                f"{me}: {peer} was lost (declared dead and fenced off) in round {rnd}: {rec['tokens']} token(s) of "
+                f"this rank went to its experts ({self.cfg.holds(d)}) and have no output, so that combine's y is not "
+                f"a sum (do not use it); the buffer is still usable, later rounds run without it "
+                f"(EPBuffer.active_ranks)", rank=d, node=self.node_of(d), experts=self.cfg.experts_of(d), round=rnd,
+                tokens=rec["tokens"])
         what = "dispatch" if rec["what"] == REFUSED_DISPATCH else "combine"
         why = ("refused its dispatch input, so its experts did not run" if what == "dispatch"
                else "refused its combine input")
-        name = getattr(self.ctx, "describe", None)
-        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
         more = (f"; {rec['more']} earlier combine(s) since the last check missed a refusing peer's rows too"
                 if rec["more"] else "")
         raise EPPeerRejectedError(

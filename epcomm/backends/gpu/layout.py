@@ -48,9 +48,11 @@ CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
 # The refusal record (issue 15; not an error either) follows it: a combine whose tokens went to the experts of a rank
 # that refused its input for that round. count (such combines so far, written last; only the device writes the
 # record), then of the latest one: round (device round), rank, what (REFUSED_DISPATCH / REFUSED_COMBINE), tokens.
+# REFUSED_LOST (fencing, issue 15 item 4; no kernel writes it yet): the rank was declared dead during the round and
+# its rows never came; the host raises EPRankLostError from it instead of EPPeerRejectedError.
 REFUSAL_RECORD_WORD = 16
 REFUSAL_FIELDS = ("count", "round", "rank", "what", "tokens")
-REFUSED_DISPATCH, REFUSED_COMBINE = 1, 2
+REFUSED_DISPATCH, REFUSED_COMBINE, REFUSED_LOST = 1, 2, 3
 # A dispatch output set's status words (kernels: ST_*): [0] void round (then [1..3] the rank most over, its rows, the
 # capacity), [ST_ROUND] the dispatch's device round, [ST_REJECTED + s] source s refused its input this round.
 ST_ROUND, ST_REJECTED = 4, 8
@@ -209,7 +211,8 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_COUNT_BASE_AT": lay.count_base_at,
         "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD, "EP_STATUS_INTS": ST_REJECTED + cfg.world_size,
         "EP_ST_ROUND": ST_ROUND, "EP_ST_REJECTED": ST_REJECTED, "EP_REFUSED_DISPATCH": REFUSED_DISPATCH,
-        "EP_REFUSED_COMBINE": REFUSED_COMBINE, "EP_OVERWRITE_RECORD_WORD": OVERWRITE_RECORD_WORD,
+        "EP_REFUSED_COMBINE": REFUSED_COMBINE, "EP_REFUSED_LOST": REFUSED_LOST,
+        "EP_OVERWRITE_RECORD_WORD": OVERWRITE_RECORD_WORD,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,

@@ -148,7 +148,8 @@ struct RefusalRec {
   int count;     // combines with a refusal so far (written last)
   int round;     // the device round of the latest one
   int rank;      // its lowest refusing rank that tokens of this rank went to
-  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine
+  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine, 3: it was declared
+                 // dead during the round (fencing; not written by any kernel yet)
   int tokens;    // tokens of this rank with a top-k slot on a refusing rank
   int pad[3];
 };
@@ -166,7 +167,7 @@ __host__ __device__ __forceinline__ bool sig_rejected(unsigned long long v) { re
 // that some ranks never combine cannot shift the others), [ST_REJECTED + s] != 0 when source s refused its input.
 enum { ST_VOID = 0, ST_ROUND = 4, ST_REJECTED = 8 };
 constexpr int STATUS_INTS = ST_REJECTED + R;
-enum { WHY_DISPATCH = 1, WHY_COMBINE = 2 };   // RefusalRec.what
+enum { WHY_DISPATCH = 1, WHY_COMBINE = 2, WHY_LOST = 3 };   // RefusalRec.what
 
 // A launch refused because of a live result (results.cuh), after RefusalRec in host memory (word
 // EP_OVERWRITE_RECORD_WORD): the first such refusal since the host read it, and how many since.
@@ -268,6 +269,7 @@ EP_AGREES(ST_ROUND, EP_ST_ROUND);
 EP_AGREES(ST_REJECTED, EP_ST_REJECTED);
 EP_AGREES(WHY_DISPATCH, EP_REFUSED_DISPATCH);                 // layout.py REFUSED_*
 EP_AGREES(WHY_COMBINE, EP_REFUSED_COMBINE);
+EP_AGREES(WHY_LOST, EP_REFUSED_LOST);
 EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec) + sizeof(RefusalRec)) / 4, EP_OVERWRITE_RECORD_WORD);   // then OverwriteRec
 #if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
