@@ -659,7 +659,7 @@ class GpuBackend:
     def declare_dead(self, ranks) -> bool:
         """Death notices for `ranks`: dead[D] = this rank + 1 in this rank's region, in every live peer's, and last,
         best effort, in D's own (a rank that is only stuck learns that it is out). Same transports as abort()."""
-        dead = [int(d) for d in ranks]
+        dead = [int(d) for d in ranks if int(d) != self.me]
         live = [r for r in range(len(self.peers)) if r != self.me and r not in dead]
         off = self.layout.offset["dead"]
         notice = [(r, off + 8 * d, self.me + 1) for r in [self.me, *live] for d in dead]
