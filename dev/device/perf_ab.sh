@@ -4,8 +4,8 @@
 # ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
 #   VARIANT=name[,name...] SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
-# (VARIANT is required: variants.py lists the ones under measurement; none today, the last four were measured and
-# settled in dev/GPU-LOG.md, sixth session. Their baseline is gone: compare a new run against that entry's numbers.)
+# (VARIANT is required: variants.py lists the ones under measurement; today qonce, qonceall and sbase, with their
+# predictions and the commands to run in dev/GPU-LOG.md, seventh session.)
 # steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
 # BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,

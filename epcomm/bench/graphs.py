@@ -46,11 +46,7 @@ def time_graph(bench, case, buf, cfg, t, ops, sets, ey_buf, sms):
         torch.cuda.synchronize()
         problems = bench.verify.check_dispatch(cfg, gres, t, 0) + bench.verify.check_combine(cfg, gy, t, 0)
     except Exception as e:  # noqa: BLE001
-        try:
-            torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            pass
-        problems = [f"capture/replay failed: {type(e).__name__}: {e}"]
+        problems = capture_failed(torch, e)
     problems = bench.verify.agree(problems)
     if problems:
         return "; ".join(problems[:3])
@@ -88,3 +84,13 @@ def time_graph(bench, case, buf, cfg, t, ops, sets, ey_buf, sms):
     if post:
         return "replays went wrong on another input set: " + "; ".join(post[:2])
     return None
+
+
+def capture_failed(torch, e: Exception) -> list[str]:
+    """The problem list of a failed capture or replay, after waiting (best effort) for what the device still runs,
+    so that the caller's fallback starts from an idle GPU."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 (the device may be what failed)
+        pass
+    return [f"capture/replay failed: {type(e).__name__}: {e}"]

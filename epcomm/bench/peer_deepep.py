@@ -33,6 +33,7 @@ import numpy as np
 from ..config import EPConfig
 from ..formats import FORMAT_NAMES
 from ..stats import median, slowest_rank
+from .graphs import capture_failed
 
 PEER = "deepep"
 MODULE = "deep_ep"
@@ -380,11 +381,7 @@ class DeepEPCase:
             torch.cuda.synchronize()
             problems = self.check_ll(g_counts, g_y, sets[0], want)
         except Exception as e:  # noqa: BLE001
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001
-                pass
-            problems = [f"capture/replay failed: {type(e).__name__}: {e}"]
+            problems = capture_failed(torch, e)
         problems = self.b.verify.agree(problems)
         if problems:
             return "; ".join(problems[:3])

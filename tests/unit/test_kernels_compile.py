@@ -90,7 +90,7 @@ def test_every_specialisation_compiles_for_sm90():
 def test_every_specialisation_compiles_under_every_variant():
     """The kernel variants under measurement (variants.py, EPCOMM_VARIANT) are independent #if blocks: every
     specialisation built with all of them on at once (the baseline is the test above), so an A/B device call never
-    meets a variant that does not compile. None is under measurement today (dev/GPU-LOG.md, sixth session)."""
+    meets a variant that does not compile (dev/GPU-LOG.md has each one's prediction)."""
     if not variants.VARIANTS:
         pytest.skip("no kernel variant under measurement")
     _toolchain_or_skip()

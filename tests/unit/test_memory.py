@@ -162,3 +162,20 @@ def test_nvshmem_settings_are_set_before_nvshmem_reads_them(monkeypatch):
         runtime.Runtime.new_uid(3 << 30)
     assert seen == {"NVSHMEM_CUMEM_GRANULARITY": str(2 << 20), "NVSHMEM_MAX_TEAMS": "9",
                     "NVSHMEM_SYMMETRIC_SIZE": str((3 << 30) + HEAP_MARGIN), "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_variant_qonce_gives_one_node_ht_fp8_a_stage_region(monkeypatch):
+    """Kernel variant qonce / qonceall (variants.py) quantises every token into the stage region: an ht fp8 buffer on
+    one node then has that region too, as large as with a peer on another node, and the memory estimate counts it;
+    bf16, ll and the baseline keep none."""
+    from epcomm.backends.gpu import variants
+    ht8, ht16, ll8 = cfg(mode="ht"), cfg(mode="ht", token_format="bf16"), cfg(mode="ll")
+    monkeypatch.delenv(variants.ENV, raising=False)
+    assert Layout(ht8, any_remote=False).region_bytes["stage"] == 0
+    remote = Layout(ht8, any_remote=True).region_bytes["stage"]
+    for name in ("qonce", "qonceall"):
+        monkeypatch.setenv(variants.ENV, name)
+        assert Layout(ht8, any_remote=False).region_bytes["stage"] == remote > 0
+        assert memory.estimate(ht8)["symmetric_regions"]["stage"] >= remote
+        assert Layout(ht16, any_remote=False).region_bytes["stage"] == 0
+        assert Layout(ll8, any_remote=False).region_bytes["stage"] == 0

@@ -244,11 +244,12 @@ class GpuBackend:
                 self._join_events[(op, s)] = _check(
                     driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
 
-    def _launch(self, name: str, params, stream: int):
+    def _launch(self, name: str, params, stream: int, blocks: int | None = None, threads: int | None = None):
+        """One launch of kernel `name` with `params` on `stream`: the persistent grid unless blocks / threads say."""
         from cuda.bindings import driver
         pp = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        res = driver.cuLaunchKernel(self.kernels.functions[name], self.grid, 1, 1, self.threads, 1, 1, 0,
-                                    driver.CUstream(stream), ctypes.addressof(pp), 0)
+        res = driver.cuLaunchKernel(self.kernels.functions[name], blocks or self.grid, 1, 1, threads or self.threads,
+                                    1, 1, 0, driver.CUstream(stream), ctypes.addressof(pp), 0)
         _check(res, f"launch {name}")
 
     def _raise_recorded(self):
@@ -548,16 +549,12 @@ class GpuBackend:
         device for any call (a one-thread launch each, on the caller's current stream, ordered after the dispatch);
         a set that holds another result by now is left as it is."""
         self._check_open()
-        from cuda.bindings import driver
         for h in handles:
             if not isinstance(h, GpuHandle):
                 continue
             p = self._base_params(h.hp, 0)
             p.call = h.call
-            pp = (ctypes.c_void_p * 1)(ctypes.addressof(p))
-            st = current_stream(h.kind, self.ctx.device)
-            _check(driver.cuLaunchKernel(self.kernels.functions["ep_release"], 1, 1, 1, 1, 1, 1, 0,
-                                         driver.CUstream(st), ctypes.addressof(pp), 0), "launch ep_release")
+            self._launch("ep_release", p, current_stream(h.kind, self.ctx.device), blocks=1, threads=1)
 
     def _raise_overwrite(self):
         """EPOverwriteError for a launch the device refused because of a live result (raised once; usable)."""

@@ -19,6 +19,8 @@ import ctypes
 import enum
 from dataclasses import dataclass
 
+from . import variants
+
 ALIGN = 256                 # every symmetric region starts 256-byte aligned
 # NVSHMEM_SYMMETRIC_SIZE of a process = what its first buffer needs + HEAP_MARGIN, at least HEAP_MIN (NVSHMEM's
 # default size). A process that makes several buffers sets NVSHMEM_SYMMETRIC_SIZE (or the topology's
@@ -166,7 +168,8 @@ class Layout:
             "drecv": 2 * self.recv_tokens * MSG if ht else 2 * NL * R * M * MSG,
             "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
             "dsig": 2 * R * 8,
-            "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote else 0,   # to other nodes
+            # to other nodes; variant qonce (ht fp8): also every token's quantised row, at its rank index 0
+            "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote or self._qonce(cfg) else 0,
             "hstage": R * self.count_row_ints * 4,                        # staged count messages
             "crecv": 2 * M * (self.max_dest_ranks if ht else K) * RB,     # combine rows [parity][token][rank index / k]
             "csig": 2 * R * 8,
@@ -185,6 +188,12 @@ class Layout:
             "dead": R * 8,
             "beat": R * 8,
         }
+
+    @staticmethod
+    def _qonce(cfg) -> bool:
+        """Kernel variant qonce (variants.py) on an ht fp8 buffer: the dispatch quantises into the stage region."""
+        on = variants.active()
+        return cfg.mode == "ht" and cfg.token_format.quantized and ("qonce" in on or "qonceall" in on)
 
     def regions(self) -> dict[str, int]:
         """Bytes of each region with its alignment padding (they add up to `total`)."""

@@ -16,11 +16,19 @@ from ...errors import EPInputError
 
 ENV = "EPCOMM_VARIANT"
 
-# name -> (kernel define, what it changes). None under measurement now: the four of the sixth session were measured
+# name -> (kernel define, what it changes). The four of the sixth session were measured
 # on 2 x H200 (dev/GPU-LOG.md, "Sixth session (perf engineer ...)", outcome); "cfast" (ht combine) and "qfast" (fp8
 # quantiser) became the unconditional code, "tma" and "tgrid" lost and were deleted. A new variant adds its entry here
 # and a `#ifndef EP_V_NAME / #define EP_V_NAME 0` default in the kernels.
-VARIANTS: dict[str, tuple[str, str]] = {}
+VARIANTS: dict[str, tuple[str, str]] = {
+    # seventh session (dev/GPU-LOG.md, "perf2"): prediction written there before its A/B
+    "qonce": ("EP_V_QONCE", "ht fp8 dispatch quantises each token once (stage region), send items copy the bytes"),
+    # the same at every batch size (qonce: from 512 tokens): the GPU worker's test sizes reach the copy path, and the
+    # 128-token rows measure the pass's grid-wide wait
+    "qonceall": ("EP_V_QONCE_ALL", "qonce at every batch size"),
+    # dev/GPU-LOG.md, seventh session: the 128-token fixed cost
+    "sbase": ("EP_V_SBASE", "ht dispatch: no receive-buffer reservation where every source's worst case fits"),
+}
 
 
 def _known() -> str:

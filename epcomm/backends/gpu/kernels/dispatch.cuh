@@ -15,6 +15,70 @@ namespace ep {
 // split kernels cannot: the caller may reuse x between dispatch_async and dispatch_wait).
 __device__ __forceinline__ bool own_rows_from_x(bool fused) { return HT && !FP8 && fused; }
 
+#if EP_QONCE
+// Variant qonce (EP_V_QONCE): at 2 ranks the ht fp8 send quantised every token twice, once per destination rank
+// (min(K, R) times at most): at 24 SMs that pass was compute-bound. Under the variant a first pass of the whole grid
+// quantises every routed token once into its first staging message (the stage region, [token][rank index]: index 0;
+// layout.py gives the region to such a buffer on one node too), and the send items copy those bytes: into the
+// destination's message, or (other nodes) into the token's staged message of that rank, or not at all where that is
+// the first one. Small batches keep quantising per item: below QONCE_MIN_TOKENS (512; variant qonceall: 0) the pass's
+// grid-wide wait is expected to cost more than the quantisation it saves. Caller-quantised input (p.x_scales) is
+// copied anyway.
+__device__ __forceinline__ bool qonce_on(const Params& p) {
+  return HT && FP8 && p.x_scales == nullptr && p.T >= QONCE_MIN_TOKENS;
+}
+__device__ __forceinline__ char* qonce_msg(const Params& p, int t) {
+  return p.sym + p.off_stage + (size_t)t * MAX_DEST_RANKS * MSG_BYTES;
+}
+// The pass, then a grid-wide wait for every block's (S_QDONE, reset by the send's last block). True when every block
+// has passed; past the deadline (a block that is not resident: the round's other waits name it) this block quantises
+// per destination, as the baseline does.
+__device__ bool qonce_pass(const Params& p) {
+  __shared__ int s_ok;
+  const int gw = blockIdx.x * WARPS + (threadIdx.x >> 5), nw = gridDim.x * WARPS;
+  for (int u = gw; u < p.T * ROW_SLICES; u += nw) {
+    const int t = u / ROW_SLICES, sl = u % ROW_SLICES;
+    bool routed = false;
+#pragma unroll
+    for (int k = 0; k < K; ++k) { const int id = p.ids[t * K + k]; routed |= id >= 0 && id < E; }
+    if (!routed) continue;
+    char* dst[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) dst[k] = nullptr;
+    dst[0] = qonce_msg(p, t);
+    warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();   // this block's quantised rows before its count
+    atomicAdd(&p.state[S_QDONE], 1u);
+    const unsigned long long t0 = gtime();
+    unsigned nap = 32;
+    int ok = 1;
+    while (*((volatile unsigned*)&p.state[S_QDONE]) < gridDim.x) {
+      __nanosleep(nap);
+      if (nap < 256) nap <<= 1;
+      if (gtime() - t0 > p.timeout_ns) { ok = 0; break; }
+    }
+    __threadfence();   // every block's rows after the count (read by this block's items)
+    s_ok = ok;
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+#endif
+
+#if EP_V_SBASE
+// Variant sbase: where this rank's messages start in a destination's receive buffer, without the reservation. When
+// the buffer holds every source's worst case (no receive capacity: recv_tokens = sources x M), source s's messages
+// can start at s x M on every destination, so the item of a destination's last chunk needs no remote fetch-add (one
+// NVLink / network round trip, ~3 us, before the count message), and the other items do not wait for that item
+// (wait_base) before they write. The count message still carries the base; the receiver is unchanged. With a
+// receive capacity the reservation stays (the sources' messages are packed).
+__device__ __forceinline__ bool sbase_on(const Params& p) { return HT && p.recv_tokens >= (SKIP ? 1 : R) * M; }
+__device__ __forceinline__ int sbase(const Params& p) { return SKIP ? 0 : p.me * M; }
+#endif
+
 __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_cnt[LOCAL_EXPERTS];        // running per-expert count (experts of d)
   __shared__ int s_rank[MAX_ITEM_TOKENS * K];   // rank of entry within its expert, -1 if not on d
@@ -41,6 +105,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
 
   // handle copy of the ids (combine needs them) + the fused shared expert rows
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
+#if EP_QONCE
+  // variant qonce: every token quantised once, before any item (qonce_pass)
+  const bool qonce = qonce_on(p) && qonce_pass(p);
+#endif
 
   // ht: items taken in order from a counter, so blocks whose items went to this rank (fast) take more of them and
   // the chunks reach each destination in the order of the list (and so of its receive)
@@ -135,6 +203,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
           const int n = s_ctpref[nchunks];
           const size_t roff = p.off_dresv + (size_t)par * 8;
           int old;
+#if EP_V_SBASE
+          if (sbase_on(p)) old = sbase(p); else
+#endif
           if (same_node(p, d)) old = (int)atomicAdd_system(reinterpret_cast<unsigned*>(p.peer[d] + roff), (unsigned)n);
           else old = nvshmem_int_atomic_fetch_add(reinterpret_cast<int*>(p.sym + roff), n, d);
           s_base = (old >= 0 && old + n <= p.recv_tokens) ? old : -1;
@@ -219,10 +290,39 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       const bool meta_only = own_rows_from_x(fused) && d == p.me;
       // where this rank's messages start on d: reserved by the item of d's last chunk (d's first item, taken
       // before this one by a running block)
+#if EP_V_SBASE
+      if (!last && threadIdx.x == 0) s_base = sbase_on(p) ? sbase(p) : wait_base(p, d, round);
+#else
       if (!last && threadIdx.x == 0) s_base = wait_base(p, d, round);
+#endif
       __syncthreads();
       const int base = s_base;
+#if EP_QONCE
+      // variant qonce: the tokens' quantised bytes are copied, in units of G slices (whole rows when the item has a
+      // row per warp or more: more bytes in flight per warp than a slice's), unless dst is where they are (the
+      // token's first staged message); then the metadata, as below
+      const int G = qonce ? max(1, min(ROW_SLICES, nt * ROW_SLICES / WARPS)) : 1;
+      const int ngroups = (ROW_SLICES + G - 1) / G;
+      for (int w = warp; qonce && w < nt * ngroups; w += WARPS) {
+        const int tt = w / ngroups, g = w % ngroups;
+        const int slot = s_tslot[tt];
+        if (slot < 0 || base < 0) continue;
+        const int t = t0 + tt;
+        const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
+        char* dst = local ? dbase + off
+                          : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
+        const char* q = qonce_msg(p, t);
+        if (dst != q) warp_copy_quantised_steps(q, dst, g * G * SLICE_STEPS, min(ROW_STEPS, (g + 1) * G * SLICE_STEPS));
+        if (g == 0) {
+          int* meta = reinterpret_cast<int*>(dst + DATA_BYTES + SCALE_BYTES);
+          if (lane == 0) { meta[0] = t; meta[1] = 0; }
+          if (lane < K) { meta[2 + lane] = p.ids[t * K + lane]; meta[2 + K + lane] = s_rank[tt * K + lane]; }
+        }
+      }
+      for (int w = warp; !qonce && w < nt * ROW_SLICES; w += WARPS) {
+#else
       for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
+#endif
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
         if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
@@ -311,6 +411,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
   }
   // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
+#if EP_QONCE
+  if (last_block && threadIdx.x == 0) p.state[S_QDONE] = 0;   // every block is past qonce_pass
+#endif
   if (last_block && threadIdx.x == 0) { stamp(p, 2); p.state[S_SCTR] = 0; __threadfence(); p.state[S_DSEND] = round; }
 }
 

@@ -52,6 +52,22 @@ constexpr bool PLACED = BATCHED || ROW_ALIGN > 1;
 #define EP_COL_SCALES 0
 #endif
 constexpr bool COL_SCALES = EP_COL_SCALES != 0;
+// Kernel variants under measurement (epcomm/backends/gpu/variants.py, EPCOMM_VARIANT): each 0 in the baseline build.
+// EP_V_QONCE: ht fp8 dispatch quantises every token once into the stage region, the send items copy its bytes (from
+// 512 tokens; EP_V_QONCE_ALL: at every batch size). dispatch.cuh, qonce_pass.
+#ifndef EP_V_QONCE
+#define EP_V_QONCE 0
+#endif
+#ifndef EP_V_QONCE_ALL
+#define EP_V_QONCE_ALL 0
+#endif
+// EP_V_SBASE: ht dispatch without the receive-buffer reservation when the buffer holds every source's worst case.
+#ifndef EP_V_SBASE
+#define EP_V_SBASE 0
+#endif
+// (#if EP_QONCE / EP_V_SBASE in the kernels, not `if constexpr`: the baseline build must compile to the same PTX as before it)
+#define EP_QONCE (EP_V_QONCE || EP_V_QONCE_ALL)
+constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
@@ -112,7 +128,8 @@ static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bi
 // receive / send and combine send / receive (reset by the last block of the phase).
 // S_OWNER: u64 [2], the call whose dispatch result each output set holds (results.cuh).
 enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
-       S_CRCTR = 19, S_FAIL = 20, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29 };
+       S_CRCTR = 19, S_FAIL = 20, S_QDONE = 21, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29 };
+// S_QDONE (variant qonce): blocks past the ht fp8 dispatch's quantisation pass (reset by the send's last block).
 // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead). S_OWNER: words 24..27 (u64 [2]).
 // S_REJ_*: a combine's tokens on the experts of refusing ranks, and R - the lowest such rank (common.cuh
 // count_refusal; reset by publish_refusal).

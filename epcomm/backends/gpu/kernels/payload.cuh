@@ -189,4 +189,23 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
   }
 }
 
+#if EP_QONCE
+// Variant qonce: steps [step0, step1) of a quantised message (qmsg: e4m3 data, its scales at DATA_BYTES) into dst,
+// by one warp. The steps' data bytes are contiguous (a step: 32 x 8 channels, 256 bytes, 16-byte aligned), so they go
+// as 16-byte vectors, up to 7 per lane in flight (a whole 7168-channel row in two round trips, where a copy shaped
+// like the quantiser's stores, 8 bytes a lane, moves one 768-byte slice per round trip); the scales of the steps'
+// blocks (two per step) beside them.
+__device__ __forceinline__ void warp_copy_quantised_steps(const char* qmsg, char* dst, int step0, int step1) {
+  const float* qs = reinterpret_cast<const float*>(qmsg + DATA_BYTES);
+  float* ds = reinterpret_cast<float*>(dst + DATA_BYTES);
+  const int j0 = 2 * step0 + lane_id(), j1 = min(2 * step1, SCALE_COLS);
+  const float s0 = j0 < j1 ? qs[j0] : 0.0f, s1 = j0 + 32 < j1 ? qs[j0 + 32] : 0.0f;   // loads issued before the data's
+  char* const d1[1] = {dst};
+  warp_copy_multi<1, 7>(d1, qmsg, step0 * 16, min(step1 * 16, DATA_BYTES / 16));
+  if (j0 < j1) ds[j0] = s0;
+  if (j0 + 32 < j1) ds[j0 + 32] = s1;
+  for (int j = j0 + 64; j < j1; j += 32) ds[j] = qs[j];
+}
+#endif
+
 }  // namespace ep
