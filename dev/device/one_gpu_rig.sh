@@ -24,8 +24,10 @@
 #   fence4    issue 15 item 4: tests/gpu/fence_one_rank.py ll and ht under `launch run --keep-going`, 4 ranks: rank 3
 #             SIGKILLs itself with its round-2 dispatch launched, the 3 survivors fence it off and run 100 rounds
 #             against the spec with masked_ranks (the launcher's exit 137 is the killed rank's: expected, recorded as 0
-#             when it says so); prints NOT BUILT (exit 2) while the GPU backend refuses fence_dead_ranks: not in the
-#             default list
+#             when it says so): not in the default list
+#   fencelive issue 15 item 4: tests/gpu/fence_live.py, 4 ranks (one-gpu-4): rank 0 fences the live rank 3
+#             (EPBuffer.fence), the 3 others run 20 rounds against the spec with masked_ranks, for ll / ht x bf16 /
+#             fp8: not in the default list
 #   mpsbench  under MPS 50 %: tests/gpu/bench_quick.py --only ll-fp8 --steady-only --tokens 1,128, 2 ranks: the
 #             graph-replayed back-to-back rounds that hung with a device-sized grid (issue 10); passes when it ends
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
@@ -115,6 +117,17 @@ if has fence4; then
     grep -E "killed in round|NOT BUILT|FAIL|Traceback|ended" "$OUT/$step.log" | head -8
     record "$step" one-gpu-4 3 "" "$rc" $((SECONDS - t0)) "$OUT/$step.log" fence
   done
+fi
+if has fencelive; then
+  l=$(limit fencelive "${T_FENCELIVE:-150}")
+  if (( l == 0 )); then record fencelive one-gpu-4 4 "" skip 0 "$OUT/fencelive.log" fence; else
+    echo "=== fencelive: tests/gpu/fence_live.py 20, one-gpu-4 (limit ${l} s)"; t0=$SECONDS
+    timeout $((l + 20)) python3 -m launch run -t configs/one-gpu-4.yaml --timeout "$l" -- \
+      python3 tests/gpu/fence_live.py 20 > "$OUT/fencelive.log" 2>&1
+    rc=$?
+    grep -E "fence_live ok|FAIL|Traceback" "$OUT/fencelive.log" | head -8
+    record fencelive one-gpu-4 4 "" "$rc" $((SECONDS - t0)) "$OUT/fencelive.log" fence
+  fi
 fi
 if has smoke8; then
   l=$(limit smoke8 "${T_SMOKE8:-100}")

@@ -36,8 +36,9 @@ def per_rank(kind: str, log: Path, out: Path) -> dict[int, tuple[int, int]]:
     elif kind == "compat":   # rank 0 prints "rank R: P checks passed, F failed" for every rank
         for r, p, f in re.findall(r"^rank (\d+): (\d+) checks passed, (\d+) failed", text, re.M):
             got[int(r)] = (int(p), int(p) + int(f))
-    elif kind == "fence":   # tests/gpu/fence_one_rank.py: one line per survivor (the killed rank prints nothing)
-        for r in re.findall(r"^rank (\d+): rank \d+ killed in round \d+ .*: ok", text, re.M):
+    elif kind == "fence":   # tests/gpu/fence_one_rank.py: one line per survivor (the killed rank prints nothing);
+        # tests/gpu/fence_live.py: one line per rank
+        for r in re.findall(r"^rank (\d+): (?:rank \d+ killed in round \d+ .*: ok|fence_live ok)", text, re.M):
             got[int(r)] = (1, 1)
         for r in re.findall(r"^FAIL rank (\d+):", text, re.M):
             got[int(r)] = (0, 1)

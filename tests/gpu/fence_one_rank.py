@@ -13,8 +13,7 @@ its node and experts, once; then AFTER rounds exact against epcomm.reference wit
 DispatchResult.dropped and active_ranks as the spec says. Closing is local (no NVSHMEM collective after a death).
 
 The same script runs on the host backend (numpy arrays; `-t cpu-4rank`), which proves the script itself on a CPU
-machine. While the GPU backend refuses fence_dead_ranks=True (docs/FAILURES.md, "GPU backend: the design": the
-kernels do not read the mask yet) every rank prints "NOT BUILT: ..." and exits 2.
+machine. A backend that refuses fence_dead_ranks=True makes every rank print "NOT BUILT: ..." and exit 2.
 Prints "FAIL ..." lines; exit 1 on a failure, 137 for the job (the killed rank's code, launch --keep-going).
 """
 from __future__ import annotations
@@ -29,6 +28,7 @@ import numpy as np
 import epcomm
 from epcomm import reference
 from epcomm.arrays import to_numpy
+from epcomm.backends.gpu.specs import fence_kill_config
 from epcomm.errors import EPInputError, EPRankLostError
 from epcomm.workload import distinct_experts, make_world
 
@@ -38,8 +38,7 @@ LOST = 2
 ctx = epcomm.init()
 me, R = ctx.rank, ctx.world_size
 victim = R - 1
-cfg = epcomm.EPConfig(hidden=256, topk=2, num_experts=2 * R, max_tokens_per_rank=16, world_size=R, mode=mode,
-                      timeout_s=5.0)   # the deadline is the death detector: short, to keep the test short
+cfg = fence_kill_config(R, mode)   # the deadline (timeout_s 5) is the death detector: short, to keep the test short
 problems: list[str] = []
 
 if ctx.backend == "gpu":

@@ -153,7 +153,7 @@ def test_the_front_end_lets_the_gpu_backend_take_part_empty():
 
 def test_status_words_and_params_carry_the_mark():
     status = next(a for a in device_arrays(CFG) if a.name == "status")
-    assert status.shape == (ST_REJECTED + CFG.world_size,) and status.copies == "dispatch"
+    assert status.shape == (ST_REJECTED + 2 * CFG.world_size,) and status.copies == "dispatch"   # (+ the mask)
     assert "rejected" in dict(params_struct(4)._fields_)
 
 

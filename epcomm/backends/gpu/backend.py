@@ -10,8 +10,10 @@ Public behaviour (what EPBuffer forwards to):
   combine_async(...) -> pending ; combine_wait(pending) -> y
   dispatch_rejected() / combine_rejected(r)           a refused call (EPBuffer): this rank takes part in the round
                                                       with nothing, its signals marked "rejected" (docs/FAILURES.md)
+  enable_fencing() / fence(ranks) / masked_ranks      fencing off dead ranks (EPBuffer(fence_dead_ranks=True);
+                                                      kernels/fence.cuh, docs/FAILURES.md)
   synchronize()  waits for the device; raises EPTimeoutError / EPError recorded by a kernel
-  close()        collective (frees symmetric memory)
+  close()        collective (frees symmetric memory); local once a rank was fenced off
 
 Arrays: torch tensors or cupy arrays on this rank's GPU (cupy bf16 = uint16 bits). Kernels run on the caller's current
 stream (torch.cuda.current_stream() / cupy's current stream); nothing here synchronises the host or allocates on the
@@ -42,7 +44,7 @@ from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
 from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, REFUSED_LOST, ST_REJECTED, ErrorCode, Layout, Phase, Refusal,
-                     RefusedOp, call_word, device_arrays, params_struct, send_chunk_tokens)
+                     RefusedOp, call_word, device_arrays, params_struct, send_chunk_tokens, st_masked)
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -52,7 +54,8 @@ log = logging.getLogger("epcomm.gpu")
 
 class RejectedRanks(Sequence):
     """DispatchResult.rejected_ranks on the GPU: the ranks that refused their input in that round (they took part
-    with nothing, their count signals marked), read from the output set's status words on first use and kept.
+    with nothing, their count signals marked), read from the output set's status words on first use and kept. (With
+    fencing, DispatchResult.masked_ranks likewise: the ranks the round's snapshot masked, kernels/fence.cuh.)
 
     Nothing syncs unless it is read: the read is a device-to-host copy ordered after the dispatch on the current
     stream (so not inside a CUDA-graph capture). Read it before the second dispatch after this one, like every output
@@ -106,6 +109,7 @@ class _Pending:
 
 class GpuBackend:
     broken: str | None = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
+    fencing: bool = False       # enable_fencing (EPBuffer(fence_dead_ranks=True))
 
     def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
                  blocks: int | None = None):
@@ -162,8 +166,12 @@ class GpuBackend:
                     s[a.param] = new(a.shape, a.dtype)
             else:
                 self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
-        # each set's refusal flags (status words ST_REJECTED..), viewed once: DispatchResult.rejected_ranks reads them
-        self._rejected_flags = [s["hstatus"][ST_REJECTED:] for s in self.sets]
+        # each set's refusal flags (status words ST_REJECTED..), viewed once: DispatchResult.rejected_ranks reads them;
+        # and (fencing) the round's masked ranks (ST_MASKED..): DispatchResult.masked_ranks
+        self._rejected_flags = [s["hstatus"][ST_REJECTED:ST_REJECTED + R] for s in self.sets]
+        self._masked_flags = [s["hstatus"][st_masked(R):st_masked(R) + R] for s in self.sets]
+        self.fencing = False
+        self._declared: set[int] = set()   # ranks this rank declared dead (fence)
         # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
         # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
         # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
@@ -233,6 +241,7 @@ class GpuBackend:
         p.maxr = math.prod(self.cfg.rows_shape)    # rows of expert_x in any layout (epcomm/layouts.py)
         p.cap = self.cfg.recv_rows
         p.recv_tokens = self.layout.recv_tokens
+        p.fence = int(self.fencing)
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p
@@ -396,16 +405,29 @@ class GpuBackend:
             self._eager_calls[hp] = p.call   # a refused combine of this round carries it (combine_rejected)
         if sp is not None:
             p.x_scales = sp
-        return kind, T, hp, p, current_stream(kind, self.ctx.device)
+        st = current_stream(kind, self.ctx.device)
+        self._fence_snapshot(p, hp, st)
+        return kind, T, hp, p, st
+
+    def _fence_snapshot(self, p, hp: int, stream: int) -> None:
+        """Fencing: the round's mask and masked ids (kernels/fence.cuh: one block, right before the dispatch on its
+        stream, so a CUDA graph captures and replays the two together); the dispatch then reads its ids from the set's
+        handle copy. Nothing without fencing."""
+        if self.fencing:
+            self._launch("ep_fence_snapshot", p, stream, blocks=1)
+            p.ids = self.alloc.ptr(self.sets[hp]["hids"])
 
     def _result(self, hp: int, T: int, kind: str, call: int) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
         scales = self._scales_view(v(s.get("escale"), kind), kind)
+        # fencing: the slots not sent (their expert's rank masked) and the masked ranks, as the snapshot wrote them
+        fence = {} if not self.fencing else {"dropped": v(s["hdropped"], kind)[:T],
+                                             "masked_ranks": RejectedRanks(self._masked_flags[hp])}
         return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
                               handle=GpuHandle(hp, T, kind, call),
-                              rejected_ranks=RejectedRanks(self._rejected_flags[hp]))
+                              rejected_ranks=RejectedRanks(self._rejected_flags[hp]), **fence)
 
     def _scales_view(self, store, kind: str):
         """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
@@ -476,6 +498,7 @@ class GpuBackend:
         p.rejected = 1
         p.call = call_word(next(self._call_ids), hp, eager=True)
         self._eager_calls[hp] = p.call
+        self._fence_snapshot(p, hp, st)
         self._launch("ep_dispatch_send", p, st)
         return _Pending("dispatch", hp, 0, kind, st, p)
 
@@ -649,10 +672,40 @@ class GpuBackend:
         except Exception:  # noqa: BLE001 - best effort
             return False
 
-    # ---------------------------------------------------------------- fencing groundwork (issue 15 item 4)
-    # Not wired to EPBuffer yet: the kernels do not read the "dead" words, so GpuBackend has no enable_fencing and
-    # EPBuffer(fence_dead_ranks=True) stays refused (docs/FAILURES.md, "GPU backend: the design"). These write and
-    # read the death notices with the host backend's protocol (epcomm/backends/host/window.py declare_dead).
+    # ---------------------------------------------------------------- fencing (issue 15 item 4)
+    # EPBuffer(fence_dead_ranks=True); docs/FAILURES.md, "GPU backend". The death notices follow the host backend's
+    # protocol (epcomm/backends/host/window.py declare_dead); the kernels read them only through the snapshot taken
+    # before each dispatch (kernels/fence.cuh).
+    def enable_fencing(self) -> None:
+        """Fence off dead ranks: every dispatch is preceded by the mask snapshot, and the kernels send nothing to,
+        and await nothing from, a masked rank. EPBuffer calls it once, before the first call, on every rank."""
+        self.fencing = True
+        self._tmpl = {}   # the parameter templates carry Params.fence
+
+    def fence(self, ranks) -> None:
+        """Declare `ranks` dead (EPBuffer.fence): their death notices here and in every live peer's region
+        (declare_dead). Masked from this rank's next dispatch on, and from each peer's next dispatch after the notice
+        reached it; a round already sent to them completes as the design says (docs/FAILURES.md)."""
+        ranks = sorted({int(r) for r in ranks} - {self.me})
+        self._declared.update(ranks)
+        if not self.declare_dead(ranks):
+            log.error("epcomm gpu: rank %d: the death notices for %s may not have reached every peer", self.me, ranks)
+
+    @property
+    def masked_ranks(self) -> tuple:
+        """The ranks this rank treats as dead: the notices in its region (its own fence() and its peers'), read
+        with a side-stream copy (EPBuffer.active_ranks; a round's own mask is DispatchResult.masked_ranks)."""
+        if not self.fencing:
+            return ()
+        words = self.read_dead_words() or {}
+        return tuple(sorted((self._declared | set(words)) - {self.me}))
+
+    def _fenced(self) -> bool:
+        """Some rank was declared dead (or the notices cannot be read): no collective may include it any more."""
+        if not self.fencing:
+            return False
+        return bool(self._declared) or self.read_dead_words() != {}
+
     def declare_dead(self, ranks) -> bool:
         """Death notices for `ranks`: dead[D] = this rank + 1 in this rank's region, in every live peer's, and last,
         best effort, in D's own (a rank that is only stuck learns that it is out). Same transports as abort()."""
@@ -709,7 +762,9 @@ class GpuBackend:
         from cuda.bindings import driver
         try:
             driver.cuCtxSynchronize()
-            if not self.broken:   # peers may be gone after a failure: skip the collectives
+            # peers may be gone after a failure, or fenced off (a dead rank never joins a collective): skip the
+            # collectives (the symmetric memory goes with the process)
+            if not self.broken and not self._fenced():
                 self.rt.barrier()
                 self.rt.free(self._sym_buf)
         finally:
