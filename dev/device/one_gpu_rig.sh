@@ -21,6 +21,13 @@
 #             CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100 and 50, at 8 ranks with 12 (`mps` = all three)
 #   ref2, refsim2, ref8   only the refused-call check (tests/gpu/refusals.py, issue 15 item 1; the full worker runs it
 #             too) at 2 ranks, 2 simulated nodes x 1 (NVSHMEM signals) and 8 ranks: not in the default list
+#   fence4    issue 15 item 4: tests/gpu/fence_one_rank.py ll and ht under `launch run --keep-going`, 4 ranks: rank 3
+#             SIGKILLs itself with its round-2 dispatch launched, the 3 survivors fence it off and run 100 rounds
+#             against the spec with masked_ranks (the launcher's exit 137 is the killed rank's: expected, recorded as 0
+#             when it says so): not in the default list
+#   fencelive issue 15 item 4: tests/gpu/fence_live.py, 4 ranks (one-gpu-4): rank 0 fences the live rank 3
+#             (EPBuffer.fence), the 3 others run 20 rounds against the spec with masked_ranks, for ll / ht x bf16 /
+#             fp8: not in the default list
 #   mpsbench  under MPS 50 %: tests/gpu/bench_quick.py --only ll-fp8 --steady-only --tokens 1,128, 2 ranks: the
 #             graph-replayed back-to-back rounds that hung with a device-sized grid (issue 10); passes when it ends
 # Each step has its own deadline (T_<STEP>, seconds) and all of them together stay within RIG_BUDGET (default 540 s
@@ -96,6 +103,32 @@ has w2x8 && run_worker w2x8 one-gpu-2x8     16 "" "${T_W2X8:-360}" --rounds "${R
 has ref2    && run_worker ref2    one-gpu-2       2 "" "${T_REF:-90}" --refusals-only
 has refsim2 && run_worker refsim2 one-gpu-sim-2x1 2 "" "${T_REF:-90}" --refusals-only
 has ref8    && run_worker ref8    one-gpu-8       8 "" "${T_REF8:-150}" --refusals-only
+if has fence4; then
+  for m in ll ht; do
+    step="fence4-$m"; l=$(limit "$step" "${T_FENCE:-90}")
+    if (( l == 0 )); then record "$step" one-gpu-4 3 "" skip 0 "$OUT/$step.log" fence; continue; fi
+    echo "=== $step: tests/gpu/fence_one_rank.py $m 100, one-gpu-4, --keep-going (limit ${l} s)"; t0=$SECONDS
+    timeout $((l + 20)) python3 -m launch run --keep-going -t configs/one-gpu-4.yaml --timeout "$l" -- \
+      python3 tests/gpu/fence_one_rank.py "$m" 100 > "$OUT/$step.log" 2>&1
+    rc=$?
+    # the job's code is the killed rank's (137) when the launcher names it as the one that ended under --keep-going
+    (( rc == 137 )) && grep -q "rank 3 (node 0, host .*) ended: killed by SIGKILL (exit 137); the others go on" \
+      "$OUT/$step.log" && rc=0
+    grep -E "killed in round|NOT BUILT|FAIL|Traceback|ended" "$OUT/$step.log" | head -8
+    record "$step" one-gpu-4 3 "" "$rc" $((SECONDS - t0)) "$OUT/$step.log" fence
+  done
+fi
+if has fencelive; then
+  l=$(limit fencelive "${T_FENCELIVE:-150}")
+  if (( l == 0 )); then record fencelive one-gpu-4 4 "" skip 0 "$OUT/fencelive.log" fence; else
+    echo "=== fencelive: tests/gpu/fence_live.py 20, one-gpu-4 (limit ${l} s)"; t0=$SECONDS
+    timeout $((l + 20)) python3 -m launch run -t configs/one-gpu-4.yaml --timeout "$l" -- \
+      python3 tests/gpu/fence_live.py 20 > "$OUT/fencelive.log" 2>&1
+    rc=$?
+    grep -E "fence_live ok|FAIL|Traceback" "$OUT/fencelive.log" | head -8
+    record fencelive one-gpu-4 4 "" "$rc" $((SECONDS - t0)) "$OUT/fencelive.log" fence
+  fi
+fi
 if has smoke8; then
   l=$(limit smoke8 "${T_SMOKE8:-100}")
   if (( l == 0 )); then record smoke8 one-gpu-8 8 "" skip 0 "$OUT/smoke8.log" smoke; else

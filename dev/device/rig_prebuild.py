@@ -26,7 +26,7 @@ def demo_config():
 
 
 def rig_configs(worlds: list[int], smoke_world: int | None, smoke_quick: bool = False) -> list:
-    out = [demo_config()]
+    out = [demo_config(), *specs.fence_configs(4)]   # the fencing checks (step fence4) run at 4 ranks
     for w in worlds:
         out += specs.test_configs(w) + specs.example_configs(w)
     if smoke_world:

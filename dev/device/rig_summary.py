@@ -3,7 +3,8 @@
     python dev/device/rig_summary.py OUT/rig-steps.tsv OUT
 Reads the steps the rig recorded (step, config, ranks, MPS %, exit status, seconds, log, kind) and each step's log:
 the worker's "[rank r] SUMMARY pass=P fail=F" lines (checks passed / run, per rank), the MoE example's "OK" lines,
-smoke's JSON report. A step passes when it exited 0 and every rank reported with no failure.
+smoke's JSON report, the fencing test's survivor lines. A step passes when it exited 0 and every rank reported with
+no failure.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def per_rank(kind: str, log: Path, out: Path) -> dict[int, tuple[int, int]]:
     elif kind == "compat":   # rank 0 prints "rank R: P checks passed, F failed" for every rank
         for r, p, f in re.findall(r"^rank (\d+): (\d+) checks passed, (\d+) failed", text, re.M):
             got[int(r)] = (int(p), int(p) + int(f))
+    elif kind == "fence":   # tests/gpu/fence_one_rank.py: one line per survivor (the killed rank prints nothing);
+        # tests/gpu/fence_live.py: one line per rank
+        for r in re.findall(r"^rank (\d+): (?:rank \d+ killed in round \d+ .*: ok|fence_live ok)", text, re.M):
+            got[int(r)] = (1, 1)
+        for r in re.findall(r"^FAIL rank (\d+):", text, re.M):
+            got[int(r)] = (0, 1)
     elif kind == "smoke":
         try:
             rep = json.loads((out / "smoke8.json").read_text())

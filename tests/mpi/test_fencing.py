@@ -68,3 +68,32 @@ def test_an_explicit_fence_masks_a_live_rank_everywhere(mode):
     for r in SURVIVORS:
         assert f"rank {r}: rank 3 lost in round 2 (fence, {mode}), then 100 rounds without it: ok" in out, out[-4000:]
     assert "rank 3: fenced off, as it should: rank 3 (node 0) was fenced off by rank 0 (node 0)" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_the_gpu_kill_test_is_right_on_the_host_backend(mode):
+    """tests/gpu/fence_one_rank.py (the GPU test: rank 3 SIGKILLs itself with its round-2 dispatch launched, the
+    survivors get EPRankLostError from that round's combine + synchronize, then 100 rounds against the spec with
+    masked_ranks) run on the host backend: the script itself is proved here, on a CPU machine."""
+    proc = run_launched("cpu-4rank", ["python", "tests/gpu/fence_one_rank.py", mode, "100"], timeout=180,
+                        launch_args=["--keep-going"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 137, out[-6000:]
+    assert "FAIL" not in out and "Traceback" not in out, out[-6000:]
+    for r in SURVIVORS:
+        assert re.search(rf"rank {r}: round 2: rank {r} \(node 0\): rank 3 \(node 0\) was lost .*experts 6\.\.7", out)
+        assert f"rank {r}: rank 3 killed in round 2 ({mode}, host), then 100 rounds without it: ok" in out, out[-4000:]
+
+
+def test_the_gpu_live_fence_check_is_right_on_the_host_backend():
+    """tests/gpu/fence_live.py (the GPU check of an explicit fence: rank 0 fences the live rank 3, the others run 20
+    rounds against the spec with masked_ranks, for ll / ht x bf16 / fp8) run on the host backend: the script itself
+    is proved here."""
+    proc = run_launched("cpu-4rank", ["python", "tests/gpu/fence_live.py", "20"], timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "FAIL" not in out and "Traceback" not in out, out[-6000:]
+    for r in SURVIVORS:
+        for tag in ("ll-bf16", "ll-fp8", "ht-bf16", "ht-fp8"):
+            assert f"rank {r}: {tag}: rank 3 fenced while alive, then 20 rounds without it: ok" in out, out[-4000:]
+    assert all(f"rank {r}: fence_live ok (host" in out for r in range(4)), out[-4000:]

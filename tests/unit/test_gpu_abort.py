@@ -16,6 +16,7 @@ from epcomm.config import EPConfig
 from epcomm.errors import EPError, EPTimeoutError
 
 ABORT_OFF = 4096
+DEAD_OFF = 8192
 SYM = 0x10_0000            # this rank's symmetric region
 PEER_BASE = {1: 0x20_0000}  # same-node peer pointers (rank 0's view); ranks 2, 3 are on node 1
 
@@ -42,7 +43,8 @@ class FakeDriver:
         return (0,)
 
     def cuMemcpyDtoHAsync(self, dst, src, n, st):
-        ctypes.c_uint64.from_address(dst).value = self.device_words.get(src, 0)
+        for i in range(0, n, 8):
+            ctypes.c_uint64.from_address(dst + i).value = self.device_words.get(src + i, 0)
         return (0,)
 
     def cuStreamQuery(self, st):
@@ -88,7 +90,7 @@ def backend(record=None) -> GpuBackend:
     be.me, be.sym, be._closed = 0, SYM, False
     be.peers = [SYM, PEER_BASE[1], 0, 0]
     be.node_of = lambda r: r // 2
-    be.layout = types.SimpleNamespace(offset={"abort": ABORT_OFF})
+    be.layout = types.SimpleNamespace(offset={"abort": ABORT_OFF, "dead": DEAD_OFF})
     be.err = types.SimpleNamespace(read=lambda: record)
     return be
 
@@ -137,3 +139,24 @@ def test_abort_without_nvshmem4py_still_tells_same_node_peers(fakes, monkeypatch
     monkeypatch.setattr(sys.modules["nvshmem"], "bindings", None, raising=False)
     backend().abort("x")
     assert drv.copies == [(word(PEER_BASE[1], 0), 1)] and drv.destroyed == 1
+
+
+def dead_word(base: int, rank: int) -> int:
+    return base + DEAD_OFF + 8 * rank
+
+
+def test_death_notices_reach_this_rank_every_live_peer_and_last_the_dead_rank(fakes):
+    """Fencing groundwork (issue 15 item 4): GpuBackend.declare_dead writes dead[D] = declarer + 1 with the abort
+    word's transports (own region and same-node peers by copy, other nodes by NVSHMEM), the declared rank last."""
+    drv, nv = fakes
+    assert backend().declare_dead([3])
+    assert drv.copies == [(dead_word(SYM, 3), 1), (dead_word(PEER_BASE[1], 3), 1)]
+    assert nv.signals == [(dead_word(SYM, 3), 1, 9, 2), (dead_word(SYM, 3), 1, 9, 3)]   # rank 3 itself: last
+    assert nv.quiets == 1 and drv.destroyed == 1
+
+
+def test_the_death_notices_in_this_ranks_region_are_read_as_rank_and_declarer(fakes):
+    drv, _ = fakes
+    assert backend().read_dead_words() == {}
+    drv.device_words.update({dead_word(SYM, 2): 1 + 1, dead_word(SYM, 3): 0 + 1})
+    assert backend().read_dead_words() == {2: 1, 3: 0}

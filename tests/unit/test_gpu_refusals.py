@@ -13,10 +13,10 @@ import pytest
 from epcomm.backends.gpu import backend as gpu_backend
 from epcomm.backends.gpu.backend import GpuBackend, RejectedRanks
 from epcomm.backends.gpu.layout import (RECORD_WORDS, REFUSAL_RECORD_WORD, REFUSED_COMBINE, REFUSED_DISPATCH,
-                                        ST_REJECTED, call_word, device_arrays, params_struct)
+                                        REFUSED_LOST, ST_REJECTED, call_word, device_arrays, params_struct)
 from epcomm.backends.gpu.runtime import HostErrorRecord
 from epcomm.config import EPConfig
-from epcomm.errors import EPError, EPPeerRejectedError
+from epcomm.errors import EPError, EPPeerRejectedError, EPRankLostError
 
 CFG = EPConfig(hidden=256, topk=2, num_experts=8, max_tokens_per_rank=16, world_size=4, mode="ht")
 
@@ -153,5 +153,21 @@ def test_the_front_end_lets_the_gpu_backend_take_part_empty():
 
 def test_status_words_and_params_carry_the_mark():
     status = next(a for a in device_arrays(CFG) if a.name == "status")
-    assert status.shape == (ST_REJECTED + CFG.world_size,) and status.copies == "dispatch"
+    assert status.shape == (ST_REJECTED + 2 * CFG.world_size,) and status.copies == "dispatch"   # (+ the mask)
     assert "rejected" in dict(params_struct(4)._fields_)
+
+
+def test_a_lost_round_in_the_refusal_record_is_raised_once_as_rank_lost():
+    """Fencing groundwork (issue 15 item 4): the refusal record with what = REFUSED_LOST (a peer declared dead
+    during the round; no kernel writes it yet) is raised as EPRankLostError, with the host backend's message, once,
+    by check / synchronize, never by a launching call; the buffer stays usable."""
+    be = backend()
+    refusal(be.err, rnd=3, rank=3, what=REFUSED_LOST, tokens=4)
+    be._check_open()
+    with pytest.raises(EPRankLostError, match=r"rank 0 \(node 0\): rank 3 \(node 1\) was lost \(declared dead and "
+                                              r"fenced off\) in round 2: 4 token\(s\) of this rank went to its "
+                                              r"experts \(experts 6..7\)") as e:
+        be.raise_pending()
+    assert (e.value.rank, e.value.node, e.value.experts, e.value.round, e.value.tokens) == (3, 1, range(6, 8), 2, 4)
+    be.raise_pending()
+    assert not be._closed

@@ -31,7 +31,9 @@ def test_rig_prebuild_lists_every_kernel_the_rig_needs():
     from epcomm.backends.gpu import specs
     cfgs = load("dev/device/rig_prebuild.py").rig_configs([2, 8, 16], 8)
     worlds = {c.world_size for c in cfgs}
-    assert worlds == {2, 8, 16}
+    assert worlds == {2, 4, 8, 16}   # 4: the fencing checks (step fence4 / fencelive), whatever the worlds asked
+    assert {(c.hidden, c.mode, str(c.token_format)) for c in specs.fence_configs(4)} <= \
+        {(c.hidden, c.mode, str(c.token_format)) for c in cfgs if c.world_size == 4}
     assert all(c.num_experts % c.world_size == 0 for c in cfgs)
     assert {c.num_experts for c in specs.test_configs(16)} == {16}
     assert {c.num_experts for c in specs.test_configs(2)} == {8} == {c.num_experts for c in specs.test_configs(8)}
@@ -90,3 +92,25 @@ def test_ptx_same_register_renaming_is_a_bijection_per_function():
     assert a != b and canon(a) == canon(b)
     assert canon(a) != canon(swapped)
     assert canon(["add.s32 %r1, %r2, 1;"]) != canon(["add.s32 %r1, %r2, 2;"])
+
+
+def test_rig_summary_counts_the_fencing_survivors(tmp_path):
+    """fence4 (tests/gpu/fence_one_rank.py): one ok line per survivor passes; a FAIL line or NOT BUILT does not."""
+    ok = "".join(f"rank {r}: rank 3 killed in round 2 (ll, gpu), then 100 rounds without it: ok (3.0 s)\n"
+                 for r in range(3))
+    (tmp_path / "ok.log").write_text(ok)
+    (tmp_path / "bad.log").write_text(ok.replace("rank 1: rank 3 killed", "FAIL rank 1: round 5: x\nrank 9: -"))
+    (tmp_path / "nb.log").write_text("rank 0: NOT BUILT: EPInputError ...\n")
+    # fencelive (tests/gpu/fence_live.py): one ok line per rank
+    (tmp_path / "live.log").write_text("".join(f"rank {r}: fence_live ok (gpu, 9.0 s)\n" for r in range(4)))
+    rows = [("fence4-ll", "one-gpu-4", "3", "", "0", "20", tmp_path / "ok.log", "fence"),
+            ("fence4-ht", "one-gpu-4", "3", "", "0", "20", tmp_path / "bad.log", "fence"),
+            ("fence4-x", "one-gpu-4", "3", "", "2", "5", tmp_path / "nb.log", "fence"),
+            ("fencelive", "one-gpu-4", "4", "", "0", "30", tmp_path / "live.log", "fence")]
+    tsv = tmp_path / "steps.tsv"
+    tsv.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    load("dev/device/rig_summary.py").main([str(tsv), str(tmp_path)])
+    import json
+    s = json.loads((tmp_path / "rig-summary.json").read_text())
+    assert {r["step"]: r["status"] for r in s["steps"]} == {"fence4-ll": "PASS", "fence4-ht": "FAIL",
+                                                            "fence4-x": "FAIL", "fencelive": "PASS"}

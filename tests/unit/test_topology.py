@@ -15,7 +15,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 EXPECTED_WORLD = {
     "cpu-4rank": 4, "cpu-8rank": 8, "cpu-2x4": 8, "cpu-2x8": 16, "local-2gpu": 2, "local-4gpu": 4,
     "local-8gpu": 8, "sim-2node": 2, "sim-2x2gpu": 4, "sim-2x4gpu": 8, "h100-2x8": 16,
-    "one-gpu-2": 2, "one-gpu-sim-2x1": 2, "one-gpu-8": 8, "one-gpu-2x4": 8, "one-gpu-2x8": 16,
+    "one-gpu-2": 2, "one-gpu-4": 4, "one-gpu-sim-2x1": 2, "one-gpu-8": 8, "one-gpu-2x4": 8, "one-gpu-2x8": 16,
 }
 
 
@@ -185,7 +185,8 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 
 # ---- several ranks on one GPU (share_gpus) -------------------------------------------------------------------
-@pytest.mark.parametrize("name,nodes,per_node", [("one-gpu-2", 1, 2), ("one-gpu-sim-2x1", 2, 1), ("one-gpu-8", 1, 8),
+@pytest.mark.parametrize("name,nodes,per_node", [("one-gpu-2", 1, 2), ("one-gpu-4", 1, 4), ("one-gpu-sim-2x1", 2, 1),
+                                                 ("one-gpu-8", 1, 8),
                                                  ("one-gpu-2x4", 2, 4), ("one-gpu-2x8", 2, 8)])
 def test_one_gpu_configs_put_every_rank_on_gpu_0(name, nodes, per_node):
     t = Topology.load(f"configs/{name}.yaml")

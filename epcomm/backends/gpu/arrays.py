@@ -71,11 +71,11 @@ class DeviceArrays:
         if self.torch is not None:
             t = self.torch
             dt = {"bf16": t.bfloat16, "fp8": t.float8_e4m3fn, "f32": t.float32, "i32": t.int32,
-                  "u32": t.uint32, "i64": t.int64}[dtype]
+                  "u32": t.uint32, "i64": t.int64, "bool": t.bool}[dtype]
             return t.empty(shape, dtype=dt, device=f"cuda:{self.device}")
         import cupy
         dt = {"bf16": cupy.uint16, "fp8": cupy.uint8, "f32": cupy.float32, "i32": cupy.int32,
-              "u32": cupy.uint32, "i64": cupy.int64}[dtype]
+              "u32": cupy.uint32, "i64": cupy.int64, "bool": cupy.bool_}[dtype]
         with cupy.cuda.Device(self.device):
             return cupy.empty(shape, dtype=dt)
 

@@ -10,8 +10,10 @@ Public behaviour (what EPBuffer forwards to):
   combine_async(...) -> pending ; combine_wait(pending) -> y
   dispatch_rejected() / combine_rejected(r)           a refused call (EPBuffer): this rank takes part in the round
                                                       with nothing, its signals marked "rejected" (docs/FAILURES.md)
+  enable_fencing() / fence(ranks) / masked_ranks      fencing off dead ranks (EPBuffer(fence_dead_ranks=True);
+                                                      kernels/fence.cuh, docs/FAILURES.md)
   synchronize()  waits for the device; raises EPTimeoutError / EPError recorded by a kernel
-  close()        collective (frees symmetric memory)
+  close()        collective (frees symmetric memory); local once a rank was fenced off
 
 Arrays: torch tensors or cupy arrays on this rank's GPU (cupy bf16 = uint16 bits). Kernels run on the caller's current
 stream (torch.cuda.current_stream() / cupy's current stream); nothing here synchronises the host or allocates on the
@@ -35,14 +37,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...errors import EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPTimeoutError
+from ...errors import (EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPRankLostError,
+                      EPTimeoutError)
 from ...results import DispatchResult
 from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
 from .arrays import DeviceArrays, aligned, array_kind, current_stream, device_pointer
-from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, ST_REJECTED, ErrorCode, Layout, Phase, Refusal, RefusedOp,
-                     call_word, device_arrays,
-                     params_struct, send_chunk_tokens)
+from .layout import (OUTPUT_SETS, REFUSED_DISPATCH, REFUSED_LOST, ST_REJECTED, ErrorCode, Layout, Phase, Refusal,
+                     RefusedOp, call_word, device_arrays, params_struct, send_chunk_tokens, st_masked)
 from .runtime import HostErrorRecord, Runtime, _check
 
 log = logging.getLogger("epcomm.gpu")
@@ -52,7 +54,8 @@ log = logging.getLogger("epcomm.gpu")
 
 class RejectedRanks(Sequence):
     """DispatchResult.rejected_ranks on the GPU: the ranks that refused their input in that round (they took part
-    with nothing, their count signals marked), read from the output set's status words on first use and kept.
+    with nothing, their count signals marked), read from the output set's status words on first use and kept. (With
+    fencing, DispatchResult.masked_ranks likewise: the ranks the round's snapshot masked, kernels/fence.cuh.)
 
     Nothing syncs unless it is read: the read is a device-to-host copy ordered after the dispatch on the current
     stream (so not inside a CUDA-graph capture). Read it before the second dispatch after this one, like every output
@@ -106,6 +109,7 @@ class _Pending:
 
 class GpuBackend:
     broken: str | None = None   # set (by EPBuffer) to a reason when peers may be gone: close() then skips collectives
+    fencing: bool = False       # enable_fencing (EPBuffer(fence_dead_ranks=True))
 
     def __init__(self, cfg, ctx, runtime: Runtime | None = None, threads: int = jit.DEFAULT_THREADS,
                  blocks: int | None = None):
@@ -162,8 +166,12 @@ class GpuBackend:
                     s[a.param] = new(a.shape, a.dtype)
             else:
                 self.ybufs = [new(a.shape, a.dtype) for _ in range(OUTPUT_SETS)]
-        # each set's refusal flags (status words ST_REJECTED..), viewed once: DispatchResult.rejected_ranks reads them
-        self._rejected_flags = [s["hstatus"][ST_REJECTED:] for s in self.sets]
+        # each set's refusal flags (status words ST_REJECTED..), viewed once: DispatchResult.rejected_ranks reads them;
+        # and (fencing) the round's masked ranks (ST_MASKED..): DispatchResult.masked_ranks
+        self._rejected_flags = [s["hstatus"][ST_REJECTED:ST_REJECTED + R] for s in self.sets]
+        self._masked_flags = [s["hstatus"][st_masked(R):st_masked(R) + R] for s in self.sets]
+        self.fencing = False
+        self._declared: set[int] = set()   # ranks this rank declared dead (fence)
         # int64 topk_ids are clamped to [-1, num_experts] (an id past the int32 range must stay out of range, not wrap
         # into a valid expert) and narrowed into int32 copies (one per output set: a dispatch_async's receive still
         # reads them): stream-ordered on the caller's stream, no allocation, no sync (the kernels read int32 ids)
@@ -233,6 +241,7 @@ class GpuBackend:
         p.maxr = math.prod(self.cfg.rows_shape)    # rows of expert_x in any layout (epcomm/layouts.py)
         p.cap = self.cfg.recv_rows
         p.recv_tokens = self.layout.recv_tokens
+        p.fence = int(self.fencing)
         for r, v in enumerate(self.peers):
             p.peer[r] = v
         return p
@@ -308,11 +317,19 @@ class GpuBackend:
         if rec is None:
             return
         d, rnd = rec["rank"], rec["round"] - 1   # device rounds count from 1, EPBuffer rounds from 0
+        name = getattr(self.ctx, "describe", None)
+        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
+        if rec["what"] == REFUSED_LOST:   # fencing groundwork: the host backend's message (host/steps.py lost)
+            me = name(self.me) if name is not None else f"rank {self.me} (node {self.node_of(self.me)})"
+            raise EPRankLostError(
+                f"{me}: {peer} was lost (declared dead and fenced off) in round {rnd}: {rec['tokens']} token(s) of "
+                f"this rank went to its experts ({self.cfg.holds(d)}) and have no output, so that combine's y is not "
+                f"a sum (do not use it); the buffer is still usable, later rounds run without it "
+                f"(EPBuffer.active_ranks)", rank=d, node=self.node_of(d), experts=self.cfg.experts_of(d), round=rnd,
+                tokens=rec["tokens"])
         what = "dispatch" if rec["what"] == REFUSED_DISPATCH else "combine"
         why = ("refused its dispatch input, so its experts did not run" if what == "dispatch"
                else "refused its combine input")
-        name = getattr(self.ctx, "describe", None)
-        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
         more = (f"; {rec['more']} earlier combine(s) since the last check missed a refusing peer's rows too"
                 if rec["more"] else "")
         raise EPPeerRejectedError(
@@ -388,16 +405,29 @@ class GpuBackend:
             self._eager_calls[hp] = p.call   # a refused combine of this round carries it (combine_rejected)
         if sp is not None:
             p.x_scales = sp
-        return kind, T, hp, p, current_stream(kind, self.ctx.device)
+        st = current_stream(kind, self.ctx.device)
+        self._fence_snapshot(p, hp, st)
+        return kind, T, hp, p, st
+
+    def _fence_snapshot(self, p, hp: int, stream: int) -> None:
+        """Fencing: the round's mask and masked ids (kernels/fence.cuh: one block, right before the dispatch on its
+        stream, so a CUDA graph captures and replays the two together); the dispatch then reads its ids from the set's
+        handle copy. Nothing without fencing."""
+        if self.fencing:
+            self._launch("ep_fence_snapshot", p, stream, blocks=1)
+            p.ids = self.alloc.ptr(self.sets[hp]["hids"])
 
     def _result(self, hp: int, T: int, kind: str, call: int) -> DispatchResult:
         s, v = self.sets[hp], self.alloc.view
         scales = self._scales_view(v(s.get("escale"), kind), kind)
+        # fencing: the slots not sent (their expert's rank masked) and the masked ranks, as the snapshot wrote them
+        fence = {} if not self.fencing else {"dropped": v(s["hdropped"], kind)[:T],
+                                             "masked_ranks": RejectedRanks(self._masked_flags[hp])}
         return DispatchResult(expert_x=v(s["ex"], kind), expert_scales=scales,
                               row_offsets=v(s["row_offsets"], kind), expert_ids=v(s["expert_ids"], kind),
                               src_info=v(s["src_info"], kind), tokens_per_expert=v(s["tpe"], kind),
                               handle=GpuHandle(hp, T, kind, call),
-                              rejected_ranks=RejectedRanks(self._rejected_flags[hp]))
+                              rejected_ranks=RejectedRanks(self._rejected_flags[hp]), **fence)
 
     def _scales_view(self, store, kind: str):
         """expert_scales as the caller sees them: the storage itself (row-major), or a column-major view of it
@@ -468,6 +498,7 @@ class GpuBackend:
         p.rejected = 1
         p.call = call_word(next(self._call_ids), hp, eager=True)
         self._eager_calls[hp] = p.call
+        self._fence_snapshot(p, hp, st)
         self._launch("ep_dispatch_send", p, st)
         return _Pending("dispatch", hp, 0, kind, st, p)
 
@@ -594,30 +625,38 @@ class GpuBackend:
         log.error("epcomm gpu: rank %d aborts: %s", self.me, reason)
         self._closed = True
         try:
-            from cuda.bindings import driver
-
-            from .runtime import ABORT_WAIT_S, wait_stream
-            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            if err != driver.CUresult.CUDA_SUCCESS:
-                return
             words = [(self.me, 1)]
             rec = self.err.read()   # this rank's own timeout names the silent peer
             silent = rec["peer"] if rec is not None and rec["code"] == ErrorCode.TIMEOUT else None
             if silent is not None and 0 <= silent < self.cfg.world_size and silent != self.me:
                 words.append((silent, 2 + self.me))
-            keep = {v: (ctypes.c_uint64 * 1)(v) for _, v in words}
+            off = self.layout.offset["abort"]
+            self._put_words([(r, off + 8 * who, v) for r in range(len(self.peers)) if r != self.me
+                             for who, v in words if r != who])   # the silent rank is not told that it is silent
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+    def _put_words(self, plan) -> bool:
+        """Best effort, never raises: write each (rank, symmetric offset, u64 value) of `plan` into that rank's
+        symmetric region, in plan order per transport: this rank's own and same-node peers' through a host -> device
+        copy on a side stream (the peer pointer), other-node peers' through a host-initiated NVSHMEM signal on it, then
+        one quiet. No collective and no reply: a dead peer cannot block it. Bounded by ABORT_WAIT_S (a wedged device
+        must not turn a failure into a hang); True when the stream finished in time."""
+        try:
+            from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return False
+            keep = {v: (ctypes.c_uint64 * 1)(v) for _, _, v in plan}
             remote = []
-            for r, base in enumerate(self.peers):
-                if r == self.me:
-                    continue
-                for who, v in words:
-                    if r == who:
-                        continue   # the silent rank is not told that it is silent
-                    off = self.layout.offset["abort"] + 8 * who
-                    if base:
-                        driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
-                    else:
-                        remote.append((r, off, v))
+            for r, off, v in plan:
+                base = self.sym if r == self.me else self.peers[r]
+                if base:
+                    driver.cuMemcpyHtoDAsync(base + off, ctypes.addressof(keep[v]), 8, st)
+                else:
+                    remote.append((r, off, v))
             if remote:
                 try:
                     import nvshmem.bindings as nb
@@ -628,8 +667,74 @@ class GpuBackend:
                     log.error("epcomm gpu: rank %d could not signal its other-node peers: %s", self.me, e)
             if wait_stream(st, ABORT_WAIT_S):
                 driver.cuStreamDestroy(st)
+                return True
+            return False
         except Exception:  # noqa: BLE001 - best effort
-            pass
+            return False
+
+    # ---------------------------------------------------------------- fencing (issue 15 item 4)
+    # EPBuffer(fence_dead_ranks=True); docs/FAILURES.md, "GPU backend". The death notices follow the host backend's
+    # protocol (epcomm/backends/host/window.py declare_dead); the kernels read them only through the snapshot taken
+    # before each dispatch (kernels/fence.cuh).
+    def enable_fencing(self) -> None:
+        """Fence off dead ranks: every dispatch is preceded by the mask snapshot, and the kernels send nothing to,
+        and await nothing from, a masked rank. EPBuffer calls it once, before the first call, on every rank."""
+        self.fencing = True
+        self._tmpl = {}   # the parameter templates carry Params.fence
+
+    def fence(self, ranks) -> None:
+        """Declare `ranks` dead (EPBuffer.fence): their death notices here and in every live peer's region
+        (declare_dead). Masked from this rank's next dispatch on, and from each peer's next dispatch after the notice
+        reached it; a round already sent to them completes as the design says (docs/FAILURES.md)."""
+        ranks = sorted({int(r) for r in ranks} - {self.me})
+        self._declared.update(ranks)
+        if not self.declare_dead(ranks):
+            log.error("epcomm gpu: rank %d: the death notices for %s may not have reached every peer", self.me, ranks)
+
+    @property
+    def masked_ranks(self) -> tuple:
+        """The ranks this rank treats as dead: the notices in its region (its own fence() and its peers'), read
+        with a side-stream copy (EPBuffer.active_ranks; a round's own mask is DispatchResult.masked_ranks)."""
+        if not self.fencing:
+            return ()
+        words = self.read_dead_words() or {}
+        return tuple(sorted((self._declared | set(words)) - {self.me}))
+
+    def _fenced(self) -> bool:
+        """Some rank was declared dead (or the notices cannot be read): no collective may include it any more."""
+        if not self.fencing:
+            return False
+        return bool(self._declared) or self.read_dead_words() != {}
+
+    def declare_dead(self, ranks) -> bool:
+        """Death notices for `ranks`: dead[D] = this rank + 1 in this rank's region, in every live peer's, and last,
+        best effort, in D's own (a rank that is only stuck learns that it is out). Same transports as abort()."""
+        dead = [int(d) for d in ranks if int(d) != self.me]
+        live = [r for r in range(len(self.peers)) if r != self.me and r not in dead]
+        off = self.layout.offset["dead"]
+        notice = [(r, off + 8 * d, self.me + 1) for r in [self.me, *live] for d in dead]
+        last = [(d, off + 8 * d2, self.me + 1) for d in dead for d2 in dead]
+        return self._put_words(notice + last)
+
+    def read_dead_words(self) -> dict[int, int] | None:
+        """The death notices in this rank's own region: {rank D: declarer} for every D with dead[D] != 0 (None when
+        they cannot be read in ABORT_WAIT_S). A side-stream copy: the host's view for masked_ranks, off the hot path."""
+        try:
+            from cuda.bindings import driver
+
+            from .runtime import ABORT_WAIT_S, wait_stream
+            R = self.cfg.world_size
+            err, st = driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            if err != driver.CUresult.CUDA_SUCCESS:
+                return None
+            out = (ctypes.c_uint64 * R)()
+            driver.cuMemcpyDtoHAsync(ctypes.addressof(out), self.sym + self.layout.offset["dead"], 8 * R, st)
+            if not wait_stream(st, ABORT_WAIT_S):
+                return None
+            driver.cuStreamDestroy(st)
+            return {d: int(v) - 1 for d, v in enumerate(out) if v}
+        except Exception:  # noqa: BLE001
+            return None
 
     def _abort_word(self, r: int) -> int | None:
         """Rank r's abort word in this rank's symmetric region (None when it cannot be read in ABORT_WAIT_S)."""
@@ -657,7 +762,9 @@ class GpuBackend:
         from cuda.bindings import driver
         try:
             driver.cuCtxSynchronize()
-            if not self.broken:   # peers may be gone after a failure: skip the collectives
+            # peers may be gone after a failure, or fenced off (a dead rank never joins a collective): skip the
+            # collectives (the symmetric memory goes with the process)
+            if not self.broken and not self._fenced():
                 self.rt.barrier()
                 self.rt.free(self._sym_buf)
         finally:

@@ -181,7 +181,7 @@ class Kernels:
     """Loaded module: CUfunction handles by name, registered with NVSHMEM."""
 
     NAMES = ("ep_dispatch_send", "ep_dispatch_recv", "ep_dispatch", "ep_combine_send", "ep_combine_recv",
-             "ep_combine", "ep_params_size", "ep_release")
+             "ep_combine", "ep_params_size", "ep_release", "ep_fence_snapshot")
 
     def __init__(self, cubin: Path, device_id: int):
         from cuda.core import ObjectCode

@@ -50,12 +50,25 @@ CAPACITY_FIELDS = ("flag", "rank", "needed", "capacity", "over")
 # The refusal record (issue 15; not an error either) follows it: a combine whose tokens went to the experts of a rank
 # that refused its input for that round. count (such combines so far, written last; only the device writes the
 # record), then of the latest one: round (device round), rank, what (REFUSED_DISPATCH / REFUSED_COMBINE), tokens.
+# REFUSED_LOST (fencing, issue 15 item 4; no kernel writes it yet): the rank was declared dead during the round and
+# its rows never came; the host raises EPRankLostError from it instead of EPPeerRejectedError.
 REFUSAL_RECORD_WORD = 16
 REFUSAL_FIELDS = ("count", "round", "rank", "what", "tokens")
-REFUSED_DISPATCH, REFUSED_COMBINE = 1, 2
+REFUSED_DISPATCH, REFUSED_COMBINE, REFUSED_LOST = 1, 2, 3
 # A dispatch output set's status words (kernels: ST_*): [0] void round (then [1..3] the rank most over, its rows, the
-# capacity), [ST_ROUND] the dispatch's device round, [ST_REJECTED + s] source s refused its input this round.
+# capacity), [ST_ROUND] the dispatch's device round, [ST_REJECTED + s] source s refused its input this round, then
+# (fencing) [st_masked(R) + r] rank r was masked (fenced off) in that round (the snapshot of kernels/fence.cuh).
 ST_ROUND, ST_REJECTED = 4, 8
+
+
+def st_masked(ranks: int) -> int:
+    """The first of the status words that say which ranks were masked in the round (kernels: ST_MASKED)."""
+    return ST_REJECTED + ranks
+
+
+def status_ints(ranks: int) -> int:
+    """int32 status words of a dispatch output set (kernels: STATUS_INTS)."""
+    return st_masked(ranks) + ranks
 # Then the overwrite record (OverwriteRec; kernels/results.cuh): a launch refused because of a live result. int32
 # words: flag, count, op, why, then the holder's and the refused call's Params.call (u64 each, low word first).
 OVERWRITE_RECORD_WORD = 24
@@ -107,7 +120,7 @@ def _round4(x: int) -> int:
 
 # Regions of the symmetric buffer, in address order; each is double buffered by round parity where it receives.
 REGIONS = ("drecv", "dhist", "dsig", "stage", "hstage", "crecv", "csig", "wrecv", "wsig", "cstage", "abort", "dflag",
-           "cflag", "dresv")
+           "cflag", "dresv", "dead", "beat")
 
 
 class Layout:
@@ -181,6 +194,10 @@ class Layout:
             "dflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ht: chunk ready flags of dispatch
             "cflag": 2 * R * self.max_chunks * 8 if ht else 0,            # ... and of combine
             "dresv": 2 * 8,                                               # ht: [parity] receive-buffer reservations
+            # fencing (issue 15 item 4, kernels/fence.cuh): dead[D] = declarer + 1 once rank D is declared dead (a
+            # death notice, written like the abort word), and one heartbeat counter per rank
+            "dead": R * 8,
+            "beat": R * 8,
         }
 
     @staticmethod
@@ -212,9 +229,11 @@ def kernel_defines(cfg) -> dict[str, int]:
         "EP_WEIGHT_STRIDE": lay.weight_stride, "EP_MAX_ITEM_TOKENS": MAX_ITEM_TOKENS,
         "EP_COUNT_ROWS_AT": lay.count_rows_at, "EP_CAPACITY_RECORD_WORD": CAPACITY_RECORD_WORD,
         "EP_COUNT_BASE_AT": lay.count_base_at,
-        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD, "EP_STATUS_INTS": ST_REJECTED + cfg.world_size,
+        "EP_REFUSAL_RECORD_WORD": REFUSAL_RECORD_WORD, "EP_STATUS_INTS": status_ints(cfg.world_size),
+        "EP_ST_MASKED": st_masked(cfg.world_size),
         "EP_ST_ROUND": ST_ROUND, "EP_ST_REJECTED": ST_REJECTED, "EP_REFUSED_DISPATCH": REFUSED_DISPATCH,
-        "EP_REFUSED_COMBINE": REFUSED_COMBINE, "EP_OVERWRITE_RECORD_WORD": OVERWRITE_RECORD_WORD,
+        "EP_REFUSED_COMBINE": REFUSED_COMBINE, "EP_REFUSED_LOST": REFUSED_LOST,
+        "EP_OVERWRITE_RECORD_WORD": OVERWRITE_RECORD_WORD,
         "EP_PARAMS_BYTES": ctypes.sizeof(params_struct(cfg.world_size)),
         "EP_PARAMS_OFFSET_T": params_struct(cfg.world_size).T.offset,
         "EP_PARAMS_OFFSET_PEER": params_struct(cfg.world_size).peer.offset,
@@ -247,8 +266,8 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 # peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
-                  "dbase", "x_scales")
-PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens", "rejected")
+                  "dbase", "x_scales", "hdropped")
+PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens", "rejected", "fence")
 
 
 def params_struct(ranks: int):
@@ -272,7 +291,7 @@ class DeviceArray:
     name: str
     param: str | None
     shape: tuple[int, ...]
-    dtype: str            # "bf16" "fp8" "f32" "i32" "u32"
+    dtype: str            # "bf16" "fp8" "f32" "i32" "u32" "bool"
     zeroed: bool
     copies: str = "one"
 
@@ -317,7 +336,9 @@ def device_arrays(cfg) -> list[DeviceArray]:
             DeviceArray("hinfo", "hinfo", ((lay.recv_tokens if lay.ht else 1) * (2 + K),), "i32", True, "dispatch"),
             DeviceArray("hcount", "hcount", (R,), "i32", True, "dispatch"),
             DeviceArray("hchunk", "hchunk", (R * (lay.max_chunks + 1) + R,), "i32", True, "dispatch"),
-            # ST_*: void round, the dispatch's round, the sources that refused their input
-            DeviceArray("status", "hstatus", (ST_REJECTED + R,), "i32", True, "dispatch"),
+            # ST_*: void round, the dispatch's round, the sources that refused their input, the masked ranks
+            DeviceArray("status", "hstatus", (status_ints(R),), "i32", True, "dispatch"),
+            # fencing: the top-k slots of the dispatch not sent (their expert's rank masked): DispatchResult.dropped
+            DeviceArray("dropped", "hdropped", (M, K), "bool", True, "dispatch"),
             DeviceArray("y", None, (M, H), "bf16", False, "combine")]
     return out

@@ -75,6 +75,23 @@ def example_configs(world_size: int = 2) -> list[EPConfig]:
     return out
 
 
+def fence_kill_config(world_size: int, mode: str) -> EPConfig:
+    """tests/gpu/fence_one_rank.py (a rank SIGKILLed mid-dispatch): the deadline is the death detector, short."""
+    return EPConfig(hidden=256, topk=2, num_experts=2 * world_size, max_tokens_per_rank=16, world_size=world_size,
+                    mode=mode, timeout_s=5.0)
+
+
+def fence_live_configs(world_size: int) -> list[EPConfig]:
+    """tests/gpu/fence_live.py (an explicit fence of a live rank): ll / ht x bf16 / fp8, top-3 (ids on 3 ranks)."""
+    return [EPConfig(hidden=512, topk=3, num_experts=2 * world_size, max_tokens_per_rank=24, world_size=world_size,
+                     mode=m, token_format=f, timeout_s=20.0) for m in ("ll", "ht") for f in ("bf16", "fp8")]
+
+
+def fence_configs(world_size: int = 4) -> list[EPConfig]:
+    """Every buffer of the GPU fencing checks (issue 15 item 4), for the rig's prebuild."""
+    return [fence_kill_config(world_size, m) for m in ("ll", "ht")] + fence_live_configs(world_size)
+
+
 def all_configs(world_size: int = 2) -> list[EPConfig]:
     return test_configs(world_size) + bench_configs(world_size) + example_configs(world_size)
 

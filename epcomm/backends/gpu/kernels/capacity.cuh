@@ -3,7 +3,8 @@
 // Every count message ends with its source's routed rows to every rank ([R] ints at COUNT_ROWS_AT: ll, the count
 // row the last send block ships; ht, the count message of each destination's last chunk item). Once a rank has the
 // count messages of all sources, which its receive waits for anyway, it holds the whole [source][rank] matrix and
-// reaches the same verdict as every other rank, without another exchange or a host sync: a round in which any rank
+// reaches the same verdict as every other rank, without another exchange or a host sync (fencing: a masked rank's row
+// is stale, it sent nothing this round: not counted, fenced_off): a round in which any rank
 // would receive more routed rows than p.cap is void on every rank. Nothing of it is expanded, the combine of its
 // handle sends and waits for nothing (combine.cuh), and the host raises EPCapacityError from the capacity record
 // once (GpuBackend.check / synchronize); the buffer stays usable.
@@ -25,7 +26,7 @@ __device__ bool round_verdict(const Params& p, const int* hist, unsigned round, 
     if (SKIP && d != p.me) continue;   // skip_a2a: nothing reaches the other ranks
     long long need = 0;
     for (int s = 0; s < R; ++s)
-      if (!(SKIP && s != p.me)) need += max(0, hist[s * COUNT_ROW_INTS + COUNT_ROWS_AT + d]);
+      if (!(SKIP && s != p.me) && !fenced_off(p, s)) need += max(0, hist[s * COUNT_ROW_INTS + COUNT_ROWS_AT + d]);
     if (need > p.cap) {
       atomicAdd(&s_over, 1);
       atomicMax(&s_worst, ((unsigned long long)min(need, 0x7fffffffLL) << 32) | (0xffffffffu - (unsigned)d));

@@ -179,7 +179,7 @@ __device__ void combine_send(const Params& p, bool fused) {
       const bool wal = (reinterpret_cast<uintptr_t>(p.weights) & 15) == 0;
       bool staged = false;   // other-node destinations: one staged copy, put to each of them
       for (int d = 0; d < R; ++d) {
-        if (SKIP && d != p.me) continue;
+        if ((SKIP && d != p.me) || fenced_off(p, d)) continue;
         if (!same_node(p, d)) {
           if (staged) continue;
           staged = true;
@@ -297,7 +297,7 @@ __device__ void combine_send(const Params& p, bool fused) {
   }
   if (block_done(p, S_CSEND, used_shmem)) {
     for (int s = threadIdx.x; s < R; s += THREADS) {
-      if (HT || (SKIP && s != p.me)) continue;   // ht: chunk flags instead
+      if (HT || (SKIP && s != p.me) || fenced_off(p, s)) continue;   // ht: chunk flags instead
       size_t soff = p.off_csig + ((size_t)par * R + p.me) * 8;
       if (same_node(p, s)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[s] + soff), sigv);
       else {

@@ -12,6 +12,11 @@ namespace ep {
 
 // ------------------------------------------------------------------------------------------------ small helpers
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// Fencing (fence.cuh): rank r is masked in this launch's round (the snapshot in the output set's status words, the
+// same for every block and for the round's combine): nothing is sent to it, nothing awaited from it. Without fencing
+// (Params.fence == 0) one test of a kernel parameter per destination or source, never per row.
+__device__ __forceinline__ bool fenced_off(const Params& p, int r) { return p.fence && p.hstatus[ST_MASKED + r] != 0; }
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
 
 // A token of this rank's combine went to the experts of rank `peer`, which refused its input this round (its signal
@@ -61,12 +66,13 @@ __device__ __forceinline__ bool not_yet(const unsigned long long* w, unsigned ro
   return sig_round(ld_rlx(w)) < round || sig_round(ld_acq(w)) < round;
 }
 
-// Wait (every thread s < nsrc of the block) until sig[s] >= round. Returns false (for the whole block) on timeout.
+// Wait (every thread s < nsrc of the block) until sig[s] >= round (not for a masked rank: fenced_off). Returns false
+// (for the whole block) on timeout.
 __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsigned round, int phase, int what,
                            unsigned long long t0) {
   bool bad = false;
   for (int s = threadIdx.x; s < R; s += THREADS) {
-    if (SKIP && s != p.me) continue;
+    if ((SKIP && s != p.me) || fenced_off(p, s)) continue;
     const unsigned long long* w = sig + s;
     const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
@@ -163,12 +169,12 @@ template <typename PutSignal>
 __device__ __forceinline__ void signal_every_destination(const Params& p, size_t sig_off, unsigned long long value,
                                                          PutSignal put_signal) {
   for (int d = threadIdx.x; d < R; d += THREADS) {
-    if (SKIP && d != p.me) continue;
+    if ((SKIP && d != p.me) || fenced_off(p, d)) continue;
     if (same_node(p, d)) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + sig_off), value);
   }
   bool any_remote = false;
   for (int d = 0; d < R; ++d) {  // block-uniform conditions
-    if ((SKIP && d != p.me) || same_node(p, d)) continue;
+    if ((SKIP && d != p.me) || same_node(p, d) || fenced_off(p, d)) continue;
     put_signal(d);
     any_remote = true;
   }

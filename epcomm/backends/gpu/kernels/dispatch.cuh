@@ -124,6 +124,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
+    if (fenced_off(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
     const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
     const bool last = HT && c == nchunks - 1;
     const int t0 = c * ch, t1 = min(T, t0 + ch);
@@ -394,7 +395,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
       const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
-      if (SKIP && d != p.me) continue;
+      if ((SKIP && d != p.me) || fenced_off(p, d)) continue;
       int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
       const int v = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
@@ -449,17 +450,19 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
   // ll: the per-expert counts of every source; ht: every source's count message (counts, tokens, chunk table)
   const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * COUNT_ROW_INTS;
+  // a source that sends nothing: skip_a2a's other ranks, a masked rank (fencing; its count message is stale)
+  auto absent = [&](int s) { return (SKIP && s != p.me) || fenced_off(p, s); };
   for (int q = threadIdx.x; q < LOCAL_EXPERTS * R; q += THREADS) {
     int l = q / R, s = q % R;
-    s_c[q] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + l], HT ? M * K : M);
+    s_c[q] = absent(s) ? 0 : min(hist[s * COUNT_ROW_INTS + l], HT ? M * K : M);
   }
   if (threadIdx.x == 0) s_bad = 0;
   __syncthreads();
   for (int s = threadIdx.x; s < R; s += THREADS) {
-    s_ntok[s] = (SKIP && s != p.me) ? 0 : min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS], M);
-    if (HT) s_nch[s] = (SKIP && s != p.me) ? 0 : max(0, min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 1], MAX_CHUNKS));
+    s_ntok[s] = absent(s) ? 0 : min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS], M);
+    if (HT) s_nch[s] = absent(s) ? 0 : max(0, min(hist[s * COUNT_ROW_INTS + LOCAL_EXPERTS + 1], MAX_CHUNKS));
     if (HT) {
-      const int b = (SKIP && s != p.me) ? 0 : hist[s * COUNT_ROW_INTS + COUNT_BASE_AT];
+      const int b = absent(s) ? 0 : hist[s * COUNT_ROW_INTS + COUNT_BASE_AT];
       s_mbase[HT ? s : 0] = b;
       if (s_ntok[s] > 0 && (b < 0 || b + s_ntok[s] > p.recv_tokens)) s_bad = 1;
     }
@@ -519,7 +522,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     // the round of this dispatch (its combine's round) and the sources that refused their input (marked signals:
     // they sent nothing); read by the combine of this handle and, lazily, by the host (DispatchResult.rejected_ranks)
     for (int s = threadIdx.x; s < R; s += THREADS)
-      p.hstatus[ST_REJECTED + s] = (!(SKIP && s != p.me) && sig_rejected(ld_rlx(sig + s))) ? 1 : 0;
+      p.hstatus[ST_REJECTED + s] = (!absent(s) && sig_rejected(ld_rlx(sig + s))) ? 1 : 0;
     if (threadIdx.x == 0) p.hstatus[ST_ROUND] = (int)round;
     if constexpr (HT) {
       for (int s = threadIdx.x; s < R; s += THREADS) {

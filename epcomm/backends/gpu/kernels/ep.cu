@@ -3,7 +3,8 @@
 // The entry points (extern "C" kernels). One translation unit, specialised at compile time by -D defines (see
 // layout.cuh and epcomm/backends/gpu/jit.py); its parts: layout.cuh (constants, Params, error record), common.cuh
 // (loads / stores, waits, fences, hand-over, error report), payload.cuh (bf16 copy / fp8 quantisation of a token),
-// capacity.cuh (the receive-capacity verdict), dispatch.cuh, combine.cuh.
+// capacity.cuh (the receive-capacity verdict), dispatch.cuh, combine.cuh, results.cuh (live results), fence.cuh (fencing
+// off dead ranks).
 //
 // Protocol: every phase is a persistent grid. Rows are placed at deterministic slots computed with warp match/ballot
 // scans (no data-dependent atomics). ll: work items are grid-strided; when a block has issued all its writes, one
@@ -28,6 +29,7 @@
 #include "dispatch.cuh"
 #include "combine.cuh"
 #include "results.cuh"
+#include "fence.cuh"
 
 extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_dispatch_send(const __grid_constant__ ep::Params p) {
   if (ep::admitted(p, ep::OP_DISPATCH)) ep::dispatch_send(p, false);
@@ -50,6 +52,10 @@ extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_combine(const __g
   if (!ep::admitted(p, ep::OP_COMBINE)) return;
   ep::combine_send(p, true);
   ep::combine_recv(p);
+}
+// fencing (fence.cuh): the round's mask and masked ids, one block launched right before each dispatch
+extern "C" __global__ void __launch_bounds__(EP_THREADS, 1) ep_fence_snapshot(const __grid_constant__ ep::Params p) {
+  ep::fence_snapshot(p);
 }
 // EPBuffer.release: the result of dispatch p.call will not be combined (one thread)
 extern "C" __global__ void ep_release(const __grid_constant__ ep::Params p) { ep::release_result(p); }

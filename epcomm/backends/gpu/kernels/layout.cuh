@@ -165,7 +165,8 @@ struct RefusalRec {
   int count;     // combines with a refusal so far (written last)
   int round;     // the device round of the latest one
   int rank;      // its lowest refusing rank that tokens of this rank went to
-  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine
+  int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine, 3: it was declared
+                 // dead during the round (fencing; not written by any kernel yet)
   int tokens;    // tokens of this rank with a top-k slot on a refusing rank
   int pad[3];
 };
@@ -181,9 +182,12 @@ __host__ __device__ __forceinline__ bool sig_rejected(unsigned long long v) { re
 // capacity; [1..3] the rank most over, its rows, the capacity), [ST_ROUND] the device round of the dispatch (its
 // combine's round: combine regions and signals are tagged by the dispatch round, as on the host backend, so a round
 // that some ranks never combine cannot shift the others), [ST_REJECTED + s] != 0 when source s refused its input.
+// Fencing (fence.cuh): [ST_MASKED + r] != 0 when rank r was masked (fenced off) for the round: the snapshot of the
+// death notices taken by ep_fence_snapshot before the dispatch, which every kernel of the round and its combine read.
 enum { ST_VOID = 0, ST_ROUND = 4, ST_REJECTED = 8 };
-constexpr int STATUS_INTS = ST_REJECTED + R;
-enum { WHY_DISPATCH = 1, WHY_COMBINE = 2 };   // RefusalRec.what
+constexpr int ST_MASKED = ST_REJECTED + R;
+constexpr int STATUS_INTS = ST_MASKED + R;
+enum { WHY_DISPATCH = 1, WHY_COMBINE = 2, WHY_LOST = 3 };   // RefusalRec.what
 
 // A launch refused because of a live result (results.cuh), after RefusalRec in host memory (word
 // EP_OVERWRITE_RECORD_WORD): the first such refusal since the host read it, and how many since.
@@ -220,10 +224,12 @@ struct Params {
   int* hstatus;             // handle: [STATUS_INTS] status words (ST_*): void round, dispatch round, refusals
   unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
+  unsigned char* hdropped;  // handle, fencing: [M, K] 1 where the top-k slot's expert is on a masked rank (not sent)
   unsigned long long timeout_ns;
   unsigned long long call;  // (call id << 2) | (output set << 1) | eager; a combine carries its dispatch's (results.cuh)
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
   unsigned long long off_crecv, off_csig, off_wrecv, off_wsig, off_cstage, off_abort, off_dflag, off_cflag, off_dresv;
+  unsigned long long off_dead, off_beat;   // fencing (issue 15 item 4, fence.cuh): death notices, heartbeats
   int T;
   int me;
   int maxr;                 // rows of expert_x
@@ -232,6 +238,7 @@ struct Params {
   int cap;                  // receive capacity: routed rows this rank (and every rank) may receive per round
   int recv_tokens;          // ht: messages of the receive buffer per parity, min(sources x M, cap)
   int rejected;             // this rank refused its input: it takes part with nothing (T = 0), its signals marked
+  int fence;                // the buffer fences off dead ranks (fence.cuh); 0: no fencing code runs
   char* peer[R];            // same-node peers' symmetric base (nullptr: use nvshmem)
 };
 
@@ -255,6 +262,9 @@ constexpr long long REGION_BYTES_ABORT = 1LL * R * 8;
 constexpr long long REGION_BYTES_DFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;                  // [parity][source][chunk]
 constexpr long long REGION_BYTES_CFLAG = HT ? 2LL * R * MAX_CHUNKS * 8 : 0;
 constexpr long long REGION_BYTES_DRESV = 2LL * 8;                                           // [parity] reservations
+// fencing (issue 15 item 4, fence.cuh): [R] dead[D] = declarer + 1, [R] heartbeats
+constexpr long long REGION_BYTES_DEAD = 1LL * R * 8;
+constexpr long long REGION_BYTES_BEAT = 1LL * R * 8;
 
 // Every size the host derives (epcomm/backends/gpu/layout.py kernel_defines) comes in as a define and must equal the
 // kernel's own derivation: the CPU compile test of every specialisation proves the two layouts agree.
@@ -279,8 +289,10 @@ EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec)) / 4, EP_REFUSAL_RECORD_WORD);  
 EP_AGREES(STATUS_INTS, EP_STATUS_INTS);                    // layout.py device_arrays "status"
 EP_AGREES(ST_ROUND, EP_ST_ROUND);
 EP_AGREES(ST_REJECTED, EP_ST_REJECTED);
+EP_AGREES(ST_MASKED, EP_ST_MASKED);
 EP_AGREES(WHY_DISPATCH, EP_REFUSED_DISPATCH);                 // layout.py REFUSED_*
 EP_AGREES(WHY_COMBINE, EP_REFUSED_COMBINE);
+EP_AGREES(WHY_LOST, EP_REFUSED_LOST);
 EP_AGREES((sizeof(ErrRec) + sizeof(CapacityRec) + sizeof(RefusalRec)) / 4, EP_OVERWRITE_RECORD_WORD);   // then OverwriteRec
 #if !EP_HT
 EP_AGREES(REGION_BYTES_DRECV, EP_REGION_BYTES_DRECV);
@@ -300,6 +312,8 @@ EP_AGREES(MAX_DEST_RANKS, EP_MAX_DEST_RANKS);
 EP_AGREES(REGION_BYTES_ABORT, EP_REGION_BYTES_ABORT);
 EP_AGREES(REGION_BYTES_DFLAG, EP_REGION_BYTES_DFLAG);
 EP_AGREES(REGION_BYTES_CFLAG, EP_REGION_BYTES_CFLAG);
+EP_AGREES(REGION_BYTES_DEAD, EP_REGION_BYTES_DEAD);
+EP_AGREES(REGION_BYTES_BEAT, EP_REGION_BYTES_BEAT);
 EP_AGREES(ERR_TIMEOUT, EP_ERR_TIMEOUT);                    // layout.py ErrorCode
 EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
 EP_AGREES(ERR_SLAB_OVERFLOW, EP_ERR_SLAB_OVERFLOW);

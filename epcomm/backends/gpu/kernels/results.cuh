@@ -43,19 +43,29 @@ __device__ void record_overwrite(const Params& p, int op, int why, unsigned long
   __threadfence_system();
 }
 
+// Why a dispatch with this owner word would be refused (0: admitted). Also the verdict of ep_fence_snapshot (fence.cuh),
+// launched right before the dispatch: it writes into the set only what an admitted dispatch may overwrite.
+__device__ __forceinline__ int dispatch_refusal(const Params& p, bool idle, unsigned long long holder) {
+  const bool eager_over_eager = (p.call & 1ull) && (holder & 1ull);
+  return !idle ? WHY_PENDING : (holder != 0ull && holder != p.call && !eager_over_eager) ? WHY_LIVE : 0;
+}
+__device__ __forceinline__ bool buffer_idle(const Params& p) {   // no *_async waits for its *_wait
+  const volatile unsigned* st = p.state;
+  return st[S_DSEND] == st[S_DRECV] && st[S_CSEND] == st[S_CRECV];
+}
+
 // Every thread of the block calls it first thing; the same verdict in every block (see above: a dispatch's own
 // owner write reads as admitted, and the round counters change only after every block has passed here).
 __device__ bool admitted(const Params& p, int op) {
   __shared__ int s_ok;
   if (threadIdx.x == 0) {
     const volatile unsigned* st = p.state;
-    const bool idle = st[S_DSEND] == st[S_DRECV] && st[S_CSEND] == st[S_CRECV];   // no *_async waits for its *_wait
+    const bool idle = buffer_idle(p);
     unsigned long long* own = owner_word(p);
     const unsigned long long holder = *reinterpret_cast<volatile unsigned long long*>(own);
-    const bool eager_over_eager = (p.call & 1ull) && (holder & 1ull);
     int why = 0;
     if (op == OP_DISPATCH) {
-      why = !idle ? WHY_PENDING : (holder != 0ull && holder != p.call && !eager_over_eager) ? WHY_LIVE : 0;
+      why = dispatch_refusal(p, idle, holder);
       if (why == 0) *own = p.call;
       else if (holder == p.call) *own = 0ull;   // a captured call's previous result is given up, not kept live
     } else if (op == OP_COMBINE) {
