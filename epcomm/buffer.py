@@ -145,8 +145,7 @@ class EPBuffer:
             if not callable(enable):
                 self._backend.close()
                 _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank "
-                      f"(the host and GPU backends); the {ctx.backend} backend cannot yet: its kernels have no mask of dead "
-                      f"ranks (docs/FAILURES.md, 'GPU backend: the design')")
+                      f"(the host and GPU backends); the {ctx.backend} backend cannot yet (docs/FAILURES.md)")
             enable()
         ctx._buffers.add(self)
 
