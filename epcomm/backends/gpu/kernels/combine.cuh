@@ -389,7 +389,20 @@ __device__ void combine_recv(const Params& p) {
     int ready_c = -1;
     unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
     unsigned long long refused = 0; // ... of which those whose flag came marked (no rows: they refused their input)
+#if EP_V_RDYN
+    // variant rdyn (as in dispatch_recv): the (token, slice) units of a small round by whole blocks in batches of
+    // WARPS from the counter, tokens in order (the peers' chunks come in that order), so that the blocks free first
+    // sum what has landed while blocks whose send items went to a peer still wait for their flags' release
+    const bool bdyn = !dyn;
+    bool failed = false;   // this warp failed a wait (the block then leaves together, block_grab)
+    int b0 = bdyn ? block_grab(p, S_CRCTR, false, nunits) : 0;
+    for (int u = bdyn ? b0 + warp : dyn ? warp_grab(p, S_CRCTR) : gw; bdyn ? b0 < nunits : u < nunits;
+         u = bdyn ? (b0 = block_grab(p, S_CRCTR, failed, nunits)) + warp : dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+      if (bdyn && u >= nunits) continue;   // the last batch's spare warps
+      do {   // one unit (`break` leaves the unit, the loop below decides)
+#else
     for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+#endif
       const int t = dyn ? u : u / NS;
       unsigned long long dmask = 0;   // destination ranks of this token
 #pragma unroll
@@ -413,7 +426,11 @@ __device__ void combine_recv(const Params& p) {
         ok = __shfl_sync(0xffffffffu, ok, 0);
         refused |= __shfl_sync(0xffffffffu, marked, 0);
         __syncwarp();  // lane 0's acquires before every lane's reads of the rows
+#if EP_V_RDYN
+        if (!ok) { failed = true; break; }
+#else
         if (!ok) break;
+#endif
         ready |= need;
       }
       if ((dmask & refused) && lane == 0 && (dyn || u % NS == 0))   // once per token
@@ -452,6 +469,10 @@ __device__ void combine_recv(const Params& p) {
             reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * COMBINE_ROW_BYTES)[cb + 32 * q] =
                 pack8(a[q]);
       }
+#if EP_V_RDYN
+      } while (0);
+      if (failed && !bdyn) break;   // (bdyn: block_grab ends the loop for the whole block)
+#endif
     }
   }
   if (block_done(p, S_CRECV, false, false)) {
