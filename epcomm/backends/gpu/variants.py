@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "nap": ("EP_V_NAP", "waits of rounds of <= 512 tokens back off to 128 ns (flags) / 64 ns (signals)"),
     "lean": ("EP_V_LEAN", "receive hand-overs at device scope, the count item's rank counts per warp; with sbase: "
                           "no base publish / reservation clear"),
+    # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
+    "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }
 
 

@@ -224,6 +224,9 @@ __device__ void combine_send(const Params& p, bool fused) {
       const unsigned long long t0 = gtime();
       const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
       if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0)) return;
+#if EP_V_PROBE
+      if (threadIdx.x == 0) probe_at(p, 13);
+#endif
       // sources that will not combine this round (marked weight signal): no weights came, they wait for no rows
       __shared__ unsigned long long s_wrej;
       if (threadIdx.x == 0) s_wrej = 0ull;
@@ -292,6 +295,9 @@ __device__ void combine_send(const Params& p, bool fused) {
         // every row of the chunk is written (or put): raise its flag on s
         __syncthreads();
         if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, s, round);
+#if EP_V_PROBE
+        if (threadIdx.x == 0) probe_at(p, 14);
+#endif
       }
     }
   }
@@ -332,6 +338,9 @@ __device__ void combine_recv(const Params& p) {
   const unsigned long long t0 = gtime();
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+#if EP_V_PROBE
+  unsigned long long pr_wait = 0;   // this thread's latest flag wait over (lane 0 of a warp)
+#endif
   int s0 = 0, ns = 0;
   if (FUSED) ns = shared_rows(p, &s0);
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
@@ -420,6 +429,9 @@ __device__ void combine_recv(const Params& p) {
           for (int d = 0; d < R && ok; ++d)
             if ((need >> d) & 1ull) {
               ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+#if EP_V_PROBE
+              if (ok) pr_wait = gtime();
+#endif
               if (ok && sig_rejected(ld_rlx(flags + (size_t)d * MAX_CHUNKS + c))) marked |= 1ull << d;
             }
         }
@@ -475,6 +487,9 @@ __device__ void combine_recv(const Params& p) {
 #endif
     }
   }
+#if EP_V_PROBE
+  probe_max(p, 15, pr_wait);
+#endif
   if (block_done(p, S_CRECV, false, false)) {
     if (threadIdx.x == 0) {
       publish_refusal(p, round); stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p);

@@ -243,6 +243,31 @@ __device__ __forceinline__ void stamp(const Params& p, int i) {
   reinterpret_cast<unsigned long long*>(p.state + 32)[i] = gtime();
 }
 
+#if EP_V_PROBE
+// Variant probe (a measurement, not a candidate): times of events inside the phases, each the latest over the grid
+// in this round (%globaltimer only grows, so a max over rounds is this round's max), in state words 50..63 as u64
+// [7] = stamp indices 9..15: 9 the last count message released (dispatch send), 10 the last block's receive layout
+// done, 11 the last chunk-flag wait over, 12 the last block's units done (dispatch receive), 13 the last block past
+// the weight signals, 14 the last chunk flag raised (combine send), 15 the last chunk-flag wait over (combine
+// receive). One global atomic per block and event (probe_block / probe_max), or per item (probe_at).
+__device__ __forceinline__ unsigned long long* probe_word(const Params& p, int i) {
+  return reinterpret_cast<unsigned long long*>(p.state + 32) + i;
+}
+__device__ __forceinline__ void probe_at(const Params& p, int i) { atomicMax(probe_word(p, i), gtime()); }  // 1 thread
+__device__ __forceinline__ void probe_block(const Params& p, int i) {   // whole block: when all its threads are here
+  __syncthreads();
+  if (threadIdx.x == 0) probe_at(p, i);
+}
+__device__ __forceinline__ void probe_max(const Params& p, int i, unsigned long long t) {   // whole block: max of t
+  __shared__ unsigned long long s_pm;
+  if (threadIdx.x == 0) s_pm = 0ull;
+  __syncthreads();
+  if (t != 0ull) atomicMax(&s_pm, t);
+  __syncthreads();
+  if (threadIdx.x == 0 && s_pm != 0ull) atomicMax(probe_word(p, i), s_pm);
+}
+#endif
+
 // Warp copy of n bytes (multiple of 16), 4 x 16 B in flight per lane.
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int n) {
   const uint4* s = reinterpret_cast<const uint4*>(src);

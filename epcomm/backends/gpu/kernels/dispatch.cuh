@@ -259,6 +259,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
                                            sigv, NVSHMEM_SIGNAL_SET, d);
           used_shmem = true;
         }
+#if EP_V_PROBE
+        if (threadIdx.x == 0) probe_at(p, 9);
+#endif
       }
     }
     // copy
@@ -576,6 +579,10 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     }
   }
 
+#if EP_V_PROBE
+  probe_block(p, 10);
+  unsigned long long pr_wait = 0;   // this thread's latest flag wait over (lane 0 of a warp)
+#endif
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const char* rbuf = p.sym + p.off_drecv;
   if (void_round) {
@@ -661,6 +668,9 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           const unsigned long long* f =
               reinterpret_cast<const unsigned long long*>(p.sym + p.off_dflag) + ((size_t)par * R + s) * MAX_CHUNKS + clo;
           ok = thread_wait(p, f, round, PHASE_DISPATCH, s, clo, t0);
+#if EP_V_PROBE
+          if (ok) pr_wait = gtime();
+#endif
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
         __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
@@ -722,6 +732,10 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
 #endif
     }
   }
+#if EP_V_PROBE
+  probe_max(p, 11, pr_wait);
+  probe_block(p, 12);
+#endif
   if (block_done(p, S_DRECV, false, false)) {
     if (threadIdx.x == 0) {
 #if EP_V_LEAN && EP_V_SBASE

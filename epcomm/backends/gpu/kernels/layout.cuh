@@ -80,6 +80,10 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_LEAN
 #define EP_V_LEAN 0
 #endif
+// EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
+#ifndef EP_V_PROBE
+#define EP_V_PROBE 0
+#endif
 // (#if EP_QONCE / EP_V_SBASE in the kernels, not `if constexpr`: the baseline build must compile to the same PTX as before it)
 #define EP_QONCE (EP_V_QONCE || EP_V_QONCE_ALL)
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
