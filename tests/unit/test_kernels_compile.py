@@ -110,8 +110,9 @@ def test_every_specialisation_compiles_under_every_variant():
 @pytest.mark.parametrize("names", [("rdyn",), ("nap",), ("lean",), ("lean", "sbase"), ("probe",)])
 def test_small_batch_variants_compile_alone(names):
     """The eighth session's variants (dev/GPU-LOG.md, "Eighth session: small-batch variants") and its probe each
-    alone, and lean with sbase (its #if EP_V_LEAN && EP_V_SBASE parts), on an ht spec (both ht receives, the count item) and an ll
-    one: the A/B and the stamps run them one at a time, which the all-at-once build above does not compile."""
+    alone, and lean with sbase (its #if EP_V_LEAN && EP_V_SBASE parts), on an ht spec (both ht receives, the count
+    item) and an ll one: the A/B and the stamps run them one at a time, which the all-at-once build above does not
+    compile."""
     _toolchain_or_skip()
     assert set(names) <= set(variants.VARIANTS)
     cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]
