@@ -4,8 +4,10 @@
 # ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
 #   VARIANT=name[,name...] SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
-# (VARIANT is required: variants.py lists the ones under measurement; today qonce, qonceall and sbase, with their
-# predictions and the commands to run in dev/GPU-LOG.md, seventh session.)
+# (VARIANT is required: variants.py lists the ones under measurement; today qonce, qonceall and sbase (dev/GPU-LOG.md,
+# seventh session), rdyn, nap and lean (eighth session), with their predictions and the commands to run.)
+# BASE: the variants of the "before" side (default none: the baseline build), e.g. BASE=sbase VARIANT=sbase,rdyn to
+# measure rdyn on top of sbase (VARIANT is the "after" side's whole set).
 # steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
 # BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
@@ -14,6 +16,7 @@ set -o pipefail
 STEPS=",${1:-build,check,ht,ll,compare},"
 VARIANT=${VARIANT:?set VARIANT=<EPCOMM_VARIANT value> (epcomm/backends/gpu/variants.py lists the known ones)}
 SMS=${SMS:-24 66 132}
+BASE=${BASE:-}
 TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -26,11 +29,11 @@ mkdir -p "$EPCOMM_CACHE"
 has() { [[ "$STEPS" == *",$1,"* ]]; }
 step() { echo "=== $1 ($(date -u +%T))"; }
 tag() { [ -z "$1" ] && echo baseline || echo "${1//,/_}"; }   # no "+": the device tool returns plain names only
-{ date -u; nvidia-smi -L; echo "variant: $VARIANT; SM budgets: $SMS"; } | tee "$OUT/ab-info.log"
+{ date -u; nvidia-smi -L; echo "variant: $VARIANT against ${BASE:-the baseline}; SM budgets: $SMS"; } | tee "$OUT/ab-info.log"
 
 if has build; then   # every kernel the steps use, baseline and variant, in parallel (cached ones cost nothing)
   step build
-  ( time ( python3 -m epcomm.backends.gpu.specs & EPCOMM_VARIANT=$VARIANT python3 -m epcomm.backends.gpu.specs & wait ) ) \
+  ( time ( EPCOMM_VARIANT=$BASE python3 -m epcomm.backends.gpu.specs & EPCOMM_VARIANT=$VARIANT python3 -m epcomm.backends.gpu.specs & wait ) ) \
     2>&1 | tail -4
 fi
 if has check; then   # the variant's results: the worker at test sizes; on a 3-block grid its receive takes whole
@@ -44,7 +47,7 @@ if has check; then   # the variant's results: the worker at test sizes; on a 3-b
 fi
 if has ht; then      # 4096 tokens: dispatch bf16 / fp8, combine, round trip (each checked against the spec first)
   for sms in $SMS; do
-    for v in "" "$VARIANT"; do
+    for v in "$BASE" "$VARIANT"; do
       step "ht --sms $sms $(tag "$v")"
       EPCOMM_VARIANT=$v timeout ${T_HT:-120} python3 -m launch bench -t "$TOPO" --timeout ${T_HT:-120} -- --case ht \
         --sms "$sms" ${BENCH_ARGS} --json "$OUT/ab-ht-$sms-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ht-$sms-$(tag "$v").log" \
@@ -53,7 +56,7 @@ if has ht; then      # 4096 tokens: dispatch bf16 / fp8, combine, round trip (ea
   done
 fi
 if has ll; then      # 128 tokens, modes ll and ht, graph replay (small batches)
-  for v in "" "$VARIANT"; do
+  for v in "$BASE" "$VARIANT"; do
     step "ll $(tag "$v")"
     EPCOMM_VARIANT=$v timeout ${T_LL:-150} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-150} -- --case ll \
       --no-batched ${BENCH_ARGS} --json "$OUT/ab-ll-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ll-$(tag "$v").log" \
@@ -62,8 +65,8 @@ if has ll; then      # 128 tokens, modes ll and ht, graph replay (small batches)
 fi
 if has compare; then # every row that moved by more than 5 % (variant against baseline)
   step compare
-  for f in "$OUT"/ab-*-baseline.json; do
-    g=${f/-baseline.json/-$(tag "$VARIANT").json}
+  for f in "$OUT"/ab-*-"$(tag "$BASE")".json; do
+    g=${f/-$(tag "$BASE").json/-$(tag "$VARIANT").json}
     [ -f "$g" ] || continue
     echo "--- $(basename "$f") -> $(basename "$g")"
     python3 -m epcomm.bench.compare "$f" "$g" --changes --tolerance 0.05 2>&1 | tail -20

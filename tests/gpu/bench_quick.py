@@ -19,10 +19,20 @@ def phase_text(ph) -> str:
             f"[csend {ph[5]:.1f} wait {ph[6]:.1f} crecv {ph[7]:.1f}] us")
 
 
+def probe_text(stamps, probes) -> str:
+    """Kernel variant probe (common.cuh probe_*): its 7 event times in us from the round's dispatch start (stamp 0);
+    '-' where the event did not happen in that round (a time from an earlier round)."""
+    names = ("count out", "layout done", "last flag", "units done", "weights seen", "last cflag", "last crecv flag")
+    t0 = int(stamps[0])
+    return "probe: " + ", ".join(f"{n} {(int(v) - t0) / 1e3:.1f}" if int(v) >= t0 else f"{n} -"
+                                 for n, v in zip(names, probes)) + " us from the dispatch start"
+
+
 def steady_pair(ctx, be, cs, x, ids, ey, w, NP: int = 16):
     """NP dispatch+combine pairs captured in one graph and replayed (no host gap or barrier between rounds, so no host
     skew between the ranks): time per pair, and the phase split of the last round from the kernels' %globaltimer
-    stamps (state words 32..49, see kernels/ep.cu stamp())."""
+    stamps (state words 32..49, see kernels/ep.cu stamp()); under kernel variant probe also its event times (words
+    50..63, as text; else None)."""
     import torch
     gs = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
@@ -32,7 +42,7 @@ def steady_pair(ctx, be, cs, x, ids, ey, w, NP: int = 16):
                 r2 = be.dispatch(x, ids)
                 be.combine(ey, r2.handle, w)
     torch.cuda.synchronize()
-    out, best = [], None
+    out, best, probe = [], None, None
     for it in range(22):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         ctx.comm.Barrier()
@@ -44,10 +54,13 @@ def steady_pair(ctx, be, cs, x, ids, ey, w, NP: int = 16):
             out.append(ev[0].elapsed_time(ev[1]) * 1e3 / NP)
             # the split of the fastest replay: the lent machines stall for ms at times (seen on old and new kernels)
             if best is None or out[-1] <= min(out):
-                best = be.state[32:50].cpu().numpy().view(np.uint64).astype(np.int64)
+                st = be.state.cpu().numpy()
+                best = st[32:50].view(np.uint64).astype(np.int64)
+                probe = st[50:64].view(np.uint64).astype(np.int64)
     be.synchronize()
     del gs
-    return out, np.diff(best) / 1e3
+    probed = "probe" in getattr(be, "variants", ())
+    return out, np.diff(best) / 1e3, (probe_text(best, probe) if probed else None)
 
 
 def launch_floor(ctx, dev, NP: int = 16) -> str:
@@ -185,11 +198,14 @@ def main():
         for n in [int(v) for v in args.tokens.split(",") if v] + [T]:
             if n > T:
                 continue
-            sp, ph = steady_pair(ctx, be, cs, x[:n], ids[:n], ey, w[:n])
+            sp, ph, pt = steady_pair(ctx, be, cs, x[:n], ids[:n], ey, w[:n])
             times["steady_pair"] = sp
             if n != T:
                 rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={n}: steady pair "
                             f"{np.median(sp):.1f} us (min {min(sp):.1f}) = {phase_text(ph)}")
+                print(rows[-1], flush=True)
+            if pt:
+                rows.append(f"[rank {ctx.rank}] {cfg.mode} {cfg.token_format} T={n}: {pt}")
                 print(rows[-1], flush=True)
         med = {k: float(np.median(v)) if v else float("nan") for k, v in times.items()}
         tok_bytes = cfg.token_bytes()

@@ -107,6 +107,21 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
+@pytest.mark.parametrize("names", [("rdyn",), ("nap",), ("lean",), ("lean", "sbase"), ("probe",)])
+def test_small_batch_variants_compile_alone(names):
+    """The eighth session's variants (dev/GPU-LOG.md, "Eighth session: small-batch variants") and its probe each
+    alone, and lean with sbase (its #if EP_V_LEAN && EP_V_SBASE parts), on an ht spec (both ht receives, the count
+    item) and an ll one: the A/B and the stamps run them one at a time, which the all-at-once build above does not
+    compile."""
+    _toolchain_or_skip()
+    assert set(names) <= set(variants.VARIANTS)
+    cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]
+    for c in cfgs:
+        d = jit.defines_for(c, variant_names=names)
+        assert all(d[variants.VARIANTS[n][0]] == 1 for n in names)
+        assert jit.build(d, "sm_90").cubin.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_variant_defines_and_cache_key(monkeypatch):
     """The baseline (unset or empty) adds no define (its cache key and PTX stay what they were); a variant adds its
     define (so the cache keys on it); an unknown name is refused naming the known ones. With none under measurement

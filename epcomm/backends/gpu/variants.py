@@ -28,6 +28,14 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "qonceall": ("EP_V_QONCE_ALL", "qonce at every batch size"),
     # dev/GPU-LOG.md, seventh session: the 128-token fixed cost
     "sbase": ("EP_V_SBASE", "ht dispatch: no receive-buffer reservation where every source's worst case fits"),
+    # eighth session (dev/GPU-LOG.md, "Eighth session: small-batch variants"): the fixed cost at 128 tokens
+    "rdyn": ("EP_V_RDYN", "ht receives of small rounds take their units by whole blocks from a counter, in arrival "
+                          "order (blocks free early do the work)"),
+    "nap": ("EP_V_NAP", "waits of rounds of <= 512 tokens back off to 128 ns (flags) / 64 ns (signals)"),
+    "lean": ("EP_V_LEAN", "receive hand-overs at device scope, the count item's rank counts per warp; with sbase: "
+                          "no base publish / reservation clear"),
+    # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
+    "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }
 
 

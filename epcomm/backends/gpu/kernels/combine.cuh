@@ -224,6 +224,9 @@ __device__ void combine_send(const Params& p, bool fused) {
       const unsigned long long t0 = gtime();
       const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
       if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0)) return;
+#if EP_V_PROBE
+      if (threadIdx.x == 0) probe_at(p, 13);
+#endif
       // sources that will not combine this round (marked weight signal): no weights came, they wait for no rows
       __shared__ unsigned long long s_wrej;
       if (threadIdx.x == 0) s_wrej = 0ull;
@@ -292,6 +295,9 @@ __device__ void combine_send(const Params& p, bool fused) {
         // every row of the chunk is written (or put): raise its flag on s
         __syncthreads();
         if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, s, round);
+#if EP_V_PROBE
+        if (threadIdx.x == 0) probe_at(p, 14);
+#endif
       }
     }
   }
@@ -332,6 +338,9 @@ __device__ void combine_recv(const Params& p) {
   const unsigned long long t0 = gtime();
   const int warp = threadIdx.x >> 5, lane = lane_id();
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+#if EP_V_PROBE
+  unsigned long long pr_wait = 0;   // this thread's latest flag wait over (lane 0 of a warp)
+#endif
   int s0 = 0, ns = 0;
   if (FUSED) ns = shared_rows(p, &s0);
   const char* ey = reinterpret_cast<const char*>(p.expert_y);
@@ -389,7 +398,20 @@ __device__ void combine_recv(const Params& p) {
     int ready_c = -1;
     unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
     unsigned long long refused = 0; // ... of which those whose flag came marked (no rows: they refused their input)
+#if EP_V_RDYN
+    // variant rdyn (as in dispatch_recv): the (token, slice) units of a small round by whole blocks in batches of
+    // WARPS from the counter, tokens in order (the peers' chunks come in that order), so that the blocks free first
+    // sum what has landed while blocks whose send items went to a peer still wait for their flags' release
+    const bool bdyn = !dyn;
+    bool failed = false;   // this warp failed a wait (the block then leaves together, block_grab)
+    int b0 = bdyn ? block_grab(p, S_CRCTR, false, nunits) : 0;
+    for (int u = bdyn ? b0 + warp : dyn ? warp_grab(p, S_CRCTR) : gw; bdyn ? b0 < nunits : u < nunits;
+         u = bdyn ? (b0 = block_grab(p, S_CRCTR, failed, nunits)) + warp : dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+      if (bdyn && u >= nunits) continue;   // the last batch's spare warps
+      do {   // one unit (`break` leaves the unit, the loop below decides)
+#else
     for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
+#endif
       const int t = dyn ? u : u / NS;
       unsigned long long dmask = 0;   // destination ranks of this token
 #pragma unroll
@@ -407,13 +429,20 @@ __device__ void combine_recv(const Params& p) {
           for (int d = 0; d < R && ok; ++d)
             if ((need >> d) & 1ull) {
               ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+#if EP_V_PROBE
+              if (ok) pr_wait = gtime();
+#endif
               if (ok && sig_rejected(ld_rlx(flags + (size_t)d * MAX_CHUNKS + c))) marked |= 1ull << d;
             }
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
         refused |= __shfl_sync(0xffffffffu, marked, 0);
         __syncwarp();  // lane 0's acquires before every lane's reads of the rows
+#if EP_V_RDYN
+        if (!ok) { failed = true; break; }
+#else
         if (!ok) break;
+#endif
         ready |= need;
       }
       if ((dmask & refused) && lane == 0 && (dyn || u % NS == 0))   // once per token
@@ -452,8 +481,15 @@ __device__ void combine_recv(const Params& p) {
             reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * COMBINE_ROW_BYTES)[cb + 32 * q] =
                 pack8(a[q]);
       }
+#if EP_V_RDYN
+      } while (0);
+      if (failed && !bdyn) break;   // (bdyn: block_grab ends the loop for the whole block)
+#endif
     }
   }
+#if EP_V_PROBE
+  probe_max(p, 15, pr_wait);
+#endif
   if (block_done(p, S_CRECV, false, false)) {
     if (threadIdx.x == 0) {
       publish_refusal(p, round); stamp(p, 8); p.state[S_CRCTR] = 0; p.state[S_CRECV] = round; result_combined(p);

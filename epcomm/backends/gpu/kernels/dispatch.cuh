@@ -135,6 +135,27 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     // prefix over tokens [0, t0)
     int tok_before = 0;
+#if EP_V_LEAN
+    // variant lean: the count item (last) counts the routed rows per rank (s_rows: R words, so nearly every lane of
+    // a warp hits the same one; a shared atomic serialises such conflicts) once per warp and rank (match_any), so
+    // that its count message, which every receiver waits for, goes out sooner; the per-expert counts as before
+    for (int tb = 0; tb < t0; tb += THREADS) {
+      int t = tb + threadIdx.x;
+      bool goes = false;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int id = t < t0 ? p.ids[t * K + k] : -1;
+        if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+        if (last) {   // block-uniform: every lane of the warp is here
+          const int rk = (id >= 0 && id < E) ? id / LOCAL_EXPERTS : -1;
+          const unsigned m = __match_any_sync(0xffffffffu, rk);
+          if (rk >= 0 && (m & lanemask_lt()) == 0u) atomicAdd(&s_rows[HT ? rk : 0], __popc(m));
+        }
+      }
+      if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
+      tok_before += __syncthreads_count(goes);
+    }
+#else
     for (int tb = 0; tb < t0; tb += THREADS) {
       int t = tb + threadIdx.x;
       bool goes = false;
@@ -149,6 +170,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       }
       tok_before += __syncthreads_count(goes);
     }
+#endif
     __syncthreads();
     // warp 0: ranks inside the chunk
     if (warp == 0) {
@@ -210,6 +232,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
           if (same_node(p, d)) old = (int)atomicAdd_system(reinterpret_cast<unsigned*>(p.peer[d] + roff), (unsigned)n);
           else old = nvshmem_int_atomic_fetch_add(reinterpret_cast<int*>(p.sym + roff), n, d);
           s_base = (old >= 0 && old + n <= p.recv_tokens) ? old : -1;
+#if EP_V_LEAN && EP_V_SBASE
+          // variant lean: with sbase, d's other items take the base from sbase(), not from dbase: no system release
+          if (!sbase_on(p))
+#endif
           st_rel(p.dbase + d, ((unsigned long long)round << 32) | (unsigned)s_base);   // for d's other items here
         }
         __syncthreads();
@@ -234,6 +260,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
                                            sigv, NVSHMEM_SIGNAL_SET, d);
           used_shmem = true;
         }
+#if EP_V_PROBE
+        if (threadIdx.x == 0) probe_at(p, 9);
+#endif
       }
     }
     // copy
@@ -553,6 +582,10 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     }
   }
 
+#if EP_V_PROBE
+  probe_block(p, 10);
+  unsigned long long pr_wait = 0;   // this thread's latest flag wait over (lane 0 of a warp)
+#endif
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const char* rbuf = p.sym + p.off_drecv;
   if (void_round) {
@@ -599,6 +632,27 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     const bool dyn = ntot * ROW_SLICES > 4 * nw;
     const int nunits = dyn ? ntot : ntot * ROW_SLICES;
     int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
+#if EP_V_RDYN
+    // Variant rdyn: the (message, slice) units of a small round are taken by whole blocks in batches of WARPS from
+    // a counter (block_grab), in the order they land (this rank's own messages, then each peer's last message
+    // first), not split statically over all warps. Why: in the fused kernel a block enters its receive only when
+    // its send item is out, and an item to a peer holds its block until the link has drained (the chunk flag's
+    // release); a static split leaves those blocks' units, own messages included, until then, while the blocks whose
+    // items went to this rank idle. One atomic per block and batch, not per unit (~2,600 units at 128 tokens).
+    const bool bdyn = !dyn;
+    bool failed = false;   // this warp failed a wait (the block then leaves together, block_grab)
+    int b0 = bdyn ? block_grab(p, S_RCTR, false, nunits) : 0;
+    for (int u = bdyn ? b0 + warp : dyn ? warp_grab(p, S_RCTR) : gw; bdyn ? b0 < nunits : u < nunits;
+         u = bdyn ? (b0 = block_grab(p, S_RCTR, failed, nunits)) + warp : dyn ? warp_grab(p, S_RCTR) : u + nw) {
+      if (bdyn && u >= nunits) continue;   // the last batch's spare warps
+      do {   // one unit (`break` leaves the unit, the loop below decides)
+      const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
+      int q = 0;
+      while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
+      const int s = (p.me + q) % R;
+      // dynamic: last message first (the sender's chunks go out last chunk first)
+      const int i = (dyn || bdyn) ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
+#else
     for (int u = dyn ? warp_grab(p, S_RCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_RCTR) : u + nw) {
       const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
       int q = 0;
@@ -606,6 +660,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       const int s = (p.me + q) % R;
       // dynamic: last message first (the sender's chunks go out last chunk first)
       const int i = dyn ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
+#endif
       // the sender's chunk that holds message i: last c with prefix[c] <= i (binary search in shared memory)
       const int* cp = s_chpref + s * (MAX_CHUNKS + 1);
       int clo = 0, chi = max(1, s_nch[s]);  // invariant: cp[clo] <= i < cp[chi]
@@ -616,10 +671,17 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
           const unsigned long long* f =
               reinterpret_cast<const unsigned long long*>(p.sym + p.off_dflag) + ((size_t)par * R + s) * MAX_CHUNKS + clo;
           ok = thread_wait(p, f, round, PHASE_DISPATCH, s, clo, t0);
+#if EP_V_PROBE
+          if (ok) pr_wait = gtime();
+#endif
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
         __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
+#if EP_V_RDYN
+        if (!ok) { failed = true; break; }
+#else
         if (!ok) break;
+#endif
         ready_s = s;
         ready_c = clo;
       }
@@ -667,11 +729,24 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         if (lane == 0) { hi[0] = t; hi[1] = dest_index(meta + 2, p.me); }   // [1]: where s expects its row
         if (lane < K) hi[2 + lane] = rows[lane];
       }
+#if EP_V_RDYN
+      } while (0);
+      if (failed && !bdyn) break;   // (bdyn: block_grab ends the loop for the whole block)
+#endif
     }
   }
+#if EP_V_PROBE
+  probe_max(p, 11, pr_wait);
+  probe_block(p, 12);
+#endif
   if (block_done(p, S_DRECV, false, false)) {
     if (threadIdx.x == 0) {
+#if EP_V_LEAN && EP_V_SBASE
+      // variant lean: no source reserved (sbase): the word is still 0, no clear and no system fence on the chain
+      if (HT && !sbase_on(p)) {
+#else
       if (HT) {   // every source reserved before it sent its count message: clear this parity's reservations
+#endif
         *reinterpret_cast<volatile unsigned long long*>(p.sym + p.off_dresv + (size_t)par * 8) = 0ull;
         __threadfence_system();
       }

@@ -65,9 +65,29 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_SBASE
 #define EP_V_SBASE 0
 #endif
+// Eighth session (dev/GPU-LOG.md, "Eighth session: small-batch variants"), the fixed cost at small batches:
+// EP_V_RDYN: ht receives (dispatch and combine) of small rounds take their (message / token, slice) units from a
+// counter by whole blocks, in arrival order, instead of a static split over all warps. common.cuh block_grab.
+#ifndef EP_V_RDYN
+#define EP_V_RDYN 0
+#endif
+// EP_V_NAP: the waits of small rounds (T <= NAP_MAX_TOKENS) back off to 128 ns (flags) / 64 ns (signals), not 1024 / 256.
+#ifndef EP_V_NAP
+#define EP_V_NAP 0
+#endif
+// EP_V_LEAN: trims on the serial chain: receive hand-overs with a device-scope acquire, the count item's per-rank
+// row counts aggregated per warp, and (with EP_V_SBASE) no base publish or reservation clear where nothing is reserved.
+#ifndef EP_V_LEAN
+#define EP_V_LEAN 0
+#endif
+// EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
+#ifndef EP_V_PROBE
+#define EP_V_PROBE 0
+#endif
 // (#if EP_QONCE / EP_V_SBASE in the kernels, not `if constexpr`: the baseline build must compile to the same PTX as before it)
 #define EP_QONCE (EP_V_QONCE || EP_V_QONCE_ALL)
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
+constexpr int NAP_MAX_TOKENS = 512;   // variant nap: the shorter back-off up to this many tokens per rank
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
