@@ -14,6 +14,9 @@
 #   summary  dev/device/small_ab_summary.py: per row and arm the median of the reps' medians, its spread, and the
 #            change against the first arm -> small-ab.txt / small-ab.json
 # Everything else under $OUT goes into small-ab-logs.tgz (the device tool returns at most 8 plain-named files).
+# One GPU only: TOPO=configs/one-gpu-2.yaml MPS_PCT=50 runs the two ranks side by side under MPS (each a grid of
+# what its share keeps resident). Such figures are shared-GPU proxies: no link, the peer's memory is local; they
+# show the fixed in-kernel chain (fences, atomics, flag waits, hand-overs), not link time.
 set -o pipefail
 STEPS=",${1:-build,check,reps,stamps,summary},"
 ARMS=${ARMS:?set ARMS="<variant set> <variant set> ..." (the first arm is the reference; "-" = no variant)}
@@ -27,11 +30,22 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=${EPCOMM_CACHE:
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 mkdir -p "$EPCOMM_CACHE"
 has() { [[ "$STEPS" == *",$1,"* ]]; }
+if [ -n "$MPS_PCT" ]; then   # as dev/device/one_gpu_rig.sh's MPS steps
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
+  stop_mps() { echo quit | timeout 20 "$MPSCTL" >/dev/null 2>&1; sleep 1; }
+  trap stop_mps EXIT
+  stop_mps
+  "$MPSCTL" -d || { echo "MPS daemon did not start"; exit 1; }
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$MPS_PCT
+  echo "=== MPS daemon started, ${MPS_PCT} % per process"
+fi
 step() { echo "=== $1 ($(date -u +%T))"; }
 var() { [ "$1" = "-" ] && echo "" || echo "$1"; }
 tag() { [ "$1" = "-" ] && echo baseline || echo "${1//,/_}"; }
 sv() { local v; v=$(var "$1"); echo "${v:+$v,}$STAMP_EXTRA" | sed 's/,$//'; }   # the arm's variants for its stamps
-{ date -u; nvidia-smi -L; echo "arms: $ARMS; reps: $REPS"; } | tee "$OUT/small-ab-info.log"
+{ date -u; nvidia-smi -L; echo "arms: $ARMS; reps: $REPS; topology: $TOPO${MPS_PCT:+; MPS $MPS_PCT %}"; } | tee "$OUT/small-ab-info.log"
 
 if has build; then
   step build
