@@ -1,6 +1,7 @@
 """epcomm.memory: per-rank GPU memory of an EPBuffer from its config (CPU only; the GPU worker checks it against
 the backend's real allocations)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,18 +165,24 @@ def test_nvshmem_settings_are_set_before_nvshmem_reads_them(monkeypatch):
                     "NVSHMEM_SYMMETRIC_SIZE": str((3 << 30) + HEAP_MARGIN), "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def test_variant_qonce_gives_one_node_ht_fp8_a_stage_region(monkeypatch):
-    """Kernel variant qonce / qonceall (variants.py) quantises every token into the stage region: an ht fp8 buffer on
-    one node then has that region too, as large as with a peer on another node, and the memory estimate counts it;
-    bf16, ll and the baseline keep none."""
+def test_one_node_ht_fp8_gets_a_stage_region_where_its_dispatch_quantises_once(monkeypatch):
+    """The ht fp8 dispatch quantises every token once into the stage region (kernels: qonce, the default since the
+    eighth session) from QONCE_MIN_TOKENS tokens per rank: such a buffer on one node has that region too, as large as
+    with a peer on another node, and the memory estimate counts it; smaller buffers (unless the test variant qonceall
+    is on), bf16 and ll keep none. The kernel's threshold is the same number."""
     from epcomm.backends.gpu import variants
+    from epcomm.backends.gpu.layout import QONCE_MIN_TOKENS
+    src = (Path(__file__).resolve().parents[2] / "epcomm/backends/gpu/kernels/layout.cuh").read_text()
+    assert f"QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : {QONCE_MIN_TOKENS};" in src
     ht8, ht16, ll8 = cfg(mode="ht"), cfg(mode="ht", token_format="bf16"), cfg(mode="ll")
+    small = cfg(mode="ht", max_tokens_per_rank=QONCE_MIN_TOKENS - 1)
+    assert ht8.max_tokens_per_rank >= QONCE_MIN_TOKENS
     monkeypatch.delenv(variants.ENV, raising=False)
-    assert Layout(ht8, any_remote=False).region_bytes["stage"] == 0
     remote = Layout(ht8, any_remote=True).region_bytes["stage"]
-    for name in ("qonce", "qonceall"):
-        monkeypatch.setenv(variants.ENV, name)
-        assert Layout(ht8, any_remote=False).region_bytes["stage"] == remote > 0
-        assert memory.estimate(ht8)["symmetric_regions"]["stage"] >= remote
-        assert Layout(ht16, any_remote=False).region_bytes["stage"] == 0
-        assert Layout(ll8, any_remote=False).region_bytes["stage"] == 0
+    assert Layout(ht8, any_remote=False).region_bytes["stage"] == remote > 0
+    assert memory.estimate(ht8)["symmetric_regions"]["stage"] >= remote
+    assert Layout(small, any_remote=False).region_bytes["stage"] == 0
+    assert Layout(ht16, any_remote=False).region_bytes["stage"] == 0
+    assert Layout(ll8, any_remote=False).region_bytes["stage"] == 0
+    monkeypatch.setenv(variants.ENV, "qonceall")
+    assert Layout(small, any_remote=False).region_bytes["stage"] > 0

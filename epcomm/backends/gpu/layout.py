@@ -31,6 +31,7 @@ ALIGN = 256                 # every symmetric region starts 256-byte aligned
 # nvshmem4py makes: 16 MiB (dev/device/heap_margin.py tries 0 to 128 MiB on the GPU).
 HEAP_MARGIN = 16 << 20
 HEAP_MIN = 1 << 30
+QONCE_MIN_TOKENS = 512      # ht fp8: the dispatch quantises once from this many tokens (kernel: QONCE_MIN_TOKENS)
 MAX_ITEM_TOKENS = 64        # most tokens per send work item (kernel: MAX_ITEM_TOKENS; bounds its shared memory)
 
 
@@ -179,7 +180,8 @@ class Layout:
             "drecv": 2 * self.recv_tokens * MSG if ht else 2 * NL * R * M * MSG,
             "dhist": 2 * R * self.count_row_ints * 4,                     # count messages [parity][source]
             "dsig": 2 * R * 8,
-            # to other nodes; variant qonce (ht fp8): also every token's quantised row, at its rank index 0
+            # to other nodes; ht fp8 from QONCE_MIN_TOKENS (kernels' qonce): also every token's quantised row, at its
+            # rank index 0
             "stage": (M * self.max_dest_ranks * MSG if ht else M * K * MSG) if any_remote or self._qonce(cfg) else 0,
             "hstage": R * self.count_row_ints * 4,                        # staged count messages
             "crecv": 2 * M * (self.max_dest_ranks if ht else K) * RB,     # combine rows [parity][token][rank index / k]
@@ -202,9 +204,10 @@ class Layout:
 
     @staticmethod
     def _qonce(cfg) -> bool:
-        """Kernel variant qonce (variants.py) on an ht fp8 buffer: the dispatch quantises into the stage region."""
-        on = variants.active()
-        return cfg.mode == "ht" and cfg.token_format.quantized and ("qonce" in on or "qonceall" in on)
+        """An ht fp8 buffer whose dispatch quantises each token once into the stage region (kernels: qonce_on; from
+        QONCE_MIN_TOKENS tokens per rank, at any size under the test variant qonceall)."""
+        ht_fp8 = cfg.mode == "ht" and cfg.token_format.quantized
+        return ht_fp8 and (cfg.max_tokens_per_rank >= QONCE_MIN_TOKENS or "qonceall" in variants.active())
 
     def regions(self) -> dict[str, int]:
         """Bytes of each region with its alignment padding (they add up to `total`)."""

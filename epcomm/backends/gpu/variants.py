@@ -21,13 +21,16 @@ ENV = "EPCOMM_VARIANT"
 # quantiser) became the unconditional code, "tma" and "tgrid" lost and were deleted. A new variant adds its entry here
 # and a `#ifndef EP_V_NAME / #define EP_V_NAME 0` default in the kernels.
 VARIANTS: dict[str, tuple[str, str]] = {
-    # seventh session (dev/GPU-LOG.md, "perf2"): prediction written there before its A/B
-    "qonce": ("EP_V_QONCE", "ht fp8 dispatch quantises each token once (stage region), send items copy the bytes"),
+    # seventh session (dev/GPU-LOG.md, "perf2"): prediction written there before its A/B; qonce and sbase won it
+    # (eighth session, call 1) and are the default code now (layout.cuh defines them to 1): naming them changes
+    # nothing, and is still accepted so that the recorded commands (BASE=sbase ...) keep working
+    "qonce": ("EP_V_QONCE", "(default) ht fp8 dispatch quantises each token once (stage region), send items copy it"),
     # the same at every batch size (qonce: from 512 tokens): the GPU worker's test sizes reach the copy path, and the
     # 128-token rows measure the pass's grid-wide wait
     "qonceall": ("EP_V_QONCE_ALL", "qonce at every batch size"),
     # dev/GPU-LOG.md, seventh session: the 128-token fixed cost
-    "sbase": ("EP_V_SBASE", "ht dispatch: no receive-buffer reservation where every source's worst case fits"),
+    "sbase": ("EP_V_SBASE", "(default) ht dispatch: no receive-buffer reservation where every source's worst case "
+                            "fits"),
     # eighth session (dev/GPU-LOG.md, "Eighth session: small-batch variants"): the fixed cost at 128 tokens
     "rdyn": ("EP_V_RDYN", "ht receives of small rounds take their units by whole blocks from a counter, in arrival "
                           "order (blocks free early do the work)"),
