@@ -8,7 +8,9 @@
 # seventh session), rdyn, nap and lean (eighth session), with their predictions and the commands to run.)
 # BASE: the variants of the "before" side (default none: the baseline build), e.g. BASE=sbase VARIANT=sbase,rdyn to
 # measure rdyn on top of sbase (VARIANT is the "after" side's whole set).
-# steps (comma list, in this order): build,check,ht,ll,compare (default all). Logs / JSON under $OUT (default /tmp/out).
+# steps (comma list, in this order): build,check,ht,ll,stamps,compare (default all but stamps). Logs / JSON under $OUT
+# (default /tmp/out). stamps: tests/gpu/bench_quick.py's phase stamps at 1 and 128 tokens with variant probe, for
+# BASE, then each name of STAMPS_EACH on top of BASE (e.g. STAMPS_EACH="rdyn nap lean"), then VARIANT (~40 s each).
 # BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
 # ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.
@@ -61,6 +63,20 @@ if has ll; then      # 128 tokens, modes ll and ht, graph replay (small batches)
     EPCOMM_VARIANT=$v timeout ${T_LL:-150} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-150} -- --case ll \
       --no-batched ${BENCH_ARGS} --json "$OUT/ab-ll-$(tag "$v").json" 2>&1 | tee "$OUT/ab-ll-$(tag "$v").log" \
       | grep -E " epcomm |result:|rror|wrong" | head -16
+  done
+fi
+if has stamps; then   # where the time goes inside the phases (dev/GPU-LOG.md, eighth session: probe)
+  sets=("$BASE"); for e in ${STAMPS_EACH:-}; do sets+=("${BASE:+$BASE,}$e"); done; sets+=("$VARIANT")
+  step "stamps: prebuild"
+  for v in "${sets[@]}"; do
+    EPCOMM_VARIANT="${v:+$v,}probe" python3 -c "from epcomm.backends.gpu import specs; specs.build_all(specs.bench_configs(2))" &
+  done; wait
+  for v in "${sets[@]}"; do
+    pv="${v:+$v,}probe"
+    step "stamps $(tag "$pv")"
+    EPCOMM_VARIANT=$pv timeout ${T_STAMPS:-150} python3 -m launch run -t "$TOPO" --timeout ${T_STAMPS:-150} -- \
+      python3 tests/gpu/bench_quick.py --topology "$TOPO" --steady-only --tokens 1,128 --only ${STAMPS_ONLY:-ht-bf16,ll-fp8} \
+      2>&1 | tee "$OUT/ab-stamps-$(tag "$pv").log" | grep -E "T=1:|T=128:|rror|FAIL" | head -24
   done
 fi
 if has compare; then # every row that moved by more than 5 % (variant against baseline)

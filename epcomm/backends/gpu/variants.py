@@ -37,6 +37,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "nap": ("EP_V_NAP", "waits of rounds of <= 512 tokens back off to 128 ns (flags) / 64 ns (signals)"),
     "lean": ("EP_V_LEAN", "receive hand-overs at device scope, the count item's rank counts per warp; with sbase: "
                           "no base publish / reservation clear"),
+    # host only (backend.py, layout.send_chunk_tokens): the kernels are the baseline's (the define is unused)
+    "sch": ("EP_V_SCH", "ht items of up to 16 tokens halved (~2 per block): twice the blocks hold peer items"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }

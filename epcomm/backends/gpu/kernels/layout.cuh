@@ -83,6 +83,10 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_LEAN
 #define EP_V_LEAN 0
 #endif
+// EP_V_SCH: host only (layout.py send_chunk_tokens: ht items of up to 16 tokens halved); unused here.
+#ifndef EP_V_SCH
+#define EP_V_SCH 0
+#endif
 // EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
