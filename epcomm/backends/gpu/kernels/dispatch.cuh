@@ -3,6 +3,7 @@
 #pragma once
 #include "capacity.cuh"
 #include "common.cuh"
+#include "fence.cuh"
 #include "payload.cuh"
 
 namespace ep {
@@ -446,11 +447,13 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   (void)nshare_begin;
   const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
-  if (!block_wait(p, sig, round, PHASE_DISPATCH, -1, t0)) return;
+  __shared__ int s_lost[R];   // fencing: sources that send nothing this round (masked, or lost in it: fence.cuh)
+  if (!block_wait(p, sig, round, PHASE_DISPATCH, -1, t0, p.fence ? s_lost : nullptr)) return;
+  if (p.fence && !fence_settle(p, PHASE_DISPATCH, round, s_lost)) return;
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
   // ll: the per-expert counts of every source; ht: every source's count message (counts, tokens, chunk table)
   const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * COUNT_ROW_INTS;
-  // a source that sends nothing: skip_a2a's other ranks, a masked rank (fencing; its count message is stale)
+  // a source that sends nothing: skip_a2a's other ranks, a masked or lost rank (fencing; its count message is stale)
   auto absent = [&](int s) { return (SKIP && s != p.me) || fenced_off(p, s); };
   for (int q = threadIdx.x; q < LOCAL_EXPERTS * R; q += THREADS) {
     int l = q / R, s = q % R;
