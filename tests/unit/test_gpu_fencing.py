@@ -197,3 +197,21 @@ def test_every_launch_carries_the_verdict_words():
     assert words.param == "fdec" and words.shape == (3 * R,) and words.dtype == "i64" and words.zeroed
     assert words.copies == "one"
     assert "fdec" in dict(params_struct(R)._fields_)
+
+
+def test_every_wait_on_a_peer_has_the_fencing_path():
+    """A wait on peers without the fencing path would end a round with a dead rank in EPTimeoutError (the buffer
+    dead) instead of fencing it off: every block_wait passes its lost[] with fencing and settles the round's verdict
+    (fence_settle) right after; every chunk-flag wait either finds a dead peer (&lost) or follows a verdict that
+    already waited for all of that source's chunks (ht dispatch: fence_wait_chunks)."""
+    text = {p.name: p.read_text() for p in jit.sources()}
+    waits = [(n, m) for n, t in text.items() if n != "common.cuh"
+             for m in re.finditer(r"block_wait\(p, (?:[^()]|\([^()]*\))*\)", t)]
+    assert len(waits) == 3
+    for name, m in waits:
+        assert m.group(0).endswith("p.fence ? s_lost : nullptr)"), (name, m.group(0))
+        assert "fence_settle(p, " in text[name][m.end():m.end() + 200], (name, m.group(0))
+    flag_waits = [(n, m.group(0)) for n, t in text.items() if n != "common.cuh"
+                  for m in re.finditer(r"thread_wait\(p, (?:[^()]|\([^()]*\))*\)", t)]
+    assert sorted(n for n, w in flag_waits if not w.endswith(", &dead)") and not w.endswith(", &gone)")) == \
+        ["dispatch.cuh"]   # the ht dispatch expansion: after fence_wait_chunks

@@ -34,6 +34,12 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 // same for every block and for the round's combine): nothing is sent to it, nothing awaited from it. Without fencing
 // (Params.fence == 0) one test of a kernel parameter per destination or source, never per row.
 __device__ __forceinline__ bool fenced_off(const Params& p, int r) { return p.fence && p.hstatus[ST_MASKED + r] != 0; }
+// ... masked by the snapshot itself, not found lost during the round (2): what the dispatch send's blocks skip (they
+// must agree on it while the same kernel's receive may settle a rank lost: a block waiting for the reservation of a
+// destination's last chunk would wait in vain if another block skipped that item).
+__device__ __forceinline__ bool masked_at_snapshot(const Params& p, int r) {
+  return p.fence && p.hstatus[ST_MASKED + r] == 1;
+}
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
 
 // A token of this rank's combine went to the experts of rank `peer`, which refused its input this round (its signal

@@ -125,7 +125,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
-    if (fenced_off(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
+    if (masked_at_snapshot(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
     const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
     const bool last = HT && c == nchunks - 1;
     const int t0 = c * ch, t1 = min(T, t0 + ch);
@@ -396,7 +396,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
       const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
-      if ((SKIP && d != p.me) || fenced_off(p, d)) continue;
+      if ((SKIP && d != p.me) || masked_at_snapshot(p, d)) continue;
       int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
       const int v = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
