@@ -143,9 +143,9 @@ class EPBuffer:
             enable = getattr(self._backend, "enable_fencing", None)
             if not callable(enable):
                 self._backend.close()
-                _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank "
-                      f"(the host and GPU backends); the {ctx.backend} backend cannot yet: its kernels have no mask of dead "
-                      f"ranks (docs/FAILURES.md, 'GPU backend: the design')")
+                _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank (epcomm's "
+                      f"host and GPU backends); the {ctx.backend} backend cannot yet: it has no enable_fencing "
+                      f"(docs/FAILURES.md, 'Fencing off a dead rank')")
             enable()
         ctx._buffers.add(self)
 

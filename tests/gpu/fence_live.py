@@ -115,4 +115,9 @@ for cfg in fence_live_configs(R):
         print(f"rank {me}: {tag}: rank {victim} fenced while alive, then {ROUNDS} rounds without it: ok", flush=True)
 if not problems:
     print(f"rank {me}: fence_live ok ({ctx.backend}, {time.monotonic() - t0:.1f} s)", flush=True)
+if ctx.backend == "gpu":   # every rank is alive here: the fenced buffers' symmetric memory is freed with NVSHMEM
+    from epcomm.backends.gpu.runtime import Runtime
+    rt = Runtime.get()
+    if rt:
+        rt.close()
 sys.exit(1 if problems else 0)
