@@ -19,9 +19,8 @@ Rules:
   After such a failure the buffer is unusable (on every rank); create a new one.
   EPCapacityError (a round over EPConfig.recv_capacity) is not a failure either: every rank raises it for that
   round by itself, nothing is aborted, the buffer stays usable (docs/MEMORY.md).
-* Fencing (EPBuffer(..., fence_dead_ranks=True); the GPU backend so far for ranks named in fence()): a peer that
-  misses a deadline, or that any rank names in fence(ranks), is declared dead and masked on every survivor instead
-  of failing the buffer. The round
+* Fencing (EPBuffer(..., fence_dead_ranks=True), host and GPU backends): a peer that misses a deadline, or that any
+  rank names in fence(ranks), is declared dead and masked on every survivor instead of failing the buffer. The round
   it was lost in ends with EPRankLostError (naming it) from the combine of every rank whose tokens were on its
   experts; later rounds run without it: tokens routed to its experts are not sent (DispatchResult.dropped) and
   combine sums the live experts only. active_ranks says who is in. docs/FAILURES.md.
@@ -144,8 +143,9 @@ class EPBuffer:
             enable = getattr(self._backend, "enable_fencing", None)
             if not callable(enable):
                 self._backend.close()
-                _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank "
-                      f"(the host and GPU backends); the {ctx.backend} backend cannot yet (docs/FAILURES.md)")
+                _fail(f"EPBuffer: fence_dead_ranks=True needs a backend that can fence off a dead rank (epcomm's "
+                      f"host and GPU backends); the {ctx.backend} backend cannot yet: it has no enable_fencing "
+                      f"(docs/FAILURES.md, 'Fencing off a dead rank')")
             enable()
         ctx._buffers.add(self)
 

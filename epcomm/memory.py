@@ -20,7 +20,7 @@ from .backends.gpu.heap import heap_footprint
 from .backends.gpu.layout import HEAP_MARGIN, HEAP_MIN, OUTPUT_SETS, Layout, device_arrays, heap_bytes
 from .config import EPConfig
 
-BYTES = {"bf16": 2, "fp8": 1, "f32": 4, "i32": 4, "u32": 4, "bool": 1}
+BYTES = {"bf16": 2, "fp8": 1, "f32": 4, "i32": 4, "u32": 4, "i64": 8, "bool": 1}
 MiB = 1 << 20
 
 

@@ -143,13 +143,13 @@ def test_enable_fencing_reaches_the_kernels_parameters():
     be.Params = params_struct(R)
     be.sets = [{"hids": _Array(None), "hdropped": _Array(None)}]
     be.alloc = SimpleNamespace(ptr=lambda a: a.ptr)
-    be.state = be.hist_acc = be.dbase = _Array(None)
+    be.state = be.hist_acc = be.dbase = be.fdec = _Array(None)
     be.sym, be.err, be.peers = 0x100000, SimpleNamespace(dev=0x2000), [0] * R
     be.grid, be._send_waves, be._crecv_blocks, be._tmpl = 4, 1, 0, {}
     assert be._base_params(0, 3).fence == 0
     be.enable_fencing()
     p = be._base_params(0, 3)
-    assert p.fence == 1 and p.hdropped == be.sets[0]["hdropped"].ptr and p.T == 3
+    assert p.fence == 1 and p.hdropped == be.sets[0]["hdropped"].ptr and p.fdec == be.fdec.ptr and p.T == 3
 
 
 def test_the_front_end_can_fence_on_the_gpu_backend():
@@ -173,3 +173,44 @@ def test_no_kernel_reads_the_death_notices_but_through_fence_cuh():
     kernels/fence.cuh; every other kernel asks fenced_off (the round's snapshot)."""
     users = {p.name for p in jit.sources() if re.search(r"\bp\.off_dead\b", p.read_text())}
     assert users == {"fence.cuh"}
+
+
+def test_a_notice_naming_this_rank_is_raised_as_fenced():
+    """The snapshot found dead[me] set (a peer declared this rank dead; kernels/fence.cuh: it then takes part with
+    nobody) and recorded ERR_FENCED: the next call raises EPFencedError naming who declared it."""
+    from epcomm.backends.gpu.layout import ErrorCode, Phase
+    from epcomm.errors import EPFencedError
+    be = object.__new__(GpuBackend)
+    be.cfg, be.me, be.node_of = CFG, 3, (lambda r: r // 2)
+    be.ctx = SimpleNamespace(describe=lambda r: f"rank {r} (node {r // 2})")
+    rec = dict(flag=1, code=ErrorCode.FENCED, peer=0, what=0, waiter=3, round=4, phase=Phase.DISPATCH, pad=0)
+    be.err = SimpleNamespace(read=lambda: rec)
+    with pytest.raises(EPFencedError, match=r"rank 3 \(node 1\) was fenced off by rank 0 \(node 0\)") as e:
+        be._raise_recorded()
+    assert (e.value.rank, e.value.by) == (3, 0)
+
+
+def test_every_launch_carries_the_verdict_words():
+    """Params.fdec: the round's verdict on each source per phase (fence.cuh fence_decide), one array of the buffer."""
+    words = next(a for a in device_arrays(CFG) if a.name == "fence_decisions")
+    assert words.param == "fdec" and words.shape == (3 * R,) and words.dtype == "i64" and words.zeroed
+    assert words.copies == "one"
+    assert "fdec" in dict(params_struct(R)._fields_)
+
+
+def test_every_wait_on_a_peer_has_the_fencing_path():
+    """A wait on peers without the fencing path would end a round with a dead rank in EPTimeoutError (the buffer
+    dead) instead of fencing it off: every block_wait passes its lost[] with fencing and settles the round's verdict
+    (fence_settle) right after; every chunk-flag wait either finds a dead peer (&lost) or follows a verdict that
+    already waited for all of that source's chunks (ht dispatch: fence_wait_chunks)."""
+    text = {p.name: p.read_text() for p in jit.sources()}
+    waits = [(n, m) for n, t in text.items() if n != "common.cuh"
+             for m in re.finditer(r"block_wait\(p, (?:[^()]|\([^()]*\))*\)", t)]
+    assert len(waits) == 3
+    for name, m in waits:
+        assert m.group(0).endswith("p.fence ? s_lost : nullptr)"), (name, m.group(0))
+        assert "fence_settle(p, " in text[name][m.end():m.end() + 200], (name, m.group(0))
+    flag_waits = [(n, m.group(0)) for n, t in text.items() if n != "common.cuh"
+                  for m in re.finditer(r"thread_wait\(p, (?:[^()]|\([^()]*\))*\)", t)]
+    assert sorted(n for n, w in flag_waits if not w.endswith(", &dead)") and not w.endswith(", &gone)")) == \
+        ["dispatch.cuh"]   # the ht dispatch expansion: after fence_wait_chunks

@@ -60,8 +60,8 @@ def test_layout_defines_reach_every_specialisation():
         assert lay.region_bytes["cstage"] == d["EP_CSTAGE_WEIGHT_BYTES"] + (lay.recv_tokens * lay.combine_row_bytes
                                                                            if lay.ht else 0)
         assert d["EP_PARAMS_BYTES"] == ctypes.sizeof(params_struct(cfg.world_size))
-    # 23 pointers + timeout + call word + 16 offsets (8 B each), 9 ints (+ 4 B padding), peer[R]
-    assert ctypes.sizeof(params_struct(2)) == 8 * 41 + 40 + 8 * 2
+    # 24 pointers + timeout + call word + 16 offsets (8 B each), 9 ints (+ 4 B padding), peer[R]
+    assert ctypes.sizeof(params_struct(2)) == 8 * 42 + 40 + 8 * 2
 
 
 def test_a_disagreeing_layout_fails_the_build(tmp_path, monkeypatch):

@@ -37,8 +37,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...errors import (EPCapacityError, EPError, EPInputError, EPOverwriteError, EPPeerRejectedError, EPRankLostError,
-                      EPTimeoutError)
+from ...errors import (EPCapacityError, EPError, EPFencedError, EPInputError, EPOverwriteError, EPPeerRejectedError,
+                      EPRankLostError, EPTimeoutError)
 from ...results import DispatchResult
 from ...arrays import describe, is_capturing
 from . import jit, occupancy, variants
@@ -232,6 +232,7 @@ class GpuBackend:
             setattr(p, n, P(a))
         p.sym = self.sym
         p.state = P(self.state)
+        p.fdec = P(self.fdec)
         p.hist_acc = P(self.hist_acc)
         p.dbase = P(self.dbase)
         p.err = self.err.dev
@@ -294,6 +295,12 @@ class GpuBackend:
                               f"{phase} round {rnd}); this EPBuffer is unusable now")
             raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
                           f"round {rnd}); this EPBuffer is unusable now")
+        if code == ErrorCode.FENCED:   # fencing: the snapshot found a notice naming this rank (kernels/fence.cuh)
+            name = getattr(self.ctx, "describe", None) or (lambda r: f"rank {r} (node {self.node_of(r)})")
+            by = name(peer) if known else f"rank {peer}"
+            raise EPFencedError(f"epcomm gpu: {name(self.me)} was fenced off by {by} (it missed a deadline or was "
+                                f"fenced explicitly); the others go on without it, so this EPBuffer is unusable here",
+                                rank=self.me, by=peer)
         if code == ErrorCode.BAD_SOURCE:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")

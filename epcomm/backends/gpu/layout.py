@@ -42,6 +42,7 @@ class ErrorCode(enum.IntEnum):
     SLAB_OVERFLOW = 5    # layout "batched": more rows for one local expert than expert_capacity (the rest dropped)
     BAD_SOURCE = 3       # combine: a handle entry (source rank, token, slot, row) out of range
     ABORT = 4            # a peer aborted (its abort word is set)
+    FENCED = 6           # fencing: a peer declared this rank dead (peer = that peer; kernels/fence.cuh)
 
 
 # The receive-capacity record (not an error: the buffer stays usable) follows the 8 words of the error record in the
@@ -274,7 +275,7 @@ def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, 
 # peer bases.
 PARAM_POINTERS = ("x", "ids", "weights", "expert_y", "y", "ex", "escale", "row_offsets", "expert_ids", "src_info",
                   "tpe", "hids", "hinfo", "hcount", "sym", "state", "hist_acc", "err", "hchunk", "hstatus",
-                  "dbase", "x_scales", "hdropped")
+                  "dbase", "x_scales", "hdropped", "fdec")
 PARAM_INTS = ("T", "me", "maxr", "ch", "crb", "cap", "recv_tokens", "rejected", "fence")
 
 
@@ -299,7 +300,7 @@ class DeviceArray:
     name: str
     param: str | None
     shape: tuple[int, ...]
-    dtype: str            # "bf16" "fp8" "f32" "i32" "u32" "bool"
+    dtype: str            # "bf16" "fp8" "f32" "i32" "u32" "i64" "bool"
     zeroed: bool
     copies: str = "one"
 
@@ -328,6 +329,8 @@ def device_arrays(cfg) -> list[DeviceArray]:
     maxr = cfg.rows_shape     # (rows,) grouped, (local experts, capacity) batched: epcomm/layouts.py
     fmt = cfg.token_format    # its name is the dtype tag ("bf16" / "fp8")
     out = [DeviceArray("state", "state", (64,), "i32", True),
+           # fencing: the round's verdict on each source, per phase (u64 [3][R]: round << 2 | arrived 1 / lost 2)
+           DeviceArray("fence_decisions", "fdec", (3 * R,), "i64", True),
            DeviceArray("hist_acc", "hist_acc", (R * lay.hist_row_ints,), "i32", True),
            # ht: where this rank's messages to each rank start this round (u64: round << 32 | offset)
            DeviceArray("dispatch_base", "dbase", (2 * R,), "i32", True),

@@ -2,6 +2,7 @@
 // with the router weights on the source (combine_recv). Protocol: README.md, "Protocol (one round)".
 #pragma once
 #include "common.cuh"
+#include "fence.cuh"
 #include "results.cuh"
 
 namespace ep {
@@ -223,16 +224,19 @@ __device__ void combine_send(const Params& p, bool fused) {
     if ((int)blockIdx.x < sb) {
       const unsigned long long t0 = gtime();
       const unsigned long long* wsig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_wsig) + (size_t)par * R;
-      if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0)) return;
+      __shared__ int s_lost[R];   // fencing: sources lost in the round (fence.cuh)
+      if (!block_wait(p, wsig, round, PHASE_COMBINE_WEIGHTS, -1, t0, p.fence ? s_lost : nullptr)) return;
 #if EP_V_PROBE
       if (threadIdx.x == 0) probe_at(p, 13);
 #endif
-      // sources that will not combine this round (marked weight signal): no weights came, they wait for no rows
+      if (p.fence) fence_settle(p, PHASE_COMBINE_WEIGHTS, round, s_lost);
+      // sources that will not combine this round (marked weight signal; fencing: lost): no weights came, they wait
+      // for no rows
       __shared__ unsigned long long s_wrej;
       if (threadIdx.x == 0) s_wrej = 0ull;
       __syncthreads();
       for (int q = threadIdx.x; q < R; q += THREADS)
-        if (sig_rejected(ld_rlx(wsig + q))) atomicOr(&s_wrej, 1ull << q);
+        if (sig_rejected(ld_rlx(wsig + q)) || (p.fence && s_lost[q])) atomicOr(&s_wrej, 1ull << q);
       __syncthreads();
       const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WEIGHT_STRIDE;
       // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
@@ -349,28 +353,33 @@ __device__ void combine_recv(const Params& p) {
   if constexpr (!HT) {
     // ll: one signal per rank when all its rows are here
     const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_csig) + (size_t)par * R;
-    if (!block_wait(p, sig, round, PHASE_COMBINE, -1, t0)) return;
+    __shared__ int s_lost[R];   // fencing: ranks masked or lost in the round (fence.cuh): their rows never come
+    if (!block_wait(p, sig, round, PHASE_COMBINE, -1, t0, p.fence ? s_lost : nullptr)) return;
+    if (p.fence) fence_settle(p, PHASE_COMBINE, round, s_lost);
     if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 7);
     __shared__ bool s_rej[R];   // ranks whose combine signal came marked: they refused their input this round
     __shared__ int s_anyrej;
     if (threadIdx.x == 0) s_anyrej = 0;
     __syncthreads();
     for (int q = threadIdx.x; q < R; q += THREADS) {
-      s_rej[q] = sig_rejected(ld_rlx(sig + q));
-      if (s_rej[q]) s_anyrej = 1;
+      s_rej[q] = !(p.fence && s_lost[q]) && sig_rejected(ld_rlx(sig + q));   // (a lost rank's word is stale)
+      if (s_rej[q] || (p.fence && s_lost[q])) s_anyrej = 1;
     }
     __syncthreads();
     const int nitems = p.T * NS;
     for (int it = gw; it < nitems; it += nw) {
       const int t = it / NS;
       if (s_anyrej && lane == 0 && it % NS == 0) {   // once per token
-        int lowest = R;
+        int lowest = R, lowest_lost = R;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const int id = p.hids[t * K + k];
-          if (id >= 0 && id < E && s_rej[id / LOCAL_EXPERTS]) lowest = min(lowest, id / LOCAL_EXPERTS);
+          if (id < 0 || id >= E) continue;
+          if (s_rej[id / LOCAL_EXPERTS]) lowest = min(lowest, id / LOCAL_EXPERTS);
+          if (p.fence && s_lost[id / LOCAL_EXPERTS]) lowest_lost = min(lowest_lost, id / LOCAL_EXPERTS);
         }
         if (lowest < R) count_refusal(p, lowest);
+        if (lowest_lost < R) count_lost(p, lowest_lost);   // (a masked rank's slots are -1 in hids: never here)
       }
       const int c = (it % NS) * 32 + lane;
       if (c >= ROW_VECS) continue;
@@ -398,6 +407,7 @@ __device__ void combine_recv(const Params& p) {
     int ready_c = -1;
     unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
     unsigned long long refused = 0; // ... of which those whose flag came marked (no rows: they refused their input)
+    unsigned long long gone = 0;    // ... and those lost in the round (fencing: their rows never come)
 #if EP_V_RDYN
     // variant rdyn (as in dispatch_recv): the (token, slice) units of a small round by whole blocks in batches of
     // WARPS from the counter, tokens in order (the peers' chunks come in that order), so that the blocks free first
@@ -420,23 +430,26 @@ __device__ void combine_recv(const Params& p) {
         if (id >= 0 && id < E) { const int d = id / LOCAL_EXPERTS; if (!SKIP || d == p.me) dmask |= 1ull << d; }
       }
       const int c = t / ch;
-      if (c != ready_c) { ready_c = c; ready = 0; refused = 0; }
+      if (c != ready_c) { ready_c = c; ready = 0; refused = 0; gone = 0; }
       const unsigned long long need = dmask & ~ready;
       if (need) {
         bool ok = true;
-        unsigned long long marked = 0;
+        unsigned long long marked = 0, lost = 0;
         if (lane == 0) {
           for (int d = 0; d < R && ok; ++d)
             if ((need >> d) & 1ull) {
-              ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0);
+              bool dead = fenced_off(p, d);   // fencing: lost earlier in the round (a masked rank is not in dmask)
+              if (!dead) ok = thread_wait(p, flags + (size_t)d * MAX_CHUNKS + c, round, PHASE_COMBINE, d, c, t0, &dead);
 #if EP_V_PROBE
-              if (ok) pr_wait = gtime();
+              if (ok && !dead) pr_wait = gtime();
 #endif
-              if (ok && sig_rejected(ld_rlx(flags + (size_t)d * MAX_CHUNKS + c))) marked |= 1ull << d;
+              if (dead) lost |= 1ull << d;
+              else if (ok && sig_rejected(ld_rlx(flags + (size_t)d * MAX_CHUNKS + c))) marked |= 1ull << d;
             }
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
         refused |= __shfl_sync(0xffffffffu, marked, 0);
+        gone |= __shfl_sync(0xffffffffu, lost, 0);
         __syncwarp();  // lane 0's acquires before every lane's reads of the rows
 #if EP_V_RDYN
         if (!ok) { failed = true; break; }
@@ -447,6 +460,8 @@ __device__ void combine_recv(const Params& p) {
       }
       if ((dmask & refused) && lane == 0 && (dyn || u % NS == 0))   // once per token
         count_refusal(p, __ffsll((long long)(dmask & refused)) - 1);
+      if ((dmask & gone) && lane == 0 && (dyn || u % NS == 0))
+        count_lost(p, __ffsll((long long)(dmask & gone)) - 1);
       const bool sh = FUSED && t >= s0 && t < s0 + ns;
       const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? ROW_VECS : min(ROW_VECS, c0 - lane + 32);
       // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)

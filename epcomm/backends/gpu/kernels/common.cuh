@@ -17,6 +17,12 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 // same for every block and for the round's combine): nothing is sent to it, nothing awaited from it. Without fencing
 // (Params.fence == 0) one test of a kernel parameter per destination or source, never per row.
 __device__ __forceinline__ bool fenced_off(const Params& p, int r) { return p.fence && p.hstatus[ST_MASKED + r] != 0; }
+// ... masked by the snapshot itself, not found lost during the round (2): what the dispatch send's blocks skip (they
+// must agree on it while the same kernel's receive may settle a rank lost: a block waiting for the reservation of a
+// destination's last chunk would wait in vain if another block skipped that item).
+__device__ __forceinline__ bool masked_at_snapshot(const Params& p, int r) {
+  return p.fence && p.hstatus[ST_MASKED + r] == 1;
+}
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
 
 // A token of this rank's combine went to the experts of rank `peer`, which refused its input this round (its signal
@@ -26,20 +32,31 @@ __device__ __forceinline__ void count_refusal(const Params& p, int peer) {
   atomicMax(&p.state[S_REJ_RANK], (unsigned)(R - peer));   // the lowest refusing rank (0: none)
 }
 
+// Fencing (fence.cuh): a token of this rank's combine went to the experts of rank `peer`, which was lost (declared
+// dead) in the round: its rows never came. Counted like a refusal, published with WHY_LOST (EPRankLostError).
+__device__ __forceinline__ void count_lost(const Params& p, int peer) {
+  atomicAdd(&p.state[S_LOST_TOKENS], 1u);
+  atomicMax(&p.state[S_LOST_RANK], (unsigned)(R - peer));   // the lowest lost rank (0: none)
+}
+
 // The last block of a combine receive (one thread): the refusal record for the host, which raises
-// EPPeerRejectedError from it once (check / synchronize) instead of handing out a partial sum. Not an error: the
-// buffer stays usable. Only the device writes the record: the fields of this combine, then the count.
+// EPPeerRejectedError from it once (check / synchronize) instead of handing out a partial sum (EPRankLostError for a
+// rank lost in the round: that one is written when both happened). Not an error: the buffer stays usable. Only the
+// device writes the record: the fields of this combine, then the count.
 __device__ void publish_refusal(const Params& p, unsigned round) {
-  const unsigned tokens = *((volatile unsigned*)&p.state[S_REJ_TOKENS]);   // the other blocks' atomics (L2)
+  const unsigned lost = *((volatile unsigned*)&p.state[S_LOST_TOKENS]);   // the other blocks' atomics (L2)
+  const unsigned tokens = lost ? lost : *((volatile unsigned*)&p.state[S_REJ_TOKENS]);
   if (tokens == 0u) return;
-  const int peer = R - (int)*((volatile unsigned*)&p.state[S_REJ_RANK]);
+  const int peer = R - (int)*((volatile unsigned*)&p.state[lost ? S_LOST_RANK : S_REJ_RANK]);
   p.state[S_REJ_TOKENS] = 0u;
   p.state[S_REJ_RANK] = 0u;
+  p.state[S_LOST_TOKENS] = 0u;
+  p.state[S_LOST_RANK] = 0u;
   RefusalRec* rec =
       reinterpret_cast<RefusalRec*>(reinterpret_cast<char*>(p.err) + sizeof(ErrRec) + sizeof(CapacityRec));
   rec->round = (int)round;
   rec->rank = peer;
-  rec->what = p.hstatus[ST_REJECTED + peer] ? WHY_DISPATCH : WHY_COMBINE;
+  rec->what = lost ? WHY_LOST : p.hstatus[ST_REJECTED + peer] ? WHY_DISPATCH : WHY_COMBINE;
   rec->tokens = (int)tokens;
   __threadfence_system();
   *((volatile int*)&rec->count) += 1;   // last: the host reads the fields once it sees the count move
@@ -66,17 +83,32 @@ __device__ __forceinline__ bool not_yet(const unsigned long long* w, unsigned ro
   return sig_round(ld_rlx(w)) < round || sig_round(ld_acq(w)) < round;
 }
 
+// Fencing (fence.cuh): the slow path of a wait on rank `peer` (only with Params.fence, where it replaces the
+// deadline): FENCE_WAIT, FENCE_LOST (the peer is dead: declared by this rank at the deadline, or by a peer) or
+// FENCE_TIMEOUT (it beats but never sends: a timeout, as without fencing).
+struct FenceWait {
+  unsigned long long t0;      // start of the wait (moved on when the peer's heartbeat moved)
+  unsigned long long beat0;   // the peer's heartbeat when it was read last
+  int extensions;             // deadlines passed with the peer's heartbeat moving
+  bool primed;
+};
+enum { FENCE_WAIT = 0, FENCE_LOST = 1, FENCE_TIMEOUT = 2 };
+__device__ int fence_poll(const Params& p, FenceWait& fw, int peer);
+
 // Wait (every thread s < nsrc of the block) until sig[s] >= round (not for a masked rank: fenced_off). Returns false
-// (for the whole block) on timeout.
+// (for the whole block) on timeout. Fencing: lost[s] (shared, [R]) = 1 where source s sent nothing this round:
+// masked, or found dead instead of a timeout (fence_poll); fence_settle then makes it the round's verdict.
 __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsigned round, int phase, int what,
-                           unsigned long long t0) {
+                           unsigned long long t0, int* lost = nullptr) {
   bool bad = false;
   for (int s = threadIdx.x; s < R; s += THREADS) {
+    if (lost) lost[s] = fenced_off(p, s) ? 1 : 0;
     if ((SKIP && s != p.me) || fenced_off(p, s)) continue;
     const unsigned long long* w = sig + s;
     const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + s;
     int spins = 0;
     unsigned nap = 32;
+    FenceWait fw{t0, 0ull, 0, false};
     while (not_yet(w, round)) {
       __nanosleep(nap);
 #if EP_V_NAP
@@ -91,7 +123,13 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
           bad = true;
           break;
         }
-        if (gtime() - t0 > p.timeout_ns) {
+        const int f = p.fence && lost ? fence_poll(p, fw, s)
+                                      : (gtime() - t0 > p.timeout_ns ? FENCE_TIMEOUT : FENCE_WAIT);
+        if (f == FENCE_LOST) {
+          lost[s] = 1;
+          break;
+        }
+        if (f == FENCE_TIMEOUT) {
           report(p, ERR_TIMEOUT, s, what, (int)round, phase);
           bad = true;
           break;
@@ -110,12 +148,14 @@ __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" 
 __device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 // Wait (one thread) until *flag >= round; false on the deadline, the peer's abort, or an error already recorded by
-// another wait (so that a failed round ends at one deadline, not one per chunk).
+// another wait (so that a failed round ends at one deadline, not one per chunk). Fencing: a peer found dead
+// (fence_poll) sets *lost and returns true where the caller passes `lost`, else it is a timeout.
 __device__ bool thread_wait(const Params& p, const unsigned long long* flag, unsigned round, int phase, int peer,
-                            int what, unsigned long long t0) {
+                            int what, unsigned long long t0, bool* lost = nullptr) {
   const unsigned long long* ab = reinterpret_cast<const unsigned long long*>(p.sym + p.off_abort) + peer;
   int spins = 0;
   unsigned nap = 32;
+  FenceWait fw{t0, 0ull, 0, false};
   // Poll relaxed, acquire once the value is there, and back off: hundreds of warps polling flat out (worse: with an
   // acquire per poll) slowed the copying warps of the whole GPU up to 10x (measured).
   while (not_yet(flag, round)) {
@@ -130,7 +170,14 @@ __device__ bool thread_wait(const Params& p, const unsigned long long* flag, uns
     if (++spins > 16) {
       spins = 0;
       if (ld_rlx(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
-      if (gtime() - t0 > p.timeout_ns) { report(p, ERR_TIMEOUT, peer, what, (int)round, phase); return false; }
+      if (p.fence) {
+        const int f = fence_poll(p, fw, peer);
+        if (f == FENCE_LOST && lost) { *lost = true; return true; }
+        if (f != FENCE_WAIT) { report(p, ERR_TIMEOUT, peer, what, (int)round, phase); return false; }
+      } else if (gtime() - t0 > p.timeout_ns) {
+        report(p, ERR_TIMEOUT, peer, what, (int)round, phase);
+        return false;
+      }
       if (*((volatile unsigned*)&p.state[S_FAIL]) != 0u) return false;   // another wait failed: one deadline
     }
   }

@@ -3,6 +3,7 @@
 #pragma once
 #include "capacity.cuh"
 #include "common.cuh"
+#include "fence.cuh"
 #include "payload.cuh"
 
 namespace ep {
@@ -124,7 +125,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
-    if (fenced_off(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
+    if (masked_at_snapshot(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
     const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
     const bool last = HT && c == nchunks - 1;
     const int t0 = c * ch, t1 = min(T, t0 + ch);
@@ -424,7 +425,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     for (int q = threadIdx.x; q < R * HIST_ROW_INTS; q += THREADS) {
       const int d = q / HIST_ROW_INTS, l = q % HIST_ROW_INTS;
-      if ((SKIP && d != p.me) || fenced_off(p, d)) continue;
+      if ((SKIP && d != p.me) || masked_at_snapshot(p, d)) continue;
       int* dst = same_node(p, d) ? reinterpret_cast<int*>(p.peer[d] + hoff)
                                  : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * HIST_ROW_INTS * 4);
       const int v = atomicExch(&p.hist_acc[d * HIST_ROW_INTS + l], 0);
@@ -475,11 +476,13 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
   }
   (void)nshare_begin;
   const unsigned long long* sig = reinterpret_cast<const unsigned long long*>(p.sym + p.off_dsig) + (size_t)par * R;
-  if (!block_wait(p, sig, round, PHASE_DISPATCH, -1, t0)) return;
+  __shared__ int s_lost[R];   // fencing: sources that send nothing this round (masked, or lost in it: fence.cuh)
+  if (!block_wait(p, sig, round, PHASE_DISPATCH, -1, t0, p.fence ? s_lost : nullptr)) return;
+  if (p.fence && !fence_settle(p, PHASE_DISPATCH, round, s_lost)) return;
   if (blockIdx.x == 0 && threadIdx.x == 0) stamp(p, 3);
   // ll: the per-expert counts of every source; ht: every source's count message (counts, tokens, chunk table)
   const int* hist = reinterpret_cast<const int*>(p.sym + p.off_dhist) + (size_t)par * R * COUNT_ROW_INTS;
-  // a source that sends nothing: skip_a2a's other ranks, a masked rank (fencing; its count message is stale)
+  // a source that sends nothing: skip_a2a's other ranks, a masked or lost rank (fencing; its count message is stale)
   auto absent = [&](int s) { return (SKIP && s != p.me) || fenced_off(p, s); };
   for (int q = threadIdx.x; q < LOCAL_EXPERTS * R; q += THREADS) {
     int l = q / R, s = q % R;

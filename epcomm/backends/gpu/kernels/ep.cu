@@ -3,8 +3,8 @@
 // The entry points (extern "C" kernels). One translation unit, specialised at compile time by -D defines (see
 // layout.cuh and epcomm/backends/gpu/jit.py); its parts: layout.cuh (constants, Params, error record), common.cuh
 // (loads / stores, waits, fences, hand-over, error report), payload.cuh (bf16 copy / fp8 quantisation of a token),
-// capacity.cuh (the receive-capacity verdict), dispatch.cuh, combine.cuh, results.cuh (live results), fence.cuh (fencing
-// off dead ranks).
+// capacity.cuh (the receive-capacity verdict), dispatch.cuh, combine.cuh, results.cuh (live results), fence.cuh
+// (fencing off dead ranks).
 //
 // Protocol: every phase is a persistent grid. Rows are placed at deterministic slots computed with warp match/ballot
 // scans (no data-dependent atomics). ll: work items are grid-strided; when a block has issued all its writes, one

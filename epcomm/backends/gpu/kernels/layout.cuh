@@ -155,11 +155,14 @@ static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bi
 // receive / send and combine send / receive (reset by the last block of the phase).
 // S_OWNER: u64 [2], the call whose dispatch result each output set holds (results.cuh).
 enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
-       S_CRCTR = 19, S_FAIL = 20, S_QDONE = 21, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29 };
+       S_CRCTR = 19, S_FAIL = 20, S_QDONE = 21, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29,
+       S_LOST_TOKENS = 30, S_LOST_RANK = 31, S_BEAT_T = 50, S_BEAT_N = 52 };
 // S_QDONE (variant qonce): blocks past the ht fp8 dispatch's quantisation pass (reset by the send's last block).
 // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead). S_OWNER: words 24..27 (u64 [2]).
 // S_REJ_*: a combine's tokens on the experts of refusing ranks, and R - the lowest such rank (common.cuh
-// count_refusal; reset by publish_refusal).
+// count_refusal; reset by publish_refusal). S_LOST_*: the same for ranks lost in the round (fencing, fence.cuh
+// count_lost). S_BEAT_T / S_BEAT_N (u64 each, words 50..53, after the phase timestamps): when this rank last beat and
+// its heartbeats so far (fence.cuh fence_beat).
 
 struct ErrRec {  // lives in host-mapped pinned memory
   int flag;      // 0 = none, else code
@@ -171,7 +174,8 @@ struct ErrRec {  // lives in host-mapped pinned memory
   int phase;     // PHASE_*
   int pad;
 };
-enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4, ERR_SLAB_OVERFLOW = 5 };
+enum { ERR_TIMEOUT = 1, ERR_SLOT_OVERFLOW = 2, ERR_BAD_SOURCE = 3, ERR_ABORT = 4, ERR_SLAB_OVERFLOW = 5,
+       ERR_FENCED = 6 };   // ERR_FENCED (fencing): a peer declared this rank dead; peer = that peer
 enum { PHASE_DISPATCH = 0, PHASE_COMBINE = 1, PHASE_COMBINE_WEIGHTS = 2 };   // what a failed wait was waiting for
 
 // A round over the receive capacity (not an error: the buffer stays usable), right after ErrRec in host memory.
@@ -193,7 +197,7 @@ struct RefusalRec {
   int round;     // the device round of the latest one
   int rank;      // its lowest refusing rank that tokens of this rank went to
   int what;      // 1: that rank refused its dispatch (its experts did not run), 2: its combine, 3: it was declared
-                 // dead during the round (fencing; not written by any kernel yet)
+                 // dead during the round (fencing, fence.cuh: its rows never came)
   int tokens;    // tokens of this rank with a top-k slot on a refusing rank
   int pad[3];
 };
@@ -209,8 +213,9 @@ __host__ __device__ __forceinline__ bool sig_rejected(unsigned long long v) { re
 // capacity; [1..3] the rank most over, its rows, the capacity), [ST_ROUND] the device round of the dispatch (its
 // combine's round: combine regions and signals are tagged by the dispatch round, as on the host backend, so a round
 // that some ranks never combine cannot shift the others), [ST_REJECTED + s] != 0 when source s refused its input.
-// Fencing (fence.cuh): [ST_MASKED + r] != 0 when rank r was masked (fenced off) for the round: the snapshot of the
-// death notices taken by ep_fence_snapshot before the dispatch, which every kernel of the round and its combine read.
+// Fencing (fence.cuh): [ST_MASKED + r] != 0 when rank r was masked (fenced off) for the round: 1 from the snapshot
+// of the death notices taken by ep_fence_snapshot before the dispatch, which every kernel of the round and its
+// combine read; 2 once the round decided it lost (it died in the round: fence_decide).
 enum { ST_VOID = 0, ST_ROUND = 4, ST_REJECTED = 8 };
 constexpr int ST_MASKED = ST_REJECTED + R;
 constexpr int STATUS_INTS = ST_MASKED + R;
@@ -252,6 +257,7 @@ struct Params {
   unsigned long long* dbase;  // ht, [R]: round << 32 | where this rank's messages to each rank start this round
   const float* x_scales;    // fp8, caller-quantised: [T, SCALE_COLS] fp32 (x is then [T, H] e4m3); nullptr: quantise x
   unsigned char* hdropped;  // handle, fencing: [M, K] 1 where the top-k slot's expert is on a masked rank (not sent)
+  unsigned long long* fdec; // fencing: [3 phases][R] round << 2 | verdict on each source (fence.cuh fence_decide)
   unsigned long long timeout_ns;
   unsigned long long call;  // (call id << 2) | (output set << 1) | eager; a combine carries its dispatch's (results.cuh)
   unsigned long long off_drecv, off_dhist, off_dsig, off_stage, off_hstage;
@@ -346,6 +352,7 @@ EP_AGREES(ERR_SLOT_OVERFLOW, EP_ERR_SLOT_OVERFLOW);
 EP_AGREES(ERR_SLAB_OVERFLOW, EP_ERR_SLAB_OVERFLOW);
 EP_AGREES(ERR_BAD_SOURCE, EP_ERR_BAD_SOURCE);
 EP_AGREES(ERR_ABORT, EP_ERR_ABORT);
+EP_AGREES(ERR_FENCED, EP_ERR_FENCED);
 EP_AGREES(PHASE_DISPATCH, EP_PHASE_DISPATCH);              // layout.py Phase
 EP_AGREES(PHASE_COMBINE, EP_PHASE_COMBINE);
 EP_AGREES(PHASE_COMBINE_WEIGHTS, EP_PHASE_COMBINE_WEIGHTS);

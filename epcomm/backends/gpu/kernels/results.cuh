@@ -43,8 +43,9 @@ __device__ void record_overwrite(const Params& p, int op, int why, unsigned long
   __threadfence_system();
 }
 
-// Why a dispatch with this owner word would be refused (0: admitted). Also the verdict of ep_fence_snapshot (fence.cuh),
-// launched right before the dispatch: it writes into the set only what an admitted dispatch may overwrite.
+// Why a dispatch with this owner word would be refused (0: admitted). Also the verdict of ep_fence_snapshot
+// (fence.cuh), launched right before the dispatch: it writes into the set only what an admitted dispatch may
+// overwrite.
 __device__ __forceinline__ int dispatch_refusal(const Params& p, bool idle, unsigned long long holder) {
   const bool eager_over_eager = (p.call & 1ull) && (holder & 1ull);
   return !idle ? WHY_PENDING : (holder != 0ull && holder != p.call && !eager_over_eager) ? WHY_LIVE : 0;
