@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def detect_mpi(mpirun: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise EPInputError(f"{mpirun}: cannot run --version ({e})") from None
     return flavor_from_version(text)
+
+
+@functools.lru_cache(maxsize=None)
+def open_mpi_major(mpirun: str) -> int | None:
+    """Open MPI's major version from `mpirun --version` ("mpirun (Open MPI) 4.1.6"); None when it does not say."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"open mpi\)?\s+(\d+)\.", (out.stdout + out.stderr).lower())
+    return int(m.group(1)) if m else None
 
 
 def flavor_from_version(text: str) -> str:
@@ -138,8 +150,11 @@ def build_command(topo: Topology, cmd: list[str], *, mpi: str | None = None, mpi
             argv.append("--allow-run-as-root")
         if topo.resolved_backend() == "host":
             argv += ["--mca", "osc", "^ucx"]
-        if keep_going:   # ULFM: the runtime lets the other ranks live when one dies
-            argv += ["--with-ft", "ulfm"]
+        if keep_going:   # the runtime lets the other ranks live when one dies
+            # Open MPI 5 (PRRTE): ULFM's --with-ft; 4.x (ORTE, e.g. the GPU machines' 4.1.6, which refuses
+            # --with-ft): --enable-recovery. Unknown version: 5's flag (the PyPI wheel's)
+            major = open_mpi_major(exe)
+            argv += ["--enable-recovery"] if major is not None and major < 5 else ["--with-ft", "ulfm"]
         for k, v in env.items():
             argv += ["-x", f"{k}={v}"]
         for k in forwarded_names(os.environ, env):   # the shell's value, to remote nodes too

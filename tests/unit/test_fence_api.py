@@ -152,6 +152,22 @@ def test_keep_going_asks_open_mpi_for_ulfm_and_mpich_is_refused():
         build_command(topo, ["prog"], mpi="mpich", mpirun=sys.executable, keep_going=True)
 
 
+def test_keep_going_on_open_mpi_4_asks_for_recovery_not_ulfm(tmp_path):
+    """Open MPI 4.x's mpirun (the GPU machines' 4.1.6) refuses --with-ft ("unknown option"): the launcher asks it for
+    --enable-recovery instead, read from `mpirun --version`; 5.x gets ULFM."""
+    from launch.mpicmd import build_command, open_mpi_major
+    from epcomm.topology import Topology
+    topo = Topology.single_node(4)
+    for version, want, other in (("4.1.6", "--enable-recovery", "--with-ft"),
+                                 ("5.0.11", "--with-ft", "--enable-recovery")):
+        fake = tmp_path / f"mpirun{version}"
+        fake.write_text(f"#!/bin/sh\necho 'mpirun (Open MPI) {version}'\n")
+        fake.chmod(0o755)
+        assert open_mpi_major(str(fake)) == int(version[0])
+        argv = build_command(topo, ["prog"], mpi="openmpi", mpirun=str(fake), keep_going=True).command
+        assert want in argv and other not in argv and argv.index("launch.rank_env") > argv.index(want)
+
+
 def _fake_job(tmp_path, body: str) -> list[str]:
     """A stand-in for mpirun running `body` (`write` = exitrecord.write into tmp_path), as in test_exit_records."""
     from launched import REPO_ROOT

@@ -12,6 +12,7 @@ import types
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from epcomm.backends.gpu import backend as gpu_backend
 from epcomm.backends.gpu import jit
