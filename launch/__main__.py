@@ -57,8 +57,9 @@ def _common(p: argparse.ArgumentParser, *, needs_cmd: bool) -> None:
                        help="seconds between SIGTERM and SIGKILL when stopping the job (default 5)")
         p.add_argument("--keep-going", action="store_true",
                        help="a rank that ends badly does not end the job: it is reported and the others go on "
-                            "(Open MPI's ULFM recovery mode, mpirun --with-ft ulfm; an EPBuffer made with "
-                            "fence_dead_ranks=True fences the rank off); exit code: the first failed rank's")
+                            "(Open MPI's recovery mode: mpirun --with-ft ulfm on 5.x, --enable-recovery on 4.x; "
+                            "an EPBuffer made with fence_dead_ranks=True fences the rank off); exit code: the first "
+                            "failed rank's")
         p.add_argument("--exit-wait", type=float, metavar="S",
                        help="stop the job (exit 1) when ranks still run S seconds after one finished with exit 0 "
                             "(default: wait; a rank that ends badly always ends the job at once)")

@@ -153,9 +153,9 @@ def run_job(argv: list[str], env: dict[str, str] | None = None, timeout: float |
     - a rank ends badly (job_dir gets an exit record with a non-zero code: an uncaught exception, sys.exit(n != 0),
       a signal such as kill -9): a line naming the first such rank, its node and host; mpirun gets
       MPI_OWN_ABORT_S to end the job itself, then the stop sequence below; exits with that rank's code
-    - keep_going (Open MPI ULFM, `--with-ft ulfm`): a rank that ends badly is reported, the others go on (an
-      EPBuffer with fence_dead_ranks=True fences it off); the job ends when every rank has, with the first failed
-      rank's code
+    - keep_going (Open MPI's recovery mode: `--with-ft ulfm` on 5.x, `--enable-recovery` on 4.x): a rank that ends
+      badly is reported, the others go on (an EPBuffer with fence_dead_ranks=True fences it off); the job ends when
+      every rank has, with the first failed rank's code
     - exit_wait: S seconds after the first rank finished with exit 0, ranks still running are stopped (exit 1)
     - SIGINT / SIGTERM / SIGHUP to the launcher: SIGTERM to mpirun's process group (mpirun forwards it to
       every rank), SIGKILL after `grace` seconds; a second signal kills at once; exits 128+signal
