@@ -146,7 +146,7 @@ def test_enable_fencing_reaches_the_kernels_parameters():
     be.alloc = SimpleNamespace(ptr=lambda a: a.ptr)
     be.state = be.hist_acc = be.dbase = be.fdec = _Array(None)
     be.sym, be.err, be.peers = 0x100000, SimpleNamespace(dev=0x2000), [0] * R
-    be.grid, be._send_waves, be._crecv_blocks, be._tmpl = 4, 1, 0, {}
+    be.grid, be._send_waves, be._crecv_blocks, be._tmpl, be.variants = 4, 1, 0, {}, ()
     assert be._base_params(0, 3).fence == 0
     be.enable_fencing()
     p = be._base_params(0, 3)
