@@ -21,13 +21,7 @@ SMS=${SMS:-24 66 132}
 BASE=${BASE:-}
 TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=${EPCOMM_CACHE:-/tmp/epcomm-cache}
-export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-mkdir -p "$EPCOMM_CACHE"
-[ -d .whl/epcomm-cache ] && cp -n .whl/epcomm-cache/*.cubin "$EPCOMM_CACHE"/ 2>/dev/null
+source "$(dirname "$0")/device_env.sh"   # the wheel, PYTHONPATH, kernel cache, multicast off
 has() { [[ "$STEPS" == *",$1,"* ]]; }
 step() { echo "=== $1 ($(date -u +%T))"; }
 tag() { [ -z "$1" ] && echo baseline || echo "${1//,/_}"; }   # no "+": the device tool returns plain names only

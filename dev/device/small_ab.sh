@@ -23,12 +23,7 @@ ARMS=${ARMS:?set ARMS="<variant set> <variant set> ..." (the first arm is the re
 REPS=${REPS:-3}
 TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/ab"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EPCOMM_CACHE=${EPCOMM_CACHE:-/tmp/epcomm-cache}
-export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-mkdir -p "$EPCOMM_CACHE"
+source "$(dirname "$0")/device_env.sh"   # the wheel, PYTHONPATH, kernel cache, multicast off
 has() { [[ "$STEPS" == *",$1,"* ]]; }
 if [ -n "$MPS_PCT" ]; then   # as dev/device/one_gpu_rig.sh's MPS steps
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log

@@ -31,6 +31,7 @@ from epcomm import reference
 from epcomm.arrays import to_numpy
 from epcomm.backends.gpu.specs import fence_live_configs
 from epcomm.workload import distinct_experts, make_world
+from tests.gpu.rank_io import Problems, device_put
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 PRE = 2
@@ -38,25 +39,11 @@ GRAPH_T = 8   # tokens of the captured decode round (GPU)
 ctx = epcomm.init()
 me, R = ctx.rank, ctx.world_size
 victim = R - 1
-problems: list[str] = []
-
+put, dev = device_put(ctx)
+problems = Problems(me)
+fail = problems.fail
 if ctx.backend == "gpu":
-    import torch
-
-    from epcomm.arrays import to_torch
-    torch.cuda.set_device(ctx.device)
-    dev = torch.device(f"cuda:{ctx.device}")
-
-    def put(a):
-        return to_torch(a, dev)
-else:
-    def put(a):
-        return a
-
-
-def fail(msg: str) -> None:
-    problems.append(msg)
-    print(f"FAIL rank {me}: {msg}", flush=True)
+    import torch   # the captured decode graph (DecodeGraph)
 
 
 def world(cfg, r: int):

@@ -31,6 +31,7 @@ from epcomm.arrays import to_numpy
 from epcomm.backends.gpu.specs import fence_kill_config
 from epcomm.errors import EPInputError, EPRankLostError
 from epcomm.workload import distinct_experts, make_world
+from tests.gpu.rank_io import Problems, device_put
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "ll"
 AFTER = int(sys.argv[2]) if len(sys.argv) > 2 else 100
@@ -39,25 +40,9 @@ ctx = epcomm.init()
 me, R = ctx.rank, ctx.world_size
 victim = R - 1
 cfg = fence_kill_config(R, mode)   # the deadline (timeout_s 5) is the death detector: short, to keep the test short
-problems: list[str] = []
-
-if ctx.backend == "gpu":
-    import torch
-
-    from epcomm.arrays import to_torch
-    torch.cuda.set_device(ctx.device)
-    dev = torch.device(f"cuda:{ctx.device}")
-
-    def put(a):
-        return to_torch(a, dev)
-else:
-    def put(a):
-        return a
-
-
-def fail(msg: str) -> None:
-    problems.append(msg)
-    print(f"FAIL rank {me}: {msg}", flush=True)
+put, dev = device_put(ctx)
+problems = Problems(me)
+fail = problems.fail
 
 
 def world(r: int):
