@@ -107,12 +107,12 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
-@pytest.mark.parametrize("names", [("rdyn",), ("nap",), ("lean",), ("lean", "sbase"), ("probe",)])
+@pytest.mark.parametrize("names", [("rdyn",), ("nap",), ("lean",), ("lean", "sbase"), ("probe",), ("cmeta",)])
 def test_small_batch_variants_compile_alone(names):
     """The eighth session's variants (dev/GPU-LOG.md, "Eighth session: small-batch variants") and its probe each
     alone, and lean with sbase (its #if EP_V_LEAN && EP_V_SBASE parts), on an ht spec (both ht receives, the count
     item) and an ll one: the A/B and the stamps run them one at a time, which the all-at-once build above does not
-    compile."""
+    compile. cmeta (dev/GPU-LOG.md, "Eighth session: a 24-SM variant (sm24)": the ht combine's expert side) alike."""
     _toolchain_or_skip()
     assert set(names) <= set(variants.VARIANTS)
     cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]

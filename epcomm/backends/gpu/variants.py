@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
                           "no base publish / reservation clear"),
     # host only (backend.py, layout.send_chunk_tokens): the kernels are the baseline's (the define is unused)
     "sch": ("EP_V_SCH", "ht items of up to 16 tokens halved (~2 per block): twice the blocks hold peer items"),
+    # eighth session (dev/GPU-LOG.md, "Eighth session: a 24-SM variant (sm24)"): the ht combine at 24 SMs
+    "cmeta": ("EP_V_CMETA", "ht combine expert side: each chunk item's message metadata (hinfo, weights, compacted "
+                            "rows) staged in shared memory once per message, not per (message, slice) unit"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }

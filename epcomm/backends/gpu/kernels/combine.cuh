@@ -81,6 +81,91 @@ __device__ __forceinline__ void reduce_rows_compacted(char* dst, const char* ey,
   }
 }
 
+#if EP_V_CMETA
+// Variant cmeta (ht combine, expert side): the metadata of a batch of received messages (a chunk item's, up to
+// CM_MSGS), read and compacted once per message by one thread into shared memory, before the block's warps take the
+// batch's (message, slice) units. Why: each unit otherwise reads its message's hinfo row, then its weights (dependent
+// on the token), then compacts the K slots (~130 select instructions per unit, once per slice: 10 times per message)
+// before its row loads can issue: one dependent global round trip and ~40 % of the unit's instructions that move no
+// row byte. At 24 SMs the expert side is bound by that per-warp chain (dev/GPU-LOG.md, eighth session, sm24).
+constexpr int CM_MSGS = MAX_ITEM_TOKENS;   // messages per batch: a chunk item's at most (more: several batches)
+static_assert(CM_MSGS <= THREADS, "one staging thread per message");
+struct CombineMeta {
+  int t[CM_MSGS];        // the message's token on its source, -1: a bad message (reported; no rows written)
+  int di[CM_MSGS];       // index of this rank among the token's ranks (its row's slot on the source)
+  int nv[CM_MSGS];       // valid rows
+  int row[CM_MSGS][K];   // valid rows of expert_y in ascending k, then -1
+  float w[CM_MSGS][K];   // their router weights, then 0
+};
+
+// The loop of reduce_rows_compacted on rows already compacted: rows cr[0, nv) (ascending k) with weights cw, chunks
+// [v0, v1); the same loads in flight and fmaf order. (A copy, not shared with reduce_rows_compacted: calling it from
+// there changes the baseline's PTX. If cmeta becomes the code, reduce_rows_compacted goes.)
+__device__ __forceinline__ void reduce_compacted(char* dst, const char* ey, const int (&cr)[K], const float (&cw)[K],
+                                                 int nv, int v0, int v1) {
+  for (int c0 = v0 + lane_id(); c0 < v1; c0 += 32 * CF_STEPS) {
+    float a[CF_STEPS][8];
+#pragma unroll
+    for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a[u][e] = 0.f;
+#pragma unroll
+    for (int g = 0; g < K; g += CF_GROUP) {
+      if (g >= nv) break;
+      uint4 v[CF_STEPS][CF_GROUP];
+#pragma unroll
+      for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+        for (int j = 0; j < CF_GROUP; ++j) {
+          const int q = g + j < K ? g + j : K - 1, cc = c0 + 32 * u;
+          v[u][j] = (g + j < K && g + j < nv && cc < v1)
+                        ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)cr[q] * COMBINE_ROW_BYTES) + cc)
+                        : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+      for (int u = 0; u < CF_STEPS; ++u)
+#pragma unroll
+        for (int j = 0; j < CF_GROUP; ++j)
+          if (g + j < K && g + j < nv) acc8(a[u], v[u][j], cw[g + j < K ? g + j : K - 1]);
+    }
+#pragma unroll
+    for (int u = 0; u < CF_STEPS; ++u)
+      if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a[u]);
+  }
+}
+
+// Message i of source s (mpref: messages of the sources before s) into slot q of cm, by one thread: the checks and
+// the report of the per-unit loop (once per message here), rows >= maxr dropped as there, compacted as in
+// reduce_rows_compacted (the same rows and weights in the same order: bit-identical sums).
+__device__ __forceinline__ void stage_message_meta(const Params& p, int s, int i, int mpref, const float* wr,
+                                                   unsigned round, CombineMeta& cm, int q) {
+  int t = -1, di = -1, nv = 0;
+  if (mpref + i < p.recv_tokens) {   // hinfo and the staged rows hold recv_tokens messages
+    const int* hi = p.hinfo + ((size_t)mpref + i) * (2 + K);
+    t = hi[0];
+    di = hi[1];
+    if (t < 0 || t >= M || di < 0 || di >= MAX_DEST_RANKS) t = -1;
+    int rows[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) rows[k] = hi[2 + k];
+    if (t >= 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (rows[k] < 0 || rows[k] >= p.maxr) continue;
+        cm.row[q][nv] = rows[k];
+        cm.w[q][nv] = wr[(size_t)s * WEIGHT_STRIDE + t * K + k];
+        ++nv;
+      }
+    }
+  }
+  if (t < 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
+  for (int j = nv; j < K; ++j) { cm.row[q][j] = -1; cm.w[q][j] = 0.f; }
+  cm.t[q] = t;
+  cm.di[q] = di;
+  cm.nv[q] = nv;
+}
+#endif
+
 __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   int a = 0, n = p.T;
   if (SKIP && ALLREDUCE_RANKS > 1) {
@@ -239,6 +324,9 @@ __device__ void combine_send(const Params& p, bool fused) {
         if (sig_rejected(ld_rlx(wsig + q)) || (p.fence && s_lost[q])) atomicOr(&s_wrej, 1ull << q);
       __syncthreads();
       const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WEIGHT_STRIDE;
+#if EP_V_CMETA
+      __shared__ CombineMeta cm;
+#endif
       // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
       // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
       // finishes its chunks in about the same order); taken from a counter by whole blocks. The block's warps share
@@ -263,6 +351,35 @@ __device__ void combine_send(const Params& p, bool fused) {
         const int i0 = cp[c], i1 = min(cp[c + 1], p.hcount[s]);
         if (i1 <= i0) continue;   // nothing of s's chunk c came here: s does not wait for it
         const bool local = same_node(p, s);
+#if EP_V_CMETA
+        for (int m0 = i0; m0 < i1; m0 += CM_MSGS) {
+          const int n = min(CM_MSGS, i1 - m0);
+          if (m0 > i0) __syncthreads();   // every warp is done with the previous batch's table
+          if (threadIdx.x < n) stage_message_meta(p, s, m0 + threadIdx.x, s_mpref[s], wr, round, cm, threadIdx.x);
+          __syncthreads();
+          for (int w = warp; w < n * ROW_SLICES; w += WARPS) {
+            const int q = w / ROW_SLICES, sl = w % ROW_SLICES;
+            const int t = cm.t[q];
+            if (t < 0) continue;   // a bad message, reported by the staging thread
+            int cr[K];
+            float cw[K];
+#pragma unroll
+            for (int j = 0; j < K; ++j) { cr[j] = cm.row[q][j]; cw[j] = cm.w[q][j]; }
+            const int i = m0 + q, di = cm.di[q];
+            size_t off = p.off_crecv + (((size_t)par * M + t) * MAX_DEST_RANKS + di) * COMBINE_ROW_BYTES;
+            char* dst = local ? p.peer[s] + off
+                              : p.sym + p.off_cstage + CSTAGE_WEIGHT_BYTES
+                                    + ((size_t)s_mpref[s] + i) * COMBINE_ROW_BYTES;
+            const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
+            reduce_compacted(dst, ey, cr, cw, cm.nv[q], v0, v1);
+            __syncwarp();
+            if (!local) {
+              nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
+              used_shmem = true;
+            }
+          }
+        }
+#else
         for (int w = warp; w < (i1 - i0) * ROW_SLICES; w += WARPS) {
           const int i = i0 + w / ROW_SLICES, sl = w % ROW_SLICES;
           // hinfo and the staged rows hold recv_tokens messages (packed over sources in rank order)
@@ -296,6 +413,7 @@ __device__ void combine_send(const Params& p, bool fused) {
             used_shmem = true;
           }
         }
+#endif
         // every row of the chunk is written (or put): raise its flag on s
         __syncthreads();
         if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, s, round);

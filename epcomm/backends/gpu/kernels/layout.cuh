@@ -87,6 +87,11 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_SCH
 #define EP_V_SCH 0
 #endif
+// EP_V_CMETA: ht combine, expert side: a chunk item's message metadata (hinfo, weights, compacted rows) staged in
+// shared memory once per message, not read and compacted per (message, slice) unit (combine.cuh stage_message_meta).
+#ifndef EP_V_CMETA
+#define EP_V_CMETA 0
+#endif
 // EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
