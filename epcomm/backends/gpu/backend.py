@@ -296,15 +296,19 @@ class GpuBackend:
             raise EPError(f"epcomm gpu: rank {peer} (node {node}) aborted (seen by rank {waiter} in {phase} "
                           f"round {rnd}); this EPBuffer is unusable now")
         if code == ErrorCode.FENCED:   # fencing: the snapshot found a notice naming this rank (kernels/fence.cuh)
-            name = getattr(self.ctx, "describe", None) or (lambda r: f"rank {r} (node {self.node_of(r)})")
-            by = name(peer) if known else f"rank {peer}"
-            raise EPFencedError(f"epcomm gpu: {name(self.me)} was fenced off by {by} (it missed a deadline or was "
+            me, by = self._name(self.me), (self._name(peer) if known else f"rank {peer}")
+            raise EPFencedError(f"epcomm gpu: {me} was fenced off by {by} (it missed a deadline or was "
                                 f"fenced explicitly); the others go on without it, so this EPBuffer is unusable here",
                                 rank=self.me, by=peer)
         if code == ErrorCode.BAD_SOURCE:
             raise EPError(f"epcomm gpu: rank {self.me}: combine found an out-of-range source entry (row {rec['what']},"
                           f" source rank {peer}): the handle does not belong to this buffer / was overwritten")
         raise EPError(f"epcomm gpu: device error record {rec}")
+
+    def _name(self, r: int) -> str:
+        """Rank r as the messages name it: the context's own words (host and node) where it has them."""
+        name = getattr(self.ctx, "describe", None)
+        return name(r) if name is not None else f"rank {r} (node {self.node_of(r)})"
 
     def _raise_capacity(self):
         """EPCapacityError for a void round the kernels recorded (raised once; the buffer stays usable)."""
@@ -325,10 +329,9 @@ class GpuBackend:
         if rec is None:
             return
         d, rnd = rec["rank"], rec["round"] - 1   # device rounds count from 1, EPBuffer rounds from 0
-        name = getattr(self.ctx, "describe", None)
-        peer = name(d) if name is not None else f"rank {d} (node {self.node_of(d)})"
-        if rec["what"] == REFUSED_LOST:   # fencing groundwork: the host backend's message (host/steps.py lost)
-            me = name(self.me) if name is not None else f"rank {self.me} (node {self.node_of(self.me)})"
+        peer = self._name(d)
+        if rec["what"] == REFUSED_LOST:   # fencing: the host backend's message (host/steps.py lost)
+            me = self._name(self.me)
             raise EPRankLostError(
                 f"{me}: {peer} was lost (declared dead and fenced off) in round {rnd}: {rec['tokens']} token(s) of "
                 f"this rank went to its experts ({self.cfg.holds(d)}) and have no output, so that combine's y is not "
