@@ -8,6 +8,7 @@ defines it does not use.
 
     python dev/ptx_same.py aafa508            # every spec of epcomm.backends.gpu.specs.all_configs(2)
     python dev/ptx_same.py aafa508 --only ht  # modes containing "ht"
+    python dev/ptx_same.py 135bc43 --rev-defines EP_V_CMETA=1   # a promoted variant: its old build vs today's default
 
 Lines that only name the source (.file, .loc, comments) and nvcc's per-file hash in internal symbol names are
 ignored, so a comment or a renamed local that compiles to the same instructions reports SAME. Exit 0 when every
@@ -96,7 +97,15 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--up-to-register-names", action="store_true",
                     help="compare after renaming virtual registers / labels by first appearance (see above)")
+    ap.add_argument("--rev-defines", default="", metavar="NAME=V,...",
+                    help="extra -D defines for the revision's side only: a variant promoted to the default code "
+                         "compares with its own earlier build (e.g. EP_V_CMETA=1)")
     a = ap.parse_args(argv)
+    try:
+        rev_extra = {k.strip(): int(v) for k, v in (kv.split("=") for kv in a.rev_defines.split(",") if kv.strip())}
+    except ValueError:
+        print(f"ptx_same: --rev-defines {a.rev_defines!r}: expected NAME=integer[,NAME=integer...]", file=sys.stderr)
+        return 2
     seen = {}
     for c in specs.all_configs(2):
         if a.only in f"{c.mode}-{c.token_format}":
@@ -108,12 +117,13 @@ def main(argv=None) -> int:
             print(f"ptx_same: {e}", file=sys.stderr)
             return 2
         new_names = [p.name for p in jit.sources()]
-        print(f"baseline {a.rev}: {' '.join(old_names)}; working tree: {' '.join(new_names)}")
+        extra = f" with {a.rev_defines}" if rev_extra else ""
+        print(f"baseline {a.rev}{extra}: {' '.join(old_names)}; working tree: {' '.join(new_names)}")
         old_src, new_src = Path(tmp) / jit.MAIN_SOURCE, jit.KERNEL_DIR / jit.MAIN_SOURCE
 
         def one(item):
             d, c = dict(item[0]), item[1]
-            return c, ptx_lines(old_src, d, a.arch), ptx_lines(new_src, d, a.arch)
+            return c, ptx_lines(old_src, {**d, **rev_extra}, a.arch), ptx_lines(new_src, d, a.arch)
         try:
             with ThreadPoolExecutor(a.jobs) as ex:
                 results = list(ex.map(one, seen.items()))

@@ -4,13 +4,13 @@
 # ll case (128 tokens, graph replay), baseline and variant back to back per row so that drift hits both alike.
 # Usage (device machine, repo root, .whl carried as for dev/device/lead_run.sh):
 #   VARIANT=name[,name...] SMS="24 66 132" bash dev/device/perf_ab.sh [steps]
-# (VARIANT is required: variants.py lists the ones under measurement; today qonce, qonceall and sbase (dev/GPU-LOG.md,
-# seventh session), rdyn, nap and lean (eighth session), with their predictions and the commands to run.)
-# BASE: the variants of the "before" side (default none: the baseline build), e.g. BASE=sbase VARIANT=sbase,rdyn to
-# measure rdyn on top of sbase (VARIANT is the "after" side's whole set).
+# (VARIANT is required: variants.py lists the ones under measurement; dev/GPU-LOG.md has each one's prediction and
+# the commands to run.)
+# BASE: the variants of the "before" side (default none: the default build), e.g. BASE=a VARIANT=a,b to measure b on
+# top of a (VARIANT is the "after" side's whole set).
 # steps (comma list, in this order): build,check,ht,ll,stamps,compare (default all but stamps). Logs / JSON under $OUT
 # (default /tmp/out). stamps: tests/gpu/bench_quick.py's phase stamps at 1 and 128 tokens with variant probe, for
-# BASE, then each name of STAMPS_EACH on top of BASE (e.g. STAMPS_EACH="rdyn nap lean"), then VARIANT (~40 s each).
+# BASE, then each name of STAMPS_EACH on top of BASE (e.g. STAMPS_EACH="a b"), then VARIANT (~40 s each).
 # BENCH_ARGS: more bench options (e.g. "--iters 30"); TOPO: the topology (default configs/local-2gpu.yaml).
 # Budget on 2 x H200 (estimate): build ~60 s cold (kernels prebuilt into .whl/epcomm-cache: ~0), check ~60 s,
 # ht ~35 s per (SM budget, variant), ll ~40 s per variant: ~6-7 min for the defaults.

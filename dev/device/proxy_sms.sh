@@ -5,14 +5,16 @@
 # as slow as on 2 x H200, the SMs' work (send loop, quantiser, receive expansion, combine reduce) bounds it, and a
 # change to that work can be measured on one GPU. Shared-GPU proxy: not link figures.
 # Usage (device machine, repo root, .whl carried):
-#   [SMS="24 66"] [MPS_PCT=50] [VARIANTS="- cmeta"] bash dev/device/proxy_sms.sh [steps]
+#   [SMS="24 66"] [MPS_PCT=100] [VARIANTS="- name"] bash dev/device/proxy_sms.sh [steps]
+# The grid is what occupancy.py lets each rank keep resident beside the other (its log line "N blocks asked ...
+# M used"): under MPS 50 % that was 19 blocks whatever SMS asked (2026-12-01), so ask MPS_PCT=100 for 24 or more.
 # steps (comma list, this order; default build,bench,stamps): build (every variant's kernels), bench (`launch bench
 # --case ht --sms S` per variant and S), stamps (tests/gpu/bench_quick.py --steady-only --only ht-bf16,ht-fp8 with
 # EPCOMM_BLOCKS=S, variant probe added). Logs and JSON under $OUT (default /tmp/out); proxy.txt is the digest.
 set -o pipefail
 STEPS=",${1:-build,bench,stamps},"
 SMS=${SMS:-24 66}
-MPS_PCT=${MPS_PCT:-50}
+MPS_PCT=${MPS_PCT:-100}
 VARIANTS=${VARIANTS:--}
 TOPO=${TOPO:-configs/one-gpu-2.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/proxy"
@@ -47,7 +49,8 @@ if has bench; then
       step "bench ht --sms $sms $(tag "$v")"
       EPCOMM_VARIANT=$(var "$v") timeout ${T_BENCH:-90} python3 -m launch bench -t "$TOPO" --timeout ${T_BENCH:-90} -- \
         --case ht --sms "$sms" --json "$OUT/proxy/ht-$sms-$(tag "$v").json" > "$OUT/proxy/ht-$sms-$(tag "$v").log" 2>&1
-      grep -E "^ +ht +epcomm|result:|rror|wrong" "$OUT/proxy/ht-$sms-$(tag "$v").log" | head -8 | tee -a "$OUT/proxy.txt"
+      grep -E "^ +ht +epcomm|result:|rror|wrong|blocks asked" "$OUT/proxy/ht-$sms-$(tag "$v").log" | sort -u | head -10 \
+        | tee -a "$OUT/proxy.txt"
     done
   done
 fi

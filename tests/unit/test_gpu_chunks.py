@@ -37,18 +37,6 @@ def test_ht_waves_split_large_items():
     assert send_chunk_tokens(128, 2, 132, True, 256, waves=2) == 2   # small items are not split further
 
 
-def test_ht_split_small_items_variant_sch():
-    """Variant sch halves ht items of up to 16 tokens (128 tokens, 2 ranks, 132 blocks: 1 token, 256 items), leaves
-    larger ones and ll alone, and keeps the receiver's chunk table (1 token per chunk needs T <= max_chunks)."""
-    assert send_chunk_tokens(128, 2, 132, True, 256, split_small=True) == 1
-    assert send_chunk_tokens(512, 2, 132, True, 256, split_small=True) == 4
-    assert send_chunk_tokens(4096, 2, 132, True, 256, split_small=True) == 63
-    assert send_chunk_tokens(128, 2, 132, False, 1, split_small=True) == 2
-    assert send_chunk_tokens(1024, 2, 132, True, 256, split_small=True) == 8
-    for T in (1, 2, 63, 128, 255, 256, 257, 1000, 4096):
-        ch = send_chunk_tokens(T, 2, 132, True, 256, split_small=True)
-        assert 1 <= ch <= 64 and -(-T // ch) <= 256
-
 @pytest.mark.parametrize("M,K", [(61, 3), (64, 4), (1001, 2), (7, 1)])
 def test_ht_weight_strides_keep_uint4_stores_aligned(M, K):
     """combine.cuh copies each source's [M, K] weights with 16-byte stores at off_wrecv + s * weight_stride floats and

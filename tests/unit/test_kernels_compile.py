@@ -107,12 +107,10 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
-@pytest.mark.parametrize("names", [("rdyn",), ("nap",), ("lean",), ("lean", "sbase"), ("probe",), ("cmeta",)])
-def test_small_batch_variants_compile_alone(names):
-    """The eighth session's variants (dev/GPU-LOG.md, "Eighth session: small-batch variants") and its probe each
-    alone, and lean with sbase (its #if EP_V_LEAN && EP_V_SBASE parts), on an ht spec (both ht receives, the count
-    item) and an ll one: the A/B and the stamps run them one at a time, which the all-at-once build above does not
-    compile. cmeta (dev/GPU-LOG.md, "Eighth session: a 24-SM variant (sm24)": the ht combine's expert side) alike."""
+@pytest.mark.parametrize("names", [("qonceall",), ("probe",)])
+def test_each_variant_compiles_alone(names):
+    """Each variant alone on an ht spec (both ht receives, the count item, the quantise-once pass) and an ll one: the
+    A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile."""
     _toolchain_or_skip()
     assert set(names) <= set(variants.VARIANTS)
     cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]
@@ -124,15 +122,15 @@ def test_small_batch_variants_compile_alone(names):
 
 def test_variant_defines_and_cache_key(monkeypatch):
     """The baseline (unset or empty) adds no define (its cache key and PTX stay what they were); a variant adds its
-    define (so the cache keys on it); an unknown name is refused naming the known ones. With none under measurement
-    the settled names (cfast, qfast: now the code; tma, tgrid: deleted) are unknown too."""
+    define (so the cache keys on it); an unknown name is refused naming the known ones: the settled names too
+    (cfast, qfast, qonce, sbase, cmeta: now the code; tma, tgrid, rdyn, nap, lean, sch: deleted)."""
     cfg = specs.test_configs(2)[0]
     monkeypatch.delenv(variants.ENV, raising=False)
     base = jit.defines_for(cfg)
     assert not any(k.startswith("EP_V_") for k in base) and variants.label() == "baseline"
     monkeypatch.setenv(variants.ENV, " , ")
     assert variants.active() == () and jit.defines_for(cfg) == base
-    for settled in ("cfast", "qfast", "tma", "tgrid"):
+    for settled in ("cfast", "qfast", "qonce", "sbase", "cmeta", "tma", "tgrid", "rdyn", "nap", "lean", "sch"):
         monkeypatch.setenv(variants.ENV, settled)
         with pytest.raises(EPInputError, match=f"unknown variant.*{settled}"):
             jit.defines_for(cfg)

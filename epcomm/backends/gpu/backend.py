@@ -219,8 +219,7 @@ class GpuBackend:
         p = self.Params.from_buffer_copy(tm)
         p.T = T
         ndest = 1 if self.cfg.skip_a2a else self.cfg.world_size
-        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.layout.max_chunks, self._send_waves,
-                                 split_small="sch" in self.variants)
+        p.ch = send_chunk_tokens(T, ndest, self.grid, self.cfg.mode == "ht", self.layout.max_chunks, self._send_waves)
         p.crb = self._crecv_blocks
         return p
 

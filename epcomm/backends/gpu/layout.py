@@ -256,17 +256,12 @@ def kernel_defines(cfg) -> dict[str, int]:
     return out
 
 
-def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, waves: int = 1,
-                      split_small: bool = False) -> int:
+def send_chunk_tokens(T: int, ndest: int, grid: int, ht: bool, max_chunks: int, waves: int = 1) -> int:
     """Tokens per send work item (Params.ch; the kernel's chunk_tokens() clamps the same way): about `waves` items
-    per block, 1..MAX_ITEM_TOKENS tokens; ht: at most `max_chunks` chunks per source (the receiver's chunk table).
-    split_small (kernel variant sch, variants.py): ht items of up to 16 tokens are halved, about two per block, so
-    that about twice as many blocks hold a peer's item at once."""
+    per block, 1..MAX_ITEM_TOKENS tokens; ht: at most `max_chunks` chunks per source (the receiver's chunk table)."""
     per_block = -(-T * ndest // grid)
     if ht:
         per_block = per_block if per_block <= 16 else -(-per_block // max(1, waves))
-        if split_small and per_block <= 16:
-            per_block = -(-per_block // 2)
         per_block = max(per_block, -(-T // max_chunks))
     return max(1, min(MAX_ITEM_TOKENS, per_block))
 

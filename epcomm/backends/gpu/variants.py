@@ -16,32 +16,14 @@ from ...errors import EPInputError
 
 ENV = "EPCOMM_VARIANT"
 
-# name -> (kernel define, what it changes). The four of the sixth session were measured
-# on 2 x H200 (dev/GPU-LOG.md, "Sixth session (perf engineer ...)", outcome); "cfast" (ht combine) and "qfast" (fp8
-# quantiser) became the unconditional code, "tma" and "tgrid" lost and were deleted. A new variant adds its entry here
-# and a `#ifndef EP_V_NAME / #define EP_V_NAME 0` default in the kernels.
+# name -> (kernel define, what it changes). Each variant measured so far, with its prediction and outcome, is in
+# dev/GPU-LOG.md: the winners became the unconditional code (cfast, qfast; qonce, sbase; cmeta), the others were
+# deleted (tma, tgrid; rdyn, nap, lean, sch). A new variant adds its entry here and a `#ifndef EP_V_NAME /
+# #define EP_V_NAME 0` default in the kernels (layout.cuh).
 VARIANTS: dict[str, tuple[str, str]] = {
-    # seventh session (dev/GPU-LOG.md, "perf2"): prediction written there before its A/B; qonce and sbase won it
-    # (eighth session, call 1) and are the default code now (layout.cuh defines them to 1): naming them changes
-    # nothing, and is still accepted so that the recorded commands (BASE=sbase ...) keep working
-    "qonce": ("EP_V_QONCE", "(default) ht fp8 dispatch quantises each token once (stage region), send items copy it"),
-    # the same at every batch size (qonce: from 512 tokens): the GPU worker's test sizes reach the copy path, and the
-    # 128-token rows measure the pass's grid-wide wait
-    "qonceall": ("EP_V_QONCE_ALL", "qonce at every batch size"),
-    # dev/GPU-LOG.md, seventh session: the 128-token fixed cost
-    "sbase": ("EP_V_SBASE", "(default) ht dispatch: no receive-buffer reservation where every source's worst case "
-                            "fits"),
-    # eighth session (dev/GPU-LOG.md, "Eighth session: small-batch variants"): the fixed cost at 128 tokens
-    "rdyn": ("EP_V_RDYN", "ht receives of small rounds take their units by whole blocks from a counter, in arrival "
-                          "order (blocks free early do the work)"),
-    "nap": ("EP_V_NAP", "waits of rounds of <= 512 tokens back off to 128 ns (flags) / 64 ns (signals)"),
-    "lean": ("EP_V_LEAN", "receive hand-overs at device scope, the count item's rank counts per warp; with sbase: "
-                          "no base publish / reservation clear"),
-    # host only (backend.py, layout.send_chunk_tokens): the kernels are the baseline's (the define is unused)
-    "sch": ("EP_V_SCH", "ht items of up to 16 tokens halved (~2 per block): twice the blocks hold peer items"),
-    # eighth session (dev/GPU-LOG.md, "Eighth session: a 24-SM variant (sm24)"): the ht combine at 24 SMs
-    "cmeta": ("EP_V_CMETA", "ht combine expert side: each chunk item's message metadata (hinfo, weights, compacted "
-                            "rows) staged in shared memory once per message, not per (message, slice) unit"),
+    # a test knob, not a candidate: the quantise-once path (dispatch.cuh qonce_pass, default from 512 tokens) at every
+    # batch size, so that the GPU worker's small test sizes run it (and the 128-token rows measure its grid-wide wait)
+    "qonceall": ("EP_V_QONCE_ALL", "ht fp8 dispatch quantises each token once at every batch size (default: from 512)"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }

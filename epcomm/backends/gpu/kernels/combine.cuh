@@ -81,13 +81,13 @@ __device__ __forceinline__ void reduce_rows_compacted(char* dst, const char* ey,
   }
 }
 
-#if EP_V_CMETA
-// Variant cmeta (ht combine, expert side): the metadata of a batch of received messages (a chunk item's, up to
+// ht combine, expert side: the metadata of a batch of received messages (a chunk item's, up to
 // CM_MSGS), read and compacted once per message by one thread into shared memory, before the block's warps take the
 // batch's (message, slice) units. Why: each unit otherwise reads its message's hinfo row, then its weights (dependent
 // on the token), then compacts the K slots (~130 select instructions per unit, once per slice: 10 times per message)
 // before its row loads can issue: one dependent global round trip and ~40 % of the unit's instructions that move no
-// row byte. At 24 SMs the expert side is bound by that per-warp chain (dev/GPU-LOG.md, eighth session, sm24).
+// row byte. At 24 SMs the expert side is bound by that per-warp chain (measured as variant cmeta on 2 x H200: combine
+// at 24 SMs 727.5 -> 659.1 us, level at 132; dev/GPU-LOG.md, ninth session).
 constexpr int CM_MSGS = MAX_ITEM_TOKENS;   // messages per batch: a chunk item's at most (more: several batches)
 static_assert(CM_MSGS <= THREADS, "one staging thread per message");
 struct CombineMeta {
@@ -164,7 +164,6 @@ __device__ __forceinline__ void stage_message_meta(const Params& p, int s, int i
   cm.di[q] = di;
   cm.nv[q] = nv;
 }
-#endif
 
 __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   int a = 0, n = p.T;
@@ -324,9 +323,7 @@ __device__ void combine_send(const Params& p, bool fused) {
         if (sig_rejected(ld_rlx(wsig + q)) || (p.fence && s_lost[q])) atomicOr(&s_wrej, 1ull << q);
       __syncthreads();
       const float* wr = reinterpret_cast<const float*>(p.sym + p.off_wrecv) + (size_t)par * R * WEIGHT_STRIDE;
-#if EP_V_CMETA
       __shared__ CombineMeta cm;
-#endif
       // Work items: (source s, token chunk c) of the source's dispatch, chunk-major with sources interleaved (so
       // that rows for the peers (link-bound) and for this rank (HBM-bound) are in flight together, and every rank
       // finishes its chunks in about the same order); taken from a counter by whole blocks. The block's warps share
@@ -351,7 +348,6 @@ __device__ void combine_send(const Params& p, bool fused) {
         const int i0 = cp[c], i1 = min(cp[c + 1], p.hcount[s]);
         if (i1 <= i0) continue;   // nothing of s's chunk c came here: s does not wait for it
         const bool local = same_node(p, s);
-#if EP_V_CMETA
         for (int m0 = i0; m0 < i1; m0 += CM_MSGS) {
           const int n = min(CM_MSGS, i1 - m0);
           if (m0 > i0) __syncthreads();   // every warp is done with the previous batch's table
@@ -379,41 +375,6 @@ __device__ void combine_send(const Params& p, bool fused) {
             }
           }
         }
-#else
-        for (int w = warp; w < (i1 - i0) * ROW_SLICES; w += WARPS) {
-          const int i = i0 + w / ROW_SLICES, sl = w % ROW_SLICES;
-          // hinfo and the staged rows hold recv_tokens messages (packed over sources in rank order)
-          if (s_mpref[s] + i >= p.recv_tokens) {
-            if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
-            continue;
-          }
-          const int* hi = p.hinfo + ((size_t)s_mpref[s] + i) * (2 + K);
-          int t = hi[0];
-          const int di = hi[1];   // index of this rank among t's ranks: the slot of its row on s
-          if (t < 0 || t >= M || di < 0 || di >= MAX_DEST_RANKS) {
-            if (lane == 0 && sl == 0) report(p, ERR_BAD_SOURCE, s, i, (int)round, PHASE_COMBINE);
-            continue;
-          }
-          int rows[K];
-          float w8[K];
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            rows[k] = hi[2 + k];
-            if (rows[k] >= p.maxr) rows[k] = -1;
-            w8[k] = wr[(size_t)s * WEIGHT_STRIDE + t * K + k];
-          }
-          size_t off = p.off_crecv + (((size_t)par * M + t) * MAX_DEST_RANKS + di) * COMBINE_ROW_BYTES;
-          char* dst = local ? p.peer[s] + off
-                            : p.sym + p.off_cstage + CSTAGE_WEIGHT_BYTES + ((size_t)s_mpref[s] + i) * COMBINE_ROW_BYTES;
-          const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
-          reduce_rows_compacted(dst, ey, rows, w8, v0, v1);
-          __syncwarp();
-          if (!local) {
-            nvshmemx_putmem_nbi_warp(p.sym + off + (size_t)v0 * 16, dst + (size_t)v0 * 16, (size_t)(v1 - v0) * 16, s);
-            used_shmem = true;
-          }
-        }
-#endif
         // every row of the chunk is written (or put): raise its flag on s
         __syncthreads();
         if (threadIdx.x == 0) raise_flag(p, p.off_cflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, s, round);
@@ -526,20 +487,7 @@ __device__ void combine_recv(const Params& p) {
     unsigned long long ready = 0;   // ranks whose rows of chunk ready_c are known to be here
     unsigned long long refused = 0; // ... of which those whose flag came marked (no rows: they refused their input)
     unsigned long long gone = 0;    // ... and those lost in the round (fencing: their rows never come)
-#if EP_V_RDYN
-    // variant rdyn (as in dispatch_recv): the (token, slice) units of a small round by whole blocks in batches of
-    // WARPS from the counter, tokens in order (the peers' chunks come in that order), so that the blocks free first
-    // sum what has landed while blocks whose send items went to a peer still wait for their flags' release
-    const bool bdyn = !dyn;
-    bool failed = false;   // this warp failed a wait (the block then leaves together, block_grab)
-    int b0 = bdyn ? block_grab(p, S_CRCTR, false, nunits) : 0;
-    for (int u = bdyn ? b0 + warp : dyn ? warp_grab(p, S_CRCTR) : gw; bdyn ? b0 < nunits : u < nunits;
-         u = bdyn ? (b0 = block_grab(p, S_CRCTR, failed, nunits)) + warp : dyn ? warp_grab(p, S_CRCTR) : u + nw) {
-      if (bdyn && u >= nunits) continue;   // the last batch's spare warps
-      do {   // one unit (`break` leaves the unit, the loop below decides)
-#else
     for (int u = dyn ? warp_grab(p, S_CRCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_CRCTR) : u + nw) {
-#endif
       const int t = dyn ? u : u / NS;
       unsigned long long dmask = 0;   // destination ranks of this token
 #pragma unroll
@@ -569,11 +517,7 @@ __device__ void combine_recv(const Params& p) {
         refused |= __shfl_sync(0xffffffffu, marked, 0);
         gone |= __shfl_sync(0xffffffffu, lost, 0);
         __syncwarp();  // lane 0's acquires before every lane's reads of the rows
-#if EP_V_RDYN
-        if (!ok) { failed = true; break; }
-#else
         if (!ok) break;
-#endif
         ready |= need;
       }
       if ((dmask & refused) && lane == 0 && (dyn || u % NS == 0))   // once per token
@@ -614,10 +558,6 @@ __device__ void combine_recv(const Params& p) {
             reinterpret_cast<uint4*>(reinterpret_cast<char*>(p.y) + (size_t)t * COMBINE_ROW_BYTES)[cb + 32 * q] =
                 pack8(a[q]);
       }
-#if EP_V_RDYN
-      } while (0);
-      if (failed && !bdyn) break;   // (bdyn: block_grab ends the loop for the whole block)
-#endif
     }
   }
 #if EP_V_PROBE

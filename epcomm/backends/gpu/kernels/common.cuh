@@ -111,11 +111,7 @@ __device__ bool block_wait(const Params& p, const unsigned long long* sig, unsig
     FenceWait fw{t0, 0ull, 0, false};
     while (not_yet(w, round)) {
       __nanosleep(nap);
-#if EP_V_NAP
-      if (nap < (p.T <= NAP_MAX_TOKENS ? 64u : 256u)) nap <<= 1;
-#else
       if (nap < 256) nap <<= 1;
-#endif
       if (++spins > 64) {
         spins = 0;
         if (ld_acq(ab) != 0ull) {  // that peer gave up (EPBuffer abort): stop now instead of at the deadline
@@ -160,13 +156,7 @@ __device__ bool thread_wait(const Params& p, const unsigned long long* flag, uns
   // acquire per poll) slowed the copying warps of the whole GPU up to 10x (measured).
   while (not_yet(flag, round)) {
     __nanosleep(nap);
-#if EP_V_NAP
-    // variant nap: in a small round a late flag costs up to the cap on a chain of few steps, and the few polling
-    // warps (one per (message / token, slice) unit) leave the copies alone at 128 ns
-    if (nap < (p.T <= NAP_MAX_TOKENS ? 128u : 1024u)) nap <<= 1;
-#else
     if (nap < 1024) nap <<= 1;
-#endif
     if (++spins > 16) {
       spins = 0;
       if (ld_rlx(ab) != 0ull) { report(p, ERR_ABORT, peer, what, (int)round, phase); return false; }
@@ -195,13 +185,7 @@ __device__ bool block_done(const Params& p, int phase_slot, bool used_nvshmem, b
     unsigned old = atomicAdd(&p.state[S_DONE + phase_slot], 1u);
     last = (old == gridDim.x - 1);
     if (last) {
-#if EP_V_LEAN
-      // variant lean: a receive phase hands over to later work of this GPU only (stream order; its last block's
-      // remote-visible stores fence for themselves): the acquire at device scope, as its blocks' release
-      if (sys) fence_sys(); else fence_gpu();
-#else
       fence_sys();  // acquire: every block's writes (ordered before its count) before the hand-over that follows
-#endif
       p.state[S_DONE + phase_slot] = 0;
     }
   }
@@ -359,18 +343,6 @@ __device__ __forceinline__ int warp_grab(const Params& p, int slot) {
   return __shfl_sync(0xffffffffu, u, 0);
 }
 
-#if EP_V_RDYN
-// Variant rdyn: the first unit of the next batch of WARPS units of a receive's work list (counter p.state[slot]) for
-// the whole block (every thread calls it; warp w takes the batch's unit w), or `end` for all once any warp of the
-// block failed a wait (failed: this thread's warp did), so that the block leaves its loop together.
-__device__ __forceinline__ int block_grab(const Params& p, int slot, bool failed, int end) {
-  __shared__ int s_grab;
-  const int any = __syncthreads_or(failed);   // also: every warp has read the previous batch
-  if (threadIdx.x == 0) s_grab = any ? end : (int)atomicAdd(&p.state[slot], (unsigned)WARPS);
-  __syncthreads();
-  return s_grab;
-}
-#endif
 
 __device__ __forceinline__ unsigned cur_round(const Params& p, int slot) {
   return *((volatile unsigned*)&p.state[slot]) + 1u;

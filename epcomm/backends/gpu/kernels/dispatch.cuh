@@ -16,13 +16,12 @@ namespace ep {
 // split kernels cannot: the caller may reuse x between dispatch_async and dispatch_wait).
 __device__ __forceinline__ bool own_rows_from_x(bool fused) { return HT && !FP8 && fused; }
 
-#if EP_QONCE
-// Variant qonce (EP_V_QONCE): at 2 ranks the ht fp8 send quantised every token twice, once per destination rank
-// (min(K, R) times at most): at 24 SMs that pass was compute-bound. Under the variant a first pass of the whole grid
-// quantises every routed token once into its first staging message (the stage region, [token][rank index]: index 0;
+// Quantise once (measured as variant qonce: fp8 dispatch at 24 SMs -16 %, dev/GPU-LOG.md eighth session): quantising
+// in each send item quantised a token once per destination rank (min(K, R) times), and at 24 SMs that work bound the
+// send. So a first pass of the whole grid quantises every routed token once into its first staging message (the stage region, [token][rank index]: index 0;
 // layout.py gives the region to such a buffer on one node too), and the send items copy those bytes: into the
 // destination's message, or (other nodes) into the token's staged message of that rank, or not at all where that is
-// the first one. Small batches keep quantising per item: below QONCE_MIN_TOKENS (512; variant qonceall: 0) the pass's
+// the first one. Small batches keep quantising per item: below QONCE_MIN_TOKENS (512; test knob qonceall: 0) the pass's
 // grid-wide wait is expected to cost more than the quantisation it saves. Caller-quantised input (p.x_scales) is
 // copied anyway.
 __device__ __forceinline__ bool qonce_on(const Params& p) {
@@ -67,18 +66,16 @@ __device__ bool qonce_pass(const Params& p) {
   __syncthreads();
   return s_ok != 0;
 }
-#endif
 
-#if EP_V_SBASE
-// Variant sbase: where this rank's messages start in a destination's receive buffer, without the reservation. When
+// Where this rank's messages start in a destination's receive buffer, without the reservation. When
 // the buffer holds every source's worst case (no receive capacity: recv_tokens = sources x M), source s's messages
 // can start at s x M on every destination, so the item of a destination's last chunk needs no remote fetch-add (one
 // NVLink / network round trip, ~3 us, before the count message), and the other items do not wait for that item
-// (wait_base) before they write. The count message still carries the base; the receiver is unchanged. With a
-// receive capacity the reservation stays (the sources' messages are packed).
+// (wait_base) before they write (measured as variant sbase: 128-token dispatch -2.4 us). The count message still
+// carries the base; the receiver does not depend on how it was chosen. With a receive capacity the reservation
+// stays (the sources' messages are packed).
 __device__ __forceinline__ bool sbase_on(const Params& p) { return HT && p.recv_tokens >= (SKIP ? 1 : R) * M; }
 __device__ __forceinline__ int sbase(const Params& p) { return SKIP ? 0 : p.me * M; }
-#endif
 
 __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_cnt[LOCAL_EXPERTS];        // running per-expert count (experts of d)
@@ -106,10 +103,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
 
   // handle copy of the ids (combine needs them) + the fused shared expert rows
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
-#if EP_QONCE
-  // variant qonce: every token quantised once, before any item (qonce_pass)
+  // ht fp8 from QONCE_MIN_TOKENS: every token quantised once, before any item (qonce_pass)
   const bool qonce = qonce_on(p) && qonce_pass(p);
-#endif
 
   // ht: items taken in order from a counter, so blocks whose items went to this rank (fast) take more of them and
   // the chunks reach each destination in the order of the list (and so of its receive)
@@ -136,27 +131,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     // prefix over tokens [0, t0)
     int tok_before = 0;
-#if EP_V_LEAN
-    // variant lean: the count item (last) counts the routed rows per rank (s_rows: R words, so nearly every lane of
-    // a warp hits the same one; a shared atomic serialises such conflicts) once per warp and rank (match_any), so
-    // that its count message, which every receiver waits for, goes out sooner; the per-expert counts as before
-    for (int tb = 0; tb < t0; tb += THREADS) {
-      int t = tb + threadIdx.x;
-      bool goes = false;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int id = t < t0 ? p.ids[t * K + k] : -1;
-        if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
-        if (last) {   // block-uniform: every lane of the warp is here
-          const int rk = (id >= 0 && id < E) ? id / LOCAL_EXPERTS : -1;
-          const unsigned m = __match_any_sync(0xffffffffu, rk);
-          if (rk >= 0 && (m & lanemask_lt()) == 0u) atomicAdd(&s_rows[HT ? rk : 0], __popc(m));
-        }
-      }
-      if (last && goes) atomicAdd(&s_ctok[t / ch], 1);
-      tok_before += __syncthreads_count(goes);
-    }
-#else
     for (int tb = 0; tb < t0; tb += THREADS) {
       int t = tb + threadIdx.x;
       bool goes = false;
@@ -171,7 +145,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       }
       tok_before += __syncthreads_count(goes);
     }
-#endif
     __syncthreads();
     // warp 0: ranks inside the chunk
     if (warp == 0) {
@@ -227,16 +200,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
           const int n = s_ctpref[nchunks];
           const size_t roff = p.off_dresv + (size_t)par * 8;
           int old;
-#if EP_V_SBASE
           if (sbase_on(p)) old = sbase(p); else
-#endif
           if (same_node(p, d)) old = (int)atomicAdd_system(reinterpret_cast<unsigned*>(p.peer[d] + roff), (unsigned)n);
           else old = nvshmem_int_atomic_fetch_add(reinterpret_cast<int*>(p.sym + roff), n, d);
           s_base = (old >= 0 && old + n <= p.recv_tokens) ? old : -1;
-#if EP_V_LEAN && EP_V_SBASE
-          // variant lean: with sbase, d's other items take the base from sbase(), not from dbase: no system release
-          if (!sbase_on(p))
-#endif
           st_rel(p.dbase + d, ((unsigned long long)round << 32) | (unsigned)s_base);   // for d's other items here
         }
         __syncthreads();
@@ -321,15 +288,10 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       const bool meta_only = own_rows_from_x(fused) && d == p.me;
       // where this rank's messages start on d: reserved by the item of d's last chunk (d's first item, taken
       // before this one by a running block)
-#if EP_V_SBASE
       if (!last && threadIdx.x == 0) s_base = sbase_on(p) ? sbase(p) : wait_base(p, d, round);
-#else
-      if (!last && threadIdx.x == 0) s_base = wait_base(p, d, round);
-#endif
       __syncthreads();
       const int base = s_base;
-#if EP_QONCE
-      // variant qonce: the tokens' quantised bytes are copied, in units of G slices (whole rows when the item has a
+      // quantised once: the tokens' quantised bytes are copied, in units of G slices (whole rows when the item has a
       // row per warp or more: more bytes in flight per warp than a slice's), unless dst is where they are (the
       // token's first staged message); then the metadata, as below
       const int G = qonce ? max(1, min(ROW_SLICES, nt * ROW_SLICES / WARPS)) : 1;
@@ -351,9 +313,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
         }
       }
       for (int w = warp; !qonce && w < nt * ROW_SLICES; w += WARPS) {
-#else
-      for (int w = warp; w < nt * ROW_SLICES; w += WARPS) {
-#endif
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
         if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
@@ -442,9 +401,7 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
   }
   // the round of this phase is over for this rank (ht: every chunk flag and count message is out)
-#if EP_QONCE
   if (last_block && threadIdx.x == 0) p.state[S_QDONE] = 0;   // every block is past qonce_pass
-#endif
   if (last_block && threadIdx.x == 0) { stamp(p, 2); p.state[S_SCTR] = 0; __threadfence(); p.state[S_DSEND] = round; }
 }
 
@@ -635,27 +592,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
     const bool dyn = ntot * ROW_SLICES > 4 * nw;
     const int nunits = dyn ? ntot : ntot * ROW_SLICES;
     int ready_s = -1, ready_c = -1;   // the chunk this warp last found landed
-#if EP_V_RDYN
-    // Variant rdyn: the (message, slice) units of a small round are taken by whole blocks in batches of WARPS from
-    // a counter (block_grab), in the order they land (this rank's own messages, then each peer's last message
-    // first), not split statically over all warps. Why: in the fused kernel a block enters its receive only when
-    // its send item is out, and an item to a peer holds its block until the link has drained (the chunk flag's
-    // release); a static split leaves those blocks' units, own messages included, until then, while the blocks whose
-    // items went to this rank idle. One atomic per block and batch, not per unit (~2,600 units at 128 tokens).
-    const bool bdyn = !dyn;
-    bool failed = false;   // this warp failed a wait (the block then leaves together, block_grab)
-    int b0 = bdyn ? block_grab(p, S_RCTR, false, nunits) : 0;
-    for (int u = bdyn ? b0 + warp : dyn ? warp_grab(p, S_RCTR) : gw; bdyn ? b0 < nunits : u < nunits;
-         u = bdyn ? (b0 = block_grab(p, S_RCTR, failed, nunits)) + warp : dyn ? warp_grab(p, S_RCTR) : u + nw) {
-      if (bdyn && u >= nunits) continue;   // the last batch's spare warps
-      do {   // one unit (`break` leaves the unit, the loop below decides)
-      const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
-      int q = 0;
-      while (q + 1 < R && s_tpref[q + 1] <= j) ++q;
-      const int s = (p.me + q) % R;
-      // dynamic: last message first (the sender's chunks go out last chunk first)
-      const int i = (dyn || bdyn) ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
-#else
     for (int u = dyn ? warp_grab(p, S_RCTR) : gw; u < nunits; u = dyn ? warp_grab(p, S_RCTR) : u + nw) {
       const int j = dyn ? u : u / ROW_SLICES, sl = dyn ? 0 : u % ROW_SLICES;
       int q = 0;
@@ -663,7 +599,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
       const int s = (p.me + q) % R;
       // dynamic: last message first (the sender's chunks go out last chunk first)
       const int i = dyn ? s_ntok[s] - 1 - (j - s_tpref[q]) : j - s_tpref[q];
-#endif
       // the sender's chunk that holds message i: last c with prefix[c] <= i (binary search in shared memory)
       const int* cp = s_chpref + s * (MAX_CHUNKS + 1);
       int clo = 0, chi = max(1, s_nch[s]);  // invariant: cp[clo] <= i < cp[chi]
@@ -680,11 +615,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         }
         ok = __shfl_sync(0xffffffffu, ok, 0);
         __syncwarp();  // lane 0's acquire of the flag before every lane's reads of the chunk
-#if EP_V_RDYN
-        if (!ok) { failed = true; break; }
-#else
         if (!ok) break;
-#endif
         ready_s = s;
         ready_c = clo;
       }
@@ -732,10 +663,6 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
         if (lane == 0) { hi[0] = t; hi[1] = dest_index(meta + 2, p.me); }   // [1]: where s expects its row
         if (lane < K) hi[2 + lane] = rows[lane];
       }
-#if EP_V_RDYN
-      } while (0);
-      if (failed && !bdyn) break;   // (bdyn: block_grab ends the loop for the whole block)
-#endif
     }
   }
 #if EP_V_PROBE
@@ -744,12 +671,7 @@ __device__ void dispatch_recv(const Params& p, bool fused) {
 #endif
   if (block_done(p, S_DRECV, false, false)) {
     if (threadIdx.x == 0) {
-#if EP_V_LEAN && EP_V_SBASE
-      // variant lean: no source reserved (sbase): the word is still 0, no clear and no system fence on the chain
-      if (HT && !sbase_on(p)) {
-#else
       if (HT) {   // every source reserved before it sent its count message: clear this parity's reservations
-#endif
         *reinterpret_cast<volatile unsigned long long*>(p.sym + p.off_dresv + (size_t)par * 8) = 0ull;
         __threadfence_system();
       }

@@ -52,54 +52,19 @@ constexpr bool PLACED = BATCHED || ROW_ALIGN > 1;
 #define EP_COL_SCALES 0
 #endif
 constexpr bool COL_SCALES = EP_COL_SCALES != 0;
-// Kernel variants (epcomm/backends/gpu/variants.py, EPCOMM_VARIANT): those under measurement are 0 in the default
-// build; qonce and sbase won their A/B on 2 x H200 (dev/GPU-LOG.md, eighth session, call 1) and are 1: the default
-// code (-DEP_V_QONCE=0 / -DEP_V_SBASE=0 rebuild the earlier paths for an A/B).
-// EP_V_QONCE: ht fp8 dispatch quantises every token once into the stage region, the send items copy its bytes (from
-// 512 tokens; EP_V_QONCE_ALL: at every batch size). dispatch.cuh, qonce_pass. Fp8 dispatch at 24 SMs: -16 %.
-#ifndef EP_V_QONCE
-#define EP_V_QONCE 1
-#endif
+// Kernel variants (epcomm/backends/gpu/variants.py, EPCOMM_VARIANT): a variant under measurement is an `#if EP_V_*`
+// block, 0 in the default build; once its A/B is in (dev/GPU-LOG.md) it becomes the code or is deleted.
+// EP_V_QONCE_ALL: the ht fp8 dispatch quantises each token once (dispatch.cuh qonce_pass) at every batch size, not
+// only from QONCE_MIN_TOKENS, so that the GPU worker's small test sizes take that path too (a test knob).
 #ifndef EP_V_QONCE_ALL
 #define EP_V_QONCE_ALL 0
-#endif
-// EP_V_SBASE: ht dispatch without the receive-buffer reservation when the buffer holds every source's worst case
-// (128-token dispatch: -2.4 us).
-#ifndef EP_V_SBASE
-#define EP_V_SBASE 1
-#endif
-// Eighth session (dev/GPU-LOG.md, "Eighth session: small-batch variants"), the fixed cost at small batches:
-// EP_V_RDYN: ht receives (dispatch and combine) of small rounds take their (message / token, slice) units from a
-// counter by whole blocks, in arrival order, instead of a static split over all warps. common.cuh block_grab.
-#ifndef EP_V_RDYN
-#define EP_V_RDYN 0
-#endif
-// EP_V_NAP: the waits of small rounds (T <= NAP_MAX_TOKENS) back off to 128 ns (flags) / 64 ns (signals), not 1024 / 256.
-#ifndef EP_V_NAP
-#define EP_V_NAP 0
-#endif
-// EP_V_LEAN: trims on the serial chain: receive hand-overs with a device-scope acquire, the count item's per-rank
-// row counts aggregated per warp, and (with EP_V_SBASE) no base publish or reservation clear where nothing is reserved.
-#ifndef EP_V_LEAN
-#define EP_V_LEAN 0
-#endif
-// EP_V_SCH: host only (layout.py send_chunk_tokens: ht items of up to 16 tokens halved); unused here.
-#ifndef EP_V_SCH
-#define EP_V_SCH 0
-#endif
-// EP_V_CMETA: ht combine, expert side: a chunk item's message metadata (hinfo, weights, compacted rows) staged in
-// shared memory once per message, not read and compacted per (message, slice) unit (combine.cuh stage_message_meta).
-#ifndef EP_V_CMETA
-#define EP_V_CMETA 0
 #endif
 // EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
 #endif
-// (#if EP_QONCE / EP_V_SBASE in the kernels, not `if constexpr`: the baseline build must compile to the same PTX as before it)
-#define EP_QONCE (EP_V_QONCE || EP_V_QONCE_ALL)
+// Below this many tokens per rank the quantise-once pass's grid-wide wait costs more than quantising per item saves.
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
-constexpr int NAP_MAX_TOKENS = 512;   // variant nap: the shorter back-off up to this many tokens per rank
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
 constexpr bool HT = EP_HT != 0;
 constexpr bool FUSED = EP_FUSED != 0;
@@ -162,7 +127,7 @@ static_assert(!HT || R <= 64, "ht: at most 64 ranks (destination masks are 64-bi
 enum { S_DSEND = 0, S_DRECV = 1, S_CSEND = 2, S_CRECV = 3, S_DONE = 8, S_RCTR = 16, S_SCTR = 17, S_CSCTR = 18,
        S_CRCTR = 19, S_FAIL = 20, S_QDONE = 21, S_OWNER = 24, S_REJ_TOKENS = 28, S_REJ_RANK = 29,
        S_LOST_TOKENS = 30, S_LOST_RANK = 31, S_BEAT_T = 50, S_BEAT_N = 52 };
-// S_QDONE (variant qonce): blocks past the ht fp8 dispatch's quantisation pass (reset by the send's last block).
+// S_QDONE (quantise once): blocks past the ht fp8 dispatch's quantisation pass (reset by the send's last block).
 // S_FAIL: set once any wait of this buffer failed (never reset: buffer is dead). S_OWNER: words 24..27 (u64 [2]).
 // S_REJ_*: a combine's tokens on the experts of refusing ranks, and R - the lowest such rank (common.cuh
 // count_refusal; reset by publish_refusal). S_LOST_*: the same for ranks lost in the round (fencing, fence.cuh

@@ -189,8 +189,7 @@ __device__ __forceinline__ void warp_put_token_multi(const Params& p, int t, cha
   }
 }
 
-#if EP_QONCE
-// Variant qonce: steps [step0, step1) of a quantised message (qmsg: e4m3 data, its scales at DATA_BYTES) into dst,
+// ht fp8 from QONCE_MIN_TOKENS (dispatch.cuh qonce_pass): steps [step0, step1) of a quantised message (qmsg: e4m3 data, its scales at DATA_BYTES) into dst,
 // by one warp. The steps' data bytes are contiguous (a step: 32 x 8 channels, 256 bytes, 16-byte aligned), so they go
 // as 16-byte vectors, up to 7 per lane in flight (a whole 7168-channel row in two round trips, where a copy shaped
 // like the quantiser's stores, 8 bytes a lane, moves one 768-byte slice per round trip); the scales of the steps'
@@ -206,6 +205,5 @@ __device__ __forceinline__ void warp_copy_quantised_steps(const char* qmsg, char
   if (j0 + 32 < j1) ds[j0 + 32] = s1;
   for (int j = j0 + 64; j < j1; j += 32) ds[j] = qs[j];
 }
-#endif
 
 }  // namespace ep
