@@ -168,14 +168,8 @@ if has demo; then
   fi
 fi
 if has mps100 || has mps50 || has mps12 || has mpsbench; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
-  stop_mps() { echo quit | timeout 20 "$MPSCTL" >/dev/null 2>&1; sleep 1; }
-  trap stop_mps EXIT
-  stop_mps   # a daemon left on this pipe directory by an earlier run of this script (a warm machine)
-  if "$MPSCTL" -d; then
-    sleep 1; echo "=== MPS daemon started ($MPSCTL)"
+  source "$(dirname "$0")/mps.sh"
+  if mps_start; then
     has mps100 && run_worker mps100 one-gpu-2 2 100 "${T_MPS100:-90}"
     has mps50  && run_worker mps50  one-gpu-2 2 50  "${T_MPS50:-90}"
     has mps12  && run_worker mps12  one-gpu-8 8 12  "${T_MPS12:-280}"
@@ -190,7 +184,7 @@ if has mps100 || has mps50 || has mps12 || has mpsbench; then
         record mpsbench one-gpu-2 2 50 "$rc" $((SECONDS - t0)) "$OUT/mpsbench.log" bench
       fi
     fi
-    stop_mps; trap - EXIT
+    mps_stop; trap - EXIT
     cp "$CUDA_MPS_LOG_DIRECTORY"/*.log "$OUT/" 2>/dev/null
   else
     echo "=== MPS daemon did not start: MPS steps not run"

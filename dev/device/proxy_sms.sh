@@ -8,14 +8,20 @@
 #   [SMS="24 66"] [MPS_PCT=100] [VARIANTS="- name"] bash dev/device/proxy_sms.sh [steps]
 # The grid is what occupancy.py lets each rank keep resident beside the other (its log line "N blocks asked ...
 # M used"): under MPS 50 % that was 19 blocks whatever SMS asked (2026-12-01), so ask MPS_PCT=100 for 24 or more.
-# steps (comma list, this order; default build,bench,stamps): build (every variant's kernels), bench (`launch bench
-# --case ht --sms S` per variant and S), stamps (tests/gpu/bench_quick.py --steady-only --only ht-bf16,ht-fp8 with
-# EPCOMM_BLOCKS=S, variant probe added). Logs and JSON under $OUT (default /tmp/out); proxy.txt is the digest.
+# steps (comma list, this order; default build,bench,stamps):
+#   build   every variant's kernels (the bench's ht and ll shapes; with stamps, also under variant probe)
+#   check   the GPU worker (--quick --no-extras) under EPCOMM_VARIANT=$CHECK, 2 ranks, default grid
+#   bench   REPS rounds (default 1), in each every variant's `launch bench --case ht --sms S` per S (interleaved, so
+#           drift hits every variant alike)
+#   ll      REPS rounds, in each every variant's `launch bench --case ll` (128 tokens, grouped and batched, graphs)
+#   stamps  tests/gpu/bench_quick.py --steady-only --only ht-bf16,ht-fp8 with EPCOMM_BLOCKS=S, variant probe added
+# Logs and JSON under $OUT (default /tmp/out); proxy.txt is the digest.
 set -o pipefail
 STEPS=",${1:-build,bench,stamps},"
 SMS=${SMS:-24 66}
 MPS_PCT=${MPS_PCT:-100}
 VARIANTS=${VARIANTS:--}
+REPS=${REPS:-1}
 TOPO=${TOPO:-configs/one-gpu-2.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/proxy"
 source "$(dirname "$0")/device_env.sh"   # the wheel, PYTHONPATH, kernel cache, multicast off
@@ -24,36 +30,47 @@ step() { echo "=== $1 ($(date -u +%T))"; }
 var() { [ "$1" = "-" ] && echo "" || echo "$1"; }
 tag() { [ "$1" = "-" ] && echo baseline || echo "${1//,/_}"; }
 pv() { local x; x=$(var "$1"); echo "${x:+$x,}probe"; }   # the variant with the probe added (stamps)
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
-stop_mps() { echo quit | timeout 20 "$MPSCTL" >/dev/null 2>&1; sleep 1; }
-trap stop_mps EXIT
-stop_mps
-"$MPSCTL" -d || { echo "MPS daemon did not start"; exit 1; }
+source "$(dirname "$0")/mps.sh"
+mps_start || { echo "MPS daemon did not start"; exit 1; }
 export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$MPS_PCT
 { date -u; nvidia-smi -L; echo "proxy: SM budgets $SMS, variants $VARIANTS, MPS $MPS_PCT %, $TOPO"; } | tee "$OUT/proxy-info.log"
 
 if has build; then
   step build
   for v in $VARIANTS; do
-    EPCOMM_VARIANT=$(var "$v") python3 dev/device/x2_prebuild.py --jobs 8 --case ht >/dev/null 2>&1 &
-    EPCOMM_VARIANT=$(pv "$v") python3 -c "from epcomm.backends.gpu import specs; specs.build_all([c for c in \
-      specs.bench_configs(2) if c.mode == 'ht' and c.max_tokens_per_rank > 128], jobs=8)" >/dev/null 2>&1 &
+    EPCOMM_VARIANT=$(var "$v") python3 dev/device/x2_prebuild.py --jobs 8 --case ht,ll >/dev/null 2>&1 &
+    has stamps && EPCOMM_VARIANT=$(pv "$v") python3 -c "from epcomm.backends.gpu import specs; specs.build_all([c for c \
+      in specs.bench_configs(2) if c.mode == 'ht' and c.max_tokens_per_rank > 128], jobs=8)" >/dev/null 2>&1 &
   done
+  [ -n "$CHECK" ] && EPCOMM_VARIANT=$CHECK python3 -m epcomm.backends.gpu.specs >/dev/null 2>&1 &
   wait
 fi
-if has bench; then
-  for sms in $SMS; do
-    for v in $VARIANTS; do
-      step "bench ht --sms $sms $(tag "$v")"
-      EPCOMM_VARIANT=$(var "$v") timeout ${T_BENCH:-90} python3 -m launch bench -t "$TOPO" --timeout ${T_BENCH:-90} -- \
-        --case ht --sms "$sms" --json "$OUT/proxy/ht-$sms-$(tag "$v").json" > "$OUT/proxy/ht-$sms-$(tag "$v").log" 2>&1
-      grep -E "^ +ht +epcomm|result:|rror|wrong|blocks asked" "$OUT/proxy/ht-$sms-$(tag "$v").log" | sort -u | head -10 \
-        | tee -a "$OUT/proxy.txt"
-    done
-  done
+if has check && [ -n "$CHECK" ]; then
+  step "check ($CHECK)"
+  EPCOMM_VARIANT=$CHECK timeout ${T_CHECK:-90} python3 -m launch run -t "$TOPO" --timeout ${T_CHECK:-90} -- \
+    python3 tests/gpu/worker.py --quick --no-extras > "$OUT/proxy/check.log" 2>&1
+  echo "check $CHECK: rc $?, $(grep -c PASS "$OUT/proxy/check.log") PASS, $(grep -c FAIL "$OUT/proxy/check.log") FAIL" \
+    | tee -a "$OUT/proxy.txt"
+  grep -E "FAIL|Traceback|rror" "$OUT/proxy/check.log" | head -5
 fi
+# one bench run: bench_run NAME VARIANT [bench args]
+bench_run() {
+  local name=$1 v=$2; shift 2
+  step "$name $(tag "$v")"
+  EPCOMM_VARIANT=$(var "$v") timeout ${T_BENCH:-90} python3 -m launch bench -t "$TOPO" --timeout ${T_BENCH:-90} -- \
+    "$@" --json "$OUT/proxy/$name-$(tag "$v").json" > "$OUT/proxy/$name-$(tag "$v").log" 2>&1
+  echo "--- $name $(tag "$v")" >> "$OUT/proxy.txt"
+  grep -E "^ +(ht|ll) +epcomm|result:|rror|wrong|blocks asked" "$OUT/proxy/$name-$(tag "$v").log" | sort -u | head -16 \
+    | tee -a "$OUT/proxy.txt"
+}
+for r in $(seq 1 "$REPS"); do
+  if has bench; then
+    for sms in $SMS; do for v in $VARIANTS; do bench_run "ht$sms-rep$r" "$v" --case ht --sms "$sms"; done; done
+  fi
+  if has ll; then
+    for v in $VARIANTS; do bench_run "ll-rep$r" "$v" --case ll; done
+  fi
+done
 if has stamps; then
   for sms in $SMS; do
     for v in $VARIANTS; do

@@ -8,7 +8,8 @@
 # steps (comma list, this order; default build,check,reps,stamps,summary):
 #   build    every arm's kernels (epcomm.backends.gpu.specs under each EPCOMM_VARIANT), in parallel
 #   check    the worker (--quick --no-extras) under EPCOMM_VARIANT=$CHECK on a 3-block and the full grid
-#   reps     REPS rounds; in each, every arm's `launch bench -- --case ll --no-batched` (each row checked first)
+#   reps     REPS rounds; in each, every arm's `launch bench -- --case ll --no-batched` (each row checked first;
+#            BATCHED=1: the batched-layout rows too, without --no-batched)
 #   stamps   every arm's bench_quick --steady-only --tokens 1,128 --only ht-bf16,ll-fp8, with $STAMP_EXTRA added
 #            to the arm's variants (e.g. STAMP_EXTRA=probe: the probe's inner times, in every arm alike)
 #   summary  dev/device/small_ab_summary.py: per row and arm the median of the reps' medians, its spread, and the
@@ -25,16 +26,11 @@ TOPO=${TOPO:-configs/local-2gpu.yaml}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/ab"
 source "$(dirname "$0")/device_env.sh"   # the wheel, PYTHONPATH, kernel cache, multicast off
 has() { [[ "$STEPS" == *",$1,"* ]]; }
-if [ -n "$MPS_PCT" ]; then   # as dev/device/one_gpu_rig.sh's MPS steps
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/epcomm-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/epcomm-mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  MPSCTL=$(command -v nvidia-cuda-mps-control || echo /usr/local/nvidia/bin/nvidia-cuda-mps-control)
-  stop_mps() { echo quit | timeout 20 "$MPSCTL" >/dev/null 2>&1; sleep 1; }
-  trap stop_mps EXIT
-  stop_mps
-  "$MPSCTL" -d || { echo "MPS daemon did not start"; exit 1; }
+if [ -n "$MPS_PCT" ]; then
+  source "$(dirname "$0")/mps.sh"
+  mps_start || { echo "MPS daemon did not start"; exit 1; }
   export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$MPS_PCT
-  echo "=== MPS daemon started, ${MPS_PCT} % per process"
+  echo "=== ${MPS_PCT} % of the SMs per process"
 fi
 step() { echo "=== $1 ($(date -u +%T))"; }
 var() { [ "$1" = "-" ] && echo "" || echo "$1"; }
@@ -64,7 +60,7 @@ if has reps; then
     for a in $ARMS; do
       step "rep $r: $(tag "$a")"
       EPCOMM_VARIANT=$(var "$a") timeout ${T_LL:-90} python3 -m launch bench -t "$TOPO" --timeout ${T_LL:-90} -- \
-        --case ll --no-batched ${BENCH_ARGS} --json "$OUT/ab/ll-$(tag "$a")-rep$r.json" > "$OUT/ab/ll-$(tag "$a")-rep$r.log" 2>&1
+        --case ll $([ -n "$BATCHED" ] || echo --no-batched) ${BENCH_ARGS} --json "$OUT/ab/ll-$(tag "$a")-rep$r.json" > "$OUT/ab/ll-$(tag "$a")-rep$r.log" 2>&1
       grep -E "result:|rror|wrong" "$OUT/ab/ll-$(tag "$a")-rep$r.log" | head -3
     done
   done

@@ -1,4 +1,4 @@
-"""Summary of dev/device/small_ab.sh: for every 128-token row (op, mode, format) and arm, the median over the
+"""Summary of dev/device/small_ab.sh: for every 128-token row (op, mode, layout, format) and arm, the median over the
 repetitions of the bench's median (slowest rank), the reps' spread (min..max) and p10, and the change against the
 first arm, in µs. A change smaller than the arms' spread is printed as such: it is not a result.
 
@@ -23,7 +23,8 @@ def rows_of(path: str) -> dict:
     for r in d.get("results", []):
         if r.get("impl") != "epcomm" or r.get("status") != "ok":
             continue
-        out[(r["op"], r["mode"], r["format"])] = (r["time_us"]["median"], r["time_us"]["p10"])
+        out[(r["op"], r["mode"], r.get("layout") or "grouped", r["format"])] = (r["time_us"]["median"],
+                                                                              r["time_us"]["p10"])
     return out
 
 
@@ -39,7 +40,7 @@ def main() -> int:
             for key, (med, p10) in rows_of(f).items():
                 table.setdefault(key, {}).setdefault(arm, []).append((med, p10))
     result = []
-    print(f"{'op':9} {'mode':4} {'fmt':4} " + " ".join(f"{tag(x)[:22]:>34}" for x in a.arms))
+    print(f"{'op':9} {'mode':4} {'layout':7} {'fmt':4} " + " ".join(f"{tag(x)[:22]:>34}" for x in a.arms))
     for key in sorted(table):
         cells, ref = [], None
         for arm in a.arms:
@@ -57,9 +58,9 @@ def main() -> int:
                 d = med - ref[0]
                 overlap = min(meds) <= ref[2] and max(meds) >= ref[1]
                 cells.append(f"{med:7.1f} ({d:+.1f}{'~' if overlap else '!'}) p10 {p10:5.1f}".rjust(34))
-            result.append({"op": key[0], "mode": key[1], "format": key[2], "arm": arm, "median_us": med,
+            result.append({"op": key[0], "mode": key[1], "layout": key[2], "format": key[3], "arm": arm, "median_us": med,
                            "reps_us": meds, "p10_us": p10, "change_us": d})
-        print(f"{key[0]:9} {key[1]:4} {key[2]:4} " + " ".join(cells))
+        print(f"{key[0]:9} {key[1]:4} {key[2]:7} {key[3]:4} " + " ".join(cells))
     print("µs; [min..max] of the reps' medians; (+x~): within the reference arm's spread (not a result); "
           "(+x!): outside it")
     if a.out:

@@ -24,6 +24,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # a test knob, not a candidate: the quantise-once path (dispatch.cuh qonce_pass, default from 512 tokens) at every
     # batch size, so that the GPU worker's small test sizes run it (and the 128-token rows measure its grid-wide wait)
     "qonceall": ("EP_V_QONCE_ALL", "ht fp8 dispatch quantises each token once at every batch size (default: from 512)"),
+    # ninth session (dev/GPU-LOG.md, "Ninth session: bscan"): mode "ll" batched combine at 128 tokens, +79 % on grouped
+    "bscan": ("EP_V_BSCAN", "ll combine, batched layout: walk only the rows the slabs hold (tokens_per_expert), not "
+                            "every slab row"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }

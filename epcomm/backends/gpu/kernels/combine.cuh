@@ -236,8 +236,32 @@ __device__ void combine_send(const Params& p, bool fused) {
     const int begin = FUSED ? (int)p.row_offsets[1] : 0;
     const int end = (int)p.row_offsets[GROUPS];
     const int nrow = p.rejected ? 0 : max(0, end - begin);   // a refusing rank sends no rows, only marked signals
+#if EP_V_BSCAN
+    // variant bscan: in the batched layout the slabs span GROUPS x CAP rows (32768 at 128 tokens, 2 ranks, 256
+    // experts) of which ~1024 hold a token; a warp per (row, slice) over all of them reads src_info for nothing ~30
+    // times per warp. So walk only the rows each slab holds: min(count, CAP) from the handle's tokens_per_expert.
+    __shared__ int s_bcnt[BATCHED ? GROUPS : 1], s_bpref[BATCHED ? GROUPS + 1 : 1];
+    int nlive = nrow;
+    if constexpr (BATCHED) {
+      for (int g = threadIdx.x; g < GROUPS; g += THREADS) s_bcnt[g] = min(max(p.tpe[g], 0), CAP);
+      __syncthreads();
+      block_exclusive_scan(s_bcnt, s_bpref, GROUPS);
+      if (p.rejected || nrow == 0) nlive = 0;   // (a void round: every group empty, tpe 0 too)
+      else nlive = s_bpref[GROUPS];
+    }
+    for (int it = gw; it < nlive * ROW_SLICES; it += nw) {
+      int j = begin + it / ROW_SLICES;
+      if constexpr (BATCHED) {   // the it-th held row: slab g (last g with s_bpref[g] <= r), its row r - s_bpref[g]
+        const int r = it / ROW_SLICES;
+        int lo = 0, hi = GROUPS;   // invariant: s_bpref[lo] <= r < s_bpref[hi]
+        while (hi - lo > 1) { const int mid = (lo + hi) >> 1; if (s_bpref[mid] <= r) lo = mid; else hi = mid; }
+        j = lo * CAP + (r - s_bpref[lo]);
+      }
+      const int sl = it % ROW_SLICES;
+#else
     for (int it = gw; it < nrow * ROW_SLICES; it += nw) {
       const int j = begin + it / ROW_SLICES, sl = it % ROW_SLICES;
+#endif
       int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
       if (PLACED && s == -1 && t == -1 && k == -1) continue;   // a row without a token (padding, unused slab row)
       if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {

@@ -63,6 +63,10 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
 #endif
+// EP_V_BSCAN: the ll combine of the batched layout walks only the rows its slabs hold (combine.cuh combine_send).
+#ifndef EP_V_BSCAN
+#define EP_V_BSCAN 0
+#endif
 // Below this many tokens per rank the quantise-once pass's grid-wide wait costs more than quantising per item saves.
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
