@@ -58,8 +58,8 @@ def main() -> int:
                 d = med - ref[0]
                 overlap = min(meds) <= ref[2] and max(meds) >= ref[1]
                 cells.append(f"{med:7.1f} ({d:+.1f}{'~' if overlap else '!'}) p10 {p10:5.1f}".rjust(34))
-            result.append({"op": key[0], "mode": key[1], "layout": key[2], "format": key[3], "arm": arm, "median_us": med,
-                           "reps_us": meds, "p10_us": p10, "change_us": d})
+            result.append({"op": key[0], "mode": key[1], "layout": key[2], "format": key[3], "arm": arm,
+                           "median_us": med, "reps_us": meds, "p10_us": p10, "change_us": d})
         print(f"{key[0]:9} {key[1]:4} {key[2]:7} {key[3]:4} " + " ".join(cells))
     print("µs; [min..max] of the reps' medians; (+x~): within the reference arm's spread (not a result); "
           "(+x!): outside it")
