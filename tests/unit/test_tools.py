@@ -114,3 +114,45 @@ def test_rig_summary_counts_the_fencing_survivors(tmp_path):
     s = json.loads((tmp_path / "rig-summary.json").read_text())
     assert {r["step"]: r["status"] for r in s["steps"]} == {"fence4-ll": "PASS", "fence4-ht": "FAIL",
                                                             "fence4-x": "FAIL", "fencelive": "PASS"}
+
+
+def test_every_device_script_parses_and_names_real_files():
+    """Each dev/device/*.sh parses, the files it names exist, and the ones that run ranks source device_env.sh (the
+    multicast-off environment) or set it themselves."""
+    import re
+    import subprocess
+    for script in sorted((ROOT / "dev" / "device").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
+        text = script.read_text()
+        for tool in re.findall(r"\b((?:dev|tests|examples)/[\w/]+\.(?:py|sh))", text):
+            assert (ROOT / tool).is_file(), (script.name, tool)
+        for cfg in re.findall(r"configs/([\w-]+)\.yaml", text):
+            assert (ROOT / "configs" / f"{cfg}.yaml").is_file(), (script.name, cfg)
+        if "launch run" in text or "launch bench" in text:
+            assert "device_env.sh" in text or "NVSHMEM_DISABLE_NVLS=1" in text, script.name
+
+
+def test_small_ab_summary_keeps_layouts_apart(tmp_path, capsys):
+    """The grouped and batched rows of one (op, mode, format) are separate rows of the summary, each with its own
+    change against the reference arm (they were merged into one key, the last one read winning)."""
+    import json
+    import sys
+    mod = load("dev/device/small_ab_summary.py")
+
+    def row(layout, med):
+        return {"impl": "epcomm", "status": "ok", "op": "combine", "mode": "ll", "layout": layout, "format": "bf16",
+                "time_us": {"median": med, "p10": med - 1}}
+    for arm, grouped, batched in (("baseline", 40.0, 72.0), ("bscan", 40.5, 41.0)):
+        for rep in (1, 2):
+            (tmp_path / f"ll-{arm}-rep{rep}.json").write_text(
+                json.dumps({"results": [row("grouped", grouped + rep), row("batched", batched + rep)]}))
+    argv = sys.argv
+    sys.argv = ["small_ab_summary.py", str(tmp_path), "-", "bscan", "--out", str(tmp_path / "s")]
+    try:
+        assert mod.main() == 0
+    finally:
+        sys.argv = argv
+    res = {(r["layout"], r["arm"]): r for r in json.loads((tmp_path / "s.json").read_text())}
+    assert res[("batched", "bscan")]["change_us"] == -31.0
+    assert res[("grouped", "bscan")]["change_us"] == 0.5
+    assert "batched" in capsys.readouterr().out
