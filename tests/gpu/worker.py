@@ -121,6 +121,9 @@ class Checker:
                  ("local", M, 9)]
         if quick:
             cases = cases[:3]
+        if "oneshot" in be.variants:   # the variant's edges: one token (one chunk per destination), a rank with none
+            R = cfg.world_size
+            cases += [("uniform", 1, 10), ("hot", [0] + [1] * (R - 1), 11), ("minus1", [1] * (R - 1) + [2], 12)]
         for i, (kind, nt, seed) in enumerate(cases):
             world = make_world(cfg, seed=1000 * seed + 17, routing_kind=kind, num_tokens=nt)
             try:

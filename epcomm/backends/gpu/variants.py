@@ -29,6 +29,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
                             "every slab row"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
+    # candidate (dev/GPU-LOG.md, ninth session "oneshot"): the small ht dispatch's count message leaves the data path
+    "oneshot": ("EP_V_ONESHOT", "ht dispatch below 512 tokens (no receive capacity): each count message is a send item "
+                                "of its own, beside the chunk items (not before the last chunk's data)"),
 }
 
 

@@ -77,6 +77,75 @@ __device__ bool qonce_pass(const Params& p) {
 __device__ __forceinline__ bool sbase_on(const Params& p) { return HT && p.recv_tokens >= (SKIP ? 1 : R) * M; }
 __device__ __forceinline__ int sbase(const Params& p) { return SKIP ? 0 : p.me * M; }
 
+#if EP_V_ONESHOT
+// Variant oneshot (dev/GPU-LOG.md, ninth session): in a small round the count message to d is a send item of its own.
+// Otherwise the item of d's last chunk builds the count message (a prefix over every earlier token, the chunk table's
+// scan, the stores and two system-scope releases: probe 4.5 us at 1 token) before it copies that chunk's data and
+// raises its flag, so the last chunk (the only one at 1 token) is that much later than the others. Here the list
+// has R more items in front: item d < R ships only the count message to d, items R.. are today's list, every one a
+// plain data item; the messages are the same bytes, so no receiver changes. Only with the fixed per-source base
+// (sbase: no chunk item waits for a reservation; with a receive capacity the reservation path stays) and below
+// ONESHOT_MAX_TOKENS (larger rounds: the baseline path, unchanged).
+constexpr int ONESHOT_MAX_TOKENS = 512;
+__device__ __forceinline__ bool oneshot_on(const Params& p) { return HT && sbase_on(p) && p.T < ONESHOT_MAX_TOKENS; }
+
+// The count message to d (the whole block; the layout of the baseline's last item, base s x M): per-expert counts of
+// every token, tokens, chunks, the token prefix by chunk, this rank's routed rows to every rank, the base; then the
+// count signal (marked for a refusing rank). Counted in one pass over the tokens: the rows per rank and the tokens
+// per chunk once per group of lanes with the same key (__match_any_sync), not one shared atomic per lane on a few
+// words. The shared arrays are dispatch_send's (free between items). Returns whether NVSHMEM was used.
+__device__ bool oneshot_count_item(const Params& p, int d, int par, int nchunks, int ch, unsigned long long sigv,
+                                   int* s_cnt, int* s_ctok, int* s_ctpref, int* s_rows) {
+  const int lo = d * LOCAL_EXPERTS, hi = lo + LOCAL_EXPERTS;
+  const int lane = lane_id();
+  for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) s_cnt[l] = 0;
+  for (int q = threadIdx.x; q <= nchunks; q += THREADS) s_ctok[q] = 0;
+  for (int q = threadIdx.x; q < R; q += THREADS) s_rows[q] = 0;
+  __syncthreads();
+  for (int tb = 0; tb < p.T; tb += THREADS) {   // block-uniform bound: every lane takes part in the matches
+    const int t = tb + threadIdx.x;
+    bool goes = false;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int id = t < p.T ? p.ids[t * K + k] : -1;
+      const bool routed = id >= 0 && id < E;
+      const unsigned m = __match_any_sync(0xffffffffu, routed ? id / LOCAL_EXPERTS : -1 - lane);
+      if (routed && (m & lanemask_lt()) == 0u) atomicAdd(&s_rows[id / LOCAL_EXPERTS], __popc(m));
+      if (id >= lo && id < hi) { atomicAdd(&s_cnt[id - lo], 1); goes = true; }
+    }
+    const unsigned m = __match_any_sync(0xffffffffu, goes ? t / ch : -1 - lane);
+    if (goes && (m & lanemask_lt()) == 0u) atomicAdd(&s_ctok[t / ch], __popc(m));
+  }
+  __syncthreads();
+  block_exclusive_scan(s_ctok, s_ctpref, nchunks);
+  const int base = sbase(p);
+  const bool loc = same_node(p, d);
+  const size_t coff = p.off_dhist + ((size_t)par * R + p.me) * COUNT_ROW_INTS * 4;
+  int* cm = loc ? reinterpret_cast<int*>(p.peer[d] + coff)
+                : reinterpret_cast<int*>(p.sym + p.off_hstage + (size_t)d * COUNT_ROW_INTS * 4);
+  for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) cm[l] = s_cnt[l];
+  for (int q = threadIdx.x; q <= nchunks; q += THREADS) cm[LOCAL_EXPERTS + 2 + q] = s_ctpref[q];
+  for (int q = threadIdx.x; q < R; q += THREADS) cm[COUNT_ROWS_AT + q] = s_rows[q];
+  if (threadIdx.x == 0) {
+    cm[LOCAL_EXPERTS] = s_ctpref[nchunks];
+    cm[LOCAL_EXPERTS + 1] = nchunks;
+    cm[COUNT_BASE_AT] = (s_ctpref[nchunks] <= p.recv_tokens - base) ? base : -1;   // sbase: always base
+  }
+  __syncthreads();   // every thread's count stores before the signal's release (st.release.sys / put after data)
+  const size_t soff = p.off_dsig + ((size_t)par * R + p.me) * 8;
+  if (loc) {
+    if (threadIdx.x == 0) st_rel(reinterpret_cast<unsigned long long*>(p.peer[d] + soff), sigv);
+  } else {
+    nvshmemx_putmem_signal_nbi_block(p.sym + coff, cm, COUNT_ROW_INTS * 4, reinterpret_cast<uint64_t*>(p.sym + soff),
+                                     sigv, NVSHMEM_SIGNAL_SET, d);
+  }
+#if EP_V_PROBE
+  if (threadIdx.x == 0) probe_at(p, 9);
+#endif
+  return !loc;
+}
+#endif
+
 __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_cnt[LOCAL_EXPERTS];        // running per-expert count (experts of d)
   __shared__ int s_rank[MAX_ITEM_TOKENS * K];   // rank of entry within its expert, -1 if not on d
@@ -116,13 +185,31 @@ __device__ void dispatch_send(const Params& p, bool fused) {
     __syncthreads();
     return v;
   };
+#if EP_V_ONESHOT
+  // oneshot: items 0..ndest-1 are the count messages (oneshot_count_item), then today's list from item ndest on
+  const bool oneshot = oneshot_on(p);
+  const int nlist = oneshot ? ndest : 0;
+  for (int oitem = HT ? next_item(0) : blockIdx.x; oitem < nitems + nlist; oitem = next_item(oitem)) {
+    if (oitem < nlist) {
+      const int d = SKIP ? p.me : oitem;
+      if (!masked_at_snapshot(p, d))   // fencing: nothing to a masked rank (block-uniform)
+        used_shmem |= oneshot_count_item(p, d, par, nchunks, ch, sigv, s_cnt, s_ctok, s_ctpref, s_rows);
+      continue;   // next_item's barrier orders the message's reads of the shared arrays before the next item's writes
+    }
+    const int item = oitem - nlist;
+#else
   for (int item = HT ? next_item(0) : blockIdx.x; item < nitems; item = next_item(item)) {
+#endif
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
     if (masked_at_snapshot(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
     const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
+#if EP_V_ONESHOT
+    const bool last = HT && c == nchunks - 1 && !oneshot;   // oneshot: the count message went out as its own item
+#else
     const bool last = HT && c == nchunks - 1;
+#endif
     const int t0 = c * ch, t1 = min(T, t0 + ch);
     const int lo = d * LOCAL_EXPERTS, hi = lo + LOCAL_EXPERTS;
     for (int l = threadIdx.x; l < LOCAL_EXPERTS; l += THREADS) s_cnt[l] = 0;

@@ -67,6 +67,11 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_BSCAN
 #define EP_V_BSCAN 0
 #endif
+// EP_V_ONESHOT: a small ht round (T < 512, no receive capacity) ships each destination's count message from a send
+// item of its own, beside the chunk items, instead of before the last chunk's data (dispatch.cuh oneshot_count_item).
+#ifndef EP_V_ONESHOT
+#define EP_V_ONESHOT 0
+#endif
 // Below this many tokens per rank the quantise-once pass's grid-wide wait costs more than quantising per item saves.
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
