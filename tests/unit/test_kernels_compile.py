@@ -107,13 +107,18 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
-@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",), ("oneshot",), ("oneshot", "probe")])
+@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",), ("oneshot",), ("oneshot", "probe"),
+                                   ("qpipe",), ("qonceall", "qpipe")], ids="+".join)
 def test_each_variant_compiles_alone(names):
     """Each variant alone on an ht spec (both ht receives, the count item, the quantise-once pass) and an ll one: the
-    A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile."""
+    A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile. qpipe
+    (dev/GPU-LOG.md, "Ninth session: qpipe": the ht fp8 send) alone and with qonceall (its waiting copy items), on an
+    ht fp8 spec too."""
     _toolchain_or_skip()
     assert set(names) <= set(variants.VARIANTS)
     cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]
+    if "qpipe" in names:   # its code runs in the ht fp8 send only (ninth session)
+        cfgs.append(next(c for c in specs.test_configs(2) if c.mode == "ht" and c.token_format.quantized))
     for c in cfgs:
         d = jit.defines_for(c, variant_names=names)
         assert all(d[variants.VARIANTS[n][0]] == 1 for n in names)

@@ -27,6 +27,10 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # ninth session (dev/GPU-LOG.md, "Ninth session: bscan"): mode "ll" batched combine at 128 tokens, +79 % on grouped
     "bscan": ("EP_V_BSCAN", "ll combine, batched layout: walk only the rows the slabs hold (tokens_per_expert), not "
                             "every slab row"),
+    # ninth session (dev/GPU-LOG.md, "Ninth session: qpipe"): the ht fp8 dispatch at small grids; with qonceall its
+    # copy items wait for their chunk (the worker's small grids take the copy path)
+    "qpipe": ("EP_V_QPIPE", "ht fp8 dispatch at small grids: no quantise-once pass; each chunk's first item quantises "
+                            "it into its message and the stage, the chunk's other items copy the stage"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
     # candidate (dev/GPU-LOG.md, ninth session "oneshot"): the small ht dispatch's count message leaves the data path

@@ -59,6 +59,13 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_QONCE_ALL
 #define EP_V_QONCE_ALL 0
 #endif
+// EP_V_QPIPE (ninth session, dev/GPU-LOG.md "qpipe"): ht fp8 dispatch at small grids without the quantise-once pass:
+// each chunk's first item quantises it once, into its message and the stage, the chunk's other items copy the stage
+// (or quantise themselves where it is not there yet), so the count messages and the bytes leave while the grid still
+// quantises. dispatch.cuh qpipe_on.
+#ifndef EP_V_QPIPE
+#define EP_V_QPIPE 0
+#endif
 // EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
