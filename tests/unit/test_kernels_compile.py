@@ -107,7 +107,7 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
-@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",)])
+@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",), ("cload",)])
 def test_each_variant_compiles_alone(names):
     """Each variant alone on an ht spec (both ht receives, the count item, the quantise-once pass) and an ll one: the
     A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile."""
