@@ -28,7 +28,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "bscan": ("EP_V_BSCAN", "ll combine, batched layout: walk only the rows the slabs hold (tokens_per_expert), not "
                             "every slab row"),
     # candidate (dev/GPU-LOG.md, ninth session): bulk L2 prefetch ahead of the ht combine's loads on small grids
-    "cload": ("EP_V_CLOAD", "ht combine prefetches the rows of the warp's next units / the token into L2 (small grids)"),
+    "cload": ("EP_V_CLOAD", "ht combine prefetches the rows of the warp's next units / the token into L2 "
+                            "(small grids)"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
 }
