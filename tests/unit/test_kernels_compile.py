@@ -108,7 +108,7 @@ def test_every_specialisation_compiles_under_every_variant():
 
 
 @pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",), ("oneshot",), ("oneshot", "probe"),
-                                   ("qpipe",), ("qonceall", "qpipe")], ids="+".join)
+                                   ("qpipe",), ("qonceall", "qpipe"), ("cload",)], ids="+".join)
 def test_each_variant_compiles_alone(names):
     """Each variant alone on an ht spec (both ht receives, the count item, the quantise-once pass) and an ll one: the
     A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile. qpipe

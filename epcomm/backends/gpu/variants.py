@@ -31,6 +31,9 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # copy items wait for their chunk (the worker's small grids take the copy path)
     "qpipe": ("EP_V_QPIPE", "ht fp8 dispatch at small grids: no quantise-once pass; each chunk's first item quantises "
                             "it into its message and the stage, the chunk's other items copy the stage"),
+    # candidate (dev/GPU-LOG.md, ninth session): bulk L2 prefetch ahead of the ht combine's loads on small grids
+    "cload": ("EP_V_CLOAD", "ht combine prefetches the rows of the warp's next units / the token into L2 "
+                            "(small grids)"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
     # candidate (dev/GPU-LOG.md, ninth session "oneshot"): the small ht dispatch's count message leaves the data path

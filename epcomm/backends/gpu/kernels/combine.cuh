@@ -165,6 +165,42 @@ __device__ __forceinline__ void stage_message_meta(const Params& p, int s, int i
   cm.nv[q] = nv;
 }
 
+#if EP_V_CLOAD
+// Variant cload (dev/GPU-LOG.md, ninth session): bulk L2 prefetches of the rows a warp reads next. At small grids
+// the ht combine waits on HBM with at most the 12 loads per lane of reduce_compacted (96 KB per SM) in flight, and
+// registers / static shared memory cannot hold more; a cp.async.bulk.prefetch.L2 returns nothing to the SM (no
+// register, no shared memory, one instruction per row slice), so the later unit's rows travel while the current one
+// computes and its loads then hit L2. Only addresses the kernel reads next (in bounds), so results are bit-identical.
+// The prefetched bytes not yet read are kept under CL_L2_BYTES (a quarter of the L2): on a large grid (132 SMs,
+// HBM-bound) nothing is prefetched.
+constexpr long long CL_L2_BYTES = 12ll << 20;
+constexpr long long CL_UNIT_BYTES = 4ll * SLICE_VECS * 16;   // an expert-side unit: ~4 valid rows x a slice
+__device__ __forceinline__ void cl_l2_prefetch(const void* a, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(a)), "r"(bytes));
+#endif
+}
+// Expert side: units of the batch ahead of the current one (D per warp, each WARPS units on) prefetched.
+// (From gridDim against constants each time, not a register held across the unit loop. ptxas, ep_combine_send of
+// the ht bf16 bench spec: 128 registers as before, 20 B spilled / 72 B reloaded, all at the item's barriers, none
+// in the unit loop; the prefetch of varying per-lane addresses is a uniform-register instruction in a loop over
+// the lanes, ~8 instructions per valid row.)
+constexpr unsigned CL_GRID_D1 = (unsigned)(CL_L2_BYTES / (WARPS * CL_UNIT_BYTES));       // largest grid with D >= 1
+constexpr unsigned CL_GRID_D2 = (unsigned)(CL_L2_BYTES / (2ll * WARPS * CL_UNIT_BYTES));  // ... with D = 2
+__device__ __forceinline__ int cl_send_depth() {
+  return gridDim.x <= CL_GRID_D2 ? 2 : gridDim.x <= CL_GRID_D1 ? 1 : 0;
+}
+// Unit w of a staged batch of n messages (as the loop of combine_send takes it): lane j < nv prefetches the slice
+// of valid row j.
+__device__ __forceinline__ void cl_prefetch_unit(const char* ey, const CombineMeta& cm, int w, int n) {
+  if (w >= n * ROW_SLICES) return;
+  const int q = w / ROW_SLICES, sl = w % ROW_SLICES, lane = lane_id();
+  if (cm.t[q] < 0 || lane >= cm.nv[q]) return;
+  const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
+  cl_l2_prefetch(ey + (size_t)cm.row[q][lane] * COMBINE_ROW_BYTES + (size_t)v0 * 16, (unsigned)(v1 - v0) * 16u);
+}
+#endif
+
 __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   int a = 0, n = p.T;
   if (SKIP && ALLREDUCE_RANKS > 1) {
@@ -377,8 +413,14 @@ __device__ void combine_send(const Params& p, bool fused) {
           if (m0 > i0) __syncthreads();   // every warp is done with the previous batch's table
           if (threadIdx.x < n) stage_message_meta(p, s, m0 + threadIdx.x, s_mpref[s], wr, round, cm, threadIdx.x);
           __syncthreads();
+#if EP_V_CLOAD
+          for (int j = 1; j < cl_send_depth(); ++j) cl_prefetch_unit(ey, cm, warp + j * WARPS, n);   // first lookahead
+#endif
           for (int w = warp; w < n * ROW_SLICES; w += WARPS) {
             const int q = w / ROW_SLICES, sl = w % ROW_SLICES;
+#if EP_V_CLOAD
+            if (cl_send_depth() > 0) cl_prefetch_unit(ey, cm, w + cl_send_depth() * WARPS, n);
+#endif
             const int t = cm.t[q];
             if (t < 0) continue;   // a bad message, reported by the staging thread
             int cr[K];
@@ -549,6 +591,20 @@ __device__ void combine_recv(const Params& p) {
       if ((dmask & gone) && lane == 0 && (dyn || u % NS == 0))
         count_lost(p, __ffsll((long long)(dmask & gone)) - 1);
       const bool sh = FUSED && t >= s0 && t < s0 + ns;
+#if EP_V_CLOAD
+      // a whole token (dyn): its rows (lane d: rank d's row; lane R: the shared expert row) into L2 before the
+      // passes, when every warp's token fits under CL_L2_BYTES; passes 2.. then hit L2
+      if (dyn && (long long)nw * (__popcll(dmask) + (sh ? 1 : 0)) * (ROW_VECS * 16) <= CL_L2_BYTES) {
+        for (int d = lane; d <= R; d += 32) {
+          if (d < R && ((dmask >> d) & 1ull))
+            cl_l2_prefetch(crecv + (((size_t)par * M + t) * MAX_DEST_RANKS
+                                    + (SKIP ? 0 : __popcll(dmask & ((1ull << d) - 1)))) * COMBINE_ROW_BYTES,
+                           ROW_VECS * 16u);
+          else if (d == R && sh)
+            cl_l2_prefetch(ey + (size_t)(t - s0) * COMBINE_ROW_BYTES, ROW_VECS * 16u);
+        }
+      }
+#endif
       const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? ROW_VECS : min(ROW_VECS, c0 - lane + 32);
       // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)
       constexpr int UR = 4;

@@ -79,6 +79,11 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_ONESHOT
 #define EP_V_ONESHOT 0
 #endif
+// EP_V_CLOAD: the ht combine prefetches the rows of later work into L2 (combine.cuh cl_prefetch_*): the expert
+// side the warp's next units, the receive the token's rows; on small grids only (dev/GPU-LOG.md, ninth session).
+#ifndef EP_V_CLOAD
+#define EP_V_CLOAD 0
+#endif
 // Below this many tokens per rank the quantise-once pass's grid-wide wait costs more than quantising per item saves.
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
 constexpr int CAP_AL4 = (CAP + 3) / 4 * 4;   // column-major scales, batched: floats per column of a slab
