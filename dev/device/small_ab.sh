@@ -4,7 +4,7 @@
 # noise of the 128-token rows (~±3 µs, dev/GPU-LOG.md eighth session) hit every arm alike and show in the spread;
 # then each arm's in-kernel phase stamps (tests/gpu/bench_quick.py). One perf_ab run per arm cannot resolve 1-2 µs.
 # Usage (device machine, repo root, .whl carried):
-#   ARMS="- qpipe" [REPS=3] [CHECK=variants] bash dev/device/small_ab.sh [steps]
+#   ARMS="- oneshot" [REPS=3] [CHECK=variants] bash dev/device/small_ab.sh [steps]
 # steps (comma list, this order; default build,check,reps,stamps,summary):
 #   build    every arm's kernels (epcomm.backends.gpu.specs under each EPCOMM_VARIANT), in parallel
 #   check    the worker (--quick --no-extras) under EPCOMM_VARIANT=$CHECK on a 3-block and the full grid

@@ -107,18 +107,13 @@ def test_every_specialisation_compiles_under_every_variant():
         assert b.cubin.read_bytes()[:4] == b"\x7fELF", b.cubin
 
 
-@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("bscan",), ("oneshot",), ("oneshot", "probe"),
-                                   ("qpipe",), ("qonceall", "qpipe"), ("cload",)], ids="+".join)
+@pytest.mark.parametrize("names", [("qonceall",), ("probe",), ("oneshot",), ("oneshot", "probe")], ids="+".join)
 def test_each_variant_compiles_alone(names):
     """Each variant alone on an ht spec (both ht receives, the count item, the quantise-once pass) and an ll one: the
-    A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile. qpipe
-    (dev/GPU-LOG.md, "Ninth session: qpipe": the ht fp8 send) alone and with qonceall (its waiting copy items), on an
-    ht fp8 spec too."""
+    A/B and the stamps runs build them one at a time, which the all-at-once build above does not compile."""
     _toolchain_or_skip()
     assert set(names) <= set(variants.VARIANTS)
     cfgs = [next(c for c in specs.test_configs(2) if c.mode == m) for m in ("ht", "ll")]
-    if "qpipe" in names:   # its code runs in the ht fp8 send only (ninth session)
-        cfgs.append(next(c for c in specs.test_configs(2) if c.mode == "ht" and c.token_format.quantized))
     for c in cfgs:
         d = jit.defines_for(c, variant_names=names)
         assert all(d[variants.VARIANTS[n][0]] == 1 for n in names)
@@ -128,14 +123,15 @@ def test_each_variant_compiles_alone(names):
 def test_variant_defines_and_cache_key(monkeypatch):
     """The baseline (unset or empty) adds no define (its cache key and PTX stay what they were); a variant adds its
     define (so the cache keys on it); an unknown name is refused naming the known ones: the settled names too
-    (cfast, qfast, qonce, sbase, cmeta: now the code; tma, tgrid, rdyn, nap, lean, sch: deleted)."""
+    (cfast, qfast, qonce, sbase, cmeta, bscan, cload: the code; tma, tgrid, rdyn, nap, lean, sch, qpipe: deleted)."""
     cfg = specs.test_configs(2)[0]
     monkeypatch.delenv(variants.ENV, raising=False)
     base = jit.defines_for(cfg)
     assert not any(k.startswith("EP_V_") for k in base) and variants.label() == "baseline"
     monkeypatch.setenv(variants.ENV, " , ")
     assert variants.active() == () and jit.defines_for(cfg) == base
-    for settled in ("cfast", "qfast", "qonce", "sbase", "cmeta", "tma", "tgrid", "rdyn", "nap", "lean", "sch"):
+    for settled in ("cfast", "qfast", "qonce", "sbase", "cmeta", "bscan", "cload", "tma", "tgrid", "rdyn", "nap",
+                    "lean", "sch", "qpipe"):
         monkeypatch.setenv(variants.ENV, settled)
         with pytest.raises(EPInputError, match=f"unknown variant.*{settled}"):
             jit.defines_for(cfg)

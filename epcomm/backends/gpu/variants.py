@@ -17,23 +17,13 @@ from ...errors import EPInputError
 ENV = "EPCOMM_VARIANT"
 
 # name -> (kernel define, what it changes). Each variant measured so far, with its prediction and outcome, is in
-# dev/GPU-LOG.md: the winners became the unconditional code (cfast, qfast; qonce, sbase; cmeta), the others were
-# deleted (tma, tgrid; rdyn, nap, lean, sch). A new variant adds its entry here and a `#ifndef EP_V_NAME /
-# #define EP_V_NAME 0` default in the kernels (layout.cuh).
+# dev/GPU-LOG.md: the winners became the unconditional code (cfast, qfast; qonce, sbase; cmeta; bscan, cload), the
+# others were deleted (tma, tgrid; rdyn, nap, lean, sch; qpipe). A new variant adds its entry here and a
+# `#ifndef EP_V_NAME / #define EP_V_NAME 0` default in the kernels (layout.cuh).
 VARIANTS: dict[str, tuple[str, str]] = {
     # a test knob, not a candidate: the quantise-once path (dispatch.cuh qonce_pass, default from 512 tokens) at every
     # batch size, so that the GPU worker's small test sizes run it (and the 128-token rows measure its grid-wide wait)
     "qonceall": ("EP_V_QONCE_ALL", "ht fp8 dispatch quantises each token once at every batch size (default: from 512)"),
-    # ninth session (dev/GPU-LOG.md, "Ninth session: bscan"): mode "ll" batched combine at 128 tokens, +79 % on grouped
-    "bscan": ("EP_V_BSCAN", "ll combine, batched layout: walk only the rows the slabs hold (tokens_per_expert), not "
-                            "every slab row"),
-    # ninth session (dev/GPU-LOG.md, "Ninth session: qpipe"): the ht fp8 dispatch at small grids; with qonceall its
-    # copy items wait for their chunk (the worker's small grids take the copy path)
-    "qpipe": ("EP_V_QPIPE", "ht fp8 dispatch at small grids: no quantise-once pass; each chunk's first item quantises "
-                            "it into its message and the stage, the chunk's other items copy the stage"),
-    # candidate (dev/GPU-LOG.md, ninth session): bulk L2 prefetch ahead of the ht combine's loads on small grids
-    "cload": ("EP_V_CLOAD", "ht combine prefetches the rows of the warp's next units / the token into L2 "
-                            "(small grids)"),
     # a measurement, not a candidate: the latest time of 7 events inside the phases (bench_quick prints them)
     "probe": ("EP_V_PROBE", "phase probes: state words 50..63 (count out, layout done, last flag waits, units done)"),
     # candidate (dev/GPU-LOG.md, ninth session "oneshot"): the small ht dispatch's count message leaves the data path

@@ -165,8 +165,8 @@ __device__ __forceinline__ void stage_message_meta(const Params& p, int s, int i
   cm.nv[q] = nv;
 }
 
-#if EP_V_CLOAD
-// Variant cload (dev/GPU-LOG.md, ninth session): bulk L2 prefetches of the rows a warp reads next. At small grids
+// Bulk L2 prefetches of the rows a warp reads next (measured as variant cload: combine at 24 blocks -8.7 % on the
+// one-GPU proxy, dev/GPU-LOG.md ninth session). At small grids
 // the ht combine waits on HBM with at most the 12 loads per lane of reduce_compacted (96 KB per SM) in flight, and
 // registers / static shared memory cannot hold more; a cp.async.bulk.prefetch.L2 returns nothing to the SM (no
 // register, no shared memory, one instruction per row slice), so the later unit's rows travel while the current one
@@ -199,7 +199,6 @@ __device__ __forceinline__ void cl_prefetch_unit(const char* ey, const CombineMe
   const int v0 = sl * SLICE_VECS, v1 = min(ROW_VECS, (sl + 1) * SLICE_VECS);
   cl_l2_prefetch(ey + (size_t)cm.row[q][lane] * COMBINE_ROW_BYTES + (size_t)v0 * 16, (unsigned)(v1 - v0) * 16u);
 }
-#endif
 
 __device__ __forceinline__ int shared_rows(const Params& p, int* s0) {
   int a = 0, n = p.T;
@@ -272,8 +271,7 @@ __device__ void combine_send(const Params& p, bool fused) {
     const int begin = FUSED ? (int)p.row_offsets[1] : 0;
     const int end = (int)p.row_offsets[GROUPS];
     const int nrow = p.rejected ? 0 : max(0, end - begin);   // a refusing rank sends no rows, only marked signals
-#if EP_V_BSCAN
-    // variant bscan: in the batched layout the slabs span GROUPS x CAP rows (32768 at 128 tokens, 2 ranks, 256
+    // batched layout (measured as variant bscan, ninth session): the slabs span GROUPS x CAP rows (32768 at 128 tokens, 2 ranks, 256
     // experts) of which ~1024 hold a token; a warp per (row, slice) over all of them reads src_info for nothing ~30
     // times per warp. So walk only the rows each slab holds: min(count, CAP) from the handle's tokens_per_expert.
     __shared__ int s_bcnt[BATCHED ? GROUPS : 1], s_bpref[BATCHED ? GROUPS + 1 : 1];
@@ -294,10 +292,6 @@ __device__ void combine_send(const Params& p, bool fused) {
         j = lo * CAP + (r - s_bpref[lo]);
       }
       const int sl = it % ROW_SLICES;
-#else
-    for (int it = gw; it < nrow * ROW_SLICES; it += nw) {
-      const int j = begin + it / ROW_SLICES, sl = it % ROW_SLICES;
-#endif
       int s = p.src_info[j * 3], t = p.src_info[j * 3 + 1], k = p.src_info[j * 3 + 2];
       if (PLACED && s == -1 && t == -1 && k == -1) continue;   // a row without a token (padding, unused slab row)
       if (s < 0 || s >= R || t < 0 || t >= M || k < 0 || k >= K || (SKIP && s != p.me) || j >= p.maxr) {
@@ -413,14 +407,10 @@ __device__ void combine_send(const Params& p, bool fused) {
           if (m0 > i0) __syncthreads();   // every warp is done with the previous batch's table
           if (threadIdx.x < n) stage_message_meta(p, s, m0 + threadIdx.x, s_mpref[s], wr, round, cm, threadIdx.x);
           __syncthreads();
-#if EP_V_CLOAD
           for (int j = 1; j < cl_send_depth(); ++j) cl_prefetch_unit(ey, cm, warp + j * WARPS, n);   // first lookahead
-#endif
           for (int w = warp; w < n * ROW_SLICES; w += WARPS) {
             const int q = w / ROW_SLICES, sl = w % ROW_SLICES;
-#if EP_V_CLOAD
             if (cl_send_depth() > 0) cl_prefetch_unit(ey, cm, w + cl_send_depth() * WARPS, n);
-#endif
             const int t = cm.t[q];
             if (t < 0) continue;   // a bad message, reported by the staging thread
             int cr[K];
@@ -591,7 +581,6 @@ __device__ void combine_recv(const Params& p) {
       if ((dmask & gone) && lane == 0 && (dyn || u % NS == 0))
         count_lost(p, __ffsll((long long)(dmask & gone)) - 1);
       const bool sh = FUSED && t >= s0 && t < s0 + ns;
-#if EP_V_CLOAD
       // a whole token (dyn): its rows (lane d: rank d's row; lane R: the shared expert row) into L2 before the
       // passes, when every warp's token fits under CL_L2_BYTES; passes 2.. then hit L2
       if (dyn && (long long)nw * (__popcll(dmask) + (sh ? 1 : 0)) * (ROW_VECS * 16) <= CL_L2_BYTES) {
@@ -604,7 +593,6 @@ __device__ void combine_recv(const Params& p) {
             cl_l2_prefetch(ey + (size_t)(t - s0) * COMBINE_ROW_BYTES, ROW_VECS * 16u);
         }
       }
-#endif
       const int c0 = dyn ? lane : (u % NS) * 32 + lane, c1 = dyn ? ROW_VECS : min(ROW_VECS, c0 - lane + 32);
       // UR warp steps at once: each rank's UR row loads in flight together (a whole token is NS steps)
       constexpr int UR = 4;

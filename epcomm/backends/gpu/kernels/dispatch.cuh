@@ -146,100 +146,6 @@ __device__ bool oneshot_count_item(const Params& p, int d, int par, int nchunks,
 }
 #endif
 
-#if EP_V_QPIPE
-// Variant qpipe (dev/GPU-LOG.md, ninth session): at a small grid the quantise-once pass (qonce_pass) is a third of the
-// fp8 dispatch, and its grid-wide wait holds back the count messages and every byte to the link until the whole batch
-// is quantised. Under qpipe no pass: each chunk's first item (its "Q item", to the chunk's primary destination)
-// quantises every routed token of the chunk once and stores it twice, into its message and into the token's stage
-// message (qonce_msg), then publishes the chunk's ready tag; the chunk's other items ("C items", to the other
-// destinations, taken later) copy the stage as qonce's items do, or, where the tag is not yet there, quantise into
-// their message themselves (never a wait: no new deadline, no new dependency). The test knob qonceall makes the C
-// items wait for the tag instead (bounded), so the worker's small grids take the copy path.
-// Used where the items are at least 1.5 x the grid (so a C item comes a round after its chunk's Q item; at 132
-// blocks and 4096 tokens, 132 items, the qonce pass stays), under qonce's conditions (ht fp8, x not pre-quantised,
-// from QONCE_MIN_TOKENS), with 2 destinations or more, and where hist_acc (R x HIST_ROW_INTS words, used by ll
-// only) holds a tag per chunk.
-__device__ __forceinline__ bool qpipe_on(const Params& p, int nchunks, int nitems) {
-  if constexpr (!HT || !FP8 || SKIP || R < 2 || K < 2) return false;
-  return qonce_on(p) && p.T > 0 && nchunks <= R * HIST_ROW_INTS &&
-         (EP_V_QONCE_ALL || 2 * nitems >= 3 * (int)gridDim.x);
-}
-// the chunk's primary destination (its Q item's): alternating, so that every destination gets chunks early
-__device__ __forceinline__ int qpipe_primary(int c, int ndest) { return c % ndest; }
-// The qpipe item order: (d, c) of item `item`, and true for a Q item. First the last chunk's items, its Q item first
-// (each is the count item of its destination: the count messages and the bases go out first thing, as without
-// qpipe); then the Q items of the other chunks, last chunk first; then their C items, in the same chunk order. Every
-// Q item comes before its chunk's C items, so a C item that waits (qonceall) waits for an item a running block took.
-__device__ __forceinline__ bool qpipe_item(int item, int ndest, int nchunks, int& d, int& c) {
-  const int rest = nchunks - 1;   // chunks after the last one
-  if (item < ndest) {
-    c = nchunks - 1;
-    d = (qpipe_primary(c, ndest) + item) % ndest;
-  } else if (item < ndest + rest) {
-    c = nchunks - 2 - (item - ndest);
-    d = qpipe_primary(c, ndest);
-  } else {
-    const int j = item - ndest - rest;
-    c = nchunks - 2 - j / (ndest - 1);
-    d = (qpipe_primary(c, ndest) + 1 + j % (ndest - 1)) % ndest;
-  }
-  return d == qpipe_primary(c, ndest);
-}
-// A chunk's ready tag (u32: the round whose stage bytes it holds) in hist_acc.
-__device__ __forceinline__ volatile unsigned* qpipe_tag(const Params& p, int c) {
-  return reinterpret_cast<volatile unsigned*>(p.hist_acc) + c;
-}
-// Q item, one thread, after the __syncthreads that ordered the block's stage stores: release them with the tag.
-__device__ __forceinline__ void qpipe_publish(const Params& p, int c, unsigned round) {
-  __threadfence();
-  *qpipe_tag(p, c) = round;
-}
-// C item, the whole block: true when chunk c's stage bytes of this round are there (acquired for every thread).
-// wait (qonceall): until they are, past the deadline or a failed wait (then false: the item quantises itself);
-// never when the Q item's destination is masked (fencing: that item sent nothing, and so quantised nothing).
-__device__ bool qpipe_ready(const Params& p, int c, int qdest, unsigned round, bool wait) {
-  __shared__ int s_ready;
-  if (threadIdx.x == 0) {
-    bool ok = *qpipe_tag(p, c) == round;
-    if (!ok && wait && !masked_at_snapshot(p, qdest)) {
-      const unsigned long long t0 = gtime();
-      unsigned nap = 32;
-      while (!(ok = *qpipe_tag(p, c) == round)) {
-        __nanosleep(nap);
-        if (nap < 256) nap <<= 1;
-        if (gtime() - t0 > p.timeout_ns || *((volatile unsigned*)&p.state[S_FAIL]) != 0u) break;
-      }
-    }
-    if (ok) __threadfence();   // the chunk's stage bytes after its tag (read by this block's warps)
-    s_ready = ok;
-  }
-  __syncthreads();
-  const bool ok = s_ready != 0;
-  __syncthreads();   // every thread has read s_ready before a later call rewrites it
-  return ok;
-}
-// Q item, one warp: slice sl of token t into its message on the primary destination (msg; nullptr: the token does
-// not go there, or the destination is over capacity) and, once for every routed token, into its stage message (unless
-// that is msg: another node, rank index 0). The same quantiser as the other paths; x read once.
-__device__ __forceinline__ void qpipe_put(const Params& p, int t, int sl, char* msg, const int* rank_of_k) {
-  char* dst[K];
-#pragma unroll
-  for (int k = 0; k < K; ++k) dst[k] = nullptr;
-  dst[0] = msg;
-  char* const q = qonce_msg(p, t);
-  bool routed = false;
-#pragma unroll
-  for (int k = 0; k < K; ++k) { const int id = p.ids[t * K + k]; routed |= id >= 0 && id < E; }
-  if constexpr (K > 1) { if (routed && q != msg) dst[1] = q; }
-  if (!dst[0] && !dst[K > 1 ? 1 : 0]) return;
-  warp_put_token_multi(p, t, dst, sl * SLICE_STEPS, min(ROW_STEPS, (sl + 1) * SLICE_STEPS));
-  if (sl == 0 && msg) {
-    int* meta = reinterpret_cast<int*>(msg + DATA_BYTES + SCALE_BYTES);
-    if (lane_id() == 0) { meta[0] = t; meta[1] = 0; }
-    if (lane_id() < K) { meta[2 + lane_id()] = p.ids[t * K + lane_id()]; meta[2 + K + lane_id()] = rank_of_k[lane_id()]; }
-  }
-}
-#endif
 
 __device__ void dispatch_send(const Params& p, bool fused) {
   __shared__ int s_cnt[LOCAL_EXPERTS];        // running per-expert count (experts of d)
@@ -267,14 +173,8 @@ __device__ void dispatch_send(const Params& p, bool fused) {
 
   // handle copy of the ids (combine needs them) + the fused shared expert rows
   for (int i = blockIdx.x * THREADS + threadIdx.x; i < T * K; i += gridDim.x * THREADS) p.hids[i] = p.ids[i];
-#if EP_V_QPIPE
-  // variant qpipe: no pass where its items quantise (qpipe_on); else as below (the items' `qonce` is per item)
-  const bool qpipe = qpipe_on(p, nchunks, nitems);
-  const bool qpass = !qpipe && qonce_on(p) && qonce_pass(p);
-#else
   // ht fp8 from QONCE_MIN_TOKENS: every token quantised once, before any item (qonce_pass)
   const bool qonce = qonce_on(p) && qonce_pass(p);
-#endif
 
   // ht: items taken in order from a counter, so blocks whose items went to this rank (fast) take more of them and
   // the chunks reach each destination in the order of the list (and so of its receive)
@@ -303,16 +203,9 @@ __device__ void dispatch_send(const Params& p, bool fused) {
 #endif
     // ht: destinations interleaved and the last chunk first: the item of a destination's last chunk knows (from
     // its prefix pass) the complete counts, and ships them first thing, so every receiver can place rows early
-#if EP_V_QPIPE
-    int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
-    int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
-    const bool qfirst = qpipe && qpipe_item(item, ndest, nchunks, d, c);   // qpipe's order; the chunk's Q item
-    if (masked_at_snapshot(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
-#else
     const int d = SKIP ? p.me : (HT ? item % ndest : item / nchunks);
     if (masked_at_snapshot(p, d)) continue;   // fencing: nothing to a masked rank (its slots were dropped, fence.cuh)
     const int c = HT ? nchunks - 1 - item / ndest : item % nchunks;
-#endif
 #if EP_V_ONESHOT
     const bool last = HT && c == nchunks - 1 && !oneshot;   // oneshot: the count message went out as its own item
 #else
@@ -486,11 +379,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       if (!last && threadIdx.x == 0) s_base = sbase_on(p) ? sbase(p) : wait_base(p, d, round);
       __syncthreads();
       const int base = s_base;
-#if EP_V_QPIPE
-      // qonce's copy below where the pass ran, or (qpipe) in a C item whose chunk its Q item has quantised
-      const bool qonce = qpass || (qpipe && !qfirst &&
-                                   qpipe_ready(p, c, qpipe_primary(c, ndest), round, EP_V_QONCE_ALL != 0));
-#endif
       // quantised once: the tokens' quantised bytes are copied, in units of G slices (whole rows when the item has a
       // row per warp or more: more bytes in flight per warp than a slice's), unless dst is where they are (the
       // token's first staged message); then the metadata, as below
@@ -515,19 +403,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       for (int w = warp; !qonce && w < nt * ROW_SLICES; w += WARPS) {
         const int tt = w / ROW_SLICES, sl = w % ROW_SLICES;
         const int slot = s_tslot[tt];
-#if EP_V_QPIPE
-        if (qfirst) {   // qpipe, the chunk's Q item: into the message and the stage (every routed token)
-          const int t = t0 + tt;
-          char* msg = nullptr;
-          if (slot >= 0 && base >= 0) {
-            const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
-            msg = local ? dbase + off
-                        : p.sym + p.off_stage + ((size_t)t * MAX_DEST_RANKS + dest_index(p.ids + t * K, d)) * MSG_BYTES;
-          }
-          qpipe_put(p, t, sl, msg, s_rank + tt * K);
-          continue;
-        }
-#endif
         if (slot < 0 || base < 0 || (meta_only && sl != 0)) continue;
         const int t = t0 + tt;
         const size_t off = p.off_drecv + ((size_t)par * p.recv_tokens + base + slot) * MSG_BYTES;
@@ -557,9 +432,6 @@ __device__ void dispatch_send(const Params& p, bool fused) {
       }
       // this chunk's messages are written: raise its ready flag on d
       __syncthreads();
-#if EP_V_QPIPE
-      if (qfirst && threadIdx.x == 0) qpipe_publish(p, c, round);   // and (Q item) its stage bytes: the C items'
-#endif
       if (threadIdx.x == 0) raise_flag(p, p.off_dflag + (((size_t)par * R + p.me) * MAX_CHUNKS + c) * 8, d, round);
     }
     __syncthreads();

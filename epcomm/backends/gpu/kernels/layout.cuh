@@ -59,30 +59,14 @@ constexpr bool COL_SCALES = EP_COL_SCALES != 0;
 #ifndef EP_V_QONCE_ALL
 #define EP_V_QONCE_ALL 0
 #endif
-// EP_V_QPIPE (ninth session, dev/GPU-LOG.md "qpipe"): ht fp8 dispatch at small grids without the quantise-once pass:
-// each chunk's first item quantises it once, into its message and the stage, the chunk's other items copy the stage
-// (or quantise themselves where it is not there yet), so the count messages and the bytes leave while the grid still
-// quantises. dispatch.cuh qpipe_on.
-#ifndef EP_V_QPIPE
-#define EP_V_QPIPE 0
-#endif
 // EP_V_PROBE: more phase times (state words 50..63, stamp indices 9..15: common.cuh probe_*), for the stamps runs.
 #ifndef EP_V_PROBE
 #define EP_V_PROBE 0
-#endif
-// EP_V_BSCAN: the ll combine of the batched layout walks only the rows its slabs hold (combine.cuh combine_send).
-#ifndef EP_V_BSCAN
-#define EP_V_BSCAN 0
 #endif
 // EP_V_ONESHOT: a small ht round (T < 512, no receive capacity) ships each destination's count message from a send
 // item of its own, beside the chunk items, instead of before the last chunk's data (dispatch.cuh oneshot_count_item).
 #ifndef EP_V_ONESHOT
 #define EP_V_ONESHOT 0
-#endif
-// EP_V_CLOAD: the ht combine prefetches the rows of later work into L2 (combine.cuh cl_prefetch_*): the expert
-// side the warp's next units, the receive the token's rows; on small grids only (dev/GPU-LOG.md, ninth session).
-#ifndef EP_V_CLOAD
-#define EP_V_CLOAD 0
 #endif
 // Below this many tokens per rank the quantise-once pass's grid-wide wait costs more than quantising per item saves.
 constexpr int QONCE_MIN_TOKENS = EP_V_QONCE_ALL ? 0 : 512;
