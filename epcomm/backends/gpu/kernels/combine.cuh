@@ -25,61 +25,16 @@ __device__ __forceinline__ uint4 pack8(const float* a) {
   return v;
 }
 
-// ht combine, expert side: dst[v0, v1) (16-byte chunks of a bf16 row) = sum over k ascending of w8[k] * row rows[k]
-// of expert_y (rows < 0 skipped), accumulated in fp32 from 0 with fmaf (the spec's order). Why compacted: the former
-// loop issued 2 warp steps x all K row slots per round trip (only ~K / 2 of them valid at 2 ranks), so a 3-step slice
-// took two dependent round trips with ~64 KB of loads in flight per SM; at 24 SMs the combine was bound by that
-// (470 MB of expert rows read at ~39 GB/s per SM). Here the valid rows are compacted first (warp-uniform), and up to
-// 4 of them x 3 steps are in flight together: a slice with <= 4 valid rows is one round trip with ~96 KB in flight
+// ht combine, expert side (reduce_compacted, below): dst[v0, v1) (16-byte chunks of a bf16 row) = sum over k ascending
+// of w[k] * row[k] of expert_y (invalid slots dropped), accumulated in fp32 from 0 with fmaf (the spec's order).
+// Why compacted: the former loop issued 2 warp steps x all K row slots per round trip (only ~K / 2 of them valid at 2
+// ranks), so a 3-step slice took two dependent round trips with ~64 KB of loads in flight per SM; at 24 SMs the
+// combine was bound by that (470 MB of expert rows read at ~39 GB/s per SM). With the valid rows compacted first, up
+// to 4 of them x 3 steps are in flight together: a slice with <= 4 valid rows is one round trip with ~96 KB in flight
 // per SM. Measured on 2 x H200 (dev/GPU-LOG.md, sixth session, outcome): combine -12..-14 % at 24 / 66 SMs, level
 // at 132.
 constexpr int CF_STEPS = SLICE_STEPS < 3 ? SLICE_STEPS : 3;   // warp steps per pass
 constexpr int CF_GROUP = 4;                                    // valid rows whose loads are in flight together
-__device__ __forceinline__ void reduce_rows_compacted(char* dst, const char* ey, const int (&rows)[K],
-                                                      const float (&w8)[K], int v0, int v1) {
-  int cr[K];     // valid rows in ascending k, then -1
-  float cw[K];   // their weights
-  int nv = 0;
-#pragma unroll
-  for (int j = 0; j < K; ++j) { cr[j] = -1; cw[j] = 0.f; }
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (rows[k] < 0) continue;
-#pragma unroll
-    for (int j = 0; j < K; ++j)
-      if (j == nv) { cr[j] = rows[k]; cw[j] = w8[k]; }   // constant indices after unrolling: registers
-    ++nv;
-  }
-  for (int c0 = v0 + lane_id(); c0 < v1; c0 += 32 * CF_STEPS) {
-    float a[CF_STEPS][8];
-#pragma unroll
-    for (int u = 0; u < CF_STEPS; ++u)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) a[u][e] = 0.f;
-#pragma unroll
-    for (int g = 0; g < K; g += CF_GROUP) {
-      if (g >= nv) break;
-      uint4 v[CF_STEPS][CF_GROUP];
-#pragma unroll
-      for (int u = 0; u < CF_STEPS; ++u)
-#pragma unroll
-        for (int j = 0; j < CF_GROUP; ++j) {
-          const int q = g + j < K ? g + j : K - 1, cc = c0 + 32 * u;
-          v[u][j] = (g + j < K && g + j < nv && cc < v1)
-                        ? __ldg(reinterpret_cast<const uint4*>(ey + (size_t)cr[q] * COMBINE_ROW_BYTES) + cc)
-                        : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-      for (int u = 0; u < CF_STEPS; ++u)
-#pragma unroll
-        for (int j = 0; j < CF_GROUP; ++j)
-          if (g + j < K && g + j < nv) acc8(a[u], v[u][j], cw[g + j < K ? g + j : K - 1]);
-    }
-#pragma unroll
-    for (int u = 0; u < CF_STEPS; ++u)
-      if (c0 + 32 * u < v1) reinterpret_cast<uint4*>(dst)[c0 + 32 * u] = pack8(a[u]);
-  }
-}
 
 // ht combine, expert side: the metadata of a batch of received messages (a chunk item's, up to
 // CM_MSGS), read and compacted once per message by one thread into shared memory, before the block's warps take the
@@ -98,9 +53,7 @@ struct CombineMeta {
   float w[CM_MSGS][K];   // their router weights, then 0
 };
 
-// The loop of reduce_rows_compacted on rows already compacted: rows cr[0, nv) (ascending k) with weights cw, chunks
-// [v0, v1); the same loads in flight and fmaf order. (A copy, not shared with reduce_rows_compacted: calling it from
-// there changes the baseline's PTX. If cmeta becomes the code, reduce_rows_compacted goes.)
+// The reduction on rows compacted by stage_message_meta: rows cr[0, nv) (ascending k) with weights cw, chunks [v0, v1).
 __device__ __forceinline__ void reduce_compacted(char* dst, const char* ey, const int (&cr)[K], const float (&cw)[K],
                                                  int nv, int v0, int v1) {
   for (int c0 = v0 + lane_id(); c0 < v1; c0 += 32 * CF_STEPS) {
@@ -135,8 +88,8 @@ __device__ __forceinline__ void reduce_compacted(char* dst, const char* ey, cons
 }
 
 // Message i of source s (mpref: messages of the sources before s) into slot q of cm, by one thread: the checks and
-// the report of the per-unit loop (once per message here), rows >= maxr dropped as there, compacted as in
-// reduce_rows_compacted (the same rows and weights in the same order: bit-identical sums).
+// the report of the former per-unit loop (once per message here), rows >= maxr dropped as there, and the valid rows
+// compacted in ascending k (the spec's order).
 __device__ __forceinline__ void stage_message_meta(const Params& p, int s, int i, int mpref, const float* wr,
                                                    unsigned round, CombineMeta& cm, int q) {
   int t = -1, di = -1, nv = 0;
